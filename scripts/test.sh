@@ -10,7 +10,7 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 venv=$(bash scripts/env.sh dev | tail -n 1)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0
-"$venv/bin/ruff" check chips_core app tests bench
+"$venv/bin/ruff" check .
 set +e
 "$venv/bin/python" -m pytest -p no:cacheprovider --timeout=900 "$@"
 rc=$?
