@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS cpt_runs (
     finished_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS cpt_progress (
     cpt_run_id INTEGER NOT NULL, step BIGINT NOT NULL, epoch DOUBLE, loss DOUBLE, lr DOUBLE,
-    samples_per_s DOUBLE, logged_at TIMESTAMP NOT NULL DEFAULT current_timestamp, PRIMARY KEY (cpt_run_id, step));
+    samples_per_s DOUBLE, logged_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (cpt_run_id, step));
 CREATE TABLE IF NOT EXISTS eval_results (
     result_id INTEGER PRIMARY KEY, checkpoint VARCHAR NOT NULL, eval_pool_id INTEGER NOT NULL,
     cpt_run_id INTEGER, metric VARCHAR NOT NULL, value DOUBLE NOT NULL,
@@ -114,10 +115,14 @@ class Workspace:
     def check(self) -> None:
         """Raise a WorkspaceError naming the folder when it is not an initialised workspace."""
         if not self.db_path.exists():
-            raise WorkspaceError(f"{self.root} is not a CHIPS workspace (no {DB_NAME}); run `chips init {self.root}`")
+            raise WorkspaceError(
+                f"{self.root} is not a CHIPS workspace (no {DB_NAME}); run `chips init {self.root}`"
+            )
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = False, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(
+        self, read_only: bool = False, timeout_s: float = 60.0
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; retries while another process holds the write lock.
 
         Keep the `with` block short: the lock is held for its whole duration.
