@@ -74,6 +74,19 @@ def default_author() -> str:
         return "unknown"
 
 
+def new_id(ws: Workspace) -> int:
+    """A fresh workspace-wide id that stays used even if nothing else is written in this connection.
+
+    DuckDB 2.0 does not persist a sequence advanced by a bare autocommit `nextval` when the connection
+    closes without another write (the same id comes back next time); inside an explicit transaction it does.
+    """
+    with ws.connect() as con:
+        con.execute("BEGIN TRANSACTION")
+        value = ws.next_id(con)
+        con.execute("COMMIT")
+    return value
+
+
 def resolve_pool(ws: Workspace, pool: str | int) -> int:
     """The pool_id of a pool given by name or id; a SelectionError names it when it does not exist."""
     ws.check()
@@ -266,8 +279,7 @@ def record_score_run(
     full = dict(params or {})
     if isinstance(info, dict) and "info" not in full:
         full["info"] = info
-    with ws.connect() as con:
-        score_run_id = ws.next_id(con)
+    score_run_id = new_id(ws)
     path = ws.root / "scores" / f"score-run-{score_run_id}.parquet"
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
@@ -459,12 +471,14 @@ def selection_members(ws: Workspace, selection: str | int, with_pairs: bool = Tr
     info = get_selection(ws, selection)
     cols = ", p.filepath, p.caption, p.label" if with_pairs else ""
     with ws.connect(read_only=True) as con:
-        return con.execute(
+        df = con.execute(
             f"SELECT m.pair_id, m.rank, m.source{cols} FROM selection_members m "
             "LEFT JOIN pairs p ON p.pool_id = ? AND p.pair_id = m.pair_id "
             "WHERE m.selection_id = ? ORDER BY m.rank NULLS LAST, m.pair_id",
             [info.pool_id, info.selection_id],
         ).df()
+    df["rank"] = df["rank"].astype("Int64")
+    return df
 
 
 def diff_selections(ws: Workspace, a: str | int, b: str | int) -> SelectionDiff:

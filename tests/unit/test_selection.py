@@ -146,3 +146,12 @@ def test_bad_ratio_and_foreign_score_run(tmp_path):
         sel.save_selection(ws, "pool", 999, ratio=0.5, name="x")
     with pytest.raises(sel.SelectionError, match="lacks column"):
         sel.save_selection(ws, "pool", pd.DataFrame({"pair_id": ids}), ratio=0.5, name="x")
+
+
+def test_ids_are_never_reused(tmp_path):
+    ws, ids = make_ws(tmp_path)
+    runs = [sel.record_score_run(ws, "pool", ranking(ids, seed), method="random") for seed in range(3)]
+    fresh = [sel.new_id(ws) for _ in range(3)]
+    dec = sel.record_decisions(ws, "pool", ids[:3], "exclude")
+    all_ids = runs + fresh + dec
+    assert len(set(all_ids)) == len(all_ids)
