@@ -1,0 +1,405 @@
+"""Readers: turn a source into `Record`s in a deterministic order (the order is the resume key).
+
+Formats: 'csv' / 'tsv' / 'parquet' manifests (open_clip's `filepath` / `title` columns by default),
+'folder' (images with caption sidecars x.jpg + x.txt), 'wds' (WebDataset .tar shards: a file, a folder
+or a brace pattern), 'dicom' (DICOM files, caption from a template over tags). Readers only list and read
+captions; images are read and checked later by `pools.check_record` in worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from chips_core import pools_dicom
+from chips_core.pools import IMAGE_EXTS, TAR_SEP, PoolError, Record, decode_caption_bytes, resolve_ref
+
+FORMATS = ("csv", "tsv", "parquet", "folder", "wds", "dicom")
+_DICOM_EXTS = (".dcm", ".dicom")
+_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "dcm")
+_CSV_SEPS = (",", "\t", ";", "|")
+_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How to read a source; part of a pool's identity (re-ingesting with other options is refused)."""
+
+    image_col: str = "filepath"
+    caption_col: str = "title"
+    label_col: str | None = None
+    sep: str | None = None
+    caption_template: str | None = None
+    json_caption_key: str = "caption"
+
+
+def is_brace_pattern(source: str) -> bool:
+    """True for a WebDataset brace pattern such as 'shards/part-{000..009}.tar'."""
+    return "{" in source and "}" in source
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under root in a deterministic (sorted) order, hidden files skipped."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def detect_format(source: str) -> str:
+    """Guess the format of a source path; raises PoolError naming it when no rule applies."""
+    if is_brace_pattern(source):
+        return "wds"
+    path = Path(source)
+    if not path.exists():
+        raise PoolError(f"input source {source} does not exist")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".tsv", ".tab"):
+            return "tsv"
+        if suffix in (".csv", ".txt"):
+            return "csv"
+        if suffix in (".parquet", ".pq"):
+            return "parquet"
+        if suffix == ".tar":
+            return "wds"
+        if suffix in _DICOM_EXTS or _has_dicom_magic(path):
+            return "dicom"
+        raise PoolError(f"cannot tell the format of {source}: give fmt= (one of {', '.join(FORMATS)})")
+    files = [p for p, _ in zip(_walk(path), range(10000), strict=False)]
+    if any(p.suffix.lower() == ".tar" for p in files):
+        return "wds"
+    if any(p.suffix.lower() == ".txt" for p in files):
+        return "folder"
+    if any(p.suffix.lower() in _DICOM_EXTS for p in files) or any(_has_dicom_magic(p) for p in files[:50]):
+        return "dicom"
+    if any(p.suffix.lower() in IMAGE_EXTS for p in files):
+        return "folder"
+    raise PoolError(f"{source} holds no images, caption sidecars, .tar shards or DICOM files")
+
+
+# --- manifests -----------------------------------------------------------------------------------------
+
+
+def _sniff_sep(path: Path, opts: ReaderOptions) -> str:
+    """The separator whose header split contains the image and caption columns (else csv.Sniffer's)."""
+    if opts.sep is not None:
+        return opts.sep
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        head = f.read(65536)
+    first = head.splitlines()[0] if head else ""
+    for sep in _CSV_SEPS:
+        cols = next(csv.reader([first], delimiter=sep), [])
+        if opts.image_col in cols and opts.caption_col in cols:
+            return sep
+    try:
+        return csv.Sniffer().sniff(head, delimiters="".join(_CSV_SEPS)).delimiter
+    except csv.Error:
+        return ","
+
+
+def _require_columns(path: Path, columns: list[str], opts: ReaderOptions) -> list[str]:
+    wanted = [opts.image_col, opts.caption_col] + ([opts.label_col] if opts.label_col else [])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise PoolError(
+            f"{path}: missing column(s) {missing}; found {columns[:20]}. "
+            "Choose the columns with image_col / caption_col / label_col (CLI: --image-col, --caption-col)."
+        )
+    return wanted
+
+
+def _manifest_record(i: int, path: Path, image, caption, label, base: Path) -> Record:  # noqa: ANN001
+    ref = f"{path}:row {i + 1}"
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            return Record(
+                i, ref, str(image), None, reject=("undecodable_caption", f"{ref}: caption is not UTF-8")
+            )
+    caption = "" if caption is None else str(caption)
+    label = None if label is None or str(label) == "" else str(label)
+    image = "" if image is None else str(image)
+    if not image.strip():
+        return Record(i, ref, image, caption, label, reject=("bad_path", f"{ref}: empty image path"))
+    try:
+        image.encode("utf-8")
+    except UnicodeEncodeError:
+        return Record(
+            i,
+            ref,
+            image.encode("utf-8", "replace").decode(),
+            caption.encode("utf-8", "replace").decode(),
+            label,
+            reject=("bad_path", f"{ref}: image path is not valid UTF-8"),
+        )
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        bad = caption.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return Record(
+            i,
+            ref,
+            resolve_ref(image, base),
+            bad,
+            label,
+            reject=("undecodable_caption", f"{ref}: caption is not valid UTF-8"),
+        )
+    return Record(i, ref, resolve_ref(image, base), caption, label)
+
+
+def read_csv_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
+    """Rows of a CSV/TSV manifest (standard CSV quoting, as pandas and open_clip_train's CsvDataset read it).
+
+    Invalid UTF-8 is kept as surrogate escapes so that only the affected row is rejected.
+    """
+    sep = _sniff_sep(path, opts)
+    csv.field_size_limit(2**31 - 1)
+    try:
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")  # noqa: SIM115
+    except OSError as exc:
+        raise PoolError(f"{path}: cannot read the manifest ({exc})") from None
+    with f:
+        rows = csv.reader(f, delimiter=sep)
+        try:
+            header = next(rows)
+        except StopIteration:
+            raise PoolError(f"{path}: the manifest is empty (no header row)") from None
+        except csv.Error as exc:
+            raise PoolError(f"{path}: malformed header ({exc})") from None
+        cols = _require_columns(path, header, opts)
+        where = [header.index(c) for c in cols] + ([None] if not opts.label_col else [])
+        i = 0
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise PoolError(f"{path}: malformed CSV after data row {i} ({exc})") from None
+            if not row:  # blank line, skipped as pandas does
+                continue
+            if len(row) != len(header):
+                ref = f"{path}:row {i + 1}"
+                detail = f"{ref}: {len(row)} fields, the header has {len(header)} (separator {sep!r})"
+                yield Record(i, ref, "", None, reject=("malformed_row", detail))
+            else:
+                image, caption, label = (row[k] if k is not None else None for k in where)
+                yield _manifest_record(i, path, image, caption, label, path.parent)
+            i += 1
+
+
+def read_parquet_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
+    """Rows of a parquet manifest, read in batches."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise PoolError(f"{path}: cannot read the parquet manifest ({type(exc).__name__}: {exc})") from None
+    cols = _require_columns(path, list(pf.schema_arrow.names), opts)
+    i = 0
+    for batch in pf.iter_batches(batch_size=_BATCH, columns=cols):
+        data = batch.to_pydict()
+        labels = data[opts.label_col] if opts.label_col else [None] * batch.num_rows
+        for image, caption, label in zip(data[opts.image_col], data[opts.caption_col], labels, strict=True):
+            yield _manifest_record(i, path, image, caption, label, path.parent)
+            i += 1
+
+
+# --- folders of images with sidecars, DICOM files ------------------------------------------------------
+
+
+def read_folder(root: Path, opts: ReaderOptions) -> Iterator[Record]:
+    """Images with caption sidecars (x.jpg + x.txt); a DICOM without a sidecar uses the caption template."""
+    i = 0
+    for path in _walk(root):
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_EXTS and suffix not in _DICOM_EXTS:
+            continue
+        ref = str(path)
+        side = path.with_suffix(".txt")
+        if side.exists():
+            try:
+                caption, bad = decode_caption_bytes(side.read_bytes())
+            except OSError as exc:
+                caption, bad = None, ("unreadable_file", f"cannot read caption file {side} ({exc})")
+            yield Record(i, ref, ref, caption, reject=(bad[0], f"{side}: {bad[1]}") if bad else None)
+        elif suffix in _DICOM_EXTS:
+            template = opts.caption_template or pools_dicom.DEFAULT_TEMPLATE
+            yield Record(i, ref, ref, None, caption_template=template)
+        else:
+            yield Record(
+                i, ref, ref, None, reject=("missing_caption", f"{ref}: no caption sidecar {side.name}")
+            )
+        i += 1
+
+
+def read_dicom(source: Path, opts: ReaderOptions) -> Iterator[Record]:
+    """DICOM files (a file or a folder; by extension or 'DICM' magic), captions from a tag template."""
+    template = opts.caption_template or pools_dicom.DEFAULT_TEMPLATE
+    paths = [source] if source.is_file() else _walk(source)
+    i = 0
+    for path in paths:
+        if path.suffix.lower() in _DICOM_EXTS or _has_dicom_magic(path):
+            yield Record(i, str(path), str(path), None, caption_template=template)
+            i += 1
+
+
+# --- WebDataset ----------------------------------------------------------------------------------------
+
+
+def wds_shards(source: str) -> list[str]:
+    """Absolute shard paths of a .tar file, a folder of shards, or a brace pattern (in order)."""
+    if is_brace_pattern(source):
+        from braceexpand import braceexpand
+
+        return [os.path.abspath(p) for p in braceexpand(source)]
+    path = Path(source)
+    if path.is_dir():
+        return [str(p.absolute()) for p in _walk(path) if p.suffix.lower() == ".tar"]
+    return [str(path.absolute())]
+
+
+def _split_key(name: str) -> tuple[str, str] | None:
+    """WebDataset's rule: key = path up to the basename's first '.', extension = the rest (lowercased)."""
+    head, _, base = name.rpartition("/")
+    if "." not in base.lstrip("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _wds_sample(
+    i: int, shard: str, tf: tarfile.TarFile, key: str, members: dict, opts: ReaderOptions
+) -> Record:
+    ref = f"{shard}{TAR_SEP}{key}"
+    image_ext = next((e for e in _WDS_IMAGE_EXTS if e in members), None)
+    caption: str | None = None
+    label: str | None = None
+    bad: tuple[str, str] | None = None
+    meta = None
+    if "json" in members:
+        raw = tf.extractfile(members["json"]).read()
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad = ("undecodable_caption", f"{ref}: json member is not valid UTF-8")
+        except json.JSONDecodeError as exc:
+            bad = ("bad_metadata", f"{ref}: json member is not valid JSON ({exc})")
+    if bad is None:
+        for ext in ("txt", "caption"):
+            if ext in members:
+                caption, bad = decode_caption_bytes(tf.extractfile(members[ext]).read())
+                break
+        else:
+            if isinstance(meta, dict) and meta.get(opts.json_caption_key) is not None:
+                caption = str(meta[opts.json_caption_key])
+    if opts.label_col and isinstance(meta, dict) and meta.get(opts.label_col) is not None:
+        label = str(meta[opts.label_col])
+    elif "cls" in members:
+        label = tf.extractfile(members["cls"]).read().decode("utf-8", "replace").strip() or None
+    if image_ext is None:
+        image_ref = ref
+        bad = bad or (
+            "missing_file",
+            f"{ref}: sample has no image member (one of {', '.join(_WDS_IMAGE_EXTS)})",
+        )
+        return Record(i, ref, image_ref, caption, label, reject=bad)
+    m = members[image_ext]
+    image_ref = f"{shard}{TAR_SEP}{m.name}"
+    if bad is None and caption is None:
+        bad = ("missing_caption", f"{ref}: no txt member and no json key {opts.json_caption_key!r}")
+    if bad is not None:
+        return Record(i, ref, image_ref, caption, label, reject=bad)
+    return Record(i, ref, image_ref, caption, label, byte_range=(m.offset_data, m.size))
+
+
+def read_wds(source: str, opts: ReaderOptions) -> Iterator[Record]:
+    """Samples of WebDataset shards (consecutive members sharing a key); a broken shard is one reject."""
+    i = 0
+    for shard in wds_shards(source):
+        if not os.path.exists(shard):
+            yield Record(i, shard, shard, None, reject=("missing_file", f"{shard}: shard not found"))
+            i += 1
+            continue
+        try:
+            with tarfile.open(shard, mode="r:") as tf:
+                key, members = None, {}
+                for m in tf:
+                    split = _split_key(m.name) if m.isfile() else None
+                    if split is None:
+                        continue
+                    if split[0] != key and members:
+                        yield _wds_sample(i, shard, tf, key, members, opts)
+                        i += 1
+                        members = {}
+                    key = split[0]
+                    members[split[1]] = m
+                if members:
+                    yield _wds_sample(i, shard, tf, key, members, opts)
+                    i += 1
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            yield Record(
+                i,
+                f"{shard}{TAR_SEP}<shard>",
+                shard,
+                None,
+                reject=("unreadable_file", f"{shard}: broken tar shard ({type(exc).__name__}: {exc})"),
+            )
+            i += 1
+
+
+def iter_records(source: str, fmt: str, opts: ReaderOptions) -> Iterator[Record]:
+    """Records of a source in its deterministic order."""
+    if fmt in ("csv", "tsv"):
+        return read_csv_manifest(Path(source), opts if fmt == "csv" or opts.sep else _with_sep(opts, "\t"))
+    if fmt == "parquet":
+        return read_parquet_manifest(Path(source), opts)
+    if fmt == "folder":
+        return read_folder(Path(source), opts)
+    if fmt == "dicom":
+        return read_dicom(Path(source), opts)
+    if fmt == "wds":
+        return read_wds(source, opts)
+    raise PoolError(f"unknown input format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def count_records(source: str, fmt: str, opts: ReaderOptions) -> int | None:
+    """Number of records a source will yield, when cheap to know (parquet metadata, folder listings)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return int(pq.ParquetFile(source).metadata.num_rows)
+        except Exception:  # the reader reports the problem with its own message
+            return None
+    if fmt == "folder":
+        exts = IMAGE_EXTS + _DICOM_EXTS
+        return sum(1 for p in _walk(Path(source)) if p.suffix.lower() in exts)
+    if fmt == "dicom":
+        return sum(1 for _ in read_dicom(Path(source), opts))
+    return None
+
+
+def _with_sep(opts: ReaderOptions, sep: str) -> ReaderOptions:
+    from dataclasses import replace
+
+    return replace(opts, sep=sep)
