@@ -19,7 +19,7 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.factory import load_checkpoint
+from open_clip.factory import _find_checkpoint_in_dir, load_checkpoint
 from torch import nn
 
 from chips_core.adapters import EndpointAdapter
@@ -27,6 +27,7 @@ from chips_core.adapters import EndpointAdapter
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 FIXTURES_DIR = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 _FIXTURE_PREFIX = "chips-fixture:"
+_SCHEMAS = ("hf-hub:", "local-dir:")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _registered = False
 
@@ -178,7 +179,7 @@ def load_model(
     register_model_configs()
     dev = resolve_device(device)
     checkpoint: Path | None = None
-    name_is_file = pretrained is None and _looks_like_file(name) and not name.startswith("hf-hub:")
+    name_is_file = pretrained is None and _looks_like_file(name) and not name.startswith(_SCHEMAS)
     if name_is_file or (pretrained is not None and _looks_like_file(pretrained)):
         checkpoint = Path(name if name_is_file else pretrained)
         if not checkpoint.is_file():
@@ -187,7 +188,10 @@ def load_model(
         if name_is_file:
             name = checkpoint_model_name(checkpoint)
     is_hub = name.startswith("hf-hub:")
-    if not is_hub and name not in open_clip.list_models():
+    is_local_dir = name.startswith("local-dir:")
+    if is_local_dir:
+        checkpoint = _local_dir_checkpoint(Path(name.removeprefix("local-dir:")))
+    elif not is_hub and name not in open_clip.list_models():
         raise ModelLoadError(
             f"unknown open_clip model '{name}' (see open_clip.list_models() and {CONFIG_DIR})"
         )
@@ -204,6 +208,7 @@ def load_model(
     sha = None
     if checkpoint is not None:
         sha = sha256_file(checkpoint)
+    if checkpoint is not None and not is_local_dir:  # local-dir: open_clip loaded the weights already
         try:
             load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001
@@ -215,6 +220,16 @@ def load_model(
     adapter = EndpointAdapter(model, identity.label())
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(model, preprocess, tokenizer, adapter, identity, dev)
+
+
+def _local_dir_checkpoint(folder: Path) -> Path:
+    """The weights file open_clip loads from a 'local-dir:' bundle (open_clip_config.json + a checkpoint)."""
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelLoadError(f"local-dir:{folder}: no open_clip_config.json in that folder")
+    found = _find_checkpoint_in_dir(folder)
+    if found is None:
+        raise ModelLoadError(f"local-dir:{folder}: no checkpoint file (*.safetensors, *.bin, *.pth)")
+    return Path(found).resolve()
 
 
 def _explain(name: str, tag: str | None, exc: Exception) -> str:
