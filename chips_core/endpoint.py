@@ -197,9 +197,13 @@ def per_sample_grads(
     Memory is B·p, so this full-space form is for tests, exact mode and small dims; the sketches
     compute Π·g without forming it.
     """
+    return grads_from_state(batch_state(h, t, params), negatives)
+
+
+def grads_from_state(st: BatchState, negatives: str = "all") -> EndpointGrads:
+    """`per_sample_grads` for an already computed batch state."""
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    st = batch_state(h, t, params)
     r, q = _self_terms(st)
     G_v = r[:, :, None] * st.H[:, None, :]
     G_t = q[:, :, None] * st.T[:, None, :]
@@ -265,3 +269,34 @@ def zeroshot_grad_sum(
     Rt = (CtX - Y * (Y * CtX).sum(1, keepdim=True)) / nw[:, None]
     g_theta = (C * S).sum()
     return EndpointGrads((s * R.T @ H)[None], (s * Rt.T @ T)[None], g_theta[None])
+
+
+def logit_grads(st: BatchState, a: torch.Tensor, b: torch.Tensor) -> EndpointGrads:
+    """Full-space ∇_ϑ S_ab for index pairs (a[n], b[n]) of one batch: the rank-one blocks of METHOD.md §2."""
+    X, Y = st.X, st.Y
+    xy = (X[a] * Y[b]).sum(1, keepdim=True)
+    u = (Y[b] - X[a] * xy) / st.nv[a, None]  # Π_a y_b / |v_a|
+    w = (X[a] - Y[b] * xy) / st.nw[b, None]  # Π'_b x_a / |w_b|
+    G_v = st.s * u[:, :, None] * st.H[a][:, None, :]
+    G_t = st.s * w[:, :, None] * st.T[b][:, None, :]
+    return EndpointGrads(G_v, G_t, st.S[a, b])
+
+
+def weighted_logit_sum(st: BatchState, W: torch.Tensor, dim: int) -> EndpointGrads:
+    """Full-space Σ_j W_ij ∇S_ij per row i (dim=1) or Σ_a W_ai ∇S_ai per column i (dim=0), (B, ...) each."""
+    B = st.S.shape[0]
+    if dim == 1:
+        a = torch.arange(B).repeat_interleave(B)
+        b = torch.arange(B).repeat(B)
+    elif dim == 0:
+        a = torch.arange(B).repeat(B)
+        b = torch.arange(B).repeat_interleave(B)
+    else:
+        raise ValueError(f"dim must be 0 or 1, got {dim}")
+    g = logit_grads(st, a, b)
+    w = (W if dim == 1 else W.T).reshape(B, B)
+    return EndpointGrads(
+        torch.einsum("ij,ijde->ide", w, g.G_v.reshape(B, B, *g.G_v.shape[1:])),
+        torch.einsum("ij,ijde->ide", w, g.G_t.reshape(B, B, *g.G_t.shape[1:])),
+        (w * g.g_theta.reshape(B, B)).sum(1),
+    )

@@ -151,3 +151,30 @@ def test_p_and_to():
     p32 = params.to(dtype=torch.float32)
     assert p32.W_v.dtype == torch.float32 and p32.logit_scale.ndim == 0 and p32.v_bias
     assert p32.d_v == 3 and p32.d_t == 2
+
+
+def test_logit_grads_and_weighted_sums_match_autograd():
+    from chips_core.endpoint import batch_state, logit_grads, weighted_logit_sum
+
+    params = _params(v_bias=True, theta=2.5)
+    h, t = _feats(B=6)
+
+    def logits(W_v, W_t, th):
+        pr = EndpointParams(W_v, W_t, th, True, False)
+        return batch_state(h, t, pr).S.reshape(-1)
+
+    J = _jac(logits, params)  # (B*B, p), row a*B+b = ∇S_ab
+    st = batch_state(h, t, params)
+    a = torch.tensor([0, 2, 5, 3])
+    b = torch.tensor([0, 4, 1, 3])
+    assert _rel(logit_grads(st, a, b).flat(), J[a * 6 + b]) < 1e-12
+    W = torch.rand(6, 6, dtype=torch.float64)
+    Jr = J.reshape(6, 6, -1)
+    assert _rel(weighted_logit_sum(st, W, 1).flat(), torch.einsum("ij,ijp->ip", W, Jr)) < 1e-12
+    assert _rel(weighted_logit_sum(st, W, 0).flat(), torch.einsum("ai,aip->ip", W, Jr)) < 1e-12
+    # g_i = ½ Σ_b P_ib ∇S_ib + ½ Σ_a Q_ai ∇S_ai − ∇S_ii (METHOD.md §2)
+    P = torch.softmax(st.S, 1)
+    Q = torch.softmax(st.S, 0)
+    g = 0.5 * weighted_logit_sum(st, P, 1).flat() + 0.5 * weighted_logit_sum(st, Q, 0).flat()
+    g = g - J.reshape(6, 6, -1)[torch.arange(6), torch.arange(6)]
+    assert _rel(per_sample_grads(h, t, params).flat(), g) < 1e-10
