@@ -1,0 +1,221 @@
+"""Shared dashboard state: which workspace, pool, eval set and scoring cache the pages work on.
+
+Everything here reads the workspace through short-lived `Workspace.connect()` calls (background jobs write
+concurrently) and caches only what is immutable once written: a finished scoring cache (st.cache_resource)
+and a pool's pair table (st.cache_data, keyed by the pool's row count so a growing pool is re-read).
+No math: rankings come from `chips_core.scoring.rank`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from chips_core import store
+
+# Widget keys whose values must survive page switches (Streamlit drops the state of widgets not drawn).
+PERSISTENT_KEYS = (
+    "method",
+    "alpha",
+    "lam_factor",
+    "k",
+    "beta",
+    "ratio",
+    "use_learnability",
+    "use_relevance",
+    "rank_normalized",
+    "pool_name",
+    "eval_name",
+)
+DEFAULTS: dict[str, Any] = {
+    "method": "chips",
+    "alpha": 0.7,
+    "lam_factor": 1.0,
+    "beta": 0.5,
+    "ratio": 0.3,
+    "use_learnability": True,
+    "use_relevance": True,
+    "rank_normalized": False,
+}
+
+
+def keep_widget_state() -> None:
+    """Re-assign persistent widget keys so Streamlit keeps them while another page is shown."""
+    for key in PERSISTENT_KEYS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+    for key, value in DEFAULTS.items():
+        st.session_state.setdefault(key, value)
+
+
+@st.cache_resource(show_spinner="Building the bundled demo workspace (first start only)…")
+def demo_workspace_path() -> str:
+    """The bundled demo workspace, built once per server from data/demo through the library's real path."""
+    from chips_core import demo
+
+    path = demo.default_demo_workspace()
+    demo.build_demo_workspace(path)
+    return str(path)
+
+
+def workspace_path() -> tuple[str, bool]:
+    """(path, is_demo): the sidebar's choice, else env CHIPS_WORKSPACE, else the bundled demo."""
+    chosen = st.session_state.get("ws_path") or os.environ.get("CHIPS_WORKSPACE", "")
+    if chosen.strip():
+        return str(Path(chosen.strip()).expanduser().resolve()), False
+    return demo_workspace_path(), True
+
+
+def workspace() -> store.Workspace:
+    """The current workspace; stops the page with a clear message when the path is not a workspace."""
+    path, _ = workspace_path()
+    ws = store.Workspace(path)
+    try:
+        ws.check()
+    except store.WorkspaceError as exc:
+        st.error(f"{exc}. Create it on the Workspace page, or fix the path in the sidebar.")
+        st.stop()
+    return ws
+
+
+def query(ws: store.Workspace, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+    """A read-only query through a short-lived connection."""
+    with ws.connect(read_only=True) as con:
+        return con.execute(sql, params or []).df()
+
+
+def pools(ws: store.Workspace, kind: str) -> pd.DataFrame:
+    """Pools of one kind ('pool' | 'eval') with their pair counts, oldest first."""
+    return query(
+        ws,
+        "SELECT p.pool_id, p.name, p.source, p.format, p.status, count(x.pair_id) AS n_pairs "
+        "FROM pools p LEFT JOIN pairs x USING (pool_id) WHERE p.kind = ? "
+        "GROUP BY ALL ORDER BY p.pool_id",
+        [kind],
+    )
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """The pool, eval set and finished scoring cache the Scores/Map/Browse/Export pages work on."""
+
+    ws_root: str
+    pool_id: int
+    pool_name: str
+    eval_id: int
+    eval_name: str
+    pool_run_id: int
+    cache_id: int
+    cache_dir: str
+
+
+def caches(ws: store.Workspace) -> pd.DataFrame:
+    """Finished scoring caches with their pool and eval set names, newest first."""
+    return query(
+        ws,
+        "SELECT c.cache_id, c.dir, c.status, c.pool_run_id, c.eval_run_id, fp.pool_id, pp.name AS pool_name, "
+        "fe.pool_id AS eval_id, pe.name AS eval_name, c.created_at "
+        "FROM scoring_caches c JOIN feature_runs fp ON fp.run_id = c.pool_run_id "
+        "JOIN pools pp ON pp.pool_id = fp.pool_id JOIN feature_runs fe ON fe.run_id = c.eval_run_id "
+        "JOIN pools pe ON pe.pool_id = fe.pool_id WHERE c.status = 'done' ORDER BY c.cache_id DESC",
+    )
+
+
+def scoring_context(ws: store.Workspace) -> ScoringContext:
+    """The newest finished cache for the sidebar's pool and eval set; stops the page when there is none."""
+    df = caches(ws)
+    if df.empty:
+        st.info(
+            "This workspace has no finished scoring cache yet. On the Workspace page add a pool and an eval "
+            "set, run featurize on both, then prepare."
+        )
+        st.stop()
+    pool_name = st.session_state.get("pool_name")
+    if pool_name in set(df["pool_name"]):
+        df = df[df["pool_name"] == pool_name]
+    eval_name = st.session_state.get("eval_name")
+    if eval_name in set(df["eval_name"]):
+        df = df[df["eval_name"] == eval_name]
+    r = df.iloc[0]
+    return ScoringContext(
+        ws.root.as_posix(),
+        int(r["pool_id"]),
+        str(r["pool_name"]),
+        int(r["eval_id"]),
+        str(r["eval_name"]),
+        int(r["pool_run_id"]),
+        int(r["cache_id"]),
+        str(r["dir"]),
+    )
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the scoring cache…")
+def load_cache(cache_dir: str) -> Any:
+    """The ScoringCache of a finished prepare (immutable on disk, so one copy per server is enough)."""
+    from chips_core.scoring import ScoringCache
+
+    return ScoringCache.load(cache_dir)
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def pairs_table(ws_root: str, pool_id: int, n_rows: int) -> pd.DataFrame:
+    """pair_id, filepath, caption, label of a pool, indexed by pair_id (`n_rows` keys the cache)."""
+    ws = store.Workspace(ws_root)
+    df = query(ws, "SELECT pair_id, filepath, caption, label FROM pairs WHERE pool_id = ?", [pool_id])
+    return df.set_index("pair_id")
+
+
+def pool_pairs(ctx: ScoringContext) -> pd.DataFrame:
+    """The pool's pairs (cached while the pool's row count is unchanged)."""
+    ws = store.Workspace(ctx.ws_root)
+    n = int(query(ws, "SELECT count(*) AS n FROM pairs WHERE pool_id = ?", [ctx.pool_id])["n"].iloc[0])
+    return pairs_table(ctx.ws_root, ctx.pool_id, n)
+
+
+def rank_params() -> dict[str, Any]:
+    """The ranking parameters chosen on the Scores page (shared by every page)."""
+    s = st.session_state
+    return {
+        "method": s["method"],
+        "alpha": float(s["alpha"]),
+        "lam_factor": float(s["lam_factor"]),
+        "k": s.get("k"),
+        "beta": float(s["beta"]),
+        "ratio": float(s["ratio"]),
+        "use_learnability": bool(s["use_learnability"]),
+        "use_relevance": bool(s["use_relevance"]),
+        "rank_normalized": bool(s["rank_normalized"]),
+    }
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _rank_cached(cache_dir: str, params: tuple[tuple[str, Any], ...]) -> Any:
+    """One ranking per (cache, parameters): page switches and reruns reuse it instead of re-ranking."""
+    from chips_core.scoring import rank
+
+    return rank(load_cache(cache_dir), **dict(params))
+
+
+def current_rank(ctx: ScoringContext) -> Any:
+    """The RankResult for the Scores page's parameters (λ = lam_factor · λ*; no model is run)."""
+    p = rank_params()
+    kwargs = {
+        "method": p["method"],
+        "alpha": p["alpha"],
+        "k": p["k"],
+        "beta": p["beta"],
+        "ratio": p["ratio"],
+        "use_learnability": p["use_learnability"],
+        "use_relevance": p["use_relevance"],
+        "rank_normalized": p["rank_normalized"],
+    }
+    base = _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": None}.items())))
+    if p["lam_factor"] == 1.0:
+        return base
+    lam = float(base.info["lam_star"]) * p["lam_factor"]
+    return _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": lam}.items())))

@@ -1,0 +1,173 @@
+"""Background jobs in the dashboard: launch `chips ...` subprocesses, show progress, CPT runs and results.
+
+Long work never runs in the script thread: `chips_core.jobs.launch` starts a detached process that writes
+its progress to the workspace `jobs` table, so a reload (or a closed tab) loses nothing; these panels only
+read that table (short-lived connections) and refresh themselves while something runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app import context
+from chips_core import jobs, store
+
+ACTIVE = ("queued", "running")
+
+
+def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, str]) -> int | None:
+    """Start a background job after checking the form's required fields; says what happened."""
+    missing = [label for label, value in required.items() if not str(value).strip()]
+    if missing:
+        st.error(f"Fill in: {', '.join(missing)}.")
+        return None
+    try:
+        job_id = jobs.launch(ws, kind, argv)
+    except (store.WorkspaceError, OSError, ValueError) as exc:
+        st.error(str(exc))
+        return None
+    st.success(f"Started {kind} as background job {job_id}; its progress shows below.")
+    return job_id
+
+
+def _jobs_table(ws: store.Workspace) -> pd.DataFrame:
+    return context.query(
+        ws,
+        "SELECT job_id, kind, status, progress, message, started_at, finished_at, log_path FROM jobs "
+        "ORDER BY job_id DESC LIMIT 50",
+    )
+
+
+def _render_jobs(ws: store.Workspace) -> bool:
+    """Draw the job list; returns whether any job is still active."""
+    df = jobs.list_jobs(ws) if hasattr(jobs, "list_jobs") else _jobs_table(ws)
+    if df.empty:
+        st.caption("No jobs yet.")
+        return False
+    st.dataframe(
+        df[
+            [
+                c
+                for c in ("job_id", "kind", "status", "progress", "message", "started_at", "finished_at")
+                if c in df
+            ]
+        ],
+        hide_index=True,
+        key="jobs_table",
+        column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)},
+    )
+    active = df[df["status"].isin(ACTIVE)]
+    for row in active.itertuples():
+        if st.button(f"Cancel job {row.job_id} ({row.kind})", key=f"cancel-{row.job_id}"):
+            jobs.cancel(ws, int(row.job_id))
+            st.rerun()
+    return not active.empty
+
+
+def jobs_panel(ws: store.Workspace) -> None:
+    """The job list, refreshed every 2 s by a fragment while a job is active (the page does not rerun)."""
+
+    @st.fragment(run_every=2 if st.session_state.get("jobs_active", False) else None)
+    def _panel() -> None:
+        active = _render_jobs(ws)
+        if active != st.session_state.get("jobs_active", False):
+            st.session_state["jobs_active"] = active
+            st.rerun()
+
+    _panel()
+
+
+def train_form(
+    ws: store.Workspace, ctx: context.ScoringContext, ids: list[int], labels: dict[int, str]
+) -> None:
+    """Launch CPT of the pool's model on a saved selection (open_clip_train in a background job)."""
+    model = context.query(
+        ws,
+        "SELECT m.name, m.pretrained, m.checkpoint FROM feature_runs f JOIN models m USING (model_id) "
+        "WHERE f.run_id = ?",
+        [ctx.pool_run_id],
+    )
+    with st.form("train_form"):
+        st.caption(
+            "Continual pre-training with open_clip_train (AdamW β=(0.9, 0.98), ε=1e-6, cosine schedule) "
+            "starting from the model the pool was featurized with; the result is evaluated on the eval set "
+            "when done."
+        )
+        sel = st.selectbox("Selection", ids, format_func=labels.get, key="train_sel")
+        c1, c2, c3 = st.columns(3)
+        epochs = c1.number_input("Epochs", 1, 100, 5, key="train_epochs")
+        lr = c2.number_input("Learning rate", 1e-8, 1e-2, 1e-6, format="%.1e", key="train_lr")
+        batch = c3.number_input("Batch size", 2, 4096, 64, key="train_batch")
+        device = st.selectbox("Device", ["cpu", "cuda"], key="train_device")
+        if st.form_submit_button("Train", type="primary"):
+            m = model.iloc[0] if len(model) else None
+            argv = [
+                "train",
+                str(ws.root),
+                str(sel),
+                "--epochs",
+                str(epochs),
+                "--lr",
+                repr(float(lr)),
+                "--batch-size",
+                str(batch),
+                "--device",
+                device,
+                "--eval",
+                ctx.eval_name,
+            ]
+            if m is not None:
+                argv += ["--model", str(m["name"])]
+                start = (
+                    m["checkpoint"]
+                    if isinstance(m["checkpoint"], str) and m["checkpoint"]
+                    else m["pretrained"]
+                )
+                if isinstance(start, str) and start:
+                    argv += ["--pretrained", start]
+            launch(ws, "train", argv, required={"Selection": str(sel) if sel is not None else ""})
+
+
+def cpt_runs(ws: store.Workspace) -> None:
+    """CPT runs with their loss curve and evaluation results (refreshing while one trains)."""
+    runs = context.query(
+        ws,
+        "SELECT r.cpt_run_id, s.name AS selection, s.version, r.status, r.checkpoint, r.created_at, "
+        "r.finished_at FROM cpt_runs r LEFT JOIN selections s USING (selection_id) "
+        "ORDER BY r.cpt_run_id DESC",
+    )
+    if runs.empty:
+        st.caption("No training run yet.")
+        return
+    st.dataframe(runs, hide_index=True, key="cpt_table")
+    run_id = st.selectbox("Run", runs["cpt_run_id"].tolist(), key="cpt_run")
+    running = bool((runs.loc[runs["cpt_run_id"] == run_id, "status"] == "running").any())
+
+    @st.fragment(run_every=3 if running else None)
+    def _progress() -> None:
+        prog = context.query(ws, "SELECT * FROM cpt_progress WHERE cpt_run_id = ? ORDER BY step", [run_id])
+        if prog.empty:
+            st.caption("No progress logged yet.")
+        else:
+            fig = px.line(prog, x="step", y="loss", title=f"training loss, run {run_id}", height=300)
+            st.plotly_chart(fig, key=f"loss-{run_id}")
+        results = _eval_results(ws, run_id)
+        if not results.empty:
+            st.dataframe(results, hide_index=True, key=f"eval-{run_id}")
+
+    _progress()
+
+
+def _eval_results(ws: store.Workspace, run_id: Any) -> pd.DataFrame:
+    """Evaluation metrics of a CPT run, one column per metric."""
+    df = context.query(
+        ws,
+        "SELECT e.metric, e.value, p.name AS eval_set FROM eval_results e "
+        "JOIN pools p ON p.pool_id = e.eval_pool_id WHERE e.cpt_run_id = ? ORDER BY e.result_id",
+        [int(run_id)],
+    )
+    return df.pivot_table(index="eval_set", columns="metric", values="value").reset_index() if len(df) else df

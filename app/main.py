@@ -1,0 +1,60 @@
+"""CHIPS Studio dashboard entry point: `streamlit run app/main.py` (no arguments opens the bundled demo).
+
+The sidebar chooses the workspace (env CHIPS_WORKSPACE, or a path typed here) and the pool / eval set; the
+pages live in app/views/ and only call chips_core and render.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run from a checkout: use this checkout's chips_core and app packages
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import context  # noqa: E402
+
+st.set_page_config(page_title="CHIPS Studio", page_icon=":material/neurology:", layout="wide")
+context.keep_widget_state()
+
+VIEWS = _ROOT / "app" / "views"
+pages = [
+    st.Page(VIEWS / "workspace.py", title="Workspace", icon=":material/folder_open:", url_path="workspace"),
+    st.Page(VIEWS / "scores.py", title="Scores", icon=":material/tune:", url_path="scores", default=True),
+    st.Page(VIEWS / "map.py", title="Map", icon=":material/scatter_plot:", url_path="map"),
+    st.Page(VIEWS / "browse.py", title="Browse", icon=":material/photo_library:", url_path="browse"),
+    st.Page(VIEWS / "export.py", title="Export and train", icon=":material/download:", url_path="export"),
+]
+
+with st.sidebar:
+    st.markdown("### CHIPS Studio")
+    st.text_input(
+        "Workspace folder",
+        key="ws_path",
+        placeholder="empty = bundled demo",
+        help="A folder made by `chips init` (or on the Workspace page); env CHIPS_WORKSPACE sets the default",
+    )
+    path, is_demo = context.workspace_path()
+    if is_demo:
+        st.info(
+            "**Demo workspace**: a few hundred bundled medical-looking images with planted caption mistakes "
+            "and a tiny CLIP trained by this project. To curate your own data, type a workspace folder above "
+            "(or start with `CHIPS_WORKSPACE=/path streamlit run app/main.py`), then add your pool, eval set "
+            "and model on the Workspace page.",
+            icon=":material/info:",
+        )
+    else:
+        st.caption(f"Workspace: `{path}`")
+    ws = context.store.Workspace(path)
+    if ws.db_path.exists():
+        pool_names = context.pools(ws, "pool")["name"].tolist()
+        eval_names = context.pools(ws, "eval")["name"].tolist()
+        if pool_names:
+            st.selectbox("Pool", pool_names, key="pool_name")
+        if eval_names:
+            st.selectbox("Eval set", eval_names, key="eval_name")
+
+st.navigation(pages).run()

@@ -1,0 +1,104 @@
+"""Export and train: named versioned selections, their differences, exports, and CPT launched as a job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from app import context, jobs_view
+from chips_core import export, selection
+
+ws = context.workspace()
+ctx = context.scoring_context(ws)
+
+st.title("Export and train")
+
+st.subheader("Save the current selection")
+params = context.rank_params()
+result = context.current_rank(ctx)
+st.caption(
+    f"{params['method']} at ratio {params['ratio']:.2f} (α {params['alpha']:g}, {params['lam_factor']:g}×λ*, "
+    f"k {params['k']}, β {params['beta']:g}) with the hand decisions in force: included pairs are always "
+    "kept, excluded pairs never. Saving under an existing name makes a new version."
+)
+with st.form("save_selection", border=False):
+    name = st.text_input("Selection name", value=f"{ctx.pool_name}-{params['method']}", key="sel_name")
+    if st.form_submit_button("Save selection", type="primary"):
+        try:
+            sid = selection.save_selection(
+                ws,
+                ctx.pool_id,
+                result,
+                params["ratio"],
+                name,
+                params={**params, "cache_id": ctx.cache_id, "eval": ctx.eval_name},
+                method=params["method"],
+            )
+        except selection.SelectionError as exc:
+            st.error(str(exc))
+        else:
+            info = selection.get_selection(ws, sid)
+            st.success(f"Saved {info.name} v{info.version}: {info.n_selected:,} pairs (selection id {sid}).")
+
+saved = selection.list_selections(ws, ctx.pool_id)
+if saved.empty:
+    st.info("No saved selection yet in this pool.")
+    st.stop()
+labels = {
+    int(r.selection_id): f"{r.name} v{r.version} · {r.n_selected:,} pairs · id {r.selection_id}"
+    for r in saved.itertuples()
+}
+st.dataframe(saved, hide_index=True, key="selections_table")
+
+st.subheader("Compare two selections")
+ids = list(labels)
+c1, c2 = st.columns(2)
+a = c1.selectbox("First", ids, format_func=labels.get, key="diff_a")
+b = c2.selectbox("Second", ids, index=min(1, len(ids) - 1), format_func=labels.get, key="diff_b")
+diff = selection.diff_selections(ws, a, b)
+st.write(diff.summary())
+pairs = context.pool_pairs(ctx)
+d1, d2 = st.columns(2)
+d1.caption("Only in the first")
+d1.dataframe(pairs.reindex(diff.only_a)[["caption"]], height=200, key="only_a")
+d2.caption("Only in the second")
+d2.dataframe(pairs.reindex(diff.only_b)[["caption"]], height=200, key="only_b")
+
+st.subheader("Export")
+FORMATS = {
+    "csv": "open_clip_train CSV",
+    "safe_csv": "spreadsheet-safe CSV (for people)",
+    "parquet": "parquet with every score component",
+    "ids": "pair ids (.npy, DataComp hand-off)",
+}
+e1, e2 = st.columns([2, 1])
+sel_id = e1.selectbox("Selection", ids, format_func=labels.get, key="export_sel")
+fmt = e2.selectbox("Format", list(FORMATS), format_func=FORMATS.get, key="export_fmt")
+info = selection.get_selection(ws, sel_id)
+out = st.text_input(
+    "Write to", value=str(export.default_path(ws, info, fmt)), key=f"export_out_{sel_id}_{fmt}"
+)
+if st.button("Export", type="primary", key="export_go"):
+    with st.spinner("Writing the export…"):
+        try:
+            done = export.export_selection(ws, sel_id, fmt, Path(out))
+        except (export.ExportError, selection.SelectionError, OSError) as exc:
+            st.error(str(exc))
+        else:
+            st.session_state["last_export"] = str(done.path)
+            st.success(f"Wrote {done.path} ({done.n_rows:,} rows) and its manifest {done.manifest_path}.")
+            if fmt == "csv":
+                st.code(" ".join(done.open_clip_flags()), language="bash")
+last = st.session_state.get("last_export")
+if last and Path(last).exists():
+    st.download_button(
+        f"Download {Path(last).name}",
+        data=Path(last).read_bytes(),
+        file_name=Path(last).name,
+        key="export_dl",
+    )
+
+st.subheader("Continual pre-training")
+jobs_view.train_form(ws, ctx, ids, labels)
+jobs_view.cpt_runs(ws)

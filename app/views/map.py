@@ -1,0 +1,99 @@
+"""Map: UMAP of the pool's image and text embeddings (WebGL); lasso → those pairs, bulk decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import context, widgets
+from chips_core import maps, store
+from chips_core.features import FeatureStore
+
+
+@st.cache_resource(
+    max_entries=4, show_spinner="Computing the UMAP map once for this feature run (cached in the workspace)…"
+)
+def feature_map(ws_root: str, run_id: int) -> maps.FeatureMap:
+    """The run's map: read from ws/maps when cached, else computed once and stored there."""
+    ws = store.Workspace(ws_root)
+    return maps.get_map(ws, run_id, FeatureStore(ws, run_id))
+
+
+ws = context.workspace()
+ctx = context.scoring_context(ws)
+table = widgets.ranking_frame(context.current_rank(ctx)).set_index("pair_id")
+fmap = feature_map(ctx.ws_root, ctx.pool_run_id)
+
+st.title("Map")
+st.caption(
+    f"UMAP of the cached image and text features of **{ctx.pool_name}** "
+    + (
+        f"(a seeded sample of {len(fmap.pair_ids):,} of {fmap.n_total:,} pairs). "
+        if fmap.sampled
+        else f"({fmap.n_total:,} pairs). "
+    )
+    + "Box- or lasso-select points to see those pairs and include or exclude them together."
+)
+
+dec = widgets.decisions(ctx)
+state = dec["state"].reindex(fmap.pair_ids) if len(dec) else None
+c1, c2 = st.columns([1, 1])
+space = c1.radio("Embedding", ["image", "text"], horizontal=True, key="map_space")
+colour = c2.selectbox(
+    "Colour by", ["score", "alignment", "learnability", "relevance", "selected", "decision"], key="map_colour"
+)
+
+rows = table.reindex(fmap.pair_ids)
+xy = fmap.image_xy if space == "image" else fmap.text_xy
+marker: dict = {"size": 5, "opacity": 0.8}
+if colour in widgets.COMPONENTS:
+    marker.update(
+        color=rows[colour].to_numpy(np.float64),
+        colorscale="Viridis",
+        showscale=True,
+        colorbar={"title": colour},
+    )
+elif colour == "selected":
+    marker.update(color=np.where(rows["selected"].fillna(False).to_numpy(bool), "#2e7d32", "#b0bec5"))
+else:
+    labels = state.fillna("none").to_numpy() if state is not None else np.full(len(rows), "none")
+    marker.update(
+        color=np.select([labels == "include", labels == "exclude"], ["#2e7d32", "#c62828"], "#b0bec5")
+    )
+fig = go.Figure(
+    go.Scattergl(
+        x=xy[:, 0],
+        y=xy[:, 1],
+        mode="markers",
+        marker=marker,
+        customdata=fmap.pair_ids.astype(str),
+        text=rows["rank"].astype("Int64").astype(str).radd("rank ").to_numpy(),
+        hovertemplate="%{text}<extra></extra>",
+    )
+)
+fig.update_layout(
+    height=560,
+    margin=dict(l=10, r=10, t=10, b=10),
+    dragmode="lasso",
+    xaxis=dict(visible=False),
+    yaxis=dict(visible=False),
+)
+event = st.plotly_chart(fig, key="map_chart", on_select="rerun", selection_mode=("box", "lasso"))
+
+picked = [int(p["customdata"]) for p in (event.selection.points if event else []) if "customdata" in p]
+if not picked:
+    st.info("Nothing selected yet: drag a lasso (or switch to box select in the chart's toolbar).")
+    st.stop()
+
+st.subheader(f"{len(picked):,} selected pairs")
+b1, b2, b3, _ = st.columns([1, 1, 1, 3])
+if b1.button(f"Include all {len(picked)}", key="map_inc"):
+    widgets.decide(ctx, picked, "include")
+if b2.button(f"Exclude all {len(picked)}", key="map_exc"):
+    widgets.decide(ctx, picked, "exclude")
+if b3.button("Clear decisions", key="map_clr"):
+    widgets.decide(ctx, picked, "clear")
+chosen = table.loc[picked].reset_index().sort_values("rank")
+st.caption("Best ranked first; the grid shows at most 24.")
+widgets.gallery_grid(ctx, chosen.head(24), key="map")

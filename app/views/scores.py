@@ -1,0 +1,136 @@
+"""Scores: choose the method and parameters; the ranking and its distributions update without any model."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from app import context, widgets
+
+ws = context.workspace()
+ctx = context.scoring_context(ws)
+cache = context.load_cache(ctx.cache_dir)
+
+st.title("Scores")
+st.caption(
+    f"Pool **{ctx.pool_name}** against eval set **{ctx.eval_name}** (scoring cache {ctx.cache_id}). "
+    "Moving a slider re-ranks from the cached sketched gradients: no model runs."
+)
+
+METHODS = {
+    "chips": "CHIPS (curvature-aware influence × learnability × relevance)",
+    "dot": "Dot (plain gradient alignment)",
+    "trak": "TRAK-style (α = 0, no weights)",
+    "clipscore": "CLIPScore",
+    "random": "Random",
+}
+k_max = int(cache.k_max)
+k_choices = [k for k in (2**i for i in range(3, 20)) if k <= k_max]
+if k_max not in k_choices:
+    k_choices.append(k_max)
+if (
+    st.session_state.get("k") not in k_choices
+):  # default: the largest k that still leaves [k, 2k) for stability
+    st.session_state["k"] = max([k for k in k_choices if 2 * k <= k_max] or [k_max])
+LAM_FACTORS = [float(f"{10**e:.3g}") for e in np.arange(-2.0, 2.01, 0.25)]
+
+left, right = st.columns([1, 2.4], gap="large")
+with left:
+    st.selectbox("Method", list(METHODS), format_func=METHODS.get, key="method")
+    st.slider(
+        "α — weight of the negative curvature",
+        0.0,
+        1.0,
+        step=0.05,
+        key="alpha",
+        help="M = (1 − α)Φ_pos + αΦ_neg + λI. α = 0: positive-only curvature; the paper's best is 0.6–0.8.",
+    )
+    st.select_slider(
+        "λ as a multiple of λ*",
+        options=LAM_FACTORS,
+        key="lam_factor",
+        format_func=lambda f: f"{f:g}× λ*",
+        help="λ* solves d(λ*) = k/4. Larger λ moves the score towards the plain gradient dot product.",
+    )
+    st.select_slider(
+        "k — sketch dimension",
+        options=k_choices,
+        key="k",
+        help=f"Any k up to k_max = {k_max} is a prefix of the stored sketch: nothing is recomputed.",
+    )
+    st.slider("β — text share of relevance", 0.0, 1.0, step=0.05, key="beta")
+    st.slider("Selection ratio r", 0.01, 1.0, step=0.01, key="ratio", format="%.2f")
+    with st.expander("Ablations"):
+        st.checkbox("use learnability w_L", key="use_learnability")
+        st.checkbox("use relevance w_R", key="use_relevance")
+        st.checkbox(
+            "rank-normalised alignment",
+            key="rank_normalized",
+            help="When fewer than n pairs have Â > 0, the literal product ranks those backwards.",
+        )
+
+result = context.current_rank(ctx)
+table = widgets.ranking_frame(result)
+info = result.info
+
+with right:
+    widgets.rank_metrics(info, n_total=len(table))
+    comps = ["alignment", "learnability", "relevance", "score"]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=comps, horizontal_spacing=0.08, vertical_spacing=0.16)
+    sel = table["selected"].to_numpy(bool)
+    for i, comp in enumerate(comps):
+        values = table[comp].to_numpy(np.float64)
+        finite = np.isfinite(values)
+        edges = np.histogram_bin_edges(values[finite], bins=60) if finite.any() else np.linspace(0, 1, 61)
+        centers = (edges[:-1] + edges[1:]) / 2
+        for mask, name, color in ((sel, "selected", "#2e7d32"), (~sel, "not selected", "#b0bec5")):
+            counts, _ = np.histogram(values[mask & finite], bins=edges)
+            fig.add_trace(
+                go.Bar(
+                    x=centers, y=counts, name=name, marker_color=color, showlegend=i == 0, legendgroup=name
+                ),
+                row=i // 2 + 1,
+                col=i % 2 + 1,
+            )
+    fig.update_layout(
+        barmode="stack",
+        bargap=0,
+        height=460,
+        margin=dict(l=10, r=10, t=30, b=10),
+        legend=dict(orientation="h", y=-0.08),
+    )
+    st.plotly_chart(fig, key="score_hist")
+
+st.subheader("Ranking")
+pairs = context.pool_pairs(ctx)
+top = table.head(200).join(pairs[["caption"]], on="pair_id")
+decisions = widgets.decisions(ctx)
+top["decision"] = top["pair_id"].map(decisions["state"]) if len(decisions) else None
+st.dataframe(
+    top[
+        [
+            "rank",
+            "pair_id",
+            "caption",
+            "score",
+            "alignment",
+            "learnability",
+            "relevance",
+            "selected",
+            "decision",
+        ]
+    ],
+    hide_index=True,
+    height=360,
+    key="ranking_table",
+    column_config={c: st.column_config.NumberColumn(format="%.4g") for c in comps},
+)
+st.caption(f"The 200 best of {len(table):,} pairs. Browse shows the images; Export saves the selection.")
+if len(decisions):
+    counts = decisions["state"].value_counts()
+    st.caption(
+        f"Hand decisions in force: {counts.get('include', 0)} included, {counts.get('exclude', 0)} excluded "
+        "(applied when a selection is saved)."
+    )

@@ -1,0 +1,143 @@
+"""Workspace: pick or create a workspace, add a pool and an eval set, featurize and prepare (as jobs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from app import context, jobs_view
+from chips_core import store
+
+st.title("Workspace")
+path, is_demo = context.workspace_path()
+
+
+def _use_workspace(new_path: str, create: bool) -> None:
+    """Button callback (runs before the rerun, so it may set the sidebar widget): switch, create if asked."""
+    try:
+        if create:
+            store.Workspace.init(new_path)
+        else:
+            store.Workspace(new_path).check()
+    except (store.WorkspaceError, OSError) as exc:
+        st.session_state["ws_error"] = str(exc)
+        return
+    st.session_state["ws_path"] = str(Path(new_path).expanduser().resolve())
+
+
+with st.container(border=True):
+    st.markdown(f"**Current workspace:** `{path}`" + (" (the bundled demo)" if is_demo else ""))
+    new_path = st.text_input(
+        "Open or create a workspace folder", key="ws_new_path", placeholder="/data/my-workspace"
+    )
+    c1, c2, _ = st.columns([1, 1, 4])
+    c1.button(
+        "Open", key="ws_open", on_click=_use_workspace, args=(new_path, False), disabled=not new_path.strip()
+    )
+    c2.button(
+        "Create",
+        key="ws_create",
+        on_click=_use_workspace,
+        args=(new_path, True),
+        disabled=not new_path.strip(),
+    )
+    if st.session_state.get("ws_error"):
+        st.error(st.session_state.pop("ws_error"))
+
+ws = context.workspace()
+
+st.subheader("Pools and eval sets")
+all_pools = context.query(
+    ws,
+    "SELECT p.name, p.kind, p.format, p.status, p.source, "
+    "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) AS pairs, "
+    "(SELECT count(*) FROM rejects r WHERE r.pool_id = p.pool_id) AS rejected "
+    "FROM pools p ORDER BY p.pool_id",
+)
+if all_pools.empty:
+    st.info("No pool yet: add a training pool and a target eval set below.")
+else:
+    st.dataframe(all_pools, hide_index=True, key="pools_table")
+    rejects = context.query(
+        ws,
+        "SELECT p.name AS pool, r.reason, count(*) AS n FROM rejects r JOIN pools p USING (pool_id) "
+        "GROUP BY ALL ORDER BY n DESC",
+    )
+    if not rejects.empty:
+        with st.expander(f"Rejected inputs by reason ({int(rejects['n'].sum())})"):
+            st.dataframe(rejects, hide_index=True)
+
+add, feat, prep = st.tabs(["Add a pool or eval set", "Featurize", "Prepare scoring"])
+with add, st.form("ingest_form"):
+    st.caption(
+        "Any format the `chips ingest` command reads: a CSV/TSV/parquet manifest (open_clip's "
+        "`filepath`/`title` columns by default), a folder of images with .txt captions, WebDataset .tar "
+        "shards, or DICOM files."
+    )
+    name = st.text_input("Name", key="ing_name")
+    source = st.text_input("Source (file, folder or shard pattern)", key="ing_source")
+    kind = st.radio(
+        "Kind",
+        ["pool", "eval"],
+        horizontal=True,
+        key="ing_kind",
+        format_func={"pool": "training pool", "eval": "target eval set"}.get,
+    )
+    c1, c2, c3 = st.columns(3)
+    image_col = c1.text_input("Image column", "filepath", key="ing_img")
+    caption_col = c2.text_input("Caption column", "title", key="ing_cap")
+    label_col = c3.text_input("Label column (optional)", "", key="ing_label")
+    if st.form_submit_button("Ingest", type="primary"):
+        argv = ["ingest", str(ws.root), name, source, "--image-col", image_col, "--caption-col", caption_col]
+        argv += (["--eval"] if kind == "eval" else []) + (
+            ["--label-col", label_col] if label_col.strip() else []
+        )
+        jobs_view.launch(ws, "ingest", argv, required={"Name": name, "Source": source})
+
+pool_names = all_pools["name"].tolist()
+models = context.query(ws, "SELECT DISTINCT name, pretrained, checkpoint FROM models ORDER BY name")
+with feat, st.form("featurize_form"):
+    st.caption("Runs the image and text encoders once per pair and caches the features (resumable).")
+    pool = st.selectbox("Pool or eval set", pool_names, key="feat_pool")
+    default_model = str(models["name"].iloc[0]) if len(models) else "ViT-B-16"
+    model = st.text_input(
+        "Model (open_clip name, local checkpoint file, or hf-hub: id)", default_model, key="feat_model"
+    )
+    pretrained = st.text_input("Pretrained tag or checkpoint (optional)", "", key="feat_pretrained")
+    device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="feat_device")
+    if st.form_submit_button("Featurize", type="primary"):
+        argv = ["featurize", str(ws.root), str(pool), "--model", model, "--device", device]
+        argv += ["--pretrained", pretrained] if pretrained.strip() else []
+        jobs_view.launch(ws, "featurize", argv, required={"Pool": pool or "", "Model": model})
+
+evals = all_pools.loc[all_pools["kind"] == "eval", "name"].tolist() if len(all_pools) else []
+train_pools = all_pools.loc[all_pools["kind"] == "pool", "name"].tolist() if len(all_pools) else []
+with prep, st.form("prepare_form"):
+    st.caption(
+        "Closed-form per-pair gradients, the sketch at k_max, curvature and the target gradient: after this, "
+        "every slider on the Scores page runs in milliseconds."
+    )
+    c1, c2 = st.columns(2)
+    p_pool = c1.selectbox("Pool", train_pools, key="prep_pool")
+    p_eval = c2.selectbox("Eval set", evals, key="prep_eval")
+    c3, c4 = st.columns(2)
+    k_max = c3.select_slider("k_max", options=[256, 512, 1024, 2048, 4096], value=1024, key="prep_kmax")
+    sketch = c4.selectbox("Sketch", ["kronecker", "dense"], key="prep_sketch")
+    if st.form_submit_button("Prepare", type="primary"):
+        argv = [
+            "prepare",
+            str(ws.root),
+            str(p_pool),
+            "--eval",
+            str(p_eval),
+            "--k-max",
+            str(k_max),
+            "--sketch",
+            sketch,
+        ]
+        jobs_view.launch(ws, "prepare", argv, required={"Pool": p_pool or "", "Eval set": p_eval or ""})
+
+st.subheader("Jobs")
+st.caption("Jobs run as separate processes: they keep going if this tab is closed or reloaded.")
+jobs_view.jobs_panel(ws)

@@ -1,0 +1,112 @@
+"""Rendering pieces shared by the pages: ranking metrics, pair cards with decision buttons, galleries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import context
+from chips_core import gallery, selection, store
+
+COMPONENTS = ("alignment", "learnability", "relevance", "score")
+
+
+def ranking_frame(result: Any) -> pd.DataFrame:
+    """The per-pair table of a RankResult, best first (pair_id, components, rank, selected)."""
+    return selection.rank_frame(result)
+
+
+def rank_metrics(info: dict[str, Any], n_total: int) -> None:
+    """The headline figures of a ranking: selected share, positive alignment, λ and d(λ)/k, stability."""
+    cols = st.columns(5)
+    n_sel = int(info.get("n_selected", 0))
+    cols[0].metric(
+        "Selected", f"{n_sel:,}", f"{n_sel / max(n_total, 1):.1%} of {n_total:,}", delta_color="off"
+    )
+    frac = info.get("frac_positive")
+    cols[1].metric("Alignment > 0", "—" if frac is None else f"{frac:.1%}", help="Share of pairs with Â > 0.")
+    lam = info.get("lam")
+    cols[2].metric(
+        "λ", "—" if lam is None else f"{lam:.3g}", help=f"λ* = {info.get('lam_star', float('nan')):.3g}"
+    )
+    d_k = info.get("d_over_k")
+    cols[3].metric(
+        "d(λ)/k",
+        "—" if d_k is None else f"{d_k:.3f}",
+        help="Effective dimension of the sketched curvature over k; λ* gives 0.25.",
+    )
+    stab = info.get("stability")
+    cols[4].metric(
+        "Ranking stability",
+        "—" if stab is None or not np.isfinite(stab) else f"{stab:.3f}",
+        help="Spearman between scores from sketch rows [0, k) and [k, 2k); needs 2k ≤ k_max.",
+    )
+    if (
+        frac is not None
+        and n_total
+        and frac * n_total < n_sel
+        and not st.session_state.get("rank_normalized")
+    ):
+        st.warning(
+            "Fewer pairs have positive alignment than the budget selects: the product ranks the negative "
+            "ones backwards. Consider the rank-normalised alignment (Ablations)."
+        )
+
+
+def decisions(ctx: context.ScoringContext) -> pd.DataFrame:
+    """Decisions in force in the pool, indexed by pair_id (columns state, note, author, decided_at)."""
+    df = selection.current_decisions(store.Workspace(ctx.ws_root), ctx.pool_id)
+    return df.set_index("pair_id")
+
+
+def decide(ctx: context.ScoringContext, pair_ids: list[int], action: str, note: str | None = None) -> None:
+    """Record a decision for pairs (append-only, in the workspace) and say so."""
+    n = len(
+        selection.record_decisions(store.Workspace(ctx.ws_root), ctx.pool_id, pair_ids, action, note=note)
+    )
+    st.toast(f"{action}: {n} pair(s) recorded")
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
+
+
+def pair_card(
+    ctx: context.ScoringContext, row: pd.Series, pairs: pd.DataFrame, state: str | None, key: str
+) -> None:
+    """One pair: thumbnail, caption, rank, components, its decision and buttons to change it."""
+    pid = int(row["pair_id"])
+    meta = pairs.loc[pid]
+    thumb = gallery.thumbnails(store.Workspace(ctx.ws_root), [(pid, meta["filepath"])])[pid]
+    if isinstance(thumb, str):
+        st.warning(thumb)
+    else:
+        st.image(str(thumb), width="stretch")
+    badge = {"include": " :green-badge[included]", "exclude": " :red-badge[excluded]"}.get(state or "", "")
+    st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
+    st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
+    b1, b2, b3 = st.columns(3)
+    if b1.button("Include", key=f"{key}-inc-{pid}", disabled=state == "include", width="stretch"):
+        decide(ctx, [pid], "include")
+        st.rerun()
+    if b2.button("Exclude", key=f"{key}-exc-{pid}", disabled=state == "exclude", width="stretch"):
+        decide(ctx, [pid], "exclude")
+        st.rerun()
+    if b3.button("Why?", key=f"{key}-why-{pid}", width="stretch"):
+        st.session_state["detail_pair"] = pid
+        st.rerun()
+
+
+def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4) -> None:
+    """A grid of pair cards (rows: ranking rows with pair_id, rank and components)."""
+    pairs = context.pool_pairs(ctx)
+    dec = decisions(ctx)
+    state = dec["state"].to_dict() if len(dec) else {}
+    for start in range(0, len(rows), n_cols):
+        cols = st.columns(n_cols)
+        for col, (_, row) in zip(cols, rows.iloc[start : start + n_cols].iterrows(), strict=False):
+            with col, st.container(border=True):
+                pair_card(ctx, row, pairs, state.get(int(row["pair_id"])), key)
