@@ -300,3 +300,22 @@ def weighted_logit_sum(st: BatchState, W: torch.Tensor, dim: int) -> EndpointGra
         torch.einsum("ij,ijde->ide", w, g.G_t.reshape(B, B, *g.G_t.shape[1:])),
         (w * g.g_theta.reshape(B, B)).sum(1),
     )
+
+
+def logit_directional(st: BatchState, V: EndpointGrads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, B) directional derivatives ∇S_ab·V split into W_v, W_t and θ parts (V: one full-space vector)."""
+    XY = st.X @ st.Y.T
+    VH = st.H @ V.G_v[0].T  # row a: V_v h_a
+    VT = st.T @ V.G_t[0].T  # row b: V_t t_b
+    dv = st.s * (VH @ st.Y.T - XY * (st.X * VH).sum(1)[:, None]) / st.nv[:, None]
+    dt = st.s * (st.X @ VT.T - XY * (st.Y * VT).sum(1)[None, :]) / st.nw[None, :]
+    return dv, dt, st.S * V.g_theta[0]
+
+
+def logit_combination(st: BatchState, Gamma: torch.Tensor) -> EndpointGrads:
+    """Σ_ab Γ_ab ∇_ϑ S_ab as one full-space vector, in O(B²D + BDd) from the rank-one blocks."""
+    GY = Gamma @ st.Y
+    R = (GY - st.X * (st.X * GY).sum(1, keepdim=True)) / st.nv[:, None]
+    GX = Gamma.T @ st.X
+    Rt = (GX - st.Y * (st.Y * GX).sum(1, keepdim=True)) / st.nw[:, None]
+    return EndpointGrads((st.s * R.T @ st.H)[None], (st.s * Rt.T @ st.T)[None], (Gamma * st.S).sum()[None])

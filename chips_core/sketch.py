@@ -213,3 +213,15 @@ def make_sketch(kind: str, params: EndpointParams, k_max: int, seed: int = 0) ->
     if kind not in SKETCHES:
         raise ValueError(f"unknown sketch {kind!r}; choose one of {sorted(SKETCHES)}")
     return SKETCHES[kind].for_params(params, k_max, seed)
+
+
+class FullSpace(Sketch):
+    """The identity 'sketch' (k = p): full-space vectors through the same interface, for exact checks."""
+
+    kind = "full"
+
+    def __init__(self, k_max: int, D: int, d_v: int, d_t: int, seed: int = 0) -> None:
+        super().__init__(D * d_v + D * d_t + 1, D, d_v, d_t, seed)
+
+    def apply(self, g: EndpointGrads) -> torch.Tensor:
+        return g.flat()

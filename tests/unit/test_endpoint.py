@@ -178,3 +178,24 @@ def test_logit_grads_and_weighted_sums_match_autograd():
     g = 0.5 * weighted_logit_sum(st, P, 1).flat() + 0.5 * weighted_logit_sum(st, Q, 0).flat()
     g = g - J.reshape(6, 6, -1)[torch.arange(6), torch.arange(6)]
     assert _rel(per_sample_grads(h, t, params).flat(), g) < 1e-10
+
+
+def test_directional_and_combination_match_full_space():
+    from chips_core.endpoint import batch_state, logit_combination, logit_directional, logit_grads
+
+    params = _params(v_bias=True, t_bias=True, theta=2.2)
+    h, t = _feats(B=7)
+    st = batch_state(h, t, params)
+    B = 7
+    a = torch.arange(B).repeat_interleave(B)
+    b = torch.arange(B).repeat(B)
+    J = logit_grads(st, a, b).flat()  # (B*B, p)
+    g = torch.Generator().manual_seed(9)
+    V = per_sample_grads(h, t, params)
+    V.G_v, V.G_t, V.g_theta = (
+        torch.randn(x[:1].shape, generator=g, dtype=torch.float64) for x in (V.G_v, V.G_t, V.g_theta)
+    )
+    dv, dt, dth = logit_directional(st, V)
+    assert _rel((dv + dt + dth).reshape(-1), J @ V.flat()[0]) < 1e-12
+    Gamma = torch.randn(B, B, generator=g, dtype=torch.float64)
+    assert _rel(logit_combination(st, Gamma).flat()[0], Gamma.reshape(-1) @ J) < 1e-12
