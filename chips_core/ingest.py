@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+import duckdb
 import pyarrow as pa
 
 from chips_core import pools_dicom
@@ -120,16 +121,22 @@ def _open_pool(
 ) -> tuple[int, int, bool]:
     """(pool_id, next_row, done): the existing pool of this name (same source and options) or a new one."""
     with ws.connect() as con:
-        row = con.execute(
+        rows = con.execute(
             "SELECT pool_id, kind, source, format, options, status FROM pools WHERE name = ?", [name]
-        ).fetchone()
+        ).fetchall()
+        row = rows[0] if rows else None
         if row is None:
             pool_id = ws.next_id(con)
-            con.execute(
-                "INSERT INTO pools (pool_id, name, kind, source, format, options, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [pool_id, name, kind, source, fmt, json.dumps({**options, "next_row": 0}), "ingesting"],
-            )
+            try:
+                con.execute(
+                    "INSERT INTO pools (pool_id, name, kind, source, format, options, status) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [pool_id, name, kind, source, fmt, json.dumps({**options, "next_row": 0}), "ingesting"],
+                )
+            except duckdb.ConstraintException:
+                raise PoolError(
+                    f"pool {name!r} was just created by another process; run again to resume it"
+                ) from None
             return pool_id, 0, False
     pool_id, old_kind, old_source, old_fmt, old_options, status = row
     old = json.loads(old_options) if old_options else {}
@@ -147,8 +154,13 @@ def _open_pool(
     return int(pool_id), next_row, status == "ready"
 
 
-def _write_chunk(ws: Workspace, pool_id: int, options: dict, results: list[Checked], next_row: int) -> None:
-    """One transaction: the chunk's pairs and rejects (duplicates become rejects) and the resume point."""
+def _write_chunk(
+    ws: Workspace, pool_id: int, options: dict, results: list[Checked], start: int, next_row: int
+) -> None:
+    """One transaction: the chunk's pairs and rejects (duplicates become rejects) and the resume point.
+
+    The stored resume point must still be `start`: otherwise another process is ingesting the same pool.
+    """
     rejects = [r for r in results if r.reason is not None]
     first: dict[int, Checked] = {}
     for r in results:
@@ -161,6 +173,9 @@ def _write_chunk(ws: Workspace, pool_id: int, options: dict, results: list[Check
     with ws.connect() as con:
         con.execute("BEGIN TRANSACTION")
         try:
+            ((stored,),) = con.execute("SELECT options FROM pools WHERE pool_id = ?", [pool_id]).fetchall()
+            if int(json.loads(stored).get("next_row", 0)) != start:
+                raise PoolError(f"pool {pool_id} is being ingested by another process at the same time")
             if first:
                 ids = pa.table({"pair_id": pa.array(list(first), pa.int64())})
                 con.register("chunk_ids", ids)
@@ -308,7 +323,7 @@ def ingest(
     )
     n_checked = 0
     try:
-        pending: tuple[Iterator[Checked], int] | None = None
+        pending: tuple[Iterator[Checked], int, int] | None = None
         for chunk in _chunks(records, chunk_size):
             if executor is not None:  # submit this chunk before writing the previous one (overlap)
                 results = executor.map(check_record, chunk, chunksize=max(1, len(chunk) // (4 * n_workers)))
@@ -316,7 +331,7 @@ def ingest(
                 results = map(check_record, chunk)
             if pending is not None:
                 n_checked += _flush(ws, pool_id, options, pending, total, progress)
-            pending = (results, chunk[-1].index + 1)
+            pending = (results, chunk[0].index, chunk[-1].index + 1)
         if pending is not None:
             n_checked += _flush(ws, pool_id, options, pending, total, progress)
     finally:
@@ -332,8 +347,9 @@ def ingest(
 def _flush(
     ws: Workspace, pool_id: int, options: dict, pending: tuple, total: int | None, progress: ProgressFn | None
 ) -> int:
-    results = list(pending[0])
-    _write_chunk(ws, pool_id, options, results, pending[1])
+    results, start, next_row = pending
+    results = list(results)
+    _write_chunk(ws, pool_id, options, results, start, next_row)
     if progress is not None:
-        progress(pending[1], total)
+        progress(next_row, total)
     return len(results)

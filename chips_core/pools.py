@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,21 +197,26 @@ def _decode_pil(data: bytes, ref: str) -> Image.Image:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images would pass validation"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()  # checks PNG chunk CRCs without decoding
-            im = Image.open(io.BytesIO(data))
-            im.load()
-            return im
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageLoadError("decompression_bomb", f"{ref}: {exc}") from None
-        except UnidentifiedImageError:
-            raise ImageLoadError("corrupt_image", f"{ref}: not a recognised image format") from None
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
-            reason = "truncated_image" if "truncat" in str(exc).lower() else "corrupt_image"
-            raise ImageLoadError(reason, f"{ref}: {type(exc).__name__}: {exc}") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; the explicit check below makes the limit
+        # a rejection without touching the (process-global, thread-unsafe) warnings filters.
+        with Image.open(io.BytesIO(data)) as im:
+            if limit is not None and im.width * im.height > limit:
+                raise Image.DecompressionBombError(
+                    f"image size ({im.width * im.height} pixels) exceeds limit of {limit} pixels"
+                )
+            im.verify()  # checks PNG chunk CRCs without decoding
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError("decompression_bomb", f"{ref}: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError("corrupt_image", f"{ref}: not a recognised image format") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
+        reason = "truncated_image" if "truncat" in str(exc).lower() else "corrupt_image"
+        raise ImageLoadError(reason, f"{ref}: {type(exc).__name__}: {exc}") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -383,7 +383,19 @@ def iter_records(source: str, fmt: str, opts: ReaderOptions) -> Iterator[Record]
 
 
 def count_records(source: str, fmt: str, opts: ReaderOptions) -> int | None:
-    """Number of records a source will yield, when cheap to know (parquet metadata, folder listings)."""
+    """Number of records a source will yield when cheap to know (parquet metadata, a pass over a CSV of
+    at most 512 MB, folder listings); None otherwise (WebDataset shards)."""
+    if fmt in ("csv", "tsv"):
+        path = Path(source)
+        if path.stat().st_size > 512 * 2**20:
+            return None
+        sep = _sniff_sep(path, opts if fmt == "csv" or opts.sep else _with_sep(opts, "\t"))
+        csv.field_size_limit(2**31 - 1)
+        try:
+            with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+                return max(0, sum(1 for row in csv.reader(f, delimiter=sep) if row) - 1)
+        except (OSError, csv.Error):  # the reader reports the problem with its own message
+            return None
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

@@ -261,3 +261,20 @@ def test_a_reader_process_reads_while_ingest_writes(tmp_path):
         f"no intermediate states observed: {sorted(set(totals))}"
     )
     assert all(t % 8 == 0 for t in totals if t < 78), "a reader saw a partly written chunk"
+
+
+def test_progress_reports_totals_and_a_concurrent_writer_is_refused(ws, tmp_path):
+    manifest = make_csv_pool(tmp_path, n=7)
+    calls = []
+    ingest(
+        ws, "p", manifest, workers=0, chunk_size=3, progress=lambda done, total: calls.append((done, total))
+    )
+    assert calls == [(3, 7), (6, 7), (7, 7)]
+
+    def other_process_advances(done, total):  # what a second ingest of the same pool would do
+        with ws.connect() as con:
+            con.execute("UPDATE pools SET options = json_object('next_row', 99) WHERE name = 'q'")
+
+    with pytest.raises(PoolError, match="another process"):
+        ingest(ws, "q", manifest, workers=0, chunk_size=3, progress=other_process_advances)
+    assert len(_pairs(ws, "q")) == 3  # the first chunk stays; the conflicting one was rolled back

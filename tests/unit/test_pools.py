@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from fixtures_build import (
+    make_bad_pool,
     make_csv_pool,
     make_dicom_pool,
     make_folder_pool,
@@ -272,3 +273,30 @@ def test_load_truncated_images_flag_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(pools.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
         check_record(_records(manifest, "csv")[0])
+
+
+def test_pixel_limit_rejects_between_warning_and_error_thresholds(tmp_path, monkeypatch):
+    (im, _, _) = real_images(1, size=40)[0]
+    im.save(tmp_path / "x.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: PIL itself would only warn
+    with pytest.raises(ImageLoadError) as err:
+        load_image(str(tmp_path / "x.png"))
+    assert err.value.reason == "decompression_bomb" and "1600" in str(err.value)
+
+
+def test_count_records_matches_readers(tmp_path):
+    from chips_core.pools_readers import count_records
+
+    manifest, _ = make_bad_pool(tmp_path)
+    sources = [
+        (manifest, "csv"),
+        (make_csv_pool(tmp_path, n=3, sep="\t"), "tsv"),
+        (make_parquet_pool(tmp_path, n=4), "parquet"),
+        (make_folder_pool(tmp_path, n=3), "folder"),
+        (make_dicom_pool(tmp_path, names=("CT_small.dcm", "MR_small.dcm")), "dicom"),
+    ]
+    opts = ReaderOptions(image_col="image", caption_col="text")
+    for source, fmt in sources:
+        o = opts if fmt == "parquet" else ReaderOptions()
+        assert count_records(str(source), fmt, o) == len(list(iter_records(str(source), fmt, o))) > 0, fmt
+    assert count_records(str(make_wds_pool(tmp_path, n=2, shards=1)), "wds", ReaderOptions()) is None
