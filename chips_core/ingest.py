@@ -316,11 +316,7 @@ def ingest(
     records = (r for r in iter_records(src, fmt, opts) if r.index >= start)
     total = count_records(src, fmt, opts)
     n_workers = min(8, os.cpu_count() or 1) if workers is None else max(0, int(workers))
-    executor = (
-        ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("forkserver"))
-        if n_workers
-        else None
-    )
+    executor = ProcessPoolExecutor(n_workers, mp_context=_mp_context()) if n_workers else None
     n_checked = 0
     try:
         pending: tuple[Iterator[Checked], int, int] | None = None
@@ -342,6 +338,15 @@ def ingest(
     summary = pool_summary(ws, name)
     summary.n_checked, summary.resumed_from, summary.seconds = n_checked, start, time.monotonic() - t0
     return summary
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """'fork' where available: workers start fast and never re-import the caller's __main__ (a Streamlit
+    script, stdin); they only decode images and leave with os._exit, so inherited DuckDB handles stay
+    untouched."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
 
 
 def _flush(
