@@ -7,6 +7,7 @@ read that table (short-lived connections) and refresh themselves while something
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pandas as pd
@@ -15,8 +16,6 @@ import streamlit as st
 
 from app import context
 from chips_core import jobs, store
-
-ACTIVE = ("queued", "running")
 
 
 def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, str]) -> int | None:
@@ -27,24 +26,16 @@ def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, 
         return None
     try:
         job_id = jobs.launch(ws, kind, argv)
-    except (store.WorkspaceError, OSError, ValueError) as exc:
+    except (store.WorkspaceError, OSError) as exc:
         st.error(str(exc))
         return None
     st.success(f"Started {kind} as background job {job_id}; its progress shows below.")
     return job_id
 
 
-def _jobs_table(ws: store.Workspace) -> pd.DataFrame:
-    return context.query(
-        ws,
-        "SELECT job_id, kind, status, progress, message, started_at, finished_at, log_path FROM jobs "
-        "ORDER BY job_id DESC LIMIT 50",
-    )
-
-
 def _render_jobs(ws: store.Workspace) -> bool:
     """Draw the job list; returns whether any job is still active."""
-    df = jobs.list_jobs(ws) if hasattr(jobs, "list_jobs") else _jobs_table(ws)
+    df = pd.DataFrame([dataclasses.asdict(j) for j in jobs.list_jobs(ws)])
     if df.empty:
         st.caption("No jobs yet.")
         return False
@@ -60,7 +51,7 @@ def _render_jobs(ws: store.Workspace) -> bool:
         key="jobs_table",
         column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)},
     )
-    active = df[df["status"].isin(ACTIVE)]
+    active = df[df["status"].isin(jobs.ACTIVE)]
     for row in active.itertuples():
         if st.button(f"Cancel job {row.job_id} ({row.kind})", key=f"cancel-{row.job_id}"):
             jobs.cancel(ws, int(row.job_id))
