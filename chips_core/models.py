@@ -23,6 +23,7 @@ from open_clip.factory import _find_checkpoint_in_dir, load_checkpoint
 from torch import nn
 
 from chips_core.adapters import EndpointAdapter
+from chips_core.store import Workspace, atomic_write_bytes
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 FIXTURES_DIR = Path(__file__).resolve().parents[1] / "data" / "fixtures"
@@ -103,13 +104,30 @@ def register_model_configs() -> None:
             digest = hashlib.sha256(resolved.encode()).hexdigest()[:16]
             out = Path(tempfile.gettempdir()) / f"chips-model-configs-{os.getuid()}" / digest / path.name
             if not out.exists():
-                from chips_core.store import atomic_write_bytes
-
                 atomic_write_bytes(out, resolved.encode())
             open_clip.add_model_config(out)
         else:
             open_clip.add_model_config(path)
     _registered = True
+
+
+def register_model(ws: Workspace, identity: ModelIdentity) -> int:
+    """The `models` row id of this identity (same name, tag and checkpoint hash), inserted when new."""
+    with ws.connect() as con:
+        row = con.execute(
+            "SELECT model_id FROM models WHERE name = ? AND pretrained IS NOT DISTINCT FROM ? "
+            "AND checkpoint_sha256 IS NOT DISTINCT FROM ? ORDER BY model_id LIMIT 1",
+            [identity.name, identity.pretrained, identity.checkpoint_sha256],
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        model_id = ws.next_id(con)
+        con.execute(
+            "INSERT INTO models (model_id, name, pretrained, checkpoint, checkpoint_sha256) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [model_id, identity.name, identity.pretrained, identity.checkpoint, identity.checkpoint_sha256],
+        )
+        return model_id
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

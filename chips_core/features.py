@@ -1,0 +1,493 @@
+"""Featurization: run the encoders ONCE per pair and cache the pre-projection features h, t (METHOD.md §1).
+
+A feature run belongs to (pool, model). Its folder `features/<run_id>/` holds
+- `run.json`: shard size, model identity, widths (written once, atomically);
+- `pairs.parquet`: the pool's pairs frozen in store order (pos, pair_id, filepath, caption), so shards are
+  fixed ranges of positions and workers read their rows without touching the workspace database;
+- `shard-NNNNN-{h,t,ids}.npy`: fp16 features and int64 pair ids of positions [N·S, (N+1)·S), each file
+  written atomically; a shard exists iff its row is in `feature_shards` (written after the files).
+A killed run resumes on re-run (same run, completed shards skipped, an incomplete shard rewritten whole),
+so no row is lost or duplicated. Images that fail to load go to `rejects` and are left out of the shard's
+ids. `FeatureStore` reads a run back as the FeatureSource protocol of docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import torch
+from torch.nn import functional
+
+from chips_core import pools
+from chips_core.models import LoadedModel, load_model, register_model, resolve_device
+from chips_core.store import Workspace, WorkspaceError, atomic_path, atomic_write_bytes
+
+SHARD_SIZE = 8192
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class FeaturizeError(WorkspaceError):
+    """A featurization problem with a message meant for the user."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Progress of one featurize call: pairs done (incl. shards done earlier) out of the pool's total."""
+
+    done: int
+    total: int
+    pairs_per_s: float  # measured over this call
+    eta_s: float | None
+    shards_done: int
+    n_shards: int
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+# --- the run and its manifest -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A feature run as featurize (or a distributed engine) works on it."""
+
+    run_id: int
+    pool_id: int
+    model_id: int
+    dir: Path
+    shard_size: int
+    n_total: int  # pairs in the pool when the run started
+    d_v: int
+    d_t: int
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "pairs.parquet"
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_total // self.shard_size)
+
+    def shard_range(self, shard_index: int) -> tuple[int, int]:
+        """Positions [start, end) of a shard in the frozen pool order."""
+        start = shard_index * self.shard_size
+        return start, min(start + self.shard_size, self.n_total)
+
+    def shard_paths(self, shard_index: int) -> dict[str, Path]:
+        return {k: self.dir / f"shard-{shard_index:05d}-{k}.npy" for k in ("h", "t", "ids")}
+
+
+def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int = SHARD_SIZE) -> RunInfo:
+    """The unfinished or finished run of (pool, model), or a new one; freezes the pool order on creation.
+
+    A resumed run keeps the shard size it started with (recorded in run.json).
+    """
+    ws.check()
+    if shard_size < 1:
+        raise FeaturizeError(f"shard_size must be >= 1, got {shard_size}")
+    model_id = register_model(ws, loaded.identity)
+    with ws.connect() as con:
+        row = con.execute("SELECT pool_id, status FROM pools WHERE name = ?", [pool_name]).fetchone()
+        if row is None:
+            names = [r[0] for r in con.execute("SELECT name FROM pools ORDER BY name").fetchall()]
+            raise FeaturizeError(
+                f"no pool named {pool_name!r} in {ws.root} (pools: {', '.join(names) or 'none'})"
+            )
+        pool_id, status = int(row[0]), row[1]
+        if status != "ready":
+            raise FeaturizeError(
+                f"pool {pool_name!r} is not ready (status {status!r}); finish ingesting it first"
+            )
+        run = con.execute(
+            "SELECT run_id, dir FROM feature_runs WHERE pool_id = ? AND model_id = ? "
+            "ORDER BY run_id DESC LIMIT 1",
+            [pool_id, model_id],
+        ).fetchone()
+        if run is None:
+            run_id = ws.next_id(con)
+            run_dir = ws.root / "features" / str(run_id)
+            n_total = con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [pool_id]).fetchone()[0]
+            con.execute(
+                "INSERT INTO feature_runs (run_id, pool_id, model_id, status, dir, d_v, d_t) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                [run_id, pool_id, model_id, str(run_dir), loaded.d_v, loaded.d_t],
+            )
+        else:
+            run_id, run_dir = int(run[0]), Path(run[1])
+    meta_path = run_dir / "run.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+    else:
+        meta = {
+            "run_id": run_id, "pool": pool_name, "pool_id": pool_id, "model_id": model_id,
+            "model": loaded.identity.__dict__, "shard_size": shard_size, "n_total": int(n_total),
+            "d_v": loaded.d_v, "d_t": loaded.d_t, "dtype": "float16", "format": 1,
+        }  # fmt: skip
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+    info = RunInfo(
+        run_id,
+        pool_id,
+        model_id,
+        run_dir,
+        int(meta["shard_size"]),
+        int(meta["n_total"]),
+        meta["d_v"],
+        meta["d_t"],
+    )
+    if not info.manifest.exists():
+        _write_manifest(ws, info)
+    for stray in run_dir.glob(".*"):  # temporaries of writes a killed process left behind
+        with contextlib.suppress(FileNotFoundError):
+            stray.unlink()
+    return info
+
+
+def _write_manifest(ws: Workspace, info: RunInfo) -> None:
+    with atomic_path(info.manifest) as tmp, ws.connect() as con:
+        con.execute(
+            f"COPY (SELECT (row_number() OVER (ORDER BY row_index, pair_id) - 1)::BIGINT AS pos, pair_id, "
+            f"filepath, caption FROM pairs WHERE pool_id = {int(info.pool_id)} ORDER BY pos) "
+            f"TO '{_sql_str(tmp)}' (FORMAT parquet)"
+        )
+
+
+def _sql_str(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def done_shards(ws: Workspace, run_id: int) -> set[int]:
+    """Indices of the shards with a completion record."""
+    with ws.connect() as con:
+        rows = con.execute("SELECT shard_index FROM feature_shards WHERE run_id = ?", [run_id]).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def read_rows(manifest: Path, start: int, end: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """(pair_ids, filepaths, captions) of positions [start, end) of a run's frozen pool order."""
+    with duckdb.connect() as con:
+        rows = con.execute(
+            "SELECT pair_id, filepath, caption FROM read_parquet(?) WHERE pos >= ? AND pos < ? ORDER BY pos",
+            [str(manifest), start, end],
+        ).fetchall()
+    return np.asarray([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows], [r[2] for r in rows]
+
+
+def write_shard(
+    ws: Workspace, info: RunInfo, shard_index: int, ids: np.ndarray, h: np.ndarray, t: np.ndarray,
+    rejects: list[tuple[str, str, str]] = (),
+) -> None:  # fmt: skip
+    """Write one shard's files atomically, then its rejects (filepath, reason, detail) and completion row."""
+    if not (len(ids) == len(h) == len(t)):
+        raise ValueError(f"shard {shard_index}: {len(ids)} ids, {len(h)} h rows, {len(t)} t rows")
+    paths = info.shard_paths(shard_index)
+    for key, arr in (("h", h.astype(np.float16)), ("t", t.astype(np.float16)), ("ids", ids.astype(np.int64))):
+        with atomic_path(paths[key]) as tmp:
+            np.save(tmp, arr)
+    with ws.connect() as con:
+        con.execute("BEGIN")
+        for ref, reason, detail in rejects:
+            con.execute(
+                "INSERT INTO rejects (pool_id, source_ref, reason, detail) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [info.pool_id, ref, reason, f"featurize run {info.run_id}: {detail}"],
+            )
+        con.execute(
+            "INSERT INTO feature_shards (run_id, shard_index, n_rows, first_row) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [info.run_id, shard_index, len(ids), info.shard_range(shard_index)[0]],
+        )
+        con.execute("COMMIT")
+
+
+def finish_run(ws: Workspace, info: RunInfo) -> None:
+    """Mark the run done once every shard has its completion record."""
+    missing = set(range(info.n_shards)) - done_shards(ws, info.run_id)
+    if missing:
+        raise FeaturizeError(f"feature run {info.run_id}: shards {sorted(missing)[:10]} are not complete")
+    with ws.connect() as con:
+        con.execute(
+            "UPDATE feature_runs SET status = 'done', finished_at = current_timestamp, n_pairs = "
+            "(SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?) WHERE run_id = ?",
+            [info.run_id, info.run_id],
+        )
+
+
+# --- loading and preprocessing batches ----------------------------------------------------------------
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item i = one batch of one shard: rows read from the manifest, images loaded, captions tokenized.
+
+    With `raw_jpeg`, JPEG files are returned as bytes for GPU decoding; other images are decoded here.
+    """
+
+    def __init__(self, info: RunInfo, plan: list[tuple[int, int, int]], loaded: LoadedModel, raw_jpeg: bool):
+        self.manifest, self.plan, self.raw_jpeg = info.manifest, plan, raw_jpeg
+        self.preprocess, self.tokenizer = loaded.preprocess, loaded.tokenizer
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        shard, start, end = self.plan[i]
+        ids, refs, captions = read_rows(self.manifest, start, end)
+        keep, images, jpegs, rejects = [], [], [], []
+        for j, ref in enumerate(refs):
+            try:
+                if self.raw_jpeg:
+                    data = pools.read_image_bytes(ref)
+                    if data[:3] == _JPEG_MAGIC and not pools.is_dicom_ref(ref, data):
+                        jpegs.append((len(keep), torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+                        keep.append(j)
+                        continue
+                images.append((len(keep), self.preprocess(pools.load_image(ref))))
+                keep.append(j)
+            except Exception as exc:  # noqa: BLE001 - any failure of one image rejects that image only
+                rejects.append((ref, getattr(exc, "reason", "load_error"), f"{type(exc).__name__}: {exc}"))
+        tokens = self.tokenizer([captions[j] for j in keep]) if keep else None
+        return {"shard": shard, "ids": ids[keep], "images": images, "jpegs": jpegs, "tokens": tokens,
+                "rejects": rejects}  # fmt: skip
+
+
+def _gpu_images(batch: dict, loaded: LoadedModel, device: torch.device) -> torch.Tensor:
+    """Decode JPEGs with nvJPEG and apply open_clip's eval preprocess on the GPU; merge CPU-decoded ones."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    cfg = loaded.preprocess_cfg
+    size = loaded.image_size
+    n = len(batch["images"]) + len(batch["jpegs"])
+    out = torch.empty((n, 3, *size), device=device)
+    for k, img in batch["images"]:
+        out[k] = img.to(device, non_blocking=True)
+    if batch["jpegs"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decoded = decode_jpeg([b for _, b in batch["jpegs"]], mode=ImageReadMode.RGB, device=device)
+        mean = torch.tensor(cfg["mean"], device=device)[:, None, None]
+        std = torch.tensor(cfg["std"], device=device)[:, None, None]
+        for (k, _), img in zip(batch["jpegs"], decoded, strict=True):
+            out[k] = (_resize_crop(img.float(), size, cfg) / 255.0 - mean) / std
+    return out
+
+
+def _resize_crop(img: torch.Tensor, size: tuple[int, int], cfg: dict) -> torch.Tensor:
+    """open_clip's eval geometry on a (3, h, w) tensor: 'shortest' resize + center crop, or 'squash'."""
+    mode = cfg.get("interpolation", "bicubic")
+    h, w = img.shape[1:]
+    if cfg.get("resize_mode", "shortest") == "squash":
+        new = size
+    elif cfg.get("resize_mode", "shortest") == "shortest":
+        scale = max(size[0] / h, size[1] / w)
+        new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+    else:
+        raise FeaturizeError(f"GPU preprocessing does not implement resize_mode={cfg['resize_mode']!r}")
+    x = functional.interpolate(
+        img[None], size=new, mode=mode, antialias=mode != "nearest", align_corners=False
+    )[0]
+    top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
+    return x[:, top : top + size[0], left : left + size[1]].clamp_(0, 255)
+
+
+# --- featurize --------------------------------------------------------------------------------------
+
+
+def featurize(
+    ws: Workspace,
+    pool_name: str,
+    model: str | LoadedModel = "chips-tiny-vit",
+    pretrained: str | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    shard_size: int = SHARD_SIZE,
+    gpu_decode: bool | None = None,
+    progress: ProgressFn | None = None,
+) -> int:
+    """Featurize pool `pool_name` with a model (name/checkpoint/hf-hub id + pretrained, or a LoadedModel).
+
+    Returns the feature run id; a finished run of the same (pool, model) is returned as is, an unfinished
+    one is resumed. On CUDA the encoders run under bf16 autocast; `gpu_decode` (default: on with CUDA)
+    decodes JPEG files with nvJPEG. `num_workers` DataLoader processes load and preprocess images.
+    """
+    if batch_size < 1:
+        raise FeaturizeError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, pretrained, device=dev)
+    if loaded.device != dev:
+        loaded.model.to(dev)
+        loaded.device = dev
+    info = open_run(ws, pool_name, loaded, shard_size)
+    done = done_shards(ws, info.run_id)
+    todo = [s for s in range(info.n_shards) if s not in done]
+    plan = [
+        (s, b, min(b + batch_size, info.shard_range(s)[1]))
+        for s in todo
+        for b in range(info.shard_range(s)[0], info.shard_range(s)[1], batch_size)
+    ]
+    raw_jpeg = dev.type == "cuda" if gpu_decode is None else bool(gpu_decode)
+    if raw_jpeg and dev.type != "cuda":
+        raise FeaturizeError("gpu_decode needs device 'cuda'")
+    loader = torch.utils.data.DataLoader(
+        _Batches(info, plan, loaded, raw_jpeg), batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
+    )  # fmt: skip
+    tracker = _Tracker(info, done, progress)
+    remaining = {s: len(range(*info.shard_range(s), batch_size)) for s in todo}
+    parts: list[dict] = []
+    for batch in loader:
+        parts.append(_encode(batch, loaded, dev, raw_jpeg))
+        s = batch["shard"]
+        remaining[s] -= 1
+        if remaining[s] == 0:
+            _flush_shard(ws, info, s, parts)
+            tracker.shard_done(s)
+            parts = []
+    finish_run(ws, info)
+    return info.run_id
+
+
+def _encode(batch: dict, loaded: LoadedModel, dev: torch.device, raw_jpeg: bool) -> dict:
+    ids = batch["ids"]
+    if len(ids) == 0:
+        return {"ids": ids, "h": None, "t": None, "rejects": batch["rejects"]}
+    if raw_jpeg:
+        images = _gpu_images(batch, loaded, dev)
+    else:
+        images = torch.stack([img for _, img in batch["images"]]).to(dev, non_blocking=True)
+    tokens = batch["tokens"].to(dev, non_blocking=True)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        h, t = loaded.encode(images, tokens)
+    return {"ids": ids, "h": h.to(torch.float16).cpu().numpy(), "t": t.to(torch.float16).cpu().numpy(),
+            "rejects": batch["rejects"]}  # fmt: skip
+
+
+def _flush_shard(ws: Workspace, info: RunInfo, shard: int, parts: list[dict]) -> None:
+    full = [p for p in parts if p["h"] is not None]
+    ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros(0, np.int64)
+    h = np.concatenate([p["h"] for p in full]) if full else np.zeros((0, info.d_v), np.float16)
+    t = np.concatenate([p["t"] for p in full]) if full else np.zeros((0, info.d_t), np.float16)
+    write_shard(ws, info, shard, ids, h, t, [r for p in parts for r in p["rejects"]])
+
+
+class _Tracker:
+    """Turns shard completions into Progress reports (done/total, pairs/s over this call, ETA)."""
+
+    def __init__(self, info: RunInfo, done: set[int], fn: ProgressFn | None) -> None:
+        self.info, self.fn, self.t0 = info, fn, time.monotonic()
+        self.n_shards_done = len(done)
+        self.done = sum(info.shard_range(s)[1] - info.shard_range(s)[0] for s in done)
+        self.here = 0
+        self._report()
+
+    def shard_done(self, s: int) -> None:
+        n = self.info.shard_range(s)[1] - self.info.shard_range(s)[0]
+        self.done, self.here, self.n_shards_done = self.done + n, self.here + n, self.n_shards_done + 1
+        self._report()
+
+    def _report(self) -> None:
+        if self.fn is None:
+            return
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        rate = self.here / dt
+        left = self.info.n_total - self.done
+        eta = left / rate if rate > 0 else (0.0 if left == 0 else None)
+        self.fn(Progress(self.done, self.info.n_total, rate, eta, self.n_shards_done, self.info.n_shards))
+
+
+# --- reading features back --------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """A feature run as a FeatureSource: pair ids in store order, random row access, shard iteration.
+
+    Store order = shard order, and within a shard the pool order minus rejected rows. Arrays are
+    memory-mapped; `rows` reads only the rows asked for. fp16 as stored (cast before doing math).
+    """
+
+    def __init__(self, ws: Workspace, run_id: int, allow_partial: bool = False) -> None:
+        with ws.connect(read_only=True) as con:
+            row = con.execute(
+                "SELECT pool_id, model_id, status, dir, d_v, d_t FROM feature_runs WHERE run_id = ?", [run_id]
+            ).fetchone()
+            if row is None:
+                raise FeaturizeError(f"no feature run {run_id} in {ws.root}")
+            shards = con.execute(
+                "SELECT shard_index, n_rows FROM feature_shards WHERE run_id = ? AND n_rows > 0 "
+                "ORDER BY shard_index",
+                [run_id],
+            ).fetchall()
+        self.run_id, self.pool_id, self.model_id, self.status = run_id, int(row[0]), int(row[1]), row[2]
+        self.dir, self.d_v, self.d_t = Path(row[3]), int(row[4]), int(row[5])
+        if self.status != "done" and not allow_partial:
+            raise FeaturizeError(
+                f"feature run {run_id} is not finished (status {self.status!r}); re-run featurize"
+            )
+        self._shards = [int(s) for s, _ in shards]
+        self._offsets = np.concatenate([[0], np.cumsum([int(n) for _, n in shards])]).astype(np.int64)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def _arrays(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k not in self._cache:
+            s = self._shards[k]
+            self._cache[k] = tuple(np.load(self.dir / f"shard-{s:05d}-{x}.npy", mmap_mode="r") for x in "ht")
+        return self._cache[k]
+
+    def _ids(self, k: int) -> np.ndarray:
+        return np.load(self.dir / f"shard-{self._shards[k]:05d}-ids.npy")
+
+    def pair_ids(self) -> np.ndarray:
+        """All pair ids (int64) in store order."""
+        if not self._shards:
+            return np.zeros(0, np.int64)
+        return np.concatenate([self._ids(k) for k in range(len(self._shards))])
+
+    def rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(h, t) fp16 of store rows `idx`, in the order given."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range for feature run {self.run_id} with {len(self)} rows")
+        h = np.empty((idx.size, self.d_v), np.float16)
+        t = np.empty((idx.size, self.d_t), np.float16)
+        which = np.searchsorted(self._offsets, idx, side="right") - 1
+        for k in np.unique(which):
+            sel = np.nonzero(which == k)[0]
+            local = idx[sel] - self._offsets[k]
+            order = np.argsort(local, kind="stable")
+            hk, tk = self._arrays(int(k))
+            h[sel[order]] = hk[local[order]]
+            t[sel[order]] = tk[local[order]]
+        return h, t
+
+    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, h, t) per shard, h and t memory-mapped."""
+        for k in range(len(self._shards)):
+            yield (self._ids(k), *self._arrays(k))
+
+
+def find_run(ws: Workspace, pool_name: str, model_id: int | None = None) -> int | None:
+    """The latest finished feature run of a pool (optionally of one model), or None."""
+    sql = (
+        "SELECT r.run_id FROM feature_runs r JOIN pools p USING (pool_id) "
+        "WHERE p.name = ? AND r.status = 'done'"
+        + (" AND r.model_id = ?" if model_id is not None else "")
+        + " ORDER BY r.run_id DESC LIMIT 1"
+    )
+    with ws.connect(read_only=True) as con:
+        row = con.execute(sql, [pool_name] + ([model_id] if model_id is not None else [])).fetchone()
+    return None if row is None else int(row[0])
