@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,9 @@ def _model_args(model: str, pretrained: str | None, model_dir: Path) -> tuple[li
     """open_clip_train flags that select the model and its starting weights (see module docstring)."""
     import open_clip
 
+    from chips_core.models import register_model_configs
+
+    register_model_configs()
     if model.startswith(("hf-hub:", "local-dir:")):
         if pretrained:
             raise CPTError(f"model {model!r} carries its own weights; drop pretrained={pretrained!r}")
@@ -190,72 +194,81 @@ def train(
     from open_clip_train.params import parse_args
 
     ws.check()
-    with ws.connect() as con:
-        run_id = ws.next_id(con)
-    rdir = run_dir(ws, run_id)
-    rdir.mkdir(parents=True, exist_ok=False)
-    selection_id = None
-    if isinstance(source, int) and not isinstance(source, bool):
-        selection_id = source
-        csv_path, sep, csv_img_key, csv_caption_key = _export(ws, source, rdir / "train.csv")
-    else:
+    selection_id = source if isinstance(source, int) and not isinstance(source, bool) else None
+    if selection_id is None:  # check a given CSV before anything is recorded
         csv_path = Path(source).resolve()
         if not csv_path.is_file():
             raise CPTError(f"training CSV not found: {csv_path}")
         sep = csv_separator or ("\t" if csv_path.suffix.lower() in (".tsv", ".tab") else ",")
-    df = read_train_csv(csv_path, sep, csv_img_key, csv_caption_key)
-
-    if nproc_per_node is None:
-        import torch
-
-        nproc_per_node = torch.cuda.device_count() if device == "cuda" else 1
-    world = max(1, nproc_per_node)
-    precision = precision or ("amp" if device.startswith("cuda") else "fp32")
-    model_flags, model_info = _model_args(model, pretrained, rdir / "model")
-    # fmt: off
-    oc = [
-        "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", sep,
-        "--csv-img-key", csv_img_key, "--csv-caption-key", csv_caption_key,
-        *model_flags, "--logs", str(rdir), "--name", OC_NAME,
-        "--epochs", str(epochs), "--lr", repr(lr), "--beta1", repr(DEFAULTS["beta1"]),
-        "--beta2", repr(DEFAULTS["beta2"]), "--eps", repr(DEFAULTS["eps"]), "--lr-scheduler", "cosine",
-        "--batch-size", str(batch_size), "--precision", precision, "--workers", str(workers),
-        "--seed", str(seed), "--device", device, "--save-frequency", str(save_frequency),
-        "--log-every-n-steps", "1", "--report-to", "",
-    ]
-    # fmt: on
-    try:
-        probe = parse_args([*oc, "--warmup", "0", *extra_args])
-    except SystemExit as exc:
-        raise CPTError(
-            f"open_clip_train rejected the arguments {list(extra_args)}: see the message above"
-        ) from exc
-    steps = _steps_per_epoch(len(df), batch_size, world, probe.accum_freq)
-    if steps < 1:
-        raise CPTError(
-            f"training CSV {csv_path} has {len(df)} rows: fewer than one batch of {batch_size * world} "
-            f"(batch_size x processes); open_clip_train drops the last partial batch"
-        )
-    if warmup is None:
-        warmup = max(1, round(0.1 * steps * epochs))
-    oc += ["--warmup", str(warmup), *extra_args]
-    if world > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "-m"]
-    else:
-        cmd = [sys.executable, "-m"]
-    config = {
-        "model": model, "pretrained": pretrained, "train_csv": str(csv_path), "n_rows": len(df),
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "precision": precision, "warmup": warmup,
-        "workers": workers, "seed": seed, "device": device, "extra_args": list(extra_args),
-        "nproc_per_node": world, "accum_freq": probe.accum_freq, "steps_per_epoch": steps,
-        "total_steps": steps * epochs, "argv": [*cmd, "open_clip_train.main", *oc], "cwd": os.getcwd(),
-        **model_info,
-    }  # fmt: skip
-    with ws.connect() as con:
+        df = read_train_csv(csv_path, sep, csv_img_key, csv_caption_key)
+    with ws.connect() as con:  # id and row in one transaction: a nextval alone is not persisted
+        run_id = ws.next_id(con)
+        rdir = run_dir(ws, run_id)
         con.execute(
-            "INSERT INTO cpt_runs (cpt_run_id, selection_id, config, status, log_dir) VALUES (?, ?, ?, ?, ?)",
-            [run_id, selection_id, json.dumps(config), ACTIVE, str(rdir)],
+            "INSERT INTO cpt_runs (cpt_run_id, selection_id, config, status, log_dir) "
+            "VALUES (?, ?, '{}', ?, ?)",
+            [run_id, selection_id, "preparing", str(rdir)],
         )
+    rdir.mkdir(parents=True, exist_ok=False)
+    try:  # nothing of a run that never started stays behind
+        if selection_id is not None:
+            csv_path, sep, csv_img_key, csv_caption_key = _export(ws, selection_id, rdir / "train.csv")
+            df = read_train_csv(csv_path, sep, csv_img_key, csv_caption_key)
+
+        if nproc_per_node is None:
+            import torch
+
+            nproc_per_node = torch.cuda.device_count() if device == "cuda" else 1
+        world = max(1, nproc_per_node)
+        precision = precision or ("amp" if device.startswith("cuda") else "fp32")
+        model_flags, model_info = _model_args(model, pretrained, rdir / "model")
+        # fmt: off
+        oc = [
+            "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", sep,
+            "--csv-img-key", csv_img_key, "--csv-caption-key", csv_caption_key,
+            *model_flags, "--logs", str(rdir), "--name", OC_NAME,
+            "--epochs", str(epochs), "--lr", repr(lr), "--beta1", repr(DEFAULTS["beta1"]),
+            "--beta2", repr(DEFAULTS["beta2"]), "--eps", repr(DEFAULTS["eps"]), "--lr-scheduler", "cosine",
+            "--batch-size", str(batch_size), "--precision", precision, "--workers", str(workers),
+            "--seed", str(seed), "--device", device, "--save-frequency", str(save_frequency),
+            "--log-every-n-steps", "1", "--report-to", "",
+        ]
+        # fmt: on
+        try:
+            probe = parse_args([*oc, "--warmup", "0", *extra_args])
+        except SystemExit as exc:
+            raise CPTError(
+                f"open_clip_train rejected the arguments {list(extra_args)}: see the message above"
+            ) from exc
+        steps = _steps_per_epoch(len(df), batch_size, world, probe.accum_freq)
+        if steps < 1:
+            raise CPTError(
+                f"training CSV {csv_path} has {len(df)} rows: fewer than one batch of {batch_size * world} "
+                f"(batch_size x processes); open_clip_train drops the last partial batch"
+            )
+        if warmup is None:
+            warmup = max(1, round(0.1 * steps * epochs))
+        oc += ["--warmup", str(warmup), *extra_args]
+        if world > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "-m"]
+        else:
+            cmd = [sys.executable, "-m"]
+        config = {
+            "model": model, "pretrained": pretrained, "train_csv": str(csv_path), "n_rows": len(df),
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "precision": precision, "warmup": warmup,
+            "workers": workers, "seed": seed, "device": device, "extra_args": list(extra_args),
+            "nproc_per_node": world, "accum_freq": probe.accum_freq, "steps_per_epoch": steps,
+            "total_steps": steps * epochs, "argv": [*cmd, "open_clip_train.main", *oc], "cwd": os.getcwd(),
+            **model_info,
+        }  # fmt: skip
+    except BaseException:
+        shutil.rmtree(rdir, ignore_errors=True)
+        with ws.connect() as con:
+            con.execute("DELETE FROM cpt_runs WHERE cpt_run_id = ?", [run_id])
+        raise
+    with ws.connect() as con:
+        sql = "UPDATE cpt_runs SET config = ?, status = ? WHERE cpt_run_id = ?"
+        con.execute(sql, [json.dumps(config), ACTIVE, run_id])
     _supervise(ws, run_id, config, progress)
     return run_id
 

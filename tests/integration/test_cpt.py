@@ -1,0 +1,190 @@
+"""CPT through real `open_clip_train.main` subprocesses on a tiny random-init model and real images."""
+
+import csv
+import math
+import os
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from chips_core import cpt
+from chips_core.evaluate import evaluate_run
+from chips_core.store import Workspace
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "chips-tiny-vit"  # teammate B's tiny config (chips_core/model_configs), random init
+
+
+def _make_csv(folder, n_rows, name="train.csv"):
+    """`n_rows` pairs from 8 scikit-image pictures x rotations, with label-like captions."""
+    sources = ["retina", "cell", "camera", "coins", "moon", "astronaut", "chelsea", "coffee"]
+    img_dir = folder / "imgs"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_rows):
+        src, rot = sources[i % 8], (i // 8) % 4
+        path = img_dir / f"{src}_{rot}.png"
+        if not path.exists():
+            Image.fromarray(getattr(skimage.data, src)()).convert("RGB").resize((64, 64)).rotate(
+                90 * rot
+            ).save(path)
+        rows.append([str(path), f"a picture of {src}, rotated {90 * rot} degrees", src])
+    out = folder / name
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "label"])
+        w.writerows(rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ws_csv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpt")
+    return Workspace.init(root / "ws"), _make_csv(root, 32)
+
+
+def _progress(ws, run_id):
+    with ws.connect(read_only=True) as con:
+        return con.execute(
+            "SELECT step, epoch, loss, lr, samples_per_s FROM cpt_progress "
+            "WHERE cpt_run_id = ? ORDER BY step",
+            [run_id],
+        ).fetchall()
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_train_records_progress_checkpoint_and_evaluates(ws_csv):
+    ws, train_csv = ws_csv
+    seen = []
+    run_id = cpt.train(
+        ws,
+        train_csv,
+        MODEL,
+        epochs=2,
+        lr=1e-3,
+        batch_size=8,
+        warmup=2,
+        workers=0,
+        seed=0,
+        progress=seen.append,
+    )
+    info = cpt.run_config(ws, run_id)
+    assert info["status"] == "finished"
+    rows = _progress(ws, run_id)
+    assert [r[0] for r in rows] == list(range(8)) == [r["step"] for r in seen]
+    assert [r[1] for r in rows] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
+    # the exact cosine schedule with 2 warm-up steps over 8 steps (open_clip_train.scheduler.cosine_lr)
+    expect = [
+        1e-3 * (s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) * 1e-3 for s in range(8)
+    ]
+    assert [r[3] for r in rows] == pytest.approx(expect)
+    assert all(math.isfinite(r[2]) and r[2] > 0 and r[4] > 0 for r in rows)
+    # the checkpoint, its sidecar, and the recorded paper defaults
+    ck = cpt.checkpoints(ws, run_id)
+    assert [p.name for p in ck] == ["epoch_1.pt", "epoch_2.pt"] and info["checkpoint"] == str(ck[-1])
+    assert (ck[-1].parent / "epoch_2.pt.json").is_file()
+    assert _state(ck[-1])["epoch"] == 2
+    argv = info["config"]["argv"]
+    for flag, value in (
+        ("--beta1", "0.9"),
+        ("--beta2", "0.98"),
+        ("--eps", "1e-06"),
+        ("--lr-scheduler", "cosine"),
+    ):
+        assert argv[argv.index(flag) + 1] == value
+    # the trained weights moved away from the seeded random init they started from
+    start = _state(ck[0])["state_dict"]["visual.proj"]
+    assert not torch.equal(start, _state(ck[-1])["state_dict"]["visual.proj"])
+    metrics = evaluate_run(ws, run_id, train_csv, templates=("a picture of {label}.",))
+    assert metrics["n_pairs"] == 32 and metrics["n_classes"] == 8
+    assert 0.0 <= metrics["i2t_R@1"] <= metrics["i2t_R@5"] <= metrics["i2t_R@10"] <= 1.0
+    with ws.connect(read_only=True) as con:
+        n = con.execute("SELECT count(*) FROM eval_results WHERE cpt_run_id = ?", [run_id]).fetchone()[0]
+    assert n == len(metrics)
+
+
+def test_start_from_checkpoint_loads_its_weights(ws_csv):
+    """lr = 0 leaves the weights untouched: the result equals the starting checkpoint, not a fresh init."""
+    ws, train_csv = ws_csv
+    with ws.connect(read_only=True) as con:
+        start = con.execute("SELECT min(checkpoint) FROM cpt_runs WHERE status = 'finished'").fetchone()[0]
+    assert start is not None, "runs after test_train_records_progress_checkpoint_and_evaluates"
+    kw = {"epochs": 1, "lr": 0.0, "batch_size": 8, "warmup": 1, "workers": 0, "seed": 2}
+    second = cpt.train(ws, train_csv, MODEL, start, **kw)
+    end = _state(cpt.run_config(ws, second)["checkpoint"])
+    assert end["epoch"] == 1  # a fresh schedule and optimizer, not a resumed one
+    before = _state(start)["state_dict"]
+    assert before.keys() == end["state_dict"].keys()
+    assert all(torch.equal(before[k], end["state_dict"][k]) for k in before)
+
+
+def test_cancel_then_resume_finishes(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    train_csv = _make_csv(tmp_path, 64)  # batch 4 -> 16 steps per epoch, 3 epochs
+    cancelled = []
+
+    def stop_in_epoch_two(row):
+        if row["epoch"] > 1.1 and not cancelled:
+            with ws.connect(read_only=True) as con:
+                run_id = con.execute("SELECT max(cpt_run_id) FROM cpt_runs").fetchone()[0]
+            cancelled.append(cpt.cancel(ws, run_id, grace_s=5))
+
+    run_id = cpt.train(
+        ws, train_csv, MODEL, epochs=3, lr=1e-3, batch_size=4, warmup=2, workers=0, progress=stop_in_epoch_two
+    )
+    assert cancelled == [True]
+    assert cpt.status(ws, run_id) == "cancelled"
+    assert [p.name for p in cpt.checkpoints(ws, run_id)] == ["epoch_1.pt"]
+    pid = int((cpt.run_dir(ws, run_id) / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    assert not cpt.cancel(ws, run_id)  # not running any more
+    steps_before = {r[0] for r in _progress(ws, run_id)}
+    assert 16 < max(steps_before) < 47
+
+    cpt.resume(ws, run_id)
+    info = cpt.run_config(ws, run_id)
+    assert info["status"] == "finished" and info["checkpoint"].endswith("epoch_3.pt")
+    log = (cpt.run_dir(ws, run_id) / "train.log").read_text()
+    assert "resuming checkpoint" in log and "(epoch 1)" in log
+    assert [r[0] for r in _progress(ws, run_id)] == list(range(48))
+    with pytest.raises(cpt.CPTError, match="already finished"):
+        cpt.resume(ws, run_id)
+
+
+def test_bad_inputs_are_named(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    good = _make_csv(tmp_path, 8)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,title\nx.png,a caption\n")
+    with pytest.raises(cpt.CPTError, match="bad.csv has no column 'filepath'"):
+        cpt.train(ws, bad, MODEL)
+    missing = tmp_path / "missing.csv"
+    missing.write_text(f"filepath,title\n{tmp_path / 'nope.png'},a caption\n")
+    with pytest.raises(cpt.CPTError, match="row 2: image file not found"):
+        cpt.train(ws, missing, MODEL)
+    with pytest.raises(cpt.CPTError, match="fewer than one batch"):
+        cpt.train(ws, good, MODEL, batch_size=16)
+    with pytest.raises(cpt.CPTError, match="unknown open_clip model"):
+        cpt.train(ws, good, "no-such-model", batch_size=4)
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM cpt_runs").fetchone()[0] == 0
+    assert list((ws.root / "cpt").iterdir()) == []
+
+
+def test_training_failure_is_recorded_with_log_tail(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    train_csv = _make_csv(tmp_path, 8)
+    broken = tmp_path / "imgs" / "retina_0.png"
+    broken.write_bytes(b"")  # exists (passes the up-front check) but PIL cannot open it
+    with pytest.raises(cpt.CPTError, match="failed .exit code 1.*\n.*") as err:
+        cpt.train(ws, train_csv, MODEL, epochs=1, batch_size=4, workers=0)
+    assert "UnidentifiedImageError" in str(err.value)
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT status FROM cpt_runs").fetchone()[0] == "failed"
