@@ -13,13 +13,14 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
 
 from chips_core import pools_dicom
-from chips_core.pools import REASONS, Checked, PoolError, check_record
+from chips_core.pools import REASONS, Checked, PoolError, Record, check_record
 from chips_core.pools_readers import (
     FORMATS,
     ReaderOptions,
@@ -315,24 +316,19 @@ def ingest(
         return summary
     records = (r for r in iter_records(src, fmt, opts) if r.index >= start)
     total = count_records(src, fmt, opts)
-    n_workers = min(8, os.cpu_count() or 1) if workers is None else max(0, int(workers))
-    executor = ProcessPoolExecutor(n_workers, mp_context=_mp_context()) if n_workers else None
+    checker = _Checker(min(8, os.cpu_count() or 1) if workers is None else max(0, int(workers)))
     n_checked = 0
     try:
-        pending: tuple[Iterator[Checked], int, int] | None = None
+        pending: tuple | None = None
         for chunk in _chunks(records, chunk_size):
-            if executor is not None:  # submit this chunk before writing the previous one (overlap)
-                results = executor.map(check_record, chunk, chunksize=max(1, len(chunk) // (4 * n_workers)))
-            else:
-                results = map(check_record, chunk)
+            submitted = checker.submit(chunk)  # this chunk is checked while the previous one is written
             if pending is not None:
-                n_checked += _flush(ws, pool_id, options, pending, total, progress)
-            pending = (results, chunk[0].index, chunk[-1].index + 1)
+                n_checked += _flush(ws, pool_id, options, checker, pending, total, progress)
+            pending = (chunk, submitted)
         if pending is not None:
-            n_checked += _flush(ws, pool_id, options, pending, total, progress)
+            n_checked += _flush(ws, pool_id, options, checker, pending, total, progress)
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        checker.close()
     with ws.connect() as con:
         con.execute("UPDATE pools SET status = 'ready' WHERE pool_id = ?", [pool_id])
     summary = pool_summary(ws, name)
@@ -350,11 +346,83 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 
 
 def _flush(
-    ws: Workspace, pool_id: int, options: dict, pending: tuple, total: int | None, progress: ProgressFn | None
+    ws: Workspace,
+    pool_id: int,
+    options: dict,
+    checker: _Checker,
+    pending: tuple,
+    total: int | None,
+    progress: ProgressFn | None,
 ) -> int:
-    results, start, next_row = pending
-    results = list(results)
-    _write_chunk(ws, pool_id, options, results, start, next_row)
+    chunk, submitted = pending
+    results = checker.collect(chunk, submitted)
+    next_row = chunk[-1].index + 1
+    _write_chunk(ws, pool_id, options, results, chunk[0].index, next_row)
     if progress is not None:
         progress(next_row, total)
     return len(results)
+
+
+class _Checker:
+    """`check_record` over chunks in a process pool that survives dying workers (OOM killer, a decoder
+    crash): a broken chunk is resubmitted to a fresh pool once, then checked one record per process, and
+    a record that still kills its process is rejected as 'worker_crash'. workers=0 checks in-process."""
+
+    def __init__(self, n_workers: int) -> None:
+        self.n_workers = n_workers
+        self.generation = 0
+        self.executor = self._new()
+
+    def _new(self) -> ProcessPoolExecutor | None:
+        return ProcessPoolExecutor(self.n_workers, mp_context=_mp_context()) if self.n_workers else None
+
+    def submit(self, chunk: list[Record]) -> tuple[int, Iterator[Checked]]:
+        if self.executor is None:
+            return self.generation, map(check_record, chunk)
+        size = max(1, len(chunk) // (4 * self.n_workers))
+        try:
+            return self.generation, self.executor.map(check_record, chunk, chunksize=size)
+        except BrokenProcessPool:  # a worker died after the previous chunk finished
+            self._restart()
+            return self.generation, self.executor.map(check_record, chunk, chunksize=size)
+
+    def collect(self, chunk: list[Record], submitted: tuple[int, Iterator[Checked]]) -> list[Checked]:
+        generation, results = submitted
+        for attempt in range(2):
+            try:
+                return list(results)
+            except BrokenProcessPool:
+                if generation == self.generation:
+                    self._restart()
+                if attempt == 0:
+                    generation, results = self.submit(chunk)
+        return [self._isolated(rec) for rec in chunk]
+
+    def _restart(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = self._new()
+        self.generation += 1
+
+    @staticmethod
+    def _isolated(rec: Record) -> Checked:
+        with ProcessPoolExecutor(1, mp_context=_mp_context()) as one:
+            try:
+                return one.submit(check_record, rec).result()
+            except BrokenProcessPool:
+                detail = (
+                    f"{rec.source_ref}: the checking process died on this record (crash or out of memory)"
+                )
+                return Checked(
+                    rec.index,
+                    rec.source_ref,
+                    rec.image_ref,
+                    rec.caption,
+                    rec.label,
+                    reason="worker_crash",
+                    detail=detail,
+                )
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)

@@ -35,6 +35,7 @@ REASONS: dict[str, str] = {
     "empty_caption": "the caption is empty or whitespace only",
     "undecodable_caption": "the caption bytes are not valid UTF-8",
     "bad_metadata": "a WebDataset sample's json member is not valid JSON",
+    "worker_crash": "the process checking this record died on it (a decoder crash, out of memory)",
     "duplicate_pair": "the same image bytes with the same caption already appear earlier in the pool",
 }
 

@@ -2,6 +2,7 @@
 idempotence, a SIGKILLed run resumed, and a read-only reader process working while ingest writes."""
 
 import io
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -278,3 +279,20 @@ def test_progress_reports_totals_and_a_concurrent_writer_is_refused(ws, tmp_path
     with pytest.raises(PoolError, match="another process"):
         ingest(ws, "q", manifest, workers=0, chunk_size=3, progress=other_process_advances)
     assert len(_pairs(ws, "q")) == 3  # the first chunk stays; the conflicting one was rolled back
+
+
+def test_killed_worker_processes_are_replaced_without_loss(ws, tmp_path):
+    manifest = _bigger_bad_pool(tmp_path)
+    ingest(ws, "reference", manifest, workers=0)
+    killed = []
+
+    def kill_workers(done, total):  # what the OOM killer or a crashing decoder does to a worker
+        if len(killed) < 2:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+
+    summary = ingest(ws, "p", manifest, workers=2, chunk_size=8, progress=kill_workers)
+    assert len(killed) >= 2 and summary.n_checked == 78
+    assert [r[:5] for r in _pairs(ws, "p")] == [r[:5] for r in _pairs(ws, "reference")]
+    assert _rejects(ws, "p") == _rejects(ws, "reference")
