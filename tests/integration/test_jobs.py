@@ -1,0 +1,108 @@
+"""Background jobs as real detached `chips` subprocesses.
+
+Progress and end state in the workspace, one-line failures, cancellation of the process group, crashed
+jobs reported as failed, and jobs that outlive the process that launched them.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from chips_core import jobs
+from chips_core.store import Workspace
+from tests.fixtures_build import make_csv_pool
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_job_runs_to_done_with_progress_and_log(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    manifest = make_csv_pool(tmp_path, n=12)
+    job = jobs.launch(ws, "ingest", ["ingest", str(ws.root), "pool", str(manifest), "--workers", "0"])
+    info = jobs.wait(ws, job, timeout_s=120)
+    assert info.status == "done", jobs.read_log(ws, job)
+    assert info.progress == 1.0 and info.finished_at is not None
+    assert info.args[:3] == ["ingest", str(ws.root), "pool"]
+    assert "12 pairs, 0 rejected" in jobs.read_log(ws, job)
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM pairs").fetchone()[0] == 12
+
+
+def test_failed_job_records_one_line_reason(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHIPS_DEBUG", raising=False)
+    ws = Workspace.init(tmp_path / "ws")
+    job = jobs.launch(ws, "ingest", ["ingest", str(ws.root), "pool", str(tmp_path / "missing.csv")])
+    info = jobs.wait(ws, job, timeout_s=120)
+    assert info.status == "failed"
+    assert "missing.csv" in info.message and "\n" not in info.message
+    assert "Traceback" not in jobs.read_log(ws, job)
+    assert [j.job_id for j in jobs.list_jobs(ws)] == [job]
+    assert jobs.list_jobs(ws, active_only=True) == []
+
+
+def blocked_job(ws, tmp_path):
+    """A job that genuinely blocks: ingest from a named pipe nobody writes to."""
+    fifo = tmp_path / "stream.csv"
+    os.mkfifo(fifo)
+    job = jobs.launch(ws, "ingest", ["ingest", str(ws.root), "stream", str(fifo), "--format", "csv"])
+    wait_for(lambda: jobs.job_status(ws, job).status == "running")
+    return job
+
+
+def test_cancel_terminates_the_process_group(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    job = blocked_job(ws, tmp_path)
+    pid = jobs.job_status(ws, job).pid
+    info = jobs.cancel(ws, job, grace_s=10)
+    assert info.status == "cancelled" and info.finished_at is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    assert jobs.cancel(ws, job).status == "cancelled"  # idempotent
+
+
+def test_crashed_job_is_reported_failed(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    job = blocked_job(ws, tmp_path)
+    pid = jobs.job_status(ws, job).pid
+    os.killpg(pid, signal.SIGKILL)  # no chance to report anything
+    info = wait_for(lambda: (i := jobs.job_status(ws, job)).status != "running" and i)
+    assert info.status == "failed"
+    assert f"process {pid} ended without reporting" in info.message
+
+
+def test_job_outlives_its_launcher(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    manifest = make_csv_pool(tmp_path, n=12)
+    script = textwrap.dedent(
+        f"""
+        from chips_core import jobs
+        from chips_core.store import Workspace
+        print(jobs.launch(Workspace({str(ws.root)!r}), "ingest",
+                          ["ingest", {str(ws.root)!r}, "pool", {str(manifest)!r}, "--workers", "0"]))
+        """
+    )
+    launcher = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    job = int(launcher.stdout.strip())  # the launcher has exited by now
+    info = jobs.wait(ws, job, timeout_s=120)
+    assert info.status == "done", jobs.read_log(ws, job)
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM pairs").fetchone()[0] == 12
