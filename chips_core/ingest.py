@@ -8,19 +8,17 @@ resumes on re-run with nothing lost and nothing duplicated, and a dashboard can 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
 
 from chips_core import pools_dicom
-from chips_core.pools import REASONS, Checked, PoolError, Record, check_record
+from chips_core.pools import REASONS, Checked, PoolError
+from chips_core.pools_parallel import Checker
 from chips_core.pools_readers import (
     FORMATS,
     ReaderOptions,
@@ -316,7 +314,7 @@ def ingest(
         return summary
     records = (r for r in iter_records(src, fmt, opts) if r.index >= start)
     total = count_records(src, fmt, opts)
-    checker = _Checker(min(8, os.cpu_count() or 1) if workers is None else max(0, int(workers)))
+    checker = Checker(min(8, os.cpu_count() or 1) if workers is None else max(0, int(workers)))
     n_checked = 0
     try:
         pending: tuple | None = None
@@ -336,20 +334,11 @@ def ingest(
     return summary
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """'fork' where available: workers start fast and never re-import the caller's __main__ (a Streamlit
-    script, stdin); they only decode images and leave with os._exit, so inherited DuckDB handles stay
-    untouched."""
-    if "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context()
-
-
 def _flush(
     ws: Workspace,
     pool_id: int,
     options: dict,
-    checker: _Checker,
+    checker: Checker,
     pending: tuple,
     total: int | None,
     progress: ProgressFn | None,
@@ -361,68 +350,3 @@ def _flush(
     if progress is not None:
         progress(next_row, total)
     return len(results)
-
-
-class _Checker:
-    """`check_record` over chunks in a process pool that survives dying workers (OOM killer, a decoder
-    crash): a broken chunk is resubmitted to a fresh pool once, then checked one record per process, and
-    a record that still kills its process is rejected as 'worker_crash'. workers=0 checks in-process."""
-
-    def __init__(self, n_workers: int) -> None:
-        self.n_workers = n_workers
-        self.generation = 0
-        self.executor = self._new()
-
-    def _new(self) -> ProcessPoolExecutor | None:
-        return ProcessPoolExecutor(self.n_workers, mp_context=_mp_context()) if self.n_workers else None
-
-    def submit(self, chunk: list[Record]) -> tuple[int, Iterator[Checked]]:
-        if self.executor is None:
-            return self.generation, map(check_record, chunk)
-        size = max(1, len(chunk) // (4 * self.n_workers))
-        try:
-            return self.generation, self.executor.map(check_record, chunk, chunksize=size)
-        except BrokenProcessPool:  # a worker died after the previous chunk finished
-            self._restart()
-            return self.generation, self.executor.map(check_record, chunk, chunksize=size)
-
-    def collect(self, chunk: list[Record], submitted: tuple[int, Iterator[Checked]]) -> list[Checked]:
-        generation, results = submitted
-        for attempt in range(2):
-            try:
-                return list(results)
-            except BrokenProcessPool:
-                if generation == self.generation:
-                    self._restart()
-                if attempt == 0:
-                    generation, results = self.submit(chunk)
-        return [self._isolated(rec) for rec in chunk]
-
-    def _restart(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-        self.executor = self._new()
-        self.generation += 1
-
-    @staticmethod
-    def _isolated(rec: Record) -> Checked:
-        with ProcessPoolExecutor(1, mp_context=_mp_context()) as one:
-            try:
-                return one.submit(check_record, rec).result()
-            except BrokenProcessPool:
-                detail = (
-                    f"{rec.source_ref}: the checking process died on this record (crash or out of memory)"
-                )
-                return Checked(
-                    rec.index,
-                    rec.source_ref,
-                    rec.image_ref,
-                    rec.caption,
-                    rec.label,
-                    reason="worker_crash",
-                    detail=detail,
-                )
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,32 @@ def decode_caption_bytes(data: bytes) -> tuple[str | None, tuple[str, str] | Non
             f"caption bytes are not valid UTF-8 ({exc.reason} at byte {exc.start})",
         )
     return text.strip(), None
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How to read a source; part of a pool's identity (re-ingesting with other options is refused)."""
+
+    image_col: str = "filepath"
+    caption_col: str = "title"
+    label_col: str | None = None
+    sep: str | None = None
+    caption_template: str | None = None
+    json_caption_key: str = "caption"
+
+
+def is_brace_pattern(source: str) -> bool:
+    """True for a WebDataset brace pattern such as 'shards/part-{000..009}.tar'."""
+    return "{" in source and "}" in source
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Files under root in a deterministic (sorted) order, hidden files skipped."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
 
 
 # --- reading image bytes --------------------------------------------------------------------------------

@@ -1,46 +1,34 @@
 """Readers: turn a source into `Record`s in a deterministic order (the order is the resume key).
 
 Formats: 'csv' / 'tsv' / 'parquet' manifests (open_clip's `filepath` / `title` columns by default),
-'folder' (images with caption sidecars x.jpg + x.txt), 'wds' (WebDataset .tar shards: a file, a folder
-or a brace pattern), 'dicom' (DICOM files, caption from a template over tags). Readers only list and read
-captions; images are read and checked later by `pools.check_record` in worker processes.
+'folder' (images with caption sidecars x.jpg + x.txt), 'wds' (WebDataset .tar shards, see `pools_wds`),
+'dicom' (DICOM files, caption from a template over tags). Readers only list files and read captions;
+images are read and checked later by `pools.check_record` in worker processes.
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import os
-import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from chips_core import pools_dicom
-from chips_core.pools import IMAGE_EXTS, TAR_SEP, PoolError, Record, decode_caption_bytes, resolve_ref
+from chips_core.pools import (
+    IMAGE_EXTS,
+    PoolError,
+    ReaderOptions,
+    Record,
+    decode_caption_bytes,
+    is_brace_pattern,
+    resolve_ref,
+    walk_files,
+)
+from chips_core.pools_wds import read_wds
 
 FORMATS = ("csv", "tsv", "parquet", "folder", "wds", "dicom")
 _DICOM_EXTS = (".dcm", ".dicom")
-_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "dcm")
 _CSV_SEPS = (",", "\t", ";", "|")
 _BATCH = 8192
-
-
-@dataclass(frozen=True)
-class ReaderOptions:
-    """How to read a source; part of a pool's identity (re-ingesting with other options is refused)."""
-
-    image_col: str = "filepath"
-    caption_col: str = "title"
-    label_col: str | None = None
-    sep: str | None = None
-    caption_template: str | None = None
-    json_caption_key: str = "caption"
-
-
-def is_brace_pattern(source: str) -> bool:
-    """True for a WebDataset brace pattern such as 'shards/part-{000..009}.tar'."""
-    return "{" in source and "}" in source
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -49,15 +37,6 @@ def _has_dicom_magic(path: Path) -> bool:
             return f.read(132)[128:132] == b"DICM"
     except OSError:
         return False
-
-
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under root in a deterministic (sorted) order, hidden files skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
 
 
 def detect_format(source: str) -> str:
@@ -80,7 +59,7 @@ def detect_format(source: str) -> str:
         if suffix in _DICOM_EXTS or _has_dicom_magic(path):
             return "dicom"
         raise PoolError(f"cannot tell the format of {source}: give fmt= (one of {', '.join(FORMATS)})")
-    files = [p for p, _ in zip(_walk(path), range(10000), strict=False)]
+    files = [p for p, _ in zip(walk_files(path), range(10000), strict=False)]
     if any(p.suffix.lower() == ".tar" for p in files):
         return "wds"
     if any(p.suffix.lower() == ".txt" for p in files):
@@ -230,7 +209,7 @@ def read_parquet_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
 def read_folder(root: Path, opts: ReaderOptions) -> Iterator[Record]:
     """Images with caption sidecars (x.jpg + x.txt); a DICOM without a sidecar uses the caption template."""
     i = 0
-    for path in _walk(root):
+    for path in walk_files(root):
         suffix = path.suffix.lower()
         if suffix not in IMAGE_EXTS and suffix not in _DICOM_EXTS:
             continue
@@ -255,115 +234,11 @@ def read_folder(root: Path, opts: ReaderOptions) -> Iterator[Record]:
 def read_dicom(source: Path, opts: ReaderOptions) -> Iterator[Record]:
     """DICOM files (a file or a folder; by extension or 'DICM' magic), captions from a tag template."""
     template = opts.caption_template or pools_dicom.DEFAULT_TEMPLATE
-    paths = [source] if source.is_file() else _walk(source)
+    paths = [source] if source.is_file() else walk_files(source)
     i = 0
     for path in paths:
         if path.suffix.lower() in _DICOM_EXTS or _has_dicom_magic(path):
             yield Record(i, str(path), str(path), None, caption_template=template)
-            i += 1
-
-
-# --- WebDataset ----------------------------------------------------------------------------------------
-
-
-def wds_shards(source: str) -> list[str]:
-    """Absolute shard paths of a .tar file, a folder of shards, or a brace pattern (in order)."""
-    if is_brace_pattern(source):
-        from braceexpand import braceexpand
-
-        return [os.path.abspath(p) for p in braceexpand(source)]
-    path = Path(source)
-    if path.is_dir():
-        return [str(p.absolute()) for p in _walk(path) if p.suffix.lower() == ".tar"]
-    return [str(path.absolute())]
-
-
-def _split_key(name: str) -> tuple[str, str] | None:
-    """WebDataset's rule: key = path up to the basename's first '.', extension = the rest (lowercased)."""
-    head, _, base = name.rpartition("/")
-    if "." not in base.lstrip("."):
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def _wds_sample(
-    i: int, shard: str, tf: tarfile.TarFile, key: str, members: dict, opts: ReaderOptions
-) -> Record:
-    ref = f"{shard}{TAR_SEP}{key}"
-    image_ext = next((e for e in _WDS_IMAGE_EXTS if e in members), None)
-    caption: str | None = None
-    label: str | None = None
-    bad: tuple[str, str] | None = None
-    meta = None
-    if "json" in members:
-        raw = tf.extractfile(members["json"]).read()
-        try:
-            meta = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            bad = ("undecodable_caption", f"{ref}: json member is not valid UTF-8")
-        except json.JSONDecodeError as exc:
-            bad = ("bad_metadata", f"{ref}: json member is not valid JSON ({exc})")
-    if bad is None:
-        for ext in ("txt", "caption"):
-            if ext in members:
-                caption, bad = decode_caption_bytes(tf.extractfile(members[ext]).read())
-                break
-        else:
-            if isinstance(meta, dict) and meta.get(opts.json_caption_key) is not None:
-                caption = str(meta[opts.json_caption_key])
-    if opts.label_col and isinstance(meta, dict) and meta.get(opts.label_col) is not None:
-        label = str(meta[opts.label_col])
-    elif "cls" in members:
-        label = tf.extractfile(members["cls"]).read().decode("utf-8", "replace").strip() or None
-    if image_ext is None:
-        image_ref = ref
-        bad = bad or (
-            "missing_file",
-            f"{ref}: sample has no image member (one of {', '.join(_WDS_IMAGE_EXTS)})",
-        )
-        return Record(i, ref, image_ref, caption, label, reject=bad)
-    m = members[image_ext]
-    image_ref = f"{shard}{TAR_SEP}{m.name}"
-    if bad is None and caption is None:
-        bad = ("missing_caption", f"{ref}: no txt member and no json key {opts.json_caption_key!r}")
-    if bad is not None:
-        return Record(i, ref, image_ref, caption, label, reject=bad)
-    return Record(i, ref, image_ref, caption, label, byte_range=(m.offset_data, m.size))
-
-
-def read_wds(source: str, opts: ReaderOptions) -> Iterator[Record]:
-    """Samples of WebDataset shards (consecutive members sharing a key); a broken shard is one reject."""
-    i = 0
-    for shard in wds_shards(source):
-        if not os.path.exists(shard):
-            yield Record(i, shard, shard, None, reject=("missing_file", f"{shard}: shard not found"))
-            i += 1
-            continue
-        try:
-            with tarfile.open(shard, mode="r:") as tf:
-                key, members = None, {}
-                for m in tf:
-                    split = _split_key(m.name) if m.isfile() else None
-                    if split is None:
-                        continue
-                    if split[0] != key and members:
-                        yield _wds_sample(i, shard, tf, key, members, opts)
-                        i += 1
-                        members = {}
-                    key = split[0]
-                    members[split[1]] = m
-                if members:
-                    yield _wds_sample(i, shard, tf, key, members, opts)
-                    i += 1
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            yield Record(
-                i,
-                f"{shard}{TAR_SEP}<shard>",
-                shard,
-                None,
-                reject=("unreadable_file", f"{shard}: broken tar shard ({type(exc).__name__}: {exc})"),
-            )
             i += 1
 
 
@@ -405,7 +280,7 @@ def count_records(source: str, fmt: str, opts: ReaderOptions) -> int | None:
             return None
     if fmt == "folder":
         exts = IMAGE_EXTS + _DICOM_EXTS
-        return sum(1 for p in _walk(Path(source)) if p.suffix.lower() in exts)
+        return sum(1 for p in walk_files(Path(source)) if p.suffix.lower() in exts)
     if fmt == "dicom":
         return sum(1 for _ in read_dicom(Path(source), opts))
     return None

@@ -24,7 +24,8 @@ from pydicom.data import get_testdata_file
 
 from chips_core import pools, pools_dicom
 from chips_core.pools import ImageLoadError, PoolError, Record, check_record, load_image, pair_id
-from chips_core.pools_readers import ReaderOptions, detect_format, iter_records, wds_shards
+from chips_core.pools_readers import ReaderOptions, detect_format, iter_records
+from chips_core.pools_wds import wds_shards
 
 pytestmark = pytest.mark.unit
 
