@@ -33,6 +33,7 @@ class Checker:
         return ProcessPoolExecutor(self.n_workers, mp_context=mp_context()) if self.n_workers else None
 
     def submit(self, chunk: list[Record]) -> tuple[int, Iterator[Checked]]:
+        """Start checking a chunk; returns (pool generation, lazy results) for `collect`."""
         if self.executor is None:
             return self.generation, map(check_record, chunk)
         size = max(1, len(chunk) // (4 * self.n_workers))
@@ -43,6 +44,7 @@ class Checker:
             return self.generation, self.executor.map(check_record, chunk, chunksize=size)
 
     def collect(self, chunk: list[Record], submitted: tuple[int, Iterator[Checked]]) -> list[Checked]:
+        """The chunk's results in record order, rechecking it if its pool broke meanwhile."""
         generation, results = submitted
         for attempt in range(2):
             try:
@@ -80,5 +82,6 @@ class Checker:
                 )
 
     def close(self) -> None:
+        """Stop the worker processes."""
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
