@@ -1,0 +1,345 @@
+"""ScoringCache and rank: CHIPS and every baseline/ablation from a prepared cache, no model (METHOD.md §4–7).
+
+rank solves a k×k system (Cholesky), multiplies the memory-mapped fp16 sketch prefix by the solution,
+applies the weights and sorts: milliseconds per 10⁵ pairs. Scaling of the stored unscaled sketch at a
+prefix of k rows: vectors /√k, matrices /k (METHOD.md §5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from chips_core.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
+from chips_core.prepare import (
+    AUX_COLUMNS,
+    ArrayFeatures,
+    FeatureSource,
+    PrepareConfig,
+    PrepareError,
+    PrepareProgress,
+    ZeroShotEval,
+    prepare,
+)
+from chips_core.weights import learnability, relevance
+
+__all__ = [
+    "ArrayFeatures",
+    "FeatureSource",
+    "METHODS",
+    "PrepareConfig",
+    "PrepareError",
+    "PrepareProgress",
+    "RankResult",
+    "ScoringCache",
+    "ZeroShotEval",
+    "prepare",
+    "rank",
+    "rank_exact",
+]
+
+METHODS = ("chips", "random", "clipscore", "dot", "tracin", "trak")
+STABILITY_ROWS = 100_000
+
+
+class ScoringCache:
+    """A finished prepare, memory-mapped: sketched gradients, curvature, ũ and the weights' ingredients."""
+
+    def __init__(self, root: Path, record: dict, meta: dict) -> None:
+        self.root, self.record, self.meta = root, record, meta
+        self.config = PrepareConfig(**record["config"])
+        ev = np.load(root / "eval.npz")
+        self.u = ev["u_sketch"]
+        self.u_full = ev["u_full"]
+        self.n_eval = int(ev["n_eval"])
+        self.G: list[np.ndarray] = []
+        self.scales: list[np.ndarray] = []
+        aux, ids = [], []
+        pos = np.zeros((self.k_max, self.k_max))
+        neg = np.zeros_like(pos)
+        n_curv = 0
+        for c in range(meta["n_chunks"]):
+            d = root / f"chunk-{c:05d}"
+            self.G.append(np.load(d / "G.npy", mmap_mode="c"))
+            self.scales.append(np.load(d / "scale.npy"))
+            aux.append(np.load(d / "aux.npy"))
+            ids.append(np.load(d / "ids.npy"))
+            if (d / "curv.npz").exists():
+                cv = np.load(d / "curv.npz")
+                pos += cv["pos"]
+                neg += cv["neg"]
+                n_curv += int(cv["n"])
+        self.aux = np.concatenate(aux)
+        self.pair_ids = np.concatenate(ids)
+        self.phi_pos, self.phi_neg = pos / n_curv, neg / n_curv
+        self.n_curvature = n_curv
+        self._eig: dict[tuple, np.ndarray] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScoringCache:
+        """Open a finished cache folder (one with meta.json)."""
+        root = Path(path)
+        if not (root / "meta.json").exists():
+            raise PrepareError(
+                f"{root} is not a finished scoring cache (no meta.json); run or resume prepare"
+            )
+        return cls(
+            root, json.loads((root / "config.json").read_text()), json.loads((root / "meta.json").read_text())
+        )
+
+    @property
+    def k_max(self) -> int:
+        return int(self.record["config"]["k_max"])
+
+    @property
+    def n(self) -> int:
+        return int(self.record["n_pairs"])
+
+    def column(self, name: str) -> np.ndarray:
+        """One of AUX_COLUMNS for every pair, in cache order."""
+        return self.aux[:, AUX_COLUMNS.index(name)]
+
+    def project(self, x: np.ndarray, start: int = 0, max_rows: int | None = None) -> np.ndarray:
+        """G[:, start:start+len(x)] @ x over the unscaled stored sketch (float64), first `max_rows` rows."""
+        k = len(x)
+        cb = self.meta["col_block"]
+        out = []
+        rows_left = self.n if max_rows is None else max_rows
+        for G, sc in zip(self.G, self.scales, strict=True):
+            if rows_left <= 0:
+                break
+            n_c = min(G.shape[1], rows_left)
+            acc = np.zeros(n_c, np.float64)
+            for j in range(start // cb, -(-(start + k) // cb)):
+                lo, hi = max(start, j * cb), min(start + k, (j + 1) * cb)
+                xj = x[lo - start : hi - start]
+                m = float(np.abs(xj).max())
+                if m == 0:
+                    continue
+                xt = torch.from_numpy((xj / m).astype(np.float16))
+                blk = torch.from_numpy(G[j, :n_c, lo - j * cb : hi - j * cb])
+                acc += (blk @ xt).numpy().astype(np.float64) * (sc[j, :n_c] * m)
+            out.append(acc)
+            rows_left -= n_c
+        return np.concatenate(out)
+
+    def system(self, k: int, alpha: float, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(C̃(α), ũ, eigenvalues of C̃) at sketch rows [start, start+k), scaled."""
+        sl = slice(start, start + k)
+        C = combine(self.phi_pos[sl, sl], self.phi_neg[sl, sl], alpha) / k
+        key = (k, float(alpha), start)
+        if key not in self._eig:
+            self._eig[key] = eigenvalues(C)
+        return C, self.u[sl] / math.sqrt(k), self._eig[key]
+
+
+@dataclass
+class RankResult:
+    """Per-pair table (pair_id, alignment, learnability, relevance, score, rank, selected) and run info."""
+
+    frame: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+
+def _check_k(cache: ScoringCache, k: int | None) -> int:
+    k = cache.k_max // 2 if k is None else int(k)
+    if not 1 <= k <= cache.k_max:
+        raise ValueError(f"k must lie in [1, k_max={cache.k_max}], got {k}")
+    return max(k, 1)
+
+
+def _newton_alignment(
+    cache: ScoringCache, k: int, alpha: float, lam: float | None, start: int = 0, max_rows: int | None = None
+) -> tuple[np.ndarray, dict]:
+    C, u, eigs = cache.system(k, alpha, start)
+    lam_s = lambda_star(eigs, k / 4)
+    lam_used = lam_s if lam is None else float(lam)
+    if lam_used <= 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    x = newton_solve(C, u, lam_used)
+    A = cache.project(x, start, max_rows) / math.sqrt(k)
+    return A, {"lam": lam_used, "lam_star": lam_s, "d_over_k": effective_dimension(eigs, lam_used) / k}
+
+
+def _stability(cache: ScoringCache, A: np.ndarray, k: int, alpha: float, lam: float) -> tuple[float, int]:
+    """Spearman between scores from sketch rows [0, k) and [k, 2k) on the first rows (a random subsample)."""
+    if 2 * k > cache.k_max:
+        return float("nan"), 0
+    m = min(cache.n, STABILITY_ROWS)
+    A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m)
+    return float(spearmanr(A[:m], A2).statistic), m
+
+
+def _rank_normalize(a: np.ndarray) -> np.ndarray:
+    r = np.empty(len(a))
+    r[np.argsort(a, kind="stable")] = np.arange(1, len(a) + 1)
+    return r / len(a)
+
+
+def _table(ids: np.ndarray, A: np.ndarray, wl: np.ndarray, wr: np.ndarray, score: np.ndarray, ratio: float):
+    n = len(ids)
+    order = np.argsort(-score, kind="stable")
+    rank_ = np.empty(n, np.int64)
+    rank_[order] = np.arange(1, n + 1)
+    n_sel = int(math.ceil(ratio * n))
+    frame = pd.DataFrame(
+        {
+            "pair_id": ids,
+            "alignment": A,
+            "learnability": wl,
+            "relevance": wr,
+            "score": score,
+            "rank": rank_,
+            "selected": rank_ <= n_sel,
+        }
+    )
+    return frame, n_sel
+
+
+def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tuple[np.ndarray, np.ndarray]:
+    one = np.ones(cache.n)
+    wl = learnability(cache.column("one_minus_p"), cache.column("margin")) if use_l else one
+    wr = relevance(cache.column("cos_x"), cache.column("cos_y"), beta) if use_r else one
+    return wl, wr
+
+
+def _finish(cache, A, info, beta, ratio, use_l, use_r, rank_normalized) -> RankResult:
+    wl, wr = _weights(cache, beta, use_l, use_r)
+    base = _rank_normalize(A) if rank_normalized else A
+    frame, n_sel = _table(cache.pair_ids, A, wl, wr, base * wl * wr, ratio)
+    info.update(frac_positive=float(np.mean(A > 0)), n_selected=n_sel, n=cache.n)
+    return RankResult(frame, info)
+
+
+def rank(
+    cache: ScoringCache,
+    method: str = "chips",
+    alpha: float = 0.7,
+    lam: float | None = None,
+    k: int | None = None,
+    beta: float = 0.5,
+    ratio: float = 0.3,
+    seed: int = 0,
+    use_learnability: bool = True,
+    use_relevance: bool = True,
+    rank_normalized: bool = False,
+    checkpoints: list[tuple[ScoringCache, float]] | None = None,
+) -> RankResult:
+    """Rank every pair of the cache's pool by `method`; keep the top ceil(ratio·N) (`selected`).
+
+    chips: Â = g̃·(C̃(α) + λI)⁻¹ũ at sketch prefix k (λ = λ* with d(λ*) = k/4 unless given), times
+    w_L and w_R (each switchable; rank_normalized replaces Â by its rank in (0, 1]). Baselines on the
+    same features and batches: random (seeded), clipscore, dot (g̃·ũ), tracin (Σ_c η_c g̃_c·ũ_c over the
+    `checkpoints` caches), trak (α = 0, w_L ≡ w_R ≡ 1). k defaults to k_max/2 so that the ranking
+    stability (Spearman of rows [0, k) vs [k, 2k) of the sketch) is always reported.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
+    k = _check_k(cache, k)
+    info: dict[str, Any] = {
+        "method": method,
+        "k": k,
+        "k_max": cache.k_max,
+        "alpha": alpha,
+        "beta": beta,
+        "ratio": ratio,
+        "lam": None,
+        "lam_star": None,
+        "d_over_k": None,
+        "stability": None,
+    }
+    if method in ("chips", "trak"):
+        a = 0.0 if method == "trak" else alpha
+        A, sys_info = _newton_alignment(cache, k, a, lam)
+        info.update(sys_info, alpha=a)
+        stab, m = _stability(cache, A, k, a, sys_info["lam"])
+        info.update(stability=stab, stability_rows=m)
+        if method == "trak":
+            return _finish(cache, A, info, beta, ratio, False, False, False)
+        return _finish(cache, A, info, beta, ratio, use_learnability, use_relevance, rank_normalized)
+    if method == "random":
+        A = np.random.default_rng(seed).random(cache.n)
+    elif method == "clipscore":
+        A = cache.column("clipscore").copy()
+    elif method == "dot":
+        A = cache.project(cache.u[:k], 0) / k
+    else:  # tracin
+        if not checkpoints:
+            raise ValueError(
+                "tracin needs checkpoints: a list of (ScoringCache, eta) from checkpoint feature runs"
+            )
+        A = np.zeros(cache.n)
+        for other, eta in checkpoints:
+            if other.n != cache.n or not np.array_equal(other.pair_ids, cache.pair_ids):
+                raise ValueError(
+                    f"checkpoint cache {other.root} has other pairs or batches than {cache.root}"
+                )
+            kk = min(k, other.k_max)
+            A += float(eta) * other.project(other.u[:kk], 0) / kk
+    return _finish(cache, A, info, beta, ratio, False, False, False)
+
+
+def rank_exact(
+    cache: ScoringCache,
+    pool: FeatureSource,
+    params: Any,
+    alpha: float = 0.7,
+    lam: float | None = None,
+    k: int | None = None,
+    beta: float = 0.5,
+    ratio: float = 0.3,
+    use_learnability: bool = True,
+    use_relevance: bool = True,
+    rank_normalized: bool = False,
+    tol: float = 1e-8,
+    maxiter: int = 2000,
+) -> RankResult:
+    """CHIPS without a sketch (the paper's "w/o JL"): x = M⁻¹u by CG in the full endpoint space.
+
+    Uses the cache's batches, seeds, sampled negatives and ũ's full-space u; λ defaults to the sketched
+    λ* at prefix k, so the two rankings are comparable at the same absolute λ. Reads pool features again
+    (float64), runs no encoder.
+    """
+    from chips_core.exact import ExactSystem, exact_scores
+    from chips_core.prepare import exact_batches
+
+    k = _check_k(cache, k)
+    _, _, eigs = cache.system(k, alpha)
+    lam_s = lambda_star(eigs, k / 4)
+    lam_used = lam_s if lam is None else float(lam)
+    p64 = params.to(dtype=torch.float64)
+    cfg = cache.config
+    curv = list(exact_batches(cache, pool, p64, range(cache.meta["n_curvature_batches"])))
+    system = ExactSystem(p64, curv, alpha, lam_used, cfg.negatives_per_row, cfg.seed)
+    x, cg = system.solve(torch.from_numpy(cache.u_full), tol=tol, maxiter=maxiter)
+    A = torch.cat(
+        [exact_scores(st, x, p64, cfg.negatives) for _, st in exact_batches(cache, pool, p64)]
+    ).numpy()
+    info = {
+        "method": "chips",
+        "exact": True,
+        "k": k,
+        "alpha": alpha,
+        "beta": beta,
+        "ratio": ratio,
+        "lam": lam_used,
+        "lam_star": lam_s,
+        "d_over_k": effective_dimension(eigs, lam_used) / k,
+        "stability": None,
+        "cg_iterations": cg.iterations,
+        "cg_rel_residual": cg.rel_residual,
+    }
+    return _finish(cache, A, info, beta, ratio, use_learnability, use_relevance, rank_normalized)
