@@ -95,36 +95,73 @@ def _export(ws: Workspace, selection_id: int, out: Path) -> tuple[Path, str, str
     return info.path, args["separator"], args["img_key"], args["caption_key"]
 
 
+def _write_bundle(folder: Path, doc: dict, weights: Path | None) -> None:
+    """An open_clip `local-dir:` bundle: open_clip_config.json, the weights linked under a name it finds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / "open_clip_config.json", json.dumps(doc, indent=2).encode())
+    for old in folder.glob("open_clip_*model.*"):
+        old.unlink()
+    if weights is not None:
+        src = Path(weights).resolve()
+        name = (
+            "open_clip_model.safetensors" if src.suffix == ".safetensors" else "open_clip_pytorch_model.bin"
+        )
+        (folder / name).symlink_to(src)
+
+
 def _model_args(model: str, pretrained: str | None, model_dir: Path) -> tuple[list[str], dict]:
     """open_clip_train flags that select the model and its starting weights (see module docstring)."""
     import open_clip
+    from open_clip.factory import _find_checkpoint_in_dir
 
     from chips_core.models import register_model_configs
 
     register_model_configs()
-    if model.startswith(("hf-hub:", "local-dir:")):
-        if pretrained:
-            raise CPTError(f"model {model!r} carries its own weights; drop pretrained={pretrained!r}")
+    if model.startswith(("hf-hub:", "local-dir:")) and pretrained:
+        raise CPTError(f"model {model!r} carries its own weights; drop pretrained={pretrained!r}")
+    if model.startswith("hf-hub:"):
         return ["--model", model], {"model_arg": model}
     if pretrained and not Path(pretrained).is_file():
         if pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in pretrained:
             raise CPTError(f"pretrained checkpoint file not found: {pretrained}")
         return ["--model", model, "--pretrained", pretrained], {"model_arg": model}
-    cfg = open_clip.get_model_config(model)
-    if cfg is None:
-        raise CPTError(f"unknown open_clip model {model!r}: not built in and no config registered")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(model_dir / "open_clip_config.json", json.dumps({"model_cfg": cfg}, indent=2).encode())
-    if pretrained:
-        src = Path(pretrained).resolve()
-        link = model_dir / (
-            "open_clip_model.safetensors" if src.suffix == ".safetensors" else "open_clip_pytorch_model.bin"
-        )
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to(src)
+    if model.startswith("local-dir:"):  # re-bundled so that every later checkpoint can be bundled alike
+        src = Path(model.removeprefix("local-dir:"))
+        try:
+            doc = json.loads((src / "open_clip_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CPTError(f"{model}: cannot read open_clip_config.json: {exc}") from exc
+        found = _find_checkpoint_in_dir(src)
+        weights = Path(found) if found else None
+    else:
+        cfg = open_clip.get_model_config(model)
+        if cfg is None:
+            raise CPTError(f"unknown open_clip model {model!r}: not built in and no config registered")
+        doc, weights = {"model_cfg": cfg}, Path(pretrained) if pretrained else None
+    _write_bundle(model_dir, doc, weights)
     arg = f"local-dir:{model_dir}"
-    return ["--model", arg], {"model_arg": arg, "model_cfg": cfg}
+    return ["--model", arg], {"model_arg": arg, "bundle_config": doc}
+
+
+def checkpoint_model(
+    ws: Workspace, cpt_run_id: int, checkpoint: str | os.PathLike | None = None
+) -> tuple[str, str | None]:
+    """(model, pretrained) that chips_core.models.load_model takes for a checkpoint of this run.
+
+    Default: the run's final checkpoint. Runs launched through a `local-dir:` bundle get a bundle per
+    checkpoint (`bundle-epoch_N/`: the same config with that checkpoint linked); others give (name, path).
+    TracIn featurizes the pool once per checkpoint with exactly this.
+    """
+    info = run_config(ws, cpt_run_id)
+    ck = Path(checkpoint or info["checkpoint"] or "")
+    if not ck.is_file():
+        raise CPTError(f"CPT run {cpt_run_id}: checkpoint {str(ck)!r} not found (status {info['status']})")
+    cfg = info["config"]
+    if "bundle_config" not in cfg:
+        return cfg["model"], str(ck)
+    folder = run_dir(ws, cpt_run_id) / f"bundle-{ck.stem}"
+    _write_bundle(folder, cfg["bundle_config"], ck)
+    return f"local-dir:{folder}", None
 
 
 def _lr_fn(oc_args, steps_per_epoch: int) -> Callable[[int], float] | None:
@@ -393,10 +430,10 @@ def _supervise(
         return
     final = rdir / OC_NAME / "checkpoints" / f"epoch_{config['epochs']}.pt"
     if rc == 0 and final.is_file():
-        for ck in checkpoints(ws, run_id):  # sidecars: chips_core.models.load_model reads the model name
-            atomic_write_bytes(
-                ck.with_name(ck.name + ".json"), json.dumps({"model": config["model"]}).encode()
-            )
+        if not config["model"].startswith("local-dir:"):  # sidecar: load_model(checkpoint) finds the name
+            for ck in checkpoints(ws, run_id):
+                sidecar = json.dumps({"model": config["model"]}).encode()
+                atomic_write_bytes(ck.with_name(ck.name + ".json"), sidecar)
         _set_status(ws, run_id, "finished", str(final))
         return
     _set_status(ws, run_id, "failed")

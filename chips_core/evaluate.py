@@ -220,12 +220,11 @@ def evaluate_run(
     ws: Workspace, cpt_run_id: int, eval_source: int | str | os.PathLike, **kw
 ) -> dict[str, float]:
     """Evaluate the final checkpoint of a finished CPT run (model name from the run's config)."""
-    from chips_core.cpt import run_config
+    from chips_core.cpt import checkpoint_model, run_config
 
     info = run_config(ws, cpt_run_id)
     if info["status"] != "finished" or not info["checkpoint"]:
         raise EvalError(f"CPT run {cpt_run_id} has no final checkpoint (status {info['status']})")
     kw.setdefault("device", info["config"]["device"])
-    return evaluate(
-        ws, info["config"]["model"], eval_source, pretrained=info["checkpoint"], cpt_run_id=cpt_run_id, **kw
-    )
+    model, pretrained = checkpoint_model(ws, cpt_run_id)
+    return evaluate(ws, model, eval_source, pretrained=pretrained, cpt_run_id=cpt_run_id, **kw)

@@ -101,6 +101,12 @@ def test_train_records_progress_checkpoint_and_evaluates(ws_csv):
     # the trained weights moved away from the seeded random init they started from
     start = _state(ck[0])["state_dict"]["visual.proj"]
     assert not torch.equal(start, _state(ck[-1])["state_dict"]["visual.proj"])
+    # every checkpoint loads with its own weights through chips_core.models (TracIn's featurize passes)
+    from chips_core.models import load_model
+
+    for path in ck:
+        loaded = load_model(*cpt.checkpoint_model(ws, run_id, path))
+        assert torch.equal(loaded.model.visual.proj.detach(), _state(path)["state_dict"]["visual.proj"])
     metrics = evaluate_run(ws, run_id, train_csv, templates=("a picture of {label}.",))
     assert metrics["n_pairs"] == 32 and metrics["n_classes"] == 8
     assert 0.0 <= metrics["i2t_R@1"] <= metrics["i2t_R@5"] <= metrics["i2t_R@10"] <= 1.0
