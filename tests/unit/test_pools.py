@@ -301,3 +301,19 @@ def test_count_records_matches_readers(tmp_path):
         o = opts if fmt == "parquet" else ReaderOptions()
         assert count_records(str(source), fmt, o) == len(list(iter_records(str(source), fmt, o))) > 0, fmt
     assert count_records(str(make_wds_pool(tmp_path, n=2, shards=1)), "wds", ReaderOptions()) is None
+
+
+def test_manifest_bom_header_and_binary_parquet_captions(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbffilepath;title\na.png;caption one\n")
+    recs = _records(tmp_path / "m.csv", "csv")
+    assert [(Path(r.image_ref).name, r.caption) for r in recs] == [("a.png", "caption one")]
+    table = pa.table(
+        {"filepath": ["a.png", "b.png"], "title": pa.array([b"ok \xc3\xa9", b"bad \xe9"], pa.binary())}
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    recs = _records(tmp_path / "m.parquet", "parquet")
+    assert recs[0].caption == "ok \u00e9" and recs[0].reject is None
+    assert recs[1].reject[0] == "undecodable_caption" and "row 2" in recs[1].reject[1]
