@@ -129,3 +129,45 @@ def test_evaluate_stores_rows_and_matches_own_embeddings(tmp_path):
     assert stored == pytest.approx(m)
     with pytest.raises(ev.EvalError, match="placeholder"):
         ev.evaluate(None, "chips-tiny-vit", csv, templates=("no label here",))
+
+
+def _cells():
+    import pandas as pd
+
+    rows = []
+    for seed, bump in ((0, 0.0), (1, 0.1)):
+        rows += [
+            {"method": "random", "ratio": 0.5, "seed": seed, "i2t_R@1": 0.2 + bump, "cpt_run_id": 1},
+            {"method": "chips", "ratio": 0.5, "seed": seed, "i2t_R@1": 0.4 + bump, "cpt_run_id": 2},
+            {"method": "chips", "ratio": 0.25, "seed": seed, "i2t_R@1": 0.3 + bump, "cpt_run_id": 3},
+            {"method": "full", "ratio": 1.0, "seed": seed, "i2t_R@1": 0.5 + bump, "cpt_run_id": 4},
+        ]
+    rows.append({"method": "none", "ratio": 0.0, "seed": 0, "i2t_R@1": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_experiment_summary_and_markdown():
+    from chips_core import experiment as ex
+
+    s = ex.summarize(_cells()).set_index(["method", "ratio"])
+    assert s.loc[("chips", 0.5), "i2t_R@1_mean"] == pytest.approx(0.45)
+    assert s.loc[("chips", 0.5), "i2t_R@1_std"] == pytest.approx(np.std([0.4, 0.5], ddof=1))
+    assert s.loc[("none", 0.0), "n_seeds"] == 1 and "cpt_run_id_mean" not in s.columns
+    md = ex.markdown_table(_cells(), "i2t_R@1", ["random", "chips"])
+    assert "| method | r = 25% | r = 50% |" in md
+    assert "| random | — | 0.2500 ± 0.0707 (n=2) |" in md
+    assert "| chips | 0.3500 ± 0.0707 (n=2) | 0.4500 ± 0.0707 (n=2) |" in md
+    assert "Full pool: 0.5500 ± 0.0707 (n=2)" in md and "No CPT (starting model): 0.1000 (n=1)" in md
+
+
+def test_experiment_reports_written(tmp_path):
+    from chips_core import experiment as ex
+
+    ex.write_reports(_cells(), tmp_path, "i2t_R@1", ["random", "chips"])
+    for name in ("cells.csv", "summary.csv", "summary.md", "plot.html", "plot.png", "plotly.min.js"):
+        assert (tmp_path / name).is_file(), name
+    html = (tmp_path / "plot.html").read_text()
+    assert 'src="plotly.min.js"' in html and '"name":"chips"' in html
+    png = np.asarray(Image.open(tmp_path / "plot.png").convert("RGB"))
+    colours = {tuple(c) for c in png.reshape(-1, 3)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # one line colour per method
