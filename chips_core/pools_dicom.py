@@ -1,7 +1,8 @@
 """DICOM images for CLIP: display pixels (modality LUT, VOI window, MONOCHROME1 inverted, 8-bit) and
 captions from a template over DICOM tags, e.g. "{Modality} {BodyPartExamined} {StudyDescription}".
 
-Multi-frame files contribute their middle frame. Nothing here touches the network or the workspace.
+Multi-frame files contribute their middle frame (the only one decoded). Nothing here touches the network
+or the workspace.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _grey_display(arr: np.ndarray, ds) -> np.ndarray:  # noqa: ANN001
 def decode(data: bytes, template: str | None = None) -> DicomImage:
     """Decode DICOM bytes into display pixels and (with `template`) a caption; raises DicomError."""
     import pydicom
-    from pydicom.pixels import apply_color_lut
+    from pydicom.pixels import apply_color_lut, pixel_array
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -123,21 +124,20 @@ def decode(data: bytes, template: str | None = None) -> DicomImage:
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DicomError("DICOM file has no pixel data")
         try:
-            n_pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+            n_pixels = int(ds.Rows) * int(ds.Columns)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
         except (AttributeError, TypeError, ValueError) as exc:
-            raise DicomError(f"DICOM file lacks Rows/Columns ({exc})") from None
+            raise DicomError(f"DICOM file lacks Rows/Columns/NumberOfFrames ({exc})") from None
         limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and n_pixels > 2 * limit:
+        if limit is not None and n_pixels > limit:  # the same per-image rule as PIL images
             raise DicomError(
-                f"{n_pixels} pixels exceed PIL's limit of {2 * limit}", reason="decompression_bomb"
+                f"{n_pixels} pixels per frame exceed PIL's limit of {limit}", "decompression_bomb"
             )
         try:
-            arr = ds.pixel_array
+            # Only the middle frame is decoded: a long multi-frame series never sits in memory whole.
+            arr = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
             photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
             samples = int(ds.get("SamplesPerPixel", 1) or 1)
-            if frames > 1 and arr.ndim == (4 if samples > 1 else 3):
-                arr = arr[frames // 2]
             if photometric == "PALETTE COLOR":
                 rgb = apply_color_lut(arr, ds)
                 pixels = (

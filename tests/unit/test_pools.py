@@ -276,6 +276,7 @@ def test_load_truncated_images_flag_is_refused(tmp_path, monkeypatch):
         check_record(_records(manifest, "csv")[0])
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_pixel_limit_rejects_between_warning_and_error_thresholds(tmp_path, monkeypatch):
     (im, _, _) = real_images(1, size=40)[0]
     im.save(tmp_path / "x.png")
@@ -283,6 +284,9 @@ def test_pixel_limit_rejects_between_warning_and_error_thresholds(tmp_path, monk
     with pytest.raises(ImageLoadError) as err:
         load_image(str(tmp_path / "x.png"))
     assert err.value.reason == "decompression_bomb" and "1600" in str(err.value)
+    with pytest.raises(ImageLoadError) as err:  # DICOM follows the same rule (128 x 128 per frame)
+        load_image(get_testdata_file("CT_small.dcm"))
+    assert err.value.reason == "decompression_bomb" and "16384" in str(err.value)
 
 
 def test_count_records_matches_readers(tmp_path):
