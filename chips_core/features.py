@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,13 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import torch
-from torch.nn import functional
 
 from chips_core import pools
 from chips_core.models import LoadedModel, load_model, register_model, resolve_device
 from chips_core.store import Workspace, WorkspaceError, atomic_path, atomic_write_bytes
 
 SHARD_SIZE = 8192
+_OPEN_SHARDS = 128
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -115,7 +114,6 @@ def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int
         if run is None:
             run_id = ws.next_id(con)
             run_dir = ws.root / "features" / str(run_id)
-            n_total = con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [pool_id]).fetchone()[0]
             con.execute(
                 "INSERT INTO feature_runs (run_id, pool_id, model_id, status, dir, d_v, d_t) "
                 "VALUES (?, ?, ?, 'running', ?, ?, ?)",
@@ -126,7 +124,9 @@ def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int
     meta_path = run_dir / "run.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-    else:
+    else:  # a new run, or one killed before its run.json was written
+        with ws.connect() as con:
+            n_total = con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [pool_id]).fetchone()[0]
         meta = {
             "run_id": run_id, "pool": pool_name, "pool_id": pool_id, "model_id": model_id,
             "model": loaded.identity.__dict__, "shard_size": shard_size, "n_total": int(n_total),
@@ -259,42 +259,13 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def _gpu_images(batch: dict, loaded: LoadedModel, device: torch.device) -> torch.Tensor:
-    """Decode JPEGs with nvJPEG and apply open_clip's eval preprocess on the GPU; merge CPU-decoded ones."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    cfg = loaded.preprocess_cfg
-    size = loaded.image_size
-    n = len(batch["images"]) + len(batch["jpegs"])
-    out = torch.empty((n, 3, *size), device=device)
+    """JPEGs decoded and preprocessed on the GPU, merged with the images the workers decoded."""
+    out = torch.empty((len(batch["images"]) + len(batch["jpegs"]), 3, *loaded.image_size), device=device)
     for k, img in batch["images"]:
         out[k] = img.to(device, non_blocking=True)
     if batch["jpegs"]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            decoded = decode_jpeg([b for _, b in batch["jpegs"]], mode=ImageReadMode.RGB, device=device)
-        mean = torch.tensor(cfg["mean"], device=device)[:, None, None]
-        std = torch.tensor(cfg["std"], device=device)[:, None, None]
-        for (k, _), img in zip(batch["jpegs"], decoded, strict=True):
-            out[k] = (_resize_crop(img.float(), size, cfg) / 255.0 - mean) / std
+        out[[k for k, _ in batch["jpegs"]]] = loaded.decode_jpegs([b for _, b in batch["jpegs"]])
     return out
-
-
-def _resize_crop(img: torch.Tensor, size: tuple[int, int], cfg: dict) -> torch.Tensor:
-    """open_clip's eval geometry on a (3, h, w) tensor: 'shortest' resize + center crop, or 'squash'."""
-    mode = cfg.get("interpolation", "bicubic")
-    h, w = img.shape[1:]
-    if cfg.get("resize_mode", "shortest") == "squash":
-        new = size
-    elif cfg.get("resize_mode", "shortest") == "shortest":
-        scale = max(size[0] / h, size[1] / w)
-        new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
-    else:
-        raise FeaturizeError(f"GPU preprocessing does not implement resize_mode={cfg['resize_mode']!r}")
-    x = functional.interpolate(
-        img[None], size=new, mode=mode, antialias=mode != "nearest", align_corners=False
-    )[0]
-    top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
-    return x[:, top : top + size[0], left : left + size[1]].clamp_(0, 255)
 
 
 # --- featurize --------------------------------------------------------------------------------------
@@ -334,9 +305,12 @@ def featurize(
         for s in todo
         for b in range(info.shard_range(s)[0], info.shard_range(s)[1], batch_size)
     ]
-    raw_jpeg = dev.type == "cuda" if gpu_decode is None else bool(gpu_decode)
-    if raw_jpeg and dev.type != "cuda":
-        raise FeaturizeError("gpu_decode needs device 'cuda'")
+    raw_jpeg = dev.type == "cuda" and loaded.gpu_preprocess_supported() if gpu_decode is None else gpu_decode
+    if raw_jpeg and (dev.type != "cuda" or not loaded.gpu_preprocess_supported()):
+        raise FeaturizeError(
+            "gpu_decode needs device 'cuda' and a model whose preprocessing runs on the GPU "
+            f"(device {dev}, model {loaded.identity.label()})"
+        )
     loader = torch.utils.data.DataLoader(
         _Batches(info, plan, loaded, raw_jpeg), batch_size=None, shuffle=False, num_workers=num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
@@ -444,6 +418,8 @@ class FeatureStore:
 
     def _arrays(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self._cache:
+            if len(self._cache) >= _OPEN_SHARDS:  # each memmap holds a file descriptor
+                self._cache.pop(next(iter(self._cache)))
             s = self._shards[k]
             self._cache[k] = tuple(np.load(self.dir / f"shard-{s:05d}-{x}.npy", mmap_mode="r") for x in "ht")
         return self._cache[k]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,48 @@ class LoadedModel:
     @property
     def d_t(self) -> int:
         return self.adapter.endpoint_params().d_t
+
+    def gpu_preprocess_supported(self) -> bool:
+        """Whether `decode_jpegs` reproduces the eval preprocessing ('shortest' square or 'squash')."""
+        cfg = self.preprocess_cfg
+        mode = cfg.get("resize_mode", "shortest")
+        return mode == "squash" or (mode == "shortest" and self.image_size[0] == self.image_size[1])
+
+    @torch.no_grad()
+    def decode_jpegs(self, data: list[torch.Tensor]) -> torch.Tensor:
+        """JPEG bytes (1-D uint8 CPU tensors) -> (n, 3, H, W) model input on this model's device.
+
+        nvJPEG decoding on CUDA, then open_clip's eval transform with torchvision's tensor ops (same
+        resize semantics and antialiased interpolation as its PIL path; pixel values may differ by rounding).
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as tvf
+
+        if not self.gpu_preprocess_supported():
+            raise ModelLoadError(
+                f"{self.identity.label()}: GPU preprocessing needs resize_mode 'squash' or a square "
+                "'shortest' image size"
+            )
+        cfg = self.preprocess_cfg
+        interp = (
+            InterpolationMode.BILINEAR
+            if cfg.get("interpolation") == "bilinear"
+            else InterpolationMode.BICUBIC
+        )
+        squash = cfg.get("resize_mode", "shortest") == "squash"
+        mean = torch.tensor(cfg["mean"], device=self.device)[:, None, None]
+        std = torch.tensor(cfg["std"], device=self.device)[:, None, None]
+        with warnings.catch_warnings():  # torchvision.io decoding is deprecated in favour of torchcodec
+            warnings.simplefilter("ignore")
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        out = torch.empty((len(decoded), 3, *self.image_size), device=self.device)
+        for k, img in enumerate(decoded):
+            size = list(self.image_size) if squash else self.image_size[0]
+            img = tvf.resize(img, size, interpolation=interp, antialias=True)
+            img = tvf.center_crop(img, list(self.image_size))
+            out[k] = (img.float() / 255.0 - mean) / std
+        return out
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

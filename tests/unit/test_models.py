@@ -115,3 +115,25 @@ def test_cuda_without_gpu_is_a_clear_error():
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(ModelLoadError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_tensor_jpeg_path_reproduces_the_pil_preprocess():
+    """decode_jpegs (nvJPEG + tensor ops on CUDA; the same code runs on the CPU) ≈ the PIL preprocess."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    lm = load_model("chips-tiny-vit")
+    assert lm.gpu_preprocess_supported()
+    raws = []
+    for arr, size in ((data.astronaut(), (300, 256)), (data.camera(), (200, 260)), (data.coffee(), (96, 64))):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert("RGB").resize(size).save(buf, format="JPEG", quality=90)
+        raws.append(buf.getvalue())
+    pil = torch.stack([lm.preprocess(Image.open(io.BytesIO(r))) for r in raws])
+    tensor = lm.decode_jpegs([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raws])
+    assert tensor.shape == pil.shape == (3, 3, *lm.image_size)
+    diff = (tensor - pil).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.2  # interpolation rounding only; a wrong crop/scale is ~1
+    assert (tensor - pil.flip(-1)).abs().mean() > 0.05  # the check can fail
