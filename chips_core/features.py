@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import duckdb
@@ -129,7 +129,7 @@ def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int
             n_total = con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [pool_id]).fetchone()[0]
         meta = {
             "run_id": run_id, "pool": pool_name, "pool_id": pool_id, "model_id": model_id,
-            "model": loaded.identity.__dict__, "shard_size": shard_size, "n_total": int(n_total),
+            "model": asdict(loaded.identity), "shard_size": shard_size, "n_total": int(n_total),
             "d_v": loaded.d_v, "d_t": loaded.d_t, "dtype": "float16", "format": 1,
         }  # fmt: skip
         atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
@@ -145,10 +145,37 @@ def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int
     )
     if not info.manifest.exists():
         _write_manifest(ws, info)
-    for stray in run_dir.glob(".*"):  # temporaries of writes a killed process left behind
-        with contextlib.suppress(FileNotFoundError):
-            stray.unlink()
     return info
+
+
+@contextlib.contextmanager
+def run_lock(info: RunInfo, wait_s: float = 15.0) -> Iterator[None]:
+    """Exclusive right to write a run's shards (flock: released by the OS when a killed process is gone).
+
+    Waits `wait_s` for the lock (the DataLoader workers of a killed run take a few seconds to exit), then
+    clears the temporaries a killed writer left behind.
+    """
+    import fcntl
+
+    deadline = time.monotonic() + wait_s
+    f = open(info.dir / "lock", "w")  # noqa: SIM115 - held for the duration of the context
+    try:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FeaturizeError(
+                        f"feature run {info.run_id} ({info.dir}) is being written by another process"
+                    ) from None
+                time.sleep(0.5)
+        for stray in info.dir.glob(".*"):  # temporaries of writes a killed process left behind
+            with contextlib.suppress(FileNotFoundError):
+                stray.unlink()
+        yield
+    finally:
+        f.close()
 
 
 def _write_manifest(ws: Workspace, info: RunInfo) -> None:
@@ -216,7 +243,8 @@ def finish_run(ws: Workspace, info: RunInfo) -> None:
     with ws.connect() as con:
         con.execute(
             "UPDATE feature_runs SET status = 'done', finished_at = current_timestamp, n_pairs = "
-            "(SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?) WHERE run_id = ?",
+            "(SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?) "
+            "WHERE run_id = ? AND status <> 'done'",
             [info.run_id, info.run_id],
         )
 
@@ -298,6 +326,16 @@ def featurize(
         loaded.model.to(dev)
         loaded.device = dev
     info = open_run(ws, pool_name, loaded, shard_size)
+    with run_lock(info):
+        _featurize_run(ws, info, loaded, dev, batch_size, num_workers, gpu_decode, progress)
+    return info.run_id
+
+
+def _featurize_run(
+    ws: Workspace, info: RunInfo, loaded: LoadedModel, dev: torch.device, batch_size: int, num_workers: int,
+    gpu_decode: bool | None, progress: ProgressFn | None,
+) -> None:  # fmt: skip
+    """The shards of `info` that have no completion record yet, in order, then the run's done mark."""
     done = done_shards(ws, info.run_id)
     todo = [s for s in range(info.n_shards) if s not in done]
     plan = [
@@ -327,7 +365,6 @@ def featurize(
             tracker.shard_done(s)
             parts = []
     finish_run(ws, info)
-    return info.run_id
 
 
 def _encode(batch: dict, loaded: LoadedModel, dev: torch.device, raw_jpeg: bool) -> dict:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from chips_core import features
 from chips_core.features import FeatureStore, FeaturizeError, featurize
 from chips_core.models import load_model
 from chips_core.pools import load_image
@@ -118,6 +119,22 @@ def test_unloadable_images_are_rejected_and_skipped(tmp_path, loaded):
     assert rejects == {by_id[gone][0]: "missing_file", by_id[broken][0]: "corrupt_image"}
     h, _ = store.rows(np.arange(len(store)))
     assert np.isfinite(h.astype(np.float32)).all()
+
+
+def test_one_writer_per_run(tmp_path, loaded):
+    ws, _, _ = _make_pool(tmp_path, n=3)
+    info = features.open_run(ws, "digits", loaded, shard_size=2)
+    assert features.open_run(ws, "digits", loaded).run_id == info.run_id  # same (pool, model): same run
+    (info.dir / ".shard-00000-h.npy.tmp.npy").write_bytes(b"partial")
+    with features.run_lock(info):
+        assert not list(info.dir.glob(".*"))  # a dead writer's temporaries are cleared
+        with (
+            pytest.raises(FeaturizeError, match="being written by another process"),
+            features.run_lock(info, wait_s=0),
+        ):
+            pass
+    with features.run_lock(info, wait_s=0):  # released
+        pass
 
 
 def test_bad_pool_names_and_states(tmp_path, loaded):
