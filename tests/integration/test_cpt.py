@@ -194,3 +194,48 @@ def test_training_failure_is_recorded_with_log_tail(tmp_path):
     assert "UnidentifiedImageError" in str(err.value)
     with ws.connect(read_only=True) as con:
         assert con.execute("SELECT status FROM cpt_runs").fetchone()[0] == "failed"
+
+
+def test_experiment_end_to_end_with_tracin(tmp_path):
+    """ingest → featurize → prepare → (warm-up CPT → TracIn caches) → select, CPT, evaluate per cell."""
+    from chips_core import experiment as ex
+    from chips_core.cli import prepare_workspace
+    from chips_core.features import featurize
+    from chips_core.ingest import ingest
+    from chips_core.prepare import PrepareConfig
+
+    ws = Workspace.init(tmp_path / "ws")
+    pool_csv = _make_csv(tmp_path, 32, "pool.csv")
+    eval_csv = _make_csv(tmp_path / "val", 16, "val.csv")
+    ingest(ws, "pool", pool_csv, label_col="label", workers=0)
+    ingest(ws, "val", eval_csv, kind="eval", label_col="label", workers=0)
+    for name in ("pool", "val"):
+        featurize(ws, name, MODEL, device="cpu")
+    cfg = PrepareConfig(k_max=16, batch_size=8, curvature_pairs=32, chunk_batches=2)
+    cache_id = prepare_workspace(ws, "pool", "val", cfg)
+    warm = cpt.train(ws, pool_csv, MODEL, epochs=2, lr=1e-3, batch_size=8, warmup=1, workers=0)
+    tracin = ex.tracin_checkpoints(ws, "pool", "val", warm, cfg)
+    assert len(tracin) == 2 and all(eta > 0 for _, eta in tracin)
+    assert tracin[0][0].root != tracin[1][0].root  # one featurize + prepare per checkpoint
+
+    recipe = ex.Recipe(MODEL, epochs=1, lr=1e-3, batch_size=4, warmup=1, workers=0)
+    out = tmp_path / "exp"
+    run = ex.run_experiment(
+        ws, "pool", "val", ["random", "tracin"], [0.5], [0], recipe, cache=cache_id, tracin=tracin,
+        include_full=False, out_dir=out,
+    )  # fmt: skip
+    assert sorted(run["method"]) == ["none", "random", "tracin"]
+    trained = run[run["method"] != "none"]
+    assert (trained["n_selected"] == 16).all() and trained["cpt_run_id"].notna().all()
+    assert run["i2t_R@1"].between(0, 1).all()
+    md = (out / "summary.md").read_text()
+    assert "| tracin |" in md and "No CPT" in md and (out / "plot.png").is_file()
+    with ws.connect(read_only=True) as con:
+        n_runs = con.execute("SELECT count(*) FROM cpt_runs").fetchone()[0]
+    again = ex.run_experiment(
+        ws, "pool", "val", ["random", "tracin"], [0.5], [0], recipe, cache=cache_id, tracin=tracin,
+        include_full=False, out_dir=out,
+    )  # fmt: skip
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM cpt_runs").fetchone()[0] == n_runs  # finished cells skipped
+    assert len(again) == 3
