@@ -143,19 +143,19 @@ def _params_digest(params: EndpointParams) -> str:
     return h.hexdigest()
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def save_npy(path: Path, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _save_json(path: Path, obj: dict) -> None:
+def save_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -268,7 +268,7 @@ def prepare(
             raise PrepareError(f"{out} holds a cache made with different {', '.join(diff)}; use a new folder")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _save_json(cfg_path, record)
+        save_json(cfg_path, record)
     if (out / "meta.json").exists():
         return ScoringCache.load(out)
 
@@ -280,7 +280,7 @@ def prepare(
             progress(PrepareProgress("eval", 0, N, 0.0, None))
         ev = _eval_pass(eval_set, params, config)
         u_sk = sk.apply(ev["u"])[0].double().cpu().numpy()
-        _save_npz(
+        save_npz(
             out / "eval.npz",
             u_sketch=u_sk,
             u_full=ev["u"].flat()[0].double().cpu().numpy(),
@@ -319,7 +319,7 @@ def prepare(
         "sketch_kind": sk.kind,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _save_json(out / "meta.json", meta)
+    save_json(out / "meta.json", meta)
     if progress:
         progress(PrepareProgress("done", N, N, fresh / max(time.monotonic() - t0, 1e-9), 0.0))
     return ScoringCache.load(out)
@@ -365,13 +365,13 @@ def _write_chunk(
             acc.add(sk, st, b)
     d = _chunk_dir(out, c)
     q, scale = quantize_blocks(torch.cat(G_parts))
-    _save_npy(d / "G.npy", q)
-    _save_npy(d / "scale.npy", scale)
-    _save_npy(d / "aux.npy", np.concatenate(aux_parts))
-    _save_npy(d / "ids.npy", np.concatenate(id_parts))
+    save_npy(d / "G.npy", q)
+    save_npy(d / "scale.npy", scale)
+    save_npy(d / "aux.npy", np.concatenate(aux_parts))
+    save_npy(d / "ids.npy", np.concatenate(id_parts))
     if acc.n:
-        _save_npz(d / "curv.npz", pos=acc.pos, neg=acc.neg, n=np.array(acc.n))
-    _save_json(
+        save_npz(d / "curv.npz", pos=acc.pos, neg=acc.neg, n=np.array(acc.n))
+    save_json(
         d / "done.json", {"chunk": c, "batches": [bs[0], bs[-1]], "rows": int(sum(len(x) for x in id_parts))}
     )
 

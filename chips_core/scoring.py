@@ -189,7 +189,7 @@ def _rank_normalize(a: np.ndarray) -> np.ndarray:
 
 def _table(ids: np.ndarray, A: np.ndarray, wl: np.ndarray, wr: np.ndarray, score: np.ndarray, ratio: float):
     n = len(ids)
-    order = np.argsort(-score, kind="stable")
+    order = np.argsort(-score)
     rank_ = np.empty(n, np.int64)
     rank_[order] = np.arange(1, n + 1)
     n_sel = int(math.ceil(ratio * n))

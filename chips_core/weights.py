@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from chips_core.endpoint import BatchState
 
@@ -47,5 +48,4 @@ def eval_means(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -z))
+    return expit(np.asarray(z, dtype=np.float64))
