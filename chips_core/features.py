@@ -282,8 +282,8 @@ class _Batches(torch.utils.data.Dataset):
             except Exception as exc:  # noqa: BLE001 - any failure of one image rejects that image only
                 rejects.append((ref, getattr(exc, "reason", "load_error"), f"{type(exc).__name__}: {exc}"))
         tokens = self.tokenizer([captions[j] for j in keep]) if keep else None
-        return {"shard": shard, "ids": ids[keep], "images": images, "jpegs": jpegs, "tokens": tokens,
-                "rejects": rejects}  # fmt: skip
+        return {"shard": shard, "n": end - start, "ids": ids[keep], "images": images, "jpegs": jpegs,
+                "tokens": tokens, "rejects": rejects}  # fmt: skip
 
 
 def _gpu_images(batch: dict, loaded: LoadedModel, device: torch.device) -> torch.Tensor:
@@ -362,8 +362,8 @@ def _featurize_run(
         remaining[s] -= 1
         if remaining[s] == 0:
             _flush_shard(ws, info, s, parts)
-            tracker.shard_done(s)
             parts = []
+        tracker.batch_done(batch["n"], shard_finished=remaining[s] == 0)
     finish_run(ws, info)
 
 
@@ -394,25 +394,27 @@ def _flush_shard(ws: Workspace, info: RunInfo, shard: int, parts: list[dict]) ->
 
 
 class _Tracker:
-    """Turns shard completions into Progress reports (done/total, pairs/s over this call, ETA)."""
+    """Progress reports (done/total, pairs/s over this call, ETA): at most every `every_s`, and per shard."""
 
-    def __init__(self, info: RunInfo, done: set[int], fn: ProgressFn | None) -> None:
-        self.info, self.fn, self.t0 = info, fn, time.monotonic()
+    def __init__(self, info: RunInfo, done: set[int], fn: ProgressFn | None, every_s: float = 0.5) -> None:
+        self.info, self.fn, self.every_s = info, fn, every_s
+        self.t0 = self.last = time.monotonic()
         self.n_shards_done = len(done)
         self.done = sum(info.shard_range(s)[1] - info.shard_range(s)[0] for s in done)
         self.here = 0
         self._report()
 
-    def shard_done(self, s: int) -> None:
-        n = self.info.shard_range(s)[1] - self.info.shard_range(s)[0]
-        self.done, self.here, self.n_shards_done = self.done + n, self.here + n, self.n_shards_done + 1
-        self._report()
+    def batch_done(self, n: int, shard_finished: bool) -> None:
+        self.done, self.here = self.done + n, self.here + n
+        self.n_shards_done += int(shard_finished)
+        if shard_finished or time.monotonic() - self.last >= self.every_s:
+            self._report()
 
     def _report(self) -> None:
         if self.fn is None:
             return
-        dt = max(time.monotonic() - self.t0, 1e-9)
-        rate = self.here / dt
+        self.last = time.monotonic()
+        rate = self.here / max(self.last - self.t0, 1e-9)
         left = self.info.n_total - self.done
         eta = left / rate if rate > 0 else (0.0 if left == 0 else None)
         self.fn(Progress(self.done, self.info.n_total, rate, eta, self.n_shards_done, self.info.n_shards))
