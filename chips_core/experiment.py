@@ -284,3 +284,178 @@ def draw_png(series: dict[str, tuple[list, list, list]], ylabel: str, size: tupl
         d.line([w - right + 10, top + 10 + 18 * i, w - right + 30, top + 10 + 18 * i], fill=color, width=3)
         d.text((w - right + 35, top + 4 + 18 * i), name, fill="black")
     return img
+
+
+# --- command line: `chips train | cpt-cancel | cpt-resume | evaluate | experiment` (cli.EXTENSION_MODULES) --
+
+
+def _add_recipe(p: Any) -> None:
+    g = p.add_argument_group("CPT recipe (open_clip_train; defaults from the CHIPS paper)")
+    g.add_argument("--model", required=True, help="open_clip name, local-dir:PATH or hf-hub:ID")
+    g.add_argument("--pretrained", default=None, help="pretrained tag or a local checkpoint file")
+    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--lr", type=float, default=1e-6)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of the steps)")
+    g.add_argument("--precision", default=None, help="default amp on CUDA, fp32 elsewhere")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--extra", default="", help="more open_clip_train flags, one string ('--wd 0.1')")
+
+
+def _recipe(args: Any) -> Recipe:
+    return Recipe(args.model, args.pretrained, args.epochs, args.lr, args.batch_size, args.warmup,
+                  args.precision, args.workers, args.device, tuple(args.extra.split()))  # fmt: skip
+
+
+def _bar(desc: str) -> Any:
+    from chips_core.cli import progress_bar
+
+    bar = progress_bar(desc, unit="step")
+
+    def feed(row: dict) -> None:
+        bar({"done": row["step"] + 1, "total": row["total_steps"], "loss": row["loss"], "lr": row["lr"]})
+
+    return bar, feed
+
+
+def _run_train(args: Any) -> int:
+    from chips_core import cpt
+    from chips_core.cli import say, workspace
+
+    ws = workspace(args.ws)
+    source = args.selection if args.selection is not None else args.csv
+    bar, feed = _bar("cpt")
+    with bar:
+        run_id = cpt.train(ws, source, **_recipe(args).train_kwargs(), seed=args.seed, progress=feed)
+    info = cpt.run_config(ws, run_id)
+    say(f"CPT run {run_id} {info['status']}: {info['checkpoint']}")
+    return 0
+
+
+def _add_train(p: Any) -> None:
+    p.add_argument("ws", metavar="WS")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--selection", type=int, help="a saved selection id (exported as open_clip CSV)")
+    src.add_argument("--csv", help="an open_clip CSV (filepath,title) instead of a selection")
+    p.add_argument("--seed", type=int, default=0)
+    _add_recipe(p)
+
+
+def _add_run_id(p: Any) -> None:
+    p.add_argument("ws", metavar="WS")
+    p.add_argument("run_id", metavar="RUN", type=int, help="cpt_run_id")
+
+
+def _run_cancel(args: Any) -> int:
+    from chips_core import cpt
+    from chips_core.cli import say, workspace
+
+    ok = cpt.cancel(workspace(args.ws), args.run_id)
+    say(f"CPT run {args.run_id} " + ("cancelled" if ok else "was not running"))
+    return 0 if ok else 1
+
+
+def _run_resume(args: Any) -> int:
+    from chips_core import cpt
+    from chips_core.cli import say, workspace
+
+    ws = workspace(args.ws)
+    bar, feed = _bar("cpt resume")
+    with bar:
+        cpt.resume(ws, args.run_id, progress=feed)
+    say(f"CPT run {args.run_id} finished: {cpt.run_config(ws, args.run_id)['checkpoint']}")
+    return 0
+
+
+def _add_evaluate(p: Any) -> None:
+    from chips_core.evaluate import DEFAULT_TEMPLATES
+
+    p.add_argument("ws", metavar="WS")
+    p.add_argument("eval", metavar="EVAL", help="eval pool name/id in WS, or a CSV (filepath,title[,label])")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--run", type=int, help="a finished cpt_run_id (its final checkpoint)")
+    who.add_argument("--model", help="open_clip name / local-dir: / hf-hub: / checkpoint file")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file (with --model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--template", action="append", help=f"zero-shot prompt (repeatable; default {DEFAULT_TEMPLATES})"
+    )
+
+
+def _run_evaluate(args: Any) -> int:
+    from chips_core.cli import say, workspace
+    from chips_core.evaluate import DEFAULT_TEMPLATES, evaluate, evaluate_run
+
+    ws = workspace(args.ws)
+    kw = {"device": args.device, "templates": tuple(args.template or DEFAULT_TEMPLATES)}
+    if args.run is not None:
+        metrics = evaluate_run(ws, args.run, args.eval, **kw)
+    else:
+        metrics = evaluate(ws, args.model, args.eval, pretrained=args.pretrained, **kw)
+    say(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _add_experiment(p: Any) -> None:
+    p.add_argument("ws", metavar="WS")
+    p.add_argument("pool", metavar="POOL", help="the pool name (featurized and prepared)")
+    p.add_argument("--test", required=True, help="held-out eval set for evaluation (pool name or CSV)")
+    p.add_argument("--cache", type=int, required=True, help="scoring cache id of POOL vs the validation set")
+    p.add_argument("--methods", nargs="+", default=["random", "clipscore", "dot", "trak", "chips"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--k", type=int, default=None, help="sketch rows (default k_max/2)")
+    p.add_argument("--tracin-eval", help="validation set name for TracIn's checkpoint caches")
+    p.add_argument(
+        "--tracin-epochs", type=int, default=2, help="epochs of the TracIn warm-up run (full pool)"
+    )
+    p.add_argument("--no-full", action="store_true", help="skip the full-pool cells")
+    p.add_argument("--out", default=None, help="output folder (default WS/experiments/<id>); reruns resume")
+    p.add_argument("--primary", default="zeroshot_top1", help="metric of summary.md and the plot")
+    _add_recipe(p)
+
+
+def _run_experiment(args: Any) -> int:
+    from chips_core import cpt, scoring, selection
+    from chips_core.cli import say, workspace
+
+    ws = workspace(args.ws)
+    recipe = _recipe(args)
+    tracin = None
+    if "tracin" in args.methods:
+        if not args.tracin_eval:
+            raise ValueError(
+                "method tracin needs --tracin-eval (the validation set the cache was prepared on)"
+            )
+        sc = _load_cache(ws, args.cache)
+        full = selection.save_selection(ws, args.pool, scoring.rank(sc, "random", ratio=1.0), 1.0,
+                                        f"tracin-warmup-{args.pool}", method="full")  # fmt: skip
+        kw = recipe.train_kwargs() | {"epochs": args.tracin_epochs}
+        warm = cpt.train(ws, full, **kw)
+        say(f"TracIn warm-up CPT run {warm}: featurizing and preparing once per checkpoint")
+        tracin = tracin_checkpoints(ws, args.pool, args.tracin_eval, warm, sc.config, device=args.device)
+    cells = run_experiment(
+        ws, args.pool, args.test, args.methods, args.ratios, args.seeds, recipe, cache=args.cache,
+        rank_params={"alpha": args.alpha, "k": args.k}, tracin=tracin, include_full=not args.no_full,
+        out_dir=args.out, primary=args.primary, progress=say,
+    )  # fmt: skip
+    say(markdown_table(cells, args.primary, args.methods))
+    return 0
+
+
+def register_cli(register: Callable[..., None]) -> None:
+    """Hook read by chips_core.cli: the CPT, evaluation and experiment subcommands."""
+    register("train", "continually pre-train (open_clip_train) on a selection or CSV", _add_train, _run_train)
+    register("cpt-cancel", "stop a running CPT run (its process group)", _add_run_id, _run_cancel)
+    register("cpt-resume", "resume a cancelled/failed CPT run from its last epoch", _add_run_id, _run_resume)
+    register(
+        "evaluate", "retrieval R@K and zero-shot accuracy of a model or CPT run", _add_evaluate, _run_evaluate
+    )
+    register(
+        "experiment",
+        "methods x ratios x seeds: select, CPT, evaluate, tables",
+        _add_experiment,
+        _run_experiment,
+    )
