@@ -283,23 +283,26 @@ def logit_grads(st: BatchState, a: torch.Tensor, b: torch.Tensor) -> EndpointGra
 
 
 def weighted_logit_sum(st: BatchState, W: torch.Tensor, dim: int) -> EndpointGrads:
-    """Full-space Σ_j W_ij ∇S_ij per row i (dim=1) or Σ_a W_ai ∇S_ai per column i (dim=0), (B, ...) each."""
-    B = st.S.shape[0]
+    """Full-space Σ_j W_ij ∇S_ij per row i (dim=1) or Σ_a W_ai ∇S_ai per column i (dim=0), (B, ...) each.
+
+    One of the two blocks is rank one per i; the other is a B×B contraction (memory B·p, not B²·p).
+    """
+    XY = st.X @ st.Y.T
     if dim == 1:
-        a = torch.arange(B).repeat_interleave(B)
-        b = torch.arange(B).repeat(B)
-    elif dim == 0:
-        a = torch.arange(B).repeat(B)
-        b = torch.arange(B).repeat_interleave(B)
-    else:
-        raise ValueError(f"dim must be 0 or 1, got {dim}")
-    g = logit_grads(st, a, b)
-    w = (W if dim == 1 else W.T).reshape(B, B)
-    return EndpointGrads(
-        torch.einsum("ij,ijde->ide", w, g.G_v.reshape(B, B, *g.G_v.shape[1:])),
-        torch.einsum("ij,ijde->ide", w, g.G_t.reshape(B, B, *g.G_t.shape[1:])),
-        (w * g.g_theta.reshape(B, B)).sum(1),
-    )
+        WY = W @ st.Y
+        r = (WY - st.X * (st.X * WY).sum(1, keepdim=True)) / st.nv[:, None]
+        G_v = r[:, :, None] * st.H[:, None, :]
+        c = W / st.nw[None, :]  # Σ_j c_ij (x_i − y_j (x_i·y_j)) t_jᵀ
+        G_t = st.X[:, :, None] * (c @ st.T)[:, None, :] - torch.einsum("ij,jd,je->ide", c * XY, st.Y, st.T)
+        return EndpointGrads(st.s * G_v, st.s * G_t, (W * st.S).sum(1))
+    if dim == 0:
+        c = W / st.nv[:, None]  # Σ_a c_ai (y_i − x_a (x_a·y_i)) h_aᵀ
+        G_v = st.Y[:, :, None] * (c.T @ st.H)[:, None, :] - torch.einsum("ai,ad,ae->ide", c * XY, st.X, st.H)
+        WX = W.T @ st.X
+        q = (WX - st.Y * (st.Y * WX).sum(1, keepdim=True)) / st.nw[:, None]
+        G_t = q[:, :, None] * st.T[:, None, :]
+        return EndpointGrads(st.s * G_v, st.s * G_t, (W * st.S).sum(0))
+    raise ValueError(f"dim must be 0 or 1, got {dim}")
 
 
 def logit_directional(st: BatchState, V: EndpointGrads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

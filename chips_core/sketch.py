@@ -80,7 +80,40 @@ class Sketch:
         return self.apply(weighted_logit_sum(st, W, 0))
 
 
-class DenseGaussianSketch(Sketch):
+class _PartsSketch(Sketch):
+    """A sketch that projects a batch's shared vectors once and assembles every sketched vector from
+    the W_v, W_t and θ parts of logit gradients (subclasses give `_row_parts`, `_col_parts`,
+    `_logit_parts`)."""
+
+    def row_sum(self, st: BatchState, W: torch.Tensor) -> torch.Tensor:
+        return sum(self._row_parts(st, W))
+
+    def col_sum(self, st: BatchState, W: torch.Tensor) -> torch.Tensor:
+        return sum(self._col_parts(st, W))
+
+    def logit_grads(self, st: BatchState, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return sum(self._logit_parts(st, a, b))
+
+    def batch_grads(self, st: BatchState, negatives: str = "all") -> torch.Tensor:
+        """g_i = ½Σ_{b≠i}P_ib∇S_ib + ½Σ_{a≠i}Q_ai∇S_ai − κ_i∇S_ii with κ_i = ½(Σ_{j≠i}P_ij + Σ_{a≠i}Q_ai).
+
+        'self' keeps the rank-one r_i h_iᵀ, q_i t_iᵀ blocks (W_v part of the row terms, W_t part of the
+        column terms, both with their share of the diagonal) and the whole θ component.
+        """
+        if negatives not in ("all", "self"):
+            raise ValueError(f"negatives must be 'all' or 'self', got {negatives!r}")
+        i = torch.arange(st.S.shape[0], device=st.S.device)
+        kappa = (0.5 * (st.p_off + st.q_off))[:, None]
+        rv, rt, rth = self._row_parts(st, 0.5 * st.P)
+        cv, ct, cth = self._col_parts(st, 0.5 * st.Q)
+        dv, dt, dth = self._logit_parts(st, i, i)
+        out = rv - kappa * dv + ct - kappa * dt + rth + cth - kappa * dth
+        if negatives == "all":
+            out = out + rt + cv
+        return out
+
+
+class DenseGaussianSketch(_PartsSketch):
     """Reference sketch: Π (k_max, p) with i.i.d. N(0, 1) entries, held in memory (k_max·p floats)."""
 
     kind = "dense"
@@ -104,8 +137,55 @@ class DenseGaussianSketch(Sketch):
         flat = g.flat()
         return flat @ self.matrix(flat.device, flat.dtype).T
 
+    def _project(self, st: BatchState) -> dict:
+        """Π_v applied to each h_a and Π_t to each t_b: (B, k, D) each, so a rank-one block u hᵀ projects
+        as Hv[a] @ u (cost k·D instead of k·D·d per vector)."""
+        if self._proj is not None and self._proj[0] is st:
+            return self._proj[1]
+        Pi = self.matrix(st.X.device, st.X.dtype)
+        nv, nt = self.D * self.d_v, self.D * self.d_t
+        Hv = torch.einsum("lde,ae->ald", Pi[:, :nv].reshape(-1, self.D, self.d_v), st.H)
+        Tt = torch.einsum("lde,be->bld", Pi[:, nv : nv + nt].reshape(-1, self.D, self.d_t), st.T)
+        pr = {"Hv": Hv, "Tt": Tt, "HX": torch.einsum("ald,ad->al", Hv, st.X),
+              "TY": torch.einsum("bld,bd->bl", Tt, st.Y), "XY": st.X @ st.Y.T, "g": Pi[:, -1]}  # fmt: skip
+        self._proj = (st, pr)
+        return pr
 
-class KroneckerSketch(Sketch):
+    def _row_parts(self, st: BatchState, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pr = self._project(st)
+        WY = W @ st.Y
+        R = (WY - st.X * (st.X * WY).sum(1, keepdim=True)) / st.nv[:, None]
+        v = st.s * torch.einsum("ild,id->il", pr["Hv"], R)
+        c = W / st.nw[None, :]
+        t = st.s * (torch.einsum("ij,jld,id->il", c, pr["Tt"], st.X) - (c * pr["XY"]) @ pr["TY"])
+        return v, t, (W * st.S).sum(1)[:, None] * pr["g"][None, :]
+
+    def _col_parts(self, st: BatchState, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pr = self._project(st)
+        c = W / st.nv[:, None]
+        v = st.s * (torch.einsum("ai,ald,id->il", c, pr["Hv"], st.Y) - (c * pr["XY"]).T @ pr["HX"])
+        WX = W.T @ st.X
+        Qv = (WX - st.Y * (st.Y * WX).sum(1, keepdim=True)) / st.nw[:, None]
+        t = st.s * torch.einsum("ild,id->il", pr["Tt"], Qv)
+        return v, t, (W * st.S).sum(0)[:, None] * pr["g"][None, :]
+
+    def _logit_parts(self, st: BatchState, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pr = self._project(st)
+        vs, ts = [], []
+        for i in range(0, len(a), 256):  # gathers of (n, k, D): keep them small
+            aa, bb = a[i : i + 256], b[i : i + 256]
+            xy = pr["XY"][aa, bb][:, None]
+            u = (st.Y[bb] - st.X[aa] * xy) / st.nv[aa, None]
+            w = (st.X[aa] - st.Y[bb] * xy) / st.nw[bb, None]
+            vs.append(st.s * torch.einsum("nld,nd->nl", pr["Hv"][aa], u))
+            ts.append(st.s * torch.einsum("nld,nd->nl", pr["Tt"][bb], w))
+        empty = st.S.new_zeros(0, self.k_max)
+        v = torch.cat(vs) if vs else empty
+        t = torch.cat(ts) if ts else empty
+        return v, t, st.S[a, b][:, None] * pr["g"][None, :]
+
+
+class KroneckerSketch(_PartsSketch):
     """Fast sketch: row l = [vec(a_l b_lᵀ), vec(a'_l c_lᵀ), γ_l] with all factors i.i.d. N(0, 1)."""
 
     kind = "kronecker"
@@ -176,33 +256,6 @@ class KroneckerSketch(Sketch):
         v = st.s * (pr["AY"][b] - pr["AX"][a] * xy) * pr["HB"][a] / st.nv[a, None]
         t = st.s * (pr["A2X"][a] - pr["A2Y"][b] * xy) * pr["TC"][b] / st.nw[b, None]
         return v, t, st.S[a, b][:, None] * pr["g"][None, :]
-
-    def row_sum(self, st: BatchState, W: torch.Tensor) -> torch.Tensor:
-        return sum(self._row_parts(st, W))
-
-    def col_sum(self, st: BatchState, W: torch.Tensor) -> torch.Tensor:
-        return sum(self._col_parts(st, W))
-
-    def logit_grads(self, st: BatchState, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return sum(self._logit_parts(st, a, b))
-
-    def batch_grads(self, st: BatchState, negatives: str = "all") -> torch.Tensor:
-        """g_i = ½Σ_{b≠i}P_ib∇S_ib + ½Σ_{a≠i}Q_ai∇S_ai − κ_i∇S_ii with κ_i = ½(Σ_{j≠i}P_ij + Σ_{a≠i}Q_ai).
-
-        'self' keeps the rank-one r_i h_iᵀ, q_i t_iᵀ blocks (W_v part of the row terms, W_t part of the
-        column terms, both with their share of the diagonal) and the whole θ component.
-        """
-        if negatives not in ("all", "self"):
-            raise ValueError(f"negatives must be 'all' or 'self', got {negatives!r}")
-        i = torch.arange(st.S.shape[0], device=st.S.device)
-        kappa = (0.5 * (st.p_off + st.q_off))[:, None]
-        rv, rt, rth = self._row_parts(st, 0.5 * st.P)
-        cv, ct, cth = self._col_parts(st, 0.5 * st.Q)
-        dv, dt, dth = self._logit_parts(st, i, i)
-        out = rv - kappa * dv + ct - kappa * dt + rth + cth - kappa * dth
-        if negatives == "all":
-            out = out + rt + cv
-        return out
 
 
 SKETCHES = {"dense": DenseGaussianSketch, "kronecker": KroneckerSketch}
