@@ -8,24 +8,58 @@
 Unsupported towers are refused with a message naming the model and the reason.
 """
 
+import open_clip
 import pytest
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+from open_clip.tokenizer import HFTokenizer
 from torch.func import functional_call, jacrev
 
 from chips_core import endpoint
 from chips_core.adapters import EndpointAdapter, UnsupportedModelError
-from chips_core.models import FIXTURES_DIR, load_model
+from chips_core.models import FIXTURES_DIR, LoadedModel, ModelIdentity, load_model
 
 pytestmark = pytest.mark.unit
 
 CAPTIONS = ["a chest x ray", "the moon", "a cat on a slide", "brain mri axial view", "coffee", "digit seven"]
-SUPPORTED = ["chips-tiny-vit", "chips-tiny-timm", "chips-tiny-hf"]
+SUPPORTED = [
+    "chips-tiny-vit",
+    "chips-tiny-timm",
+    "chips-tiny-hf",
+    "timm-mlp",
+    "hf-linear",
+    "custom-text-bias",
+]
+_VIT = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32)
+
+
+def _built(kind: str) -> LoadedModel:
+    """Tower variants without a registered config, built directly (seeded random init)."""
+    torch.manual_seed(0)
+    native = CLIPTextCfg(context_length=32, vocab_size=49408, width=32, heads=2, layers=1, proj_bias=True)
+    hf = CLIPTextCfg(hf_model_name=str(FIXTURES_DIR / "tiny-bert"), hf_model_pretrained=False,
+                     hf_proj_type="linear", hf_pooler_type="mean_pooler")  # fmt: skip
+    if kind == "timm-mlp":  # timm Mlp head: the endpoint is its final fc2 (with bias)
+        vis = CLIPVisionCfg(
+            timm_model_name="test_convnext", timm_proj="mlp", timm_proj_bias=True, image_size=32
+        )
+        model, tok = CLIP(48, vis, native), open_clip.get_tokenizer("chips-tiny-vit")
+    elif kind == "hf-linear":
+        model, tok = (
+            CustomTextCLIP(48, _VIT, hf),
+            HFTokenizer(str(FIXTURES_DIR / "tiny-bert"), context_length=32),
+        )
+    else:  # CustomTextCLIP with a native text tower whose projection is an nn.Linear with bias
+        model, tok = CustomTextCLIP(48, _VIT, native), open_clip.get_tokenizer("chips-tiny-vit")
+    model.eval()
+    return LoadedModel(
+        model, None, tok, EndpointAdapter(model, kind), ModelIdentity(kind), torch.device("cpu")
+    )
 
 
 @pytest.fixture(scope="module", params=SUPPORTED)
 def loaded(request):
-    lm = load_model(request.param)
+    lm = load_model(request.param) if request.param.startswith("chips-") else _built(request.param)
     lm.model.double().requires_grad_(False)
     with torch.no_grad():  # a temperature away from the init value, so θ's gradient is not special
         lm.model.logit_scale.fill_(2.3)
@@ -69,7 +103,9 @@ def test_features_reproduce_the_models_embeddings(loaded):
         y_model = loaded.model.encode_text(tokens, normalize=True)
     assert _rel(X, x_model) < 1e-12 and _rel(Y, y_model) < 1e-12
     # the projection really was switched off/observed, not skipped: h is not the projected embedding
-    assert not torch.allclose(torch.nn.functional.normalize(h[:, : X.shape[1]], dim=-1), X)
+    with torch.no_grad():
+        v_model = loaded.model.encode_image(images)
+    assert h.shape != v_model.shape or not torch.allclose(h, v_model)
 
 
 @pytest.mark.parametrize("negatives", ["all", "self"])
