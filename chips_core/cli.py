@@ -23,6 +23,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from chips_core.store import Workspace, WorkspaceError
@@ -247,6 +248,387 @@ def _run_ingest(args: argparse.Namespace) -> int:
 register("ingest", "read and validate a pool or eval set into the workspace", _add_ingest, _run_ingest)
 
 
+# --- featurize / prepare / score ------------------------------------------------------------------------
+
+
+def _add_featurize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("name", metavar="NAME", help="pool or eval set to featurize")
+    p.add_argument(
+        "--model", required=True, help="open_clip name, checkpoint file, local-dir:DIR or hf-hub:ID"
+    )
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+
+
+def _run_featurize(args: argparse.Namespace) -> int:
+    from chips_core.features import featurize
+
+    ws = workspace(args.ws)
+    with progress_bar(f"featurize {args.name}") as bar:
+        run_id = featurize(
+            ws,
+            args.name,
+            args.model,
+            args.pretrained,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            progress=bar,
+        )
+    with ws.connect(read_only=True) as con:
+        n = con.execute(
+            "SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [run_id]
+        ).fetchone()
+    say(f"feature run {run_id}: {int(n[0])} pairs of {args.name} featurized with {args.model}")
+    return 0
+
+
+#: chips_core.prepare.PrepareConfig's defaults, repeated so that building the parser imports no torch
+#: (tests/integration/test_cli.py checks that they agree).
+PREPARE_DEFAULTS = {
+    "k_max": 1024,
+    "sketch": "kronecker",
+    "batch_size": 1024,
+    "seed": 0,
+    "negatives": "all",
+    "curvature_pairs": 100_000,
+    "negatives_per_row": 8,
+    "dtype": "float32",
+}
+
+
+def _add_prepare_options(p: argparse.ArgumentParser) -> None:
+    d = PREPARE_DEFAULTS
+    g = p.add_argument_group("prepare (the scoring cache; a different value makes a new cache)")
+    g.add_argument("--k-max", type=int, default=d["k_max"], help=f"sketch rows stored (default {d['k_max']})")
+    g.add_argument(
+        "--sketch", default=d["sketch"], choices=["kronecker", "dense"], help="JL sketch (default kronecker)"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"],
+        help=f"InfoNCE batch size (default {d['batch_size']})",
+    )
+    g.add_argument(
+        "--seed", type=int, default=d["seed"], help="seed of batches, sketch and negatives (default 0)"
+    )
+    g.add_argument(
+        "--negatives",
+        default=d["negatives"],
+        choices=["all", "self"],
+        help="per-sample gradients with all in-batch negatives (default) or self-only (ablation)",
+    )
+    g.add_argument(
+        "--curvature-pairs",
+        type=int,
+        default=d["curvature_pairs"],
+        help=f"pool pairs used to estimate the curvature (default {d['curvature_pairs']})",
+    )
+    g.add_argument(
+        "--negatives-per-row",
+        type=int,
+        default=d["negatives_per_row"],
+        help=f"sampled negatives per row for the curvature (default {d['negatives_per_row']})",
+    )
+    g.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present"
+    )
+    g.add_argument(
+        "--dtype", default=d["dtype"], choices=["float32", "float64"], help="math precision (default float32)"
+    )
+    g.add_argument(
+        "--model-id", type=int, default=None, help="use the feature runs of this model (default: the latest)"
+    )
+
+
+def _prepare_config(args: argparse.Namespace) -> Any:
+    from chips_core.models import resolve_device
+    from chips_core.prepare import PrepareConfig
+
+    return PrepareConfig(
+        k_max=args.k_max,
+        sketch=args.sketch,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        negatives=args.negatives,
+        curvature_pairs=args.curvature_pairs,
+        negatives_per_row=args.negatives_per_row,
+        device=resolve_device(args.device).type,
+        dtype=args.dtype,
+    )
+
+
+def feature_runs_for(
+    ws: Workspace, pool: str, eval_name: str, model_id: int | None = None
+) -> tuple[int, int]:
+    """(pool run, eval run): the latest finished feature runs of both with the same model."""
+    from chips_core.features import find_run
+
+    pool_run = find_run(ws, pool, model_id)
+    if pool_run is None:
+        raise CliError(
+            f"pool {pool!r} has no finished feature run; run `chips featurize {ws.root} {pool} --model M`"
+        )
+    with ws.connect(read_only=True) as con:
+        model_id, model = con.execute(
+            "SELECT f.model_id, m.name FROM feature_runs f JOIN models m USING (model_id) WHERE f.run_id = ?",
+            [pool_run],
+        ).fetchone()
+    eval_run = find_run(ws, eval_name, model_id)
+    if eval_run is None:
+        raise CliError(
+            f"eval set {eval_name!r} has no finished feature run with model {model} (model_id {model_id}); "
+            f"run `chips featurize {ws.root} {eval_name} --model ...` with the pool's model"
+        )
+    return pool_run, eval_run
+
+
+def load_run_model(ws: Workspace, run_id: int, device: str = "cpu") -> Any:
+    """The LoadedModel a feature run was made with, rebuilt from its `models` row (hash checked)."""
+    from chips_core.models import load_model
+
+    with ws.connect(read_only=True) as con:
+        name, tag, ckpt, sha = con.execute(
+            "SELECT m.name, m.pretrained, m.checkpoint, m.checkpoint_sha256 FROM feature_runs f "
+            "JOIN models m USING (model_id) WHERE f.run_id = ?",
+            [run_id],
+        ).fetchone()
+    if tag and tag.startswith("random-init:seed="):
+        loaded = load_model(name, None, device=device, seed=int(tag.split("=", 1)[1]))
+    elif ckpt and not name.startswith("local-dir:"):
+        loaded = load_model(name, ckpt, device=device)
+    else:
+        loaded = load_model(name, tag, device=device)
+    if loaded.identity.checkpoint_sha256 != sha:
+        raise CliError(f"the weights of model {name} changed since feature run {run_id} (checkpoint {ckpt})")
+    return loaded
+
+
+def prepare_workspace(
+    ws: Workspace, pool: str, eval_name: str, config: Any, model_id: int | None = None, progress: Any = None
+) -> int:
+    """The scoring cache of (pool, eval set, config) in ws/caches/<id>: reused when finished, resumed when
+    interrupted, else built with `chips_core.scoring.prepare`; returns its cache_id (`scoring_caches`)."""
+    from dataclasses import asdict
+
+    from chips_core.features import FeatureStore
+    from chips_core.scoring import prepare
+
+    pool_run, eval_run = feature_runs_for(ws, pool, eval_name, model_id)
+    key = json.dumps(asdict(config), sort_keys=True)
+    with ws.connect() as con:
+        row = con.execute(
+            "SELECT cache_id, dir, status FROM scoring_caches WHERE pool_run_id = ? AND eval_run_id = ? "
+            "AND config::VARCHAR = ? ORDER BY cache_id DESC LIMIT 1",
+            [pool_run, eval_run, key],
+        ).fetchone()
+        if row is not None and row[2] == "done":
+            return int(row[0])
+        if row is None:
+            cache_id = ws.next_id(con)
+            cache_dir = ws.root / "caches" / str(cache_id)
+            con.execute(
+                "INSERT INTO scoring_caches (cache_id, pool_run_id, eval_run_id, config, dir, status) "
+                "VALUES (?, ?, ?, ?, ?, 'running')",
+                [cache_id, pool_run, eval_run, key, str(cache_dir)],
+            )
+        else:
+            cache_id, cache_dir = int(row[0]), Path(row[1])
+    params = load_run_model(ws, pool_run).adapter.endpoint_params()
+    prepare(
+        FeatureStore(ws, pool_run), FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress
+    )
+    with ws.connect() as con:
+        con.execute(
+            "UPDATE scoring_caches SET status = 'done', finished_at = current_timestamp WHERE cache_id = ?",
+            [cache_id],
+        )
+    return cache_id
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("pool", metavar="POOL", help="pool name (featurized)")
+    p.add_argument(
+        "--eval", dest="eval_name", required=True, help="eval set name (featurized with the same model)"
+    )
+    _add_prepare_options(p)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    ws = workspace(args.ws)
+    with progress_bar(f"prepare {args.pool}") as bar:
+        cache_id = prepare_workspace(ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar)
+    with ws.connect(read_only=True) as con:
+        cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE cache_id = ?", [cache_id]).fetchone()[0]
+    say(f"scoring cache {cache_id} of {args.pool} against {args.eval_name} ready at {cache_dir}")
+    return 0
+
+
+def _add_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("pool", metavar="POOL", help="pool name (featurized)")
+    p.add_argument(
+        "--eval", dest="eval_name", required=True, help="eval set name (featurized with the same model)"
+    )
+    p.add_argument(
+        "--method", default="chips", choices=["chips", "random", "clipscore", "dot", "tracin", "trak"]
+    )
+    p.add_argument("--alpha", type=float, default=0.7, help="weight of the negative curvature (default 0.7)")
+    p.add_argument("--lam", type=float, default=None, help="damping λ (default λ* with d(λ*) = k/4)")
+    p.add_argument("--k", type=int, default=None, help="sketch rows used, ≤ k-max (default k-max/2)")
+    p.add_argument("--beta", type=float, default=0.5, help="image/text balance of the relevance weight")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction marked selected (default 0.3)")
+    p.add_argument("--rank-seed", type=int, default=0, help="seed of the random baseline (default 0)")
+    p.add_argument(
+        "--exact", action="store_true", help="CHIPS without the sketch (conjugate gradients; slow)"
+    )
+    p.add_argument("--no-learnability", action="store_true", help="ablation: w_L ≡ 1")
+    p.add_argument("--no-relevance", action="store_true", help="ablation: w_R ≡ 1")
+    p.add_argument("--rank-normalized", action="store_true", help="use the rank of Â in (0, 1] instead of Â")
+    p.add_argument(
+        "--tracin-cache",
+        action="append",
+        default=[],
+        metavar="CACHE_ID[:ETA]",
+        help="tracin: scoring cache of a checkpoint's feature runs and its learning rate (repeat)",
+    )
+    p.add_argument("--out", default=None, help="write the ranking to FILE.parquet or FILE.csv")
+    _add_prepare_options(p)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    ws = workspace(args.ws)
+    out = None
+    if args.out is not None:
+        out = Path(args.out).expanduser().resolve()
+        if out.suffix not in (".parquet", ".csv"):
+            raise CliError(f"--out {args.out}: use a .parquet or .csv file name")
+    if args.exact and args.method != "chips":
+        raise CliError("--exact applies to --method chips only")
+    from chips_core import selection as sel
+    from chips_core.scoring import ScoringCache, rank, rank_exact
+
+    with progress_bar(f"prepare {args.pool}") as bar:
+        cache_id = prepare_workspace(ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar)
+    with ws.connect(read_only=True) as con:
+        cache_dir, pool_run = con.execute(
+            "SELECT dir, pool_run_id FROM scoring_caches WHERE cache_id = ?", [cache_id]
+        ).fetchone()
+    cache = ScoringCache.load(cache_dir)
+    opts = dict(
+        alpha=args.alpha,
+        lam=args.lam,
+        k=args.k,
+        beta=args.beta,
+        ratio=args.ratio,
+        use_learnability=not args.no_learnability,
+        use_relevance=not args.no_relevance,
+        rank_normalized=args.rank_normalized,
+    )
+    if args.exact:
+        from chips_core.features import FeatureStore
+
+        params = load_run_model(ws, pool_run).adapter.endpoint_params()
+        result = rank_exact(cache, FeatureStore(ws, pool_run), params, **opts)
+    else:
+        checkpoints = [_tracin_cache(ws, spec) for spec in args.tracin_cache] or None
+        result = rank(cache, args.method, seed=args.rank_seed, checkpoints=checkpoints, **opts)
+    method = "chips-exact" if args.exact else args.method
+    params = {
+        "method": method,
+        "eval": args.eval_name,
+        "rank_seed": args.rank_seed,
+        "tracin": args.tracin_cache,
+        **opts,
+        "info": result.info,
+    }
+    run_id = sel.record_score_run(ws, args.pool, result, method, params, cache_id=cache_id)
+    info = result.info
+    say(
+        f"score run {run_id}: {method} on {args.pool} ({info.get('n', len(result.frame))} pairs) against "
+        f"{args.eval_name}, cache {cache_id}"
+    )
+    for key in ("k", "lam", "lam_star", "d_over_k", "frac_positive", "stability", "n_selected"):
+        if info.get(key) is not None:
+            value = info[key]
+            say(f"  {key:<14}{value:.6g}" if isinstance(value, float) else f"  {key:<14}{value}")
+    if out is not None:
+        table = _score_table(ws, args.pool, result)
+        from chips_core.store import atomic_path
+
+        with atomic_path(out) as tmp:
+            if out.suffix == ".parquet":
+                table.to_parquet(tmp, index=False)
+            else:
+                table.to_csv(tmp, index=False)
+        say(f"  wrote {len(table)} rows to {out}")
+    return 0
+
+
+def _tracin_cache(ws: Workspace, spec: str) -> tuple[Any, float]:
+    from chips_core.scoring import ScoringCache
+
+    cid, _, eta = spec.partition(":")
+    try:
+        cache_id, lr = int(cid), float(eta) if eta else 1.0
+    except ValueError:
+        raise CliError(f"--tracin-cache {spec!r}: expected CACHE_ID or CACHE_ID:ETA") from None
+    with ws.connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT dir FROM scoring_caches WHERE cache_id = ? AND status = 'done'", [cache_id]
+        ).fetchone()
+    if row is None:
+        raise CliError(f"--tracin-cache: no finished scoring cache {cache_id}")
+    return ScoringCache.load(row[0]), lr
+
+
+def _score_table(ws: Workspace, pool: str, result: Any) -> Any:
+    """The ranking joined with the pool's pairs: pair_id, filepath, caption, label and every component."""
+    from chips_core.selection import rank_frame, resolve_pool
+
+    frame = rank_frame(result)
+    pool_id = resolve_pool(ws, pool)
+    with ws.connect(read_only=True) as con:
+        pairs = con.execute(
+            "SELECT pair_id, filepath, caption, label FROM pairs WHERE pool_id = ?", [pool_id]
+        ).df()
+    table = frame.merge(pairs, on="pair_id", how="left")
+    first = [
+        "pair_id",
+        "filepath",
+        "caption",
+        "label",
+        "alignment",
+        "learnability",
+        "relevance",
+        "score",
+        "rank",
+    ]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+register(
+    "featurize",
+    "run the encoders once per pair and cache pre-projection features",
+    _add_featurize,
+    _run_featurize,
+)
+register(
+    "prepare",
+    "build the scoring cache (sketched gradients, curvature, target gradient)",
+    _add_prepare,
+    _run_prepare,
+)
+register("score", "rank a pool by CHIPS or a baseline (prepares if needed)", _add_score, _run_score)
+
+
 # --- curation: select / decide / diff / export ----------------------------------------------------------
 
 
@@ -288,8 +670,12 @@ def _add_decide(p: argparse.ArgumentParser) -> None:
     p.add_argument("ws", metavar="WS", help="workspace folder")
     p.add_argument("pool", metavar="POOL", help="pool name")
     p.add_argument("pair_id", metavar="PAIR_ID", type=int, help="the pair's id (see `chips score --out`)")
-    p.add_argument("action", metavar="ACTION", choices=["include", "exclude", "clear", "note"],
-                   help="include | exclude | clear | note")  # fmt: skip
+    p.add_argument(
+        "action",
+        metavar="ACTION",
+        choices=["include", "exclude", "clear", "note"],
+        help="include | exclude | clear | note",
+    )
     p.add_argument("--note", default=None, help="free-text note kept with the decision")
     p.add_argument("--author", default=None, help="who decides (default: $CHIPS_AUTHOR or the login name)")
     p.add_argument("--score-run", type=int, default=None, help="score run the decision was made on")
@@ -331,9 +717,14 @@ def _sel_ref(text: str) -> str | int:
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("ws", metavar="WS", help="workspace folder")
     p.add_argument("selection", metavar="SEL", help="selection id, name (latest version) or name@version")
-    p.add_argument("--format", dest="fmt", default="csv", choices=["csv", "safe-csv", "parquet", "ids"],
-                   help="csv: open_clip_train-ready; safe-csv: for spreadsheets; "
-                   "parquet: all score components; ids: .npy of pair ids")  # fmt: skip
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        default="csv",
+        choices=["csv", "safe-csv", "parquet", "ids"],
+        help="csv: open_clip_train-ready; safe-csv: for spreadsheets; "
+        "parquet: all score components; ids: .npy of pair ids",
+    )
     p.add_argument("--out", default=None, help="output file or folder (default: WS/exports/NAME-vN.EXT)")
 
 
@@ -482,9 +873,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if isinstance(exc, SystemExit):
             raise
-        user = isinstance(
-            exc, WorkspaceError | ValueError | FileNotFoundError | PermissionError | NotADirectoryError
-        )
+        user = isinstance(exc, WorkspaceError | ValueError | OSError)
         user = user or type(exc).__name__.endswith(("LoadError", "CPTError", "ModelError", "PoolError"))
         if os.environ.get("CHIPS_DEBUG"):
             traceback.print_exc()

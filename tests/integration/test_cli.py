@@ -1,0 +1,255 @@
+"""The `chips` command end to end.
+
+Real subprocesses (`python -m chips_core.cli`) on a small pool of real images with awkward captions, a tiny
+random-init open_clip model, exit codes and one-line errors.
+"""
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from open_clip_train.data import CsvDataset
+from PIL import Image
+
+from chips_core import cli
+from chips_core import selection as sel
+from chips_core.store import Workspace
+from tests.fixtures_build import write_images
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+CAPTIONS = [
+    'retina, "quoted", with commas',
+    "two\nlines of text",
+    "=cmd|' /C calc'!A0",
+    "unicode µm 肺 café",
+    "+plus sign first",
+    "  padded caption  ",
+]
+PREP = ["--k-max", "32", "--batch-size", "8", "--device", "cpu"]
+
+
+def chips(*args, ok=True, timeout=300):
+    """Run the real command line in a fresh process; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("CHIPS_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chips_core.cli", *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if ok:
+        assert proc.returncode == 0, f"chips {' '.join(map(str, args))} failed: {proc.stderr}"
+    return proc
+
+
+def manifest(folder: Path, n: int, seed: int) -> Path:
+    items = write_images(folder / "images", n, seed=seed)
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "label"])
+        for i, (p, caption, label) in enumerate(items):
+            w.writerow([p, CAPTIONS[i] if i < len(CAPTIONS) else caption, label])
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """init → ingest pool + eval → featurize both → score (which prepares): all through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    ws = root / "ws"
+    chips("init", ws)
+    out = chips(
+        "ingest", ws, "pool", manifest(root / "pool", 24, seed=1), "--label-col", "label", "--workers", 0
+    )
+    assert "24 pairs, 0 rejected" in out.stdout
+    chips("ingest", ws, "target", manifest(root / "eval", 10, seed=2), "--eval", "--workers", 0)
+    for name in ("pool", "target"):
+        assert (
+            "featurized"
+            in chips("featurize", ws, name, "--model", "chips-tiny-vit", "--device", "cpu").stdout
+        )
+    scores = root / "scores.parquet"
+    out = chips("score", ws, "pool", "--eval", "target", "--ratio", "0.25", "--out", scores, *PREP)
+    assert "score run" in out.stdout and "lam_star" in out.stdout
+    return Workspace(ws), scores, root
+
+
+@pytest.mark.slow
+def test_score_out_has_every_component(scored):
+    ws, scores, _ = scored
+    df = pd.read_parquet(scores)
+    for col in ("pair_id", "filepath", "caption", "alignment", "learnability", "relevance", "score", "rank"):
+        assert col in df.columns
+    assert len(df) == 24 and sorted(df["rank"]) == list(range(1, 25))
+    assert (np.diff(df.sort_values("rank")["score"].to_numpy()) <= 0).all()
+    with ws.connect(read_only=True) as con:
+        pairs = dict(con.execute("SELECT pair_id, caption FROM pairs").fetchall())
+    assert all(pairs[p] == c for p, c in zip(df["pair_id"], df["caption"], strict=True))
+
+
+@pytest.mark.slow
+def test_baseline_reuses_the_cache_and_writes_csv(scored):
+    ws, _, root = scored
+    with ws.connect(read_only=True) as con:
+        n_caches = con.execute("SELECT count(*) FROM scoring_caches").fetchone()[0]
+    out = root / "clip.csv"
+    chips("score", ws.root, "pool", "--eval", "target", "--method", "clipscore", "--out", out, *PREP)
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM scoring_caches").fetchone()[0] == n_caches
+        assert con.execute("SELECT method FROM score_runs ORDER BY score_run_id").fetchall()[-1] == (
+            "clipscore",
+        )
+    df = pd.read_csv(out)
+    assert len(df) == 24 and "score" in df.columns
+
+
+@pytest.mark.slow
+def test_decisions_persist_and_selection_applies_them(scored):
+    ws, scores, _ = scored
+    with ws.connect(read_only=True) as con:
+        run = con.execute("SELECT max(score_run_id) FROM score_runs").fetchone()[0]
+    ranking = sel.load_score_run(ws, run)
+    top, bottom = int(ranking["pair_id"].iloc[0]), int(ranking["pair_id"].iloc[-1])
+    chips("decide", ws.root, "pool", top, "exclude", "--note", "wrong modality")
+    chips("decide", ws.root, "pool", bottom, "include")
+    out = chips("select", ws.root, "pool", "--ratio", "0.25", "--name", "cur")
+    assert "1 included, 1 excluded" in out.stdout
+    members = sel.selection_members(ws, "cur")
+    assert len(members) == 6 and top not in set(members["pair_id"]) and bottom in set(members["pair_id"])
+    chips("decide", ws.root, "pool", top, "clear")
+    chips("select", ws.root, "pool", "--ratio", "0.25", "--name", "cur")
+    diff = chips("diff", ws.root, "cur@1", "cur@2", "--list").stdout
+    assert f"only in second: {top}" in diff
+    status = chips("status", ws.root).stdout
+    assert "selections: 2" in status and "cur" in status
+
+
+@pytest.mark.slow
+def test_export_csv_is_open_clip_ready_and_byte_exact(scored):
+    ws, _, root = scored
+    chips("select", ws.root, "pool", "--ratio", "1", "--name", "everything")
+    target = root / "export" / "train.csv"
+    out = chips("export", ws.root, "everything", "--format", "csv", "--out", target).stdout
+    assert "--csv-separator , --csv-img-key filepath --csv-caption-key title" in out
+    ds = CsvDataset(str(target), transforms=lambda im: np.asarray(im.convert("RGB")), img_key="filepath",
+                    caption_key="title", sep=",", tokenizer=lambda texts: texts)  # fmt: skip
+    with ws.connect(read_only=True) as con:
+        want = dict(con.execute("SELECT filepath, caption FROM pairs p JOIN pools USING (pool_id) "
+                                "WHERE pools.name = 'pool'").fetchall())  # fmt: skip
+    assert len(ds) == 24
+    for i in range(len(ds)):
+        image, caption = ds[i]
+        assert caption.encode("utf-8") == want[ds.images[i]].encode("utf-8")
+        assert image.shape[2] == 3
+    assert set(CAPTIONS) <= {ds[i][1] for i in range(len(ds))}
+    assert (root / "export" / "train.csv.manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_export_safe_csv_and_ids(scored):
+    ws, _, root = scored
+    chips("select", ws.root, "pool", "--ratio", "1", "--name", "all-safe")
+    safe = root / "clinic.csv"
+    chips("export", ws.root, "all-safe", "--format", "safe-csv", "--out", safe)
+    rows = list(csv.DictReader(io.StringIO(safe.read_bytes().decode("utf-8-sig"), newline="")))
+    cells = {r["caption"] for r in rows}
+    assert "'=cmd|' /C calc'!A0" in cells and "'+plus sign first" in cells
+    assert not any(c.startswith(("=", "+", "-", "@")) for c in cells)
+    ids = root / "ids.npy"
+    chips("export", ws.root, "all-safe", "--format", "ids", "--out", ids)
+    assert sorted(np.load(ids)) == sorted(int(r["pair_id"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_bad_input_gives_one_line_and_exit_1(scored):
+    ws, _, root = scored
+    (root / "afile").write_text("x")
+    cases = [
+        (["status", root / "nowhere"], "not a CHIPS workspace"),
+        (["select", ws.root, "nopool", "--ratio", "0.1", "--name", "x"], "no pool named 'nopool'"),
+        (["decide", ws.root, "pool", "12345", "exclude"], "not in pool"),
+        (["export", ws.root, "nosuch", "--format", "csv"], "no selection 'nosuch'"),
+        (["export", ws.root, "everything", "--out", root / "afile" / "x.csv"], "afile"),
+        (["ingest", ws.root, "p2", root / "missing.csv"], "missing.csv"),
+        (["featurize", ws.root, "pool", "--model", "no-such-model", "--device", "cpu"], "no-such-model"),
+        (["score", ws.root, "pool", "--eval", "target", "--out", root / "x.txt"], "parquet or .csv"),
+        (["score", ws.root, "pool", "--eval", "nothere", *PREP], "nothere"),
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "chips_core.cli", *map(str, args)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        for args, _ in cases
+    ]
+    for (args, needle), proc in zip(cases, procs, strict=True):
+        _, err = proc.communicate(timeout=300)
+        lines = [
+            ln for ln in err.splitlines() if ln.strip() and not ln.startswith("WARNING:root:No pretrained")
+        ]
+        assert proc.returncode == 1, (args, err)
+        assert len(lines) == 1 and needle in lines[0] and lines[0].startswith(f"chips {args[0]}: "), (
+            args,
+            err,
+        )
+    assert not (root / "afile").is_dir()
+
+
+def test_argparse_errors_and_help(capsys):
+    cli.build_parser()  # registers extension commands too
+    for name in list(cli.COMMANDS):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage: chips " + name in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["decide", "ws", "pool", "notanumber", "include"])
+    assert exc.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_prepare_defaults_match_the_library():
+    from dataclasses import asdict
+
+    from chips_core.prepare import PrepareConfig
+
+    lib = asdict(PrepareConfig())
+    assert {k: lib[k] for k in cli.PREPARE_DEFAULTS} == cli.PREPARE_DEFAULTS
+
+
+def test_negative_pair_ids_parse():
+    args = cli.build_parser(load_extensions=False).parse_args(["decide", "ws", "pool", "-42", "exclude"])
+    assert args.pair_id == -42 and args.action == "exclude"
+
+
+def test_materialised_images_open_with_pil(tmp_path):
+    """A DICOM pool exported as CSV: open_clip_train reads PNGs written beside the CSV."""
+    import pydicom.data
+
+    dicom_dir = tmp_path / "dicom"
+    dicom_dir.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        (dicom_dir / name).write_bytes(Path(pydicom.data.get_testdata_file(name)).read_bytes())
+    ws = Workspace(tmp_path / "ws")
+    chips("init", ws.root)
+    chips("ingest", ws.root, "dcm", dicom_dir, "--workers", 0)
+    with ws.connect(read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT pair_id FROM pairs ORDER BY row_index").fetchall()]
+    ranking = pd.DataFrame({"pair_id": ids, "score": [1.0, 0.5], "rank": [1, 2]})
+    sid = sel.save_selection(ws, "dcm", ranking, ratio=1.0, name="dcm-all", method="manual")
+    out = chips("export", ws.root, sid, "--out", tmp_path / "dcm.csv").stdout
+    assert "2 images written as PNG" in out
+    for path in pd.read_csv(tmp_path / "dcm.csv")["filepath"]:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 0
