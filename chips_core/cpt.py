@@ -337,7 +337,8 @@ def _set_status(ws: Workspace, run_id: int, status: str, checkpoint: str | None 
             )
 
 
-def _write_progress(ws: Workspace, run_id: int, rows: list[dict], checkpoint: str | None) -> None:
+def _write_progress(ws: Workspace, run_id: int, rows: list[dict], checkpoint: str | None) -> str:
+    """Store progress rows (and the newest checkpoint); returns the run's status as recorded now."""
     with ws.connect() as con:
         con.executemany(
             "INSERT OR REPLACE INTO cpt_progress "
@@ -346,6 +347,7 @@ def _write_progress(ws: Workspace, run_id: int, rows: list[dict], checkpoint: st
         )
         if checkpoint:
             con.execute("UPDATE cpt_runs SET checkpoint = ? WHERE cpt_run_id = ?", [checkpoint, run_id])
+        return con.execute("SELECT status FROM cpt_runs WHERE cpt_run_id = ?", [run_id]).fetchone()[0]
 
 
 def _alive(pid: int) -> bool:
@@ -412,7 +414,8 @@ def _supervise(
                 if progress is not None:
                     progress(dict(row))
             if pending and (new_ckpt or time.monotonic() - last_flush > 1.0):
-                _write_progress(ws, run_id, pending, new_ckpt)
+                if _write_progress(ws, run_id, pending, new_ckpt) == "cancelled":
+                    _kill_group(proc.pid, grace_s=5.0)  # a cancel that came before the pid file existed
                 pending, last_flush = [], time.monotonic()
         rc = proc.wait()
     finally:
