@@ -478,7 +478,10 @@ def _add_score(p: argparse.ArgumentParser) -> None:
         "--eval", dest="eval_name", required=True, help="eval set name (featurized with the same model)"
     )
     p.add_argument(
-        "--method", default="chips", choices=["chips", "random", "clipscore", "dot", "tracin", "trak"]
+        "--method",
+        default="chips",
+        choices=["chips", "random", "clipscore", "dot", "tracin", "trak"],
+        help="CHIPS (default) or a baseline on the same features and batches (METHOD.md §7)",
     )
     p.add_argument("--alpha", type=float, default=0.7, help="weight of the negative curvature (default 0.7)")
     p.add_argument("--lam", type=float, default=None, help="damping λ (default λ* with d(λ*) = k/4)")
