@@ -58,9 +58,7 @@ def demo_workspace_path() -> str:
     """The bundled demo workspace, built once per server from data/demo through the library's real path."""
     from chips_core import demo
 
-    path = demo.default_demo_workspace()
-    demo.build_demo_workspace(path)
-    return str(path)
+    return str(demo.default_demo_workspace())
 
 
 def workspace_path() -> tuple[str, bool]:
@@ -215,7 +213,7 @@ def current_rank(ctx: ScoringContext) -> Any:
         "rank_normalized": p["rank_normalized"],
     }
     base = _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": None}.items())))
-    if p["lam_factor"] == 1.0:
+    if p["lam_factor"] == 1.0 or base.info.get("lam_star") is None:  # λ* only exists for chips / trak
         return base
     lam = float(base.info["lam_star"]) * p["lam_factor"]
     return _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": lam}.items())))

@@ -29,34 +29,31 @@ def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, 
     except (store.WorkspaceError, OSError) as exc:
         st.error(str(exc))
         return None
-    st.success(f"Started {kind} as background job {job_id}; its progress shows below.")
+    # shown by the jobs panel, which may rerun the page once to start refreshing itself
+    st.session_state["job_flash"] = f"Started {kind} as background job {job_id}; its progress shows below."
     return job_id
 
 
-def _render_jobs(ws: store.Workspace) -> bool:
-    """Draw the job list; returns whether any job is still active."""
-    df = pd.DataFrame([dataclasses.asdict(j) for j in jobs.list_jobs(ws)])
-    if df.empty:
+def _render_jobs(ws: store.Workspace, listed: list[jobs.JobInfo]) -> None:
+    """Draw the job list, a cancel button per active job, and the log of a chosen job."""
+    if not listed:
         st.caption("No jobs yet.")
-        return False
+        return
+    df = pd.DataFrame([dataclasses.asdict(j) for j in listed])
+    cols = ["job_id", "kind", "status", "progress", "message", "started_at", "finished_at"]
     st.dataframe(
-        df[
-            [
-                c
-                for c in ("job_id", "kind", "status", "progress", "message", "started_at", "finished_at")
-                if c in df
-            ]
-        ],
+        df[cols],
         hide_index=True,
         key="jobs_table",
         column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)},
     )
-    active = df[df["status"].isin(jobs.ACTIVE)]
-    for row in active.itertuples():
-        if st.button(f"Cancel job {row.job_id} ({row.kind})", key=f"cancel-{row.job_id}"):
-            jobs.cancel(ws, int(row.job_id))
+    for job in listed:
+        if job.active and st.button(f"Cancel job {job.job_id} ({job.kind})", key=f"cancel-{job.job_id}"):
+            jobs.cancel(ws, job.job_id)
             st.rerun()
-    return not active.empty
+    with st.expander("Log of a job"):
+        job_id = st.selectbox("Job", [j.job_id for j in listed], key="log_job")
+        st.code(jobs.read_log(ws, int(job_id))[-5000:] or "(empty)", language=None)
 
 
 def jobs_panel(ws: store.Workspace) -> None:
@@ -64,10 +61,14 @@ def jobs_panel(ws: store.Workspace) -> None:
 
     @st.fragment(run_every=2 if st.session_state.get("jobs_active", False) else None)
     def _panel() -> None:
-        active = _render_jobs(ws)
-        if active != st.session_state.get("jobs_active", False):
+        listed = jobs.list_jobs(ws)
+        active = any(j.active for j in listed)
+        if active != st.session_state.get("jobs_active", False):  # start/stop the timer: rerun the page
             st.session_state["jobs_active"] = active
             st.rerun()
+        if "job_flash" in st.session_state:
+            st.success(st.session_state.pop("job_flash"))
+        _render_jobs(ws, listed)
 
     _panel()
 

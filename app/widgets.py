@@ -19,37 +19,33 @@ def ranking_frame(result: Any) -> pd.DataFrame:
     return selection.rank_frame(result)
 
 
+def _num(value: Any, fmt: str) -> str:
+    """A figure for a metric tile; '—' when the method has no such figure."""
+    return "—" if value is None or not np.isfinite(value) else format(value, fmt)
+
+
 def rank_metrics(info: dict[str, Any], n_total: int) -> None:
     """The headline figures of a ranking: selected share, positive alignment, λ and d(λ)/k, stability."""
     cols = st.columns(5)
     n_sel = int(info.get("n_selected", 0))
-    cols[0].metric(
-        "Selected", f"{n_sel:,}", f"{n_sel / max(n_total, 1):.1%} of {n_total:,}", delta_color="off"
-    )
+    share = f"{n_sel / max(n_total, 1):.1%} of {n_total:,}"
+    cols[0].metric("Selected", f"{n_sel:,}", share, delta_color="off")
     frac = info.get("frac_positive")
-    cols[1].metric("Alignment > 0", "—" if frac is None else f"{frac:.1%}", help="Share of pairs with Â > 0.")
-    lam = info.get("lam")
-    cols[2].metric(
-        "λ", "—" if lam is None else f"{lam:.3g}", help=f"λ* = {info.get('lam_star', float('nan')):.3g}"
-    )
-    d_k = info.get("d_over_k")
+    cols[1].metric("Alignment > 0", _num(frac, ".1%"), help="Share of pairs with Â > 0.")
+    cols[2].metric("λ", _num(info.get("lam"), ".3g"), help=f"λ* = {_num(info.get('lam_star'), '.3g')}")
     cols[3].metric(
         "d(λ)/k",
-        "—" if d_k is None else f"{d_k:.3f}",
+        _num(info.get("d_over_k"), ".3f"),
         help="Effective dimension of the sketched curvature over k; λ* gives 0.25.",
     )
-    stab = info.get("stability")
     cols[4].metric(
         "Ranking stability",
-        "—" if stab is None or not np.isfinite(stab) else f"{stab:.3f}",
+        _num(info.get("stability"), ".3f"),
         help="Spearman between scores from sketch rows [0, k) and [k, 2k); needs 2k ≤ k_max.",
     )
-    if (
-        frac is not None
-        and n_total
-        and frac * n_total < n_sel
-        and not st.session_state.get("rank_normalized")
-    ):
+    method = info.get("method")
+    backwards = method in ("chips", "trak") and frac is not None and frac * n_total < n_sel
+    if backwards and not st.session_state.get("rank_normalized"):
         st.warning(
             "Fewer pairs have positive alignment than the budget selects: the product ranks the negative "
             "ones backwards. Consider the rank-normalised alignment (Ablations)."

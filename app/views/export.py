@@ -39,6 +39,8 @@ with st.form("save_selection", border=False):
             st.error(str(exc))
         else:
             info = selection.get_selection(ws, sid)
+            st.session_state["export_sel"] = sid  # the new version is what one exports or trains next
+            st.session_state["train_sel"] = sid
             st.success(f"Saved {info.name} v{info.version}: {info.n_selected:,} pairs (selection id {sid}).")
 
 saved = selection.list_selections(ws, ctx.pool_id)

@@ -1,0 +1,171 @@
+"""Every dashboard page under streamlit.testing.v1.AppTest, on a tiny real workspace (no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from chips_core import jobs, selection, store
+from tests.app.workspace_build import POOL
+
+pytestmark = pytest.mark.app
+
+MAIN = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
+
+
+def _app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    at.run()
+    if page:
+        at.switch_page(f"views/{page}.py").run()
+    _ok(at)
+    return at
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _ranking(at: AppTest) -> pd.DataFrame:
+    return next(df.value for df in at.dataframe if {"rank", "caption"} <= set(df.value.columns))
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_scores_sliders_rerank_without_a_model(tiny_workspace):
+    at = _app()
+    assert at.title[0].value == "Scores"
+    before = _ranking(at)["pair_id"].tolist()
+    assert _metric(at, "d(λ)/k") == "0.250"  # λ = λ* solves d(λ*) = k/4
+    assert _metric(at, "Selected") == "15"  # ceil(0.3 · 48)
+
+    at.slider(key="alpha").set_value(0.0).run()
+    _ok(at)
+    after_alpha = _ranking(at)["pair_id"].tolist()
+    assert after_alpha != before and sorted(after_alpha) == sorted(before)
+
+    at.select_slider(key="lam_factor").set_value(100.0).run()
+    assert float(_metric(at, "d(λ)/k")) < 0.25  # more regularisation, fewer effective directions
+
+    at.slider(key="ratio").set_value(0.5).run()
+    assert _metric(at, "Selected") == "24"
+    assert int(_ranking(at)["selected"].sum()) == 24
+
+    at.selectbox(key="method").set_value("clipscore").run()
+    _ok(at)
+    ranking = _ranking(at)
+    assert (np.diff(ranking["score"].to_numpy()) <= 0).all()  # best first
+
+
+def test_browse_decisions_persist_across_sessions(tiny_workspace):
+    at = _app("browse")
+    assert at.title[0].value == "Browse"
+    bottom = [b for b in at.button if b.key and b.key.startswith("bottom-exc-")]
+    assert bottom, "the bottom gallery shows exclude buttons"
+    pid = int(bottom[0].key.rsplit("-", 1)[1])
+    bottom[0].click().run()
+    _ok(at)
+    ws = store.Workspace(tiny_workspace)
+    dec = selection.current_decisions(ws, POOL).set_index("pair_id")
+    assert dec.loc[pid, "state"] == "exclude"
+
+    fresh = _app("browse")  # a new session (a browser reload) sees the decision from the workspace
+    assert fresh.button(key=f"bottom-exc-{pid}").disabled
+    scores = _app()
+    ranking = _ranking(scores).set_index("pair_id")
+    assert pid not in ranking.index or ranking.loc[pid, "decision"] == "exclude"
+
+
+def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
+    at = _app("browse")
+    why = next(b for b in at.button if b.key and b.key.startswith("top-why-"))
+    pid = int(why.key.rsplit("-", 1)[1])
+    why.click().run()
+    _ok(at)
+    assert any(f"Pair {pid}" in s.value for s in at.subheader)
+    comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
+    assert list(comps.index) == ["alignment", "learnability", "relevance", "score"]
+    at.text_area(key=f"note-{pid}").input("caption names the wrong eye")
+    at.button(key="FormSubmitter:detail_note-Save note").click().run()
+    _ok(at)
+    dec = selection.current_decisions(store.Workspace(tiny_workspace), POOL).set_index("pair_id")
+    assert dec.loc[pid, "note"] == "caption names the wrong eye"
+
+
+def test_map_draws_webgl_points_for_every_pair(tiny_workspace):
+    at = _app("map")
+    assert at.title[0].value == "Map"
+    chart = at.get("plotly_chart")[0]
+    import json
+
+    spec = json.loads(chart.proto.spec)
+    trace = spec["data"][0]
+    assert trace["type"] == "scattergl" and len(trace["customdata"]) == 48
+    at.selectbox(key="map_colour").set_value("decision").run()
+    _ok(at)
+    at.radio(key="map_space").set_value("text").run()
+    _ok(at)
+    assert at.info and "Nothing selected" in at.info[0].value
+
+
+def test_export_saves_versions_diffs_and_writes_the_file(tiny_workspace):
+    at = _app("export")
+    at.text_input(key="sel_name").input("first")
+    at.button(key="FormSubmitter:save_selection-Save selection").click().run()
+    _ok(at)
+    assert "Saved first v1" in at.success[0].value
+    at.switch_page("views/scores.py").run()
+    at.slider(key="ratio").set_value(0.5).run()
+    at.switch_page("views/export.py").run()
+    at.text_input(key="sel_name").input("first")
+    at.button(key="FormSubmitter:save_selection-Save selection").click().run()
+    assert "Saved first v2: 24 pairs" in at.success[0].value
+    ws = store.Workspace(tiny_workspace)
+    sels = selection.list_selections(ws)
+    assert sorted(sels["version"]) == [1, 2]
+    at.selectbox(key="diff_a").set_value(int(sels["selection_id"].max())).run()
+    at.selectbox(key="diff_b").set_value(int(sels["selection_id"].min())).run()
+    assert any("15 in both, 9 only in the first, 0 only in the second" in m.value for m in at.markdown)
+
+    at.selectbox(key="export_fmt").set_value("csv").run()
+    out = tiny_workspace / "exports" / "first-v2.csv"
+    assert at.text_input(key=f"export_out_{sels['selection_id'].max()}_csv").value == str(out)
+    at.button(key="export_go").click().run()
+    _ok(at)
+    df = pd.read_csv(out)
+    assert len(df) == 24 and {"filepath", "title"} <= set(df.columns)
+    assert all(Path(p).is_file() for p in df["filepath"])
+    assert at.get("download_button")
+
+
+def test_workspace_page_creates_a_workspace_and_ingests_in_a_background_job(tiny_workspace, tmp_path):
+    at = _app("workspace")
+    assert at.title[0].value == "Workspace"
+    new = tmp_path / "fresh-ws"
+    at.text_input(key="ws_new_path").input(str(new)).run()
+    at.button(key="ws_create").click().run()
+    _ok(at)
+    assert (new / "chips.duckdb").exists() and at.session_state["ws_path"] == str(new.resolve())
+    assert any("No pool yet" in i.value for i in at.info)
+
+    from tests.fixtures_build import make_csv_pool
+
+    manifest = make_csv_pool(tmp_path / "src", n=6)
+    at.text_input(key="ing_name").input("uploaded")
+    at.text_input(key="ing_source").input(str(manifest))
+    at.button(key="FormSubmitter:ingest_form-Ingest").click().run()
+    _ok(at)
+    assert "background job" in at.success[0].value
+    ws = store.Workspace(new)
+    job = jobs.list_jobs(ws)[0]
+    assert jobs.wait(ws, job.job_id, timeout_s=120).status == "done", jobs.read_log(ws, job.job_id)
+    at.run()
+    pools = next(df.value for df in at.dataframe if "rejected" in df.value.columns)
+    assert pools.loc[0, "name"] == "uploaded" and pools.loc[0, "pairs"] > 0

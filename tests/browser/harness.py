@@ -1,0 +1,98 @@
+"""A real `streamlit run app/main.py` on a free 127.0.0.1 port plus Debian's headless Chromium (Playwright).
+
+Shared by the browser tests and bench/bench_dashboard.py. Never downloads a browser: it drives
+/usr/bin/chromium (installed by scripts/test.sh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def streamlit_server(workspace: str | os.PathLike, log_path: Path, timeout_s: float = 120.0) -> Iterator[str]:
+    """Run the dashboard on `workspace`; yields its URL; stops the server (its process group) afterwards."""
+    port = free_port()
+    env = {**os.environ, "CHIPS_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), f"--server.port={port}"]
+    cmd += ["--server.headless", "true", "--server.fileWatcherType", "none"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log_path}")
+            health = f"{url}/_stcore/health"
+            with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as r:
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not answer on {url} in {timeout_s:.0f} s; see {log_path}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1500, height: int = 1000) -> Iterator[object]:
+    """A Playwright page in headless Debian Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_idle(page: object, timeout_ms: int = 60_000) -> None:
+    """Wait until the Streamlit script has finished its run (the status widget reports no running script)."""
+    page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
+    page.wait_for_function(
+        "() => !document.querySelector(\"[data-testid='stStatusWidget']\")"
+        " || !document.querySelector(\"[data-testid='stStatusWidget']\").innerText.includes('Running')",
+        timeout=timeout_ms,
+    )
