@@ -515,6 +515,10 @@ def _run_score(args: argparse.Namespace) -> int:
             raise CliError(f"--out {args.out}: use a .parquet or .csv file name")
     if args.exact and args.method != "chips":
         raise CliError("--exact applies to --method chips only")
+    if (args.method == "tracin") != bool(args.tracin_cache):
+        raise CliError(
+            "--method tracin needs --tracin-cache CACHE_ID[:ETA] (one per checkpoint), and only it does"
+        )
     from chips_core import selection as sel
     from chips_core.scoring import ScoringCache, rank, rank_exact
 
@@ -874,7 +878,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: cancelled", file=sys.stderr)
             _end(reporter, "cancelled", "cancelled by the user")
             return 130
-        if isinstance(exc, SystemExit):
+        if isinstance(exc, SystemExit):  # e.g. a SIGTERM handler's sys.exit(143) inside a command
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            status = "done" if code == 0 else "cancelled" if code == 143 else "failed"
+            _end(reporter, status, f"exit status {code}" if code else "done")
             raise
         user = isinstance(exc, WorkspaceError | ValueError | OSError)
         user = user or type(exc).__name__.endswith(("LoadError", "CPTError", "ModelError", "PoolError"))

@@ -111,6 +111,36 @@ def test_baseline_reuses_the_cache_and_writes_csv(scored):
 
 
 @pytest.mark.slow
+def test_tracin_with_one_checkpoint_is_dot_and_exact_runs(scored):
+    ws, _, _ = scored
+    with ws.connect(read_only=True) as con:
+        cache_id = con.execute("SELECT max(cache_id) FROM scoring_caches").fetchone()[0]
+    chips("score", ws.root, "pool", "--eval", "target", "--method", "dot", *PREP)
+    chips(
+        "score",
+        ws.root,
+        "pool",
+        "--eval",
+        "target",
+        "--method",
+        "tracin",
+        "--tracin-cache",
+        f"{cache_id}:2",
+        *PREP,
+    )
+    chips("score", ws.root, "pool", "--eval", "target", "--exact", "--k", "16", *PREP)
+    with ws.connect(read_only=True) as con:
+        runs = con.execute("SELECT score_run_id, method FROM score_runs ORDER BY score_run_id").fetchall()[
+            -3:
+        ]
+    assert [m for _, m in runs] == ["dot", "tracin", "chips-exact"]
+    dot, tracin, exact = (sel.load_score_run(ws, r).set_index("pair_id").sort_index() for r, _ in runs)
+    np.testing.assert_allclose(tracin["alignment"], 2 * dot["alignment"], rtol=1e-6)
+    assert np.isfinite(exact["score"]).all() and len(exact) == 24
+    assert sel.score_run_info(ws, runs[2][0])["params"]["info"]["exact"] is True
+
+
+@pytest.mark.slow
 def test_decisions_persist_and_selection_applies_them(scored):
     ws, scores, _ = scored
     with ws.connect(read_only=True) as con:
