@@ -352,7 +352,8 @@ def save_selection(
     """Save the top ceil(ratio·N) pairs of a ranking as selection `name` (next version); returns its id.
 
     `ranking` is a score_run_id or a ranking (RankResult / DataFrame), which is first stored as a score
-    run (method taken from `method`, else `params['method']`, else 'chips'). Decisions in force are
+    run (method taken from `method`, else `params['method']`, else 'chips'; its scoring cache from
+    `params['cache_id']` when given, so exports can name the model). Decisions in force are
     applied (see `choose_members`) and copied into the selection's params, with the score run's params.
     """
     if not name or not name.strip():
@@ -366,7 +367,15 @@ def save_selection(
         with ws.connect(read_only=True) as con:
             _check_score_run(con, score_run_id, pool_id)
     else:
-        score_run_id = record_score_run(ws, pool_id, ranking, method or params.get("method", "chips"), params)
+        cache_id = params.get("cache_id")
+        score_run_id = record_score_run(
+            ws,
+            pool_id,
+            ranking,
+            method or params.get("method", "chips"),
+            params,
+            cache_id=None if cache_id is None else int(cache_id),
+        )
     table = load_score_run(ws, score_run_id)
     decisions = current_decisions(ws, pool_id)
     n_budget = math.ceil(float(ratio) * len(table))

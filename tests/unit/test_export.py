@@ -220,3 +220,29 @@ def test_missing_image_fails_cleanly(tmp_path):
     assert not (tmp_path / "o.csv").exists()
     with pytest.raises(ex.ExportError, match="unknown export format"):
         ex.export_selection(ws, sid, "xlsx", tmp_path / "o.xlsx")
+
+
+def test_manifest_names_model_and_cache(tmp_path):
+    paths = write_images(tmp_path / "imgs", 3)
+    ws, ids, _ = make_ws(tmp_path, paths, ["a", "b", "c"])
+    with ws.connect() as con:
+        con.execute(
+            "INSERT INTO models (model_id, name, pretrained) "
+            "VALUES (900, 'chips-tiny-vit', 'random-init:seed=0')"
+        )
+        con.execute(
+            "INSERT INTO feature_runs (run_id, pool_id, model_id, status, dir) "
+            "SELECT 901, pool_id, 900, 'done', '/x' FROM pools"
+        )
+        con.execute(
+            "INSERT INTO scoring_caches (cache_id, pool_run_id, eval_run_id, config, dir, status) "
+            "VALUES (902, 901, 901, '{\"k_max\": 64}', '/caches/902', 'done')"
+        )
+    ranking = pd.DataFrame({"pair_id": ids, "score": [3.0, 2.0, 1.0], "rank": [1, 2, 3]})
+    sid = sel.save_selection(ws, "pool", ranking, 0.5, "m", params={"cache_id": 902, "alpha": 0.7})
+    info = ex.export_selection(ws, sid, "ids", tmp_path / "m.npy")
+    manifest = json.loads(info.manifest_path.read_text())
+    assert manifest["model"]["name"] == "chips-tiny-vit" and manifest["model"]["feature_run_id"] == 901
+    assert manifest["scoring_cache"]["config"] == {"k_max": 64}
+    assert manifest["score_run"]["params"]["alpha"] == 0.7
+    assert list(np.load(info.path)) == list(ids[:2])
