@@ -150,8 +150,13 @@ def _needs_materialising(ref: str) -> bool:
         return True
     try:
         with open(ref, "rb") as f:
-            if f.read(132)[128:132] == b"DICM":
-                return True
+            head = f.read(132)
+        if head[128:132] == b"DICM":
+            return True
+        if head.startswith(b"\xff\xd8\xff"):  # JPEG: always 8-bit, PIL opens it as is
+            return False
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            return head[24] == 16  # bit depth 16: PIL's mode I;16, which convert("RGB") would clip
         with Image.open(ref) as im:
             return im.mode not in _PLAIN_MODES
     except (OSError, UnidentifiedImageError, ValueError):

@@ -180,14 +180,16 @@ def test_dicom_and_tar_members_are_materialised(tmp_path):
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
         tar.add(png, arcname="x0001.png")
-    refs = [str(dcm), f"{shard}::x0001.png", png]
-    ws, ids, run = make_ws(tmp_path, refs, ["ct slice", "tar member", "plain file"])
+    deep = tmp_path / "deep.png"  # 16-bit greyscale: PIL mode I;16, clipped by a plain convert("RGB")
+    Image.fromarray(skimage.data.camera()[:64, :64].astype(np.uint16) * 200).save(deep)
+    refs = [str(dcm), f"{shard}::x0001.png", str(deep), png]
+    ws, ids, run = make_ws(tmp_path, refs, ["ct slice", "tar member", "16-bit", "plain file"])
     sid = sel.save_selection(ws, "pool", run, ratio=1.0, name="mixed")
     info = ex.export_selection(ws, sid, "csv", tmp_path / "exp" / "mixed.csv")
-    assert info.materialised == 2
+    assert info.materialised == 3
     df = pd.read_csv(info.path)
-    assert df["filepath"].iloc[2] == png
-    for ref, path in zip(refs[:2], df["filepath"].iloc[:2], strict=True):
+    assert df["filepath"].iloc[3] == png
+    for ref, path in zip(refs[:3], df["filepath"].iloc[:3], strict=True):
         assert path.startswith(str(tmp_path / "exp" / "mixed_images"))
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(load_image(ref)))
 
