@@ -106,3 +106,34 @@ def test_job_outlives_its_launcher(tmp_path):
     assert info.status == "done", jobs.read_log(ws, job)
     with ws.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM pairs").fetchone()[0] == 12
+
+
+def test_progress_bar_feeds_the_job_row(tmp_path, monkeypatch):
+    """Inside a job, the CLI's progress callbacks write throttled progress into the job's row.
+
+    (Read with SQL: job_status would rightly call this pytest process "not the job's process".)
+    """
+
+    def row(ws):
+        with ws.connect(read_only=True) as con:
+            return con.execute("SELECT status, progress, message, pid FROM jobs WHERE job_id = 7").fetchone()
+
+    from chips_core import cli
+
+    ws = Workspace.init(tmp_path / "ws")
+    with ws.connect() as con:
+        con.execute("INSERT INTO jobs (job_id, kind, args, status) VALUES (7, 'test', '[]', 'queued')")
+    reporter = jobs.JobReporter(ws, 7, min_interval_s=0.0)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        reporter.start()
+        monkeypatch.setattr(cli, "_job_reporter", reporter)
+        with cli.progress_bar("featurize pool") as bar:
+            bar(5, 20)
+            assert row(ws)[1] == 0.25
+            bar({"done": 15, "total": 20, "loss": 0.5})
+        assert row(ws) == ("running", 0.75, "featurize pool: 15/20", os.getpid())
+        reporter.finish("done", "done")
+        assert row(ws)[0] == "done"
+    finally:
+        signal.signal(signal.SIGTERM, old)
