@@ -63,7 +63,7 @@ class CliError(WorkspaceError):
 
 
 def workspace(path: str, must_exist: bool = True) -> Workspace:
-    """The workspace at `path`; a CliError names it when it is not initialised."""
+    """The workspace at `path`; unless must_exist=False, a WorkspaceError names it when not initialised."""
     ws = Workspace(path)
     if must_exist:
         ws.check()
@@ -73,7 +73,7 @@ def workspace(path: str, must_exist: bool = True) -> Workspace:
 class progress_bar:  # noqa: N801 (used like a function: `with progress_bar("featurize") as cb:`)
     """A tqdm bar usable as a library progress callback, forwarding to the job table when in a job.
 
-    Accepts `cb(done, total)`, `cb(done, total, **extra)`, `cb(dict)` (keys done/total or step/...) and
+    Accepts `cb(done, total)`, `cb(done, total, **extra)`, `cb(dict)` (done/total or step/total_steps) and
     `cb(obj)` with `.done`/`.total`. Bars show only on a terminal unless CHIPS_PROGRESS=1.
     """
 
@@ -98,7 +98,7 @@ class progress_bar:  # noqa: N801 (used like a function: `with progress_bar("fea
         if len(args) == 1 and isinstance(args[0], dict):
             extra.update(args[0])
             done = extra.pop("done", extra.get("step"))
-            total = extra.pop("total", None)
+            total = extra.pop("total", extra.get("total_steps"))
         elif len(args) == 1 and hasattr(args[0], "done"):
             done, total = args[0].done, getattr(args[0], "total", None)
         elif args:
