@@ -73,58 +73,52 @@ def jobs_panel(ws: store.Workspace) -> None:
     _panel()
 
 
+def _model_flags(ws: store.Workspace, run_id: int) -> list[str]:
+    """`--model NAME [--pretrained TAG_OR_CHECKPOINT]` of the model a feature run was made with."""
+    m = context.query(
+        ws,
+        "SELECT m.name, m.pretrained, m.checkpoint FROM feature_runs f JOIN models m USING (model_id) "
+        "WHERE f.run_id = ?",
+        [run_id],
+    )
+    if m.empty:
+        return []
+    flags = ["--model", str(m["name"].iloc[0])]
+    for col in ("checkpoint", "pretrained"):
+        value = m[col].iloc[0]
+        if isinstance(value, str) and value:
+            return [*flags, "--pretrained", value]
+    return flags
+
+
 def train_form(
     ws: store.Workspace, ctx: context.ScoringContext, ids: list[int], labels: dict[int, str]
 ) -> None:
     """Launch CPT of the pool's model on a saved selection (open_clip_train in a background job)."""
-    model = context.query(
-        ws,
-        "SELECT m.name, m.pretrained, m.checkpoint FROM feature_runs f JOIN models m USING (model_id) "
-        "WHERE f.run_id = ?",
-        [ctx.pool_run_id],
-    )
+    model_flags = _model_flags(ws, ctx.pool_run_id)
     with st.form("train_form"):
         st.caption(
-            "Continual pre-training with open_clip_train (AdamW β=(0.9, 0.98), ε=1e-6, cosine schedule) "
-            "starting from the model the pool was featurized with; the result is evaluated on the eval set "
-            "when done."
+            "Continual pre-training with open_clip_train (AdamW β=(0.9, 0.98), ε=1e-6, cosine schedule), "
+            f"starting from the model the pool was featurized with (`{' '.join(model_flags[1:]) or '?'}`)."
         )
         sel = st.selectbox("Selection", ids, format_func=labels.get, key="train_sel")
-        c1, c2, c3 = st.columns(3)
+        c1, c2, c3, c4 = st.columns(4)
         epochs = c1.number_input("Epochs", 1, 100, 5, key="train_epochs")
         lr = c2.number_input("Learning rate", 1e-8, 1e-2, 1e-6, format="%.1e", key="train_lr")
         batch = c3.number_input("Batch size", 2, 4096, 64, key="train_batch")
-        device = st.selectbox("Device", ["cpu", "cuda"], key="train_device")
+        device = c4.selectbox("Device", ["cpu", "cuda"], key="train_device")
         if st.form_submit_button("Train", type="primary"):
-            m = model.iloc[0] if len(model) else None
-            argv = [
+            argv = ["train", str(ws.root), "--selection", str(sel), *model_flags, "--epochs", str(epochs)]
+            argv += ["--lr", repr(float(lr)), "--batch-size", str(batch), "--device", device]
+            launch(
+                ws,
                 "train",
-                str(ws.root),
-                str(sel),
-                "--epochs",
-                str(epochs),
-                "--lr",
-                repr(float(lr)),
-                "--batch-size",
-                str(batch),
-                "--device",
-                device,
-                "--eval",
-                ctx.eval_name,
-            ]
-            if m is not None:
-                argv += ["--model", str(m["name"])]
-                start = (
-                    m["checkpoint"]
-                    if isinstance(m["checkpoint"], str) and m["checkpoint"]
-                    else m["pretrained"]
-                )
-                if isinstance(start, str) and start:
-                    argv += ["--pretrained", start]
-            launch(ws, "train", argv, required={"Selection": str(sel) if sel is not None else ""})
+                argv,
+                required={"Selection": "" if sel is None else str(sel), "Model": " ".join(model_flags)},
+            )
 
 
-def cpt_runs(ws: store.Workspace) -> None:
+def cpt_runs(ws: store.Workspace, ctx: context.ScoringContext) -> None:
     """CPT runs with their loss curve and evaluation results (refreshing while one trains)."""
     runs = context.query(
         ws,
@@ -136,10 +130,10 @@ def cpt_runs(ws: store.Workspace) -> None:
         st.caption("No training run yet.")
         return
     st.dataframe(runs, hide_index=True, key="cpt_table")
-    run_id = st.selectbox("Run", runs["cpt_run_id"].tolist(), key="cpt_run")
-    running = bool((runs.loc[runs["cpt_run_id"] == run_id, "status"] == "running").any())
+    run_id = int(st.selectbox("Run", runs["cpt_run_id"].tolist(), key="cpt_run"))
+    row = runs.loc[runs["cpt_run_id"] == run_id].iloc[0]
 
-    @st.fragment(run_every=3 if running else None)
+    @st.fragment(run_every=3 if row["status"] == "running" else None)
     def _progress() -> None:
         prog = context.query(ws, "SELECT * FROM cpt_progress WHERE cpt_run_id = ? ORDER BY step", [run_id])
         if prog.empty:
@@ -150,6 +144,13 @@ def cpt_runs(ws: store.Workspace) -> None:
         results = _eval_results(ws, run_id)
         if not results.empty:
             st.dataframe(results, hide_index=True, key=f"eval-{run_id}")
+        elif row["status"] == "finished" and st.button(
+            f"Evaluate run {run_id} on {ctx.eval_name}", key="cpt_eval"
+        ):
+            launch(
+                ws, "evaluate", ["evaluate", str(ws.root), ctx.eval_name, "--run", str(run_id)], required={}
+            )
+            st.rerun()
 
     _progress()
 

@@ -29,7 +29,7 @@ def rank_metrics(info: dict[str, Any], n_total: int) -> None:
     cols = st.columns(5)
     n_sel = int(info.get("n_selected", 0))
     share = f"{n_sel / max(n_total, 1):.1%} of {n_total:,}"
-    cols[0].metric("Selected", f"{n_sel:,}", share, delta_color="off")
+    cols[0].metric("Selected", f"{n_sel:,}", share, delta_color="off", delta_arrow="off")
     frac = info.get("frac_positive")
     cols[1].metric("Alignment > 0", _num(frac, ".1%"), help="Share of pairs with Â > 0.")
     cols[2].metric("λ", _num(info.get("lam"), ".3g"), help=f"λ* = {_num(info.get('lam_star'), '.3g')}")
@@ -85,13 +85,18 @@ def pair_card(
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
     st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
     b1, b2, b3 = st.columns(3)
-    if b1.button("Include", key=f"{key}-inc-{pid}", disabled=state == "include", width="stretch"):
-        decide(ctx, [pid], "include")
+    inc = b1.button(
+        ":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include", width="stretch",
+        help="Include: always keep this pair in a saved selection",
+    )  # fmt: skip
+    exc = b2.button(
+        ":material/block:", key=f"{key}-exc-{pid}", disabled=state == "exclude", width="stretch",
+        help="Exclude: never keep this pair",
+    )  # fmt: skip
+    if inc or exc:
+        decide(ctx, [pid], "include" if inc else "exclude")
         st.rerun()
-    if b2.button("Exclude", key=f"{key}-exc-{pid}", disabled=state == "exclude", width="stretch"):
-        decide(ctx, [pid], "exclude")
-        st.rerun()
-    if b3.button("Why?", key=f"{key}-why-{pid}", width="stretch"):
+    if b3.button(":material/help:", key=f"{key}-why-{pid}", width="stretch", help="Why does it rank here?"):
         st.session_state["detail_pair"] = pid
         st.rerun()
 

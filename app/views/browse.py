@@ -22,10 +22,14 @@ if st.session_state.get("detail_pair") is not None:
     details.pair_detail(ctx, table, int(st.session_state["detail_pair"]))
     st.divider()
 
-per_page = st.select_slider("Pairs per page", options=[8, 12, 16, 24, 32], value=12, key="browse_per_page")
+per_page = st.columns([1, 3])[0].select_slider(
+    "Pairs per page", options=[8, 12, 16, 24, 32], value=12, key="browse_per_page"
+)
 top, bottom, rand = st.tabs(["Top ranked", "Bottom ranked", "Random"])
 with top:
-    start = st.number_input("Start at rank", 1, max(len(table), 1), 1, step=per_page, key="browse_top_start")
+    start = st.columns([1, 3])[0].number_input(
+        "Start at rank", 1, max(len(table), 1), 1, step=per_page, key="browse_top_start"
+    )
     widgets.gallery_grid(ctx, table.iloc[start - 1 : start - 1 + per_page], key="top")
 with bottom:
     widgets.gallery_grid(ctx, table.iloc[::-1].head(per_page), key="bottom")

@@ -103,4 +103,6 @@ if last and Path(last).exists():
 
 st.subheader("Continual pre-training")
 jobs_view.train_form(ws, ctx, ids, labels)
-jobs_view.cpt_runs(ws)
+jobs_view.cpt_runs(ws, ctx)
+st.subheader("Jobs")
+jobs_view.jobs_panel(ws)

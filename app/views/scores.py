@@ -20,8 +20,8 @@ st.caption(
 )
 
 METHODS = {
-    "chips": "CHIPS (curvature-aware influence × learnability × relevance)",
-    "dot": "Dot (plain gradient alignment)",
+    "chips": "CHIPS",
+    "dot": "Dot (gradient alignment)",
     "trak": "TRAK-style (α = 0, no weights)",
     "clipscore": "CLIPScore",
     "random": "Random",
@@ -38,7 +38,14 @@ LAM_FACTORS = [float(f"{10**e:.3g}") for e in np.arange(-2.0, 2.01, 0.25)]
 
 left, right = st.columns([1, 2.4], gap="large")
 with left:
-    st.selectbox("Method", list(METHODS), format_func=METHODS.get, key="method")
+    st.selectbox(
+        "Method",
+        list(METHODS),
+        format_func=METHODS.get,
+        key="method",
+        help="CHIPS = curvature-aware influence × learnability × relevance; the others are the paper's "
+        "baselines on the same features and batches. TracIn needs checkpoint caches (CLI).",
+    )
     st.slider(
         "α — weight of the negative curvature",
         0.0,
@@ -108,6 +115,7 @@ pairs = context.pool_pairs(ctx)
 top = table.head(200).join(pairs[["caption"]], on="pair_id")
 decisions = widgets.decisions(ctx)
 top["decision"] = top["pair_id"].map(decisions["state"]) if len(decisions) else None
+top["pair_id"] = top["pair_id"].astype(str)  # int64 ids exceed JavaScript's exact integers
 st.dataframe(
     top[
         [

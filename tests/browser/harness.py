@@ -88,7 +88,7 @@ def chromium_page(width: int = 1500, height: int = 1000) -> Iterator[object]:
             browser.close()
 
 
-def wait_idle(page: object, timeout_ms: int = 60_000) -> None:
+def wait_idle(page: object, timeout_ms: int = 120_000) -> None:
     """Wait until the Streamlit script has finished its run (the status widget reports no running script)."""
     page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
     page.wait_for_function(

@@ -1,0 +1,195 @@
+"""Dashboard speed: a slider change on a 100,000-pair workspace redraws the ranking and the score charts.
+
+Measured in the real browser: `streamlit run app/main.py` on a synthetic workspace (random features with
+structure, a real scoring cache made by chips_core.scoring.prepare, real pairs rows pointing at a few real
+images) driven by headless Debian Chromium through Playwright. For each slider (α, λ, ratio) the script
+presses one arrow key and times, from the key press:
+  metrics   – the headline metric that depends on the slider shows its new value (ranking done, delta sent);
+  charts    – the score histograms hold new data (Plotly redrew them);
+  idle      – the script run has finished (the ranking table and everything else is drawn).
+Server-side `rank` time of the same cache is printed beside it for reference.
+
+    /work/venv/bin/python bench/bench_dashboard.py [--pairs 100000] [--repeats 5] [--k-max 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from chips_core import store  # noqa: E402
+from chips_core.endpoint import EndpointParams  # noqa: E402
+from chips_core.scoring import ArrayFeatures, PrepareConfig, prepare, rank  # noqa: E402
+from tests.browser.harness import chromium_page, streamlit_server, wait_idle  # noqa: E402
+from tests.fixtures_build import write_images  # noqa: E402
+
+D, D_V, D_T = 64, 96, 64
+
+
+def _features(n: int, rng: np.random.Generator, centres: tuple[np.ndarray, np.ndarray]) -> ArrayFeatures:
+    """Clustered random features (so rankings have structure), fp16 like a real feature store."""
+    group = rng.integers(0, len(centres[0]), size=n)
+    h = (centres[0][group] + rng.normal(size=(n, D_V))).astype(np.float16)
+    t = (centres[1][group] + rng.normal(size=(n, D_T))).astype(np.float16)
+    ids = rng.choice(np.iinfo(np.int64).max, size=n, replace=False).astype(np.int64)
+    return ArrayFeatures(ids, h, t)
+
+
+def build_workspace(root: Path, n_pairs: int, n_eval: int, k_max: int) -> tuple[store.Workspace, Path]:
+    """A workspace with an n_pairs synthetic pool and a finished scoring cache; returns (ws, cache dir)."""
+    ws = store.Workspace.init(root / "ws")
+    rng = np.random.default_rng(0)
+    centres = (rng.normal(size=(12, D_V)) * 2, rng.normal(size=(12, D_T)) * 2)
+    pool, ev = _features(n_pairs, rng, centres), _features(n_eval, rng, centres)
+    images = [str(p) for p, _, _ in write_images(root / "images", 16, size=64)]
+    with ws.connect() as con:
+        for pool_id, kind, src in ((1, "pool", pool), (2, "eval", ev)):
+            name = f"synthetic-{kind}"
+            con.execute(
+                "INSERT INTO pools (pool_id, name, kind, source, format, status) "
+                "VALUES (?, ?, ?, 'synthetic', 'synthetic', 'done')",
+                [pool_id, name, kind],
+            )
+            n = len(src)
+            con.register(
+                "_p",
+                pd.DataFrame(
+                    {
+                        "pool_id": pool_id,
+                        "pair_id": src.pair_ids(),
+                        "row_index": np.arange(n),
+                        "filepath": [images[i % len(images)] for i in range(n)],
+                        "caption": [
+                            f"synthetic {kind} pair {i}, cluster-structured features" for i in range(n)
+                        ],
+                    }
+                ),
+            )
+            con.execute("INSERT INTO pairs (pool_id, pair_id, row_index, filepath, caption) SELECT * FROM _p")
+            con.unregister("_p")
+            con.execute(
+                "INSERT INTO feature_runs (run_id, pool_id, model_id, status, dir, n_pairs, d_v, d_t) "
+                "VALUES (?, ?, 0, 'done', 'synthetic', ?, ?, ?)",
+                [10 + pool_id, pool_id, n, D_V, D_T],
+            )
+    params = EndpointParams(
+        torch.randn(D, D_V, generator=torch.Generator().manual_seed(1)) / D_V**0.5,
+        torch.randn(D, D_T, generator=torch.Generator().manual_seed(2)) / D_T**0.5,
+        torch.tensor(np.log(20.0)),
+    )
+    cfg = PrepareConfig(k_max=k_max, batch_size=1024, curvature_pairs=min(n_pairs, 20_000))
+    out = ws.root / "caches" / "synthetic"
+    t0 = time.perf_counter()
+    prepare(pool, ev, params, cfg, out)
+    print(f"prepare: {n_pairs:,} pairs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    with ws.connect() as con:
+        con.execute(
+            "INSERT INTO scoring_caches (cache_id, pool_run_id, eval_run_id, config, dir, status) "
+            "VALUES (100, 11, 12, ?, ?, 'done')",
+            [json.dumps(dataclasses.asdict(cfg)), str(out)],
+        )
+    return ws, out
+
+
+_METRIC = (
+    "(label) => { const m = [...document.querySelectorAll(\"[data-testid='stMetric']\")].find(m =>"
+    " m.querySelector(\"[data-testid='stMetricLabel']\").innerText.trim() === label);"
+    " return m ? m.querySelector(\"[data-testid='stMetricValue']\").innerText.trim() : null; }"
+)
+
+
+def _metric(page, label: str) -> str:
+    """The value shown by the metric tile whose label is exactly `label`."""
+    return page.evaluate(_METRIC, label)
+
+
+_CHART_DATA = (
+    "() => { const g = document.querySelector(\"[data-testid='stPlotlyChart'] .js-plotly-plot\");"
+    " return g && g.data ? JSON.stringify(g.data.map(d => d.y)) : ''; }"
+)
+
+
+def measure(page, slider: str, metric: str, key: str, repeats: int) -> dict[str, list[float]]:
+    """Press `key` on a slider `repeats` times; seconds until the metric, the charts and the run are done."""
+    out: dict[str, list[float]] = {"metrics": [], "charts": [], "idle": []}
+    handle = page.get_by_role("slider", name=slider)
+    for _ in range(repeats):
+        before_metric, before_chart = _metric(page, metric), page.evaluate(_CHART_DATA)
+        handle.focus()
+        t0 = time.perf_counter()
+        handle.press(key)
+        changed = f"([m, old]) => ({_METRIC})(m) !== old"
+        page.wait_for_function(changed, arg=[metric, before_metric], polling=10)
+        out["metrics"].append(time.perf_counter() - t0)
+        page.wait_for_function(f"(old) => ({_CHART_DATA})() !== old", arg=before_chart, polling=10)
+        out["charts"].append(time.perf_counter() - t0)
+        wait_idle(page)
+        out["idle"].append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=100_000)
+    ap.add_argument("--eval-pairs", type=int, default=512)
+    ap.add_argument("--k-max", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "dashboard")
+    args = ap.parse_args()
+
+    import shutil
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    ws, cache_dir = build_workspace(args.out, args.pairs, args.eval_pairs, args.k_max)
+    from chips_core.scoring import ScoringCache
+
+    cache = ScoringCache.load(cache_dir)
+    rank_s = []
+    for alpha in (0.7, 0.65, 0.6, 0.55, 0.5):
+        t0 = time.perf_counter()
+        rank(cache, alpha=alpha, k=args.k_max // 2)
+        rank_s.append(time.perf_counter() - t0)
+
+    rows = [("rank() in-process, chips, k=k_max/2", "—", statistics.median(rank_s), max(rank_s))]
+    with streamlit_server(ws.root, args.out / "streamlit.log") as url, chromium_page() as page:
+        t0 = time.perf_counter()
+        page.goto(url)
+        page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .bars").first.wait_for(timeout=300_000)
+        wait_idle(page)
+        first = time.perf_counter() - t0
+        rows.append(("first page load (cache load + rank + draw)", "idle", first, first))
+        for slider, metric, key in (
+            ("α — weight of the negative curvature", "λ", "ArrowLeft"),
+            ("λ as a multiple of λ*", "d(λ)/k", "ArrowRight"),
+            ("Selection ratio r", "Selected", "ArrowRight"),
+        ):
+            times = measure(page, slider, metric, key, args.repeats)
+            for stage, values in times.items():
+                rows.append(
+                    (f"slider {slider.split(' ')[0]} step", stage, statistics.median(values), max(values))
+                )
+        page.screenshot(path=str(args.out / "scores-100k.png"))
+
+    print()
+    print(f"Dashboard, {args.pairs:,} pairs, k_max {args.k_max}, {args.repeats} steps per slider; seconds")
+    print()
+    print(f"| {'what':<44} | {'until':<8} | {'median':>7} | {'max':>7} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 9}|{'-' * 9}|")
+    for what, until, med, mx in rows:
+        print(f"| {what:<44} | {until:<8} | {med:7.3f} | {mx:7.3f} |")
+
+
+if __name__ == "__main__":
+    main()
