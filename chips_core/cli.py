@@ -676,7 +676,12 @@ def _run_select(args: argparse.Namespace) -> int:
 def _add_decide(p: argparse.ArgumentParser) -> None:
     p.add_argument("ws", metavar="WS", help="workspace folder")
     p.add_argument("pool", metavar="POOL", help="pool name")
-    p.add_argument("pair_id", metavar="PAIR_ID", type=int, help="the pair's id (see `chips score --out`)")
+    p.add_argument(
+        "pair_id",
+        metavar="PAIR_ID",
+        type=_pair_ref,
+        help="the pair's id (see `chips score --out`), or @FILE: ids in a .npy file or one per line",
+    )
     p.add_argument(
         "action",
         metavar="ACTION",
@@ -688,14 +693,49 @@ def _add_decide(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-run", type=int, default=None, help="score run the decision was made on")
 
 
+def _pair_ref(text: str) -> int | str:
+    """A pair id, or '@FILE' kept as text (read when the command runs, so a bad file is a one-line error)."""
+    if text.startswith("@"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid pair id {text!r}: expected an integer or @FILE") from None
+
+
+def _read_ids(path: Path) -> list[int]:
+    """Pair ids from a .npy array or a text file (one per line; blank lines and # comments skipped)."""
+    import numpy as np
+
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype.kind not in "iu":
+            raise CliError(f"{path}: expected an integer array of pair ids, got dtype {arr.dtype}")
+        return [int(x) for x in arr.reshape(-1)]
+    ids = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                ids.append(int(text))
+            except ValueError:
+                raise CliError(f"{path}, line {n}: {text!r} is not a pair id") from None
+    return ids
+
+
 def _run_decide(args: argparse.Namespace) -> int:
     from chips_core import selection as sel
 
     ws = workspace(args.ws)
-    did = sel.record_decision(
-        ws, args.pool, args.pair_id, args.action, args.note, args.author, args.score_run
-    )
-    say(f"decision {did}: {args.action} pair {args.pair_id} in pool {args.pool}")
+    if isinstance(args.pair_id, int):
+        did = sel.record_decision(
+            ws, args.pool, args.pair_id, args.action, args.note, args.author, args.score_run
+        )
+        say(f"decision {did}: {args.action} pair {args.pair_id} in pool {args.pool}")
+        return 0
+    ids = _read_ids(Path(args.pair_id[1:]).expanduser())
+    sel.record_decisions(ws, args.pool, ids, args.action, args.note, args.author, args.score_run)
+    say(f"{len(set(ids))} decisions: {args.action} pairs from {args.pair_id[1:]} in pool {args.pool}")
     return 0
 
 

@@ -246,7 +246,7 @@ def test_argparse_errors_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["decide", "ws", "pool", "notanumber", "include"])
     assert exc.value.code == 2
-    assert "invalid int value" in capsys.readouterr().err
+    assert "invalid pair id" in capsys.readouterr().err
 
 
 def test_prepare_defaults_match_the_library():
@@ -261,6 +261,32 @@ def test_prepare_defaults_match_the_library():
 def test_negative_pair_ids_parse():
     args = cli.build_parser(load_extensions=False).parse_args(["decide", "ws", "pool", "-42", "exclude"])
     assert args.pair_id == -42 and args.action == "exclude"
+
+
+def test_bulk_decisions_from_a_file(tmp_path):
+    """`chips decide WS POOL @ids.txt exclude` records one decision per listed pair; a bad line is refused."""
+    import pydicom.data
+
+    dicom_dir = tmp_path / "dicom"
+    dicom_dir.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm"):
+        (dicom_dir / name).write_bytes(Path(pydicom.data.get_testdata_file(name)).read_bytes())
+    ws = Workspace(tmp_path / "ws")
+    chips("init", ws.root)
+    chips("ingest", ws.root, "dcm", dicom_dir, "--workers", 0)
+    with ws.connect(read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT pair_id FROM pairs ORDER BY row_index").fetchall()]
+    listing = tmp_path / "bad.txt"
+    listing.write_text(f"# flagged by the reader study\n{ids[0]}\n\n{ids[2]}  # blurry\n")
+    assert "2 decisions: exclude" in chips("decide", ws.root, "dcm", f"@{listing}", "exclude").stdout
+    np.save(tmp_path / "keep.npy", np.array([ids[1]], dtype=np.int64))
+    chips("decide", ws.root, "dcm", f"@{tmp_path / 'keep.npy'}", "include", "--note=-fine")
+    state = sel.current_decisions(ws, "dcm").set_index("pair_id")["state"].to_dict()
+    assert state == {ids[0]: "exclude", ids[1]: "include", ids[2]: "exclude"}
+    listing.write_text(f"{ids[0]}\nnot-an-id\n")
+    proc = chips("decide", ws.root, "dcm", f"@{listing}", "clear", ok=False)
+    assert proc.returncode == 1 and "line 2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert len(sel.decision_history(ws, "dcm")) == 3  # nothing half-applied
 
 
 def test_materialised_images_open_with_pil(tmp_path):
