@@ -830,7 +830,10 @@ def _run_jobs(args: argparse.Namespace) -> int:
     if args.log is not None:
         sys.stdout.write(jobs.read_log(ws, args.log))
         return 0
-    for j in jobs.list_jobs(ws):
+    listed = jobs.list_jobs(ws)
+    if not listed:
+        say("no background jobs")
+    for j in listed:
         pct = "" if j.progress is None else f"{100 * j.progress:5.1f}%"
         say(f"{j.job_id:>6}  {j.kind:<10} {j.status:<9} {pct:>6}  {j.message or ''}")
     return 0
