@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -183,7 +184,7 @@ def _write_manifest(ws: Workspace, info: RunInfo) -> None:
         con.execute(
             f"COPY (SELECT (row_number() OVER (ORDER BY row_index, pair_id) - 1)::BIGINT AS pos, pair_id, "
             f"filepath, caption FROM pairs WHERE pool_id = {int(info.pool_id)} ORDER BY pos) "
-            f"TO '{_sql_str(tmp)}' (FORMAT parquet)"
+            f"TO '{_sql_str(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE 16384)"
         )
 
 
@@ -198,9 +199,15 @@ def done_shards(ws: Workspace, run_id: int) -> set[int]:
     return {int(r[0]) for r in rows}
 
 
+_reader: tuple[int, duckdb.DuckDBPyConnection] | None = None
+
+
 def read_rows(manifest: Path, start: int, end: int) -> tuple[np.ndarray, list[str], list[str]]:
     """(pair_ids, filepaths, captions) of positions [start, end) of a run's frozen pool order."""
-    with duckdb.connect() as con:
+    global _reader
+    if _reader is None or _reader[0] != os.getpid():  # one in-memory connection per (worker) process
+        _reader = (os.getpid(), duckdb.connect())
+    with _reader[1].cursor() as con:
         rows = con.execute(
             "SELECT pair_id, filepath, caption FROM read_parquet(?) WHERE pos >= ? AND pos < ? ORDER BY pos",
             [str(manifest), start, end],
