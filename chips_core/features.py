@@ -259,22 +259,35 @@ def finish_run(ws: Workspace, info: RunInfo) -> None:
 # --- loading and preprocessing batches ----------------------------------------------------------------
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Item i = one batch of one shard: rows read from the manifest, images loaded, captions tokenized.
+class _Rows(torch.utils.data.Sampler):
+    """Yields each planned batch with its manifest rows, read in the MAIN process.
 
-    With `raw_jpeg`, JPEG files are returned as bytes for GPU decoding; other images are decoded here.
+    DataLoader workers are forked; they only load images and never open DuckDB (a DuckDB instance
+    inherited through fork can deadlock the child).
     """
 
-    def __init__(self, info: RunInfo, plan: list[tuple[int, int, int]], loaded: LoadedModel, raw_jpeg: bool):
-        self.manifest, self.plan, self.raw_jpeg = info.manifest, plan, raw_jpeg
-        self.preprocess, self.tokenizer = loaded.preprocess, loaded.tokenizer
+    def __init__(self, manifest: Path, plan: list[tuple[int, int, int]]) -> None:
+        self.manifest, self.plan = manifest, plan
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, i: int) -> dict:
-        shard, start, end = self.plan[i]
-        ids, refs, captions = read_rows(self.manifest, start, end)
+    def __iter__(self) -> Iterator[tuple]:
+        for shard, start, end in self.plan:
+            yield (shard, end - start, *read_rows(self.manifest, start, end))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item = one batch of one shard (from `_Rows`): images loaded and preprocessed, captions tokenized.
+
+    With `raw_jpeg`, JPEG files are returned as bytes for GPU decoding; other images are decoded here.
+    """
+
+    def __init__(self, loaded: LoadedModel, raw_jpeg: bool) -> None:
+        self.raw_jpeg, self.preprocess, self.tokenizer = raw_jpeg, loaded.preprocess, loaded.tokenizer
+
+    def __getitem__(self, item: tuple) -> dict:
+        shard, n, ids, refs, captions = item
         keep, images, jpegs, rejects = [], [], [], []
         for j, ref in enumerate(refs):
             try:
@@ -289,7 +302,7 @@ class _Batches(torch.utils.data.Dataset):
             except Exception as exc:  # noqa: BLE001 - any failure of one image rejects that image only
                 rejects.append((ref, getattr(exc, "reason", "load_error"), f"{type(exc).__name__}: {exc}"))
         tokens = self.tokenizer([captions[j] for j in keep]) if keep else None
-        return {"shard": shard, "n": end - start, "ids": ids[keep], "images": images, "jpegs": jpegs,
+        return {"shard": shard, "n": n, "ids": ids[keep], "images": images, "jpegs": jpegs,
                 "tokens": tokens, "rejects": rejects}  # fmt: skip
 
 
@@ -356,9 +369,11 @@ def _featurize_run(
             "gpu_decode needs device 'cuda' and a model whose preprocessing runs on the GPU "
             f"(device {dev}, model {loaded.identity.label()})"
         )
+    if num_workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked workers
     loader = torch.utils.data.DataLoader(
-        _Batches(info, plan, loaded, raw_jpeg), batch_size=None, shuffle=False, num_workers=num_workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        _Batches(loaded, raw_jpeg), sampler=_Rows(info.manifest, plan), batch_size=None,
+        num_workers=num_workers, pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
     )  # fmt: skip
     tracker = _Tracker(info, done, progress)
     remaining = {s: len(range(*info.shard_range(s), batch_size)) for s in todo}

@@ -19,7 +19,7 @@ from chips_core.models import load_model
 from chips_core.pools import load_image
 from chips_core.store import Workspace
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # a deadlocked DataLoader worker fails
 
 N = 45
 MODEL = "chips-tiny-vit"
