@@ -19,6 +19,9 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -r "${files[-1]}" >&2
   touch "$venv/.complete"
 fi
-# The project itself is installed editable on every call (cheap) so the `chips` command points here.
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >&2
+# The project is installed editable for the `chips` command; scripts also put the checkout first on
+# PYTHONPATH, so a venv shared by several checkouts always runs the calling one.
+if [ "${CHIPS_SKIP_EDITABLE:-0}" != 1 ]; then
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >&2
+fi
 echo "$venv"

@@ -9,7 +9,8 @@ if [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
 fi
 venv=$(bash scripts/env.sh dev | tail -n 1)
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0
+# PYTHONPATH makes every process the tests start import this checkout, whatever the venv points at.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 "$venv/bin/ruff" check .
 set +e
 "$venv/bin/python" -m pytest -p no:cacheprovider --timeout=900 "$@"
