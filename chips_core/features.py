@@ -199,15 +199,17 @@ def done_shards(ws: Workspace, run_id: int) -> set[int]:
     return {int(r[0]) for r in rows}
 
 
-_reader: tuple[int, duckdb.DuckDBPyConnection] | None = None
+def read_rows(
+    manifest: Path, start: int, end: int, con: duckdb.DuckDBPyConnection | None = None
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """(pair_ids, filepaths, captions) of positions [start, end) of a run's frozen pool order.
 
-
-def read_rows(manifest: Path, start: int, end: int) -> tuple[np.ndarray, list[str], list[str]]:
-    """(pair_ids, filepaths, captions) of positions [start, end) of a run's frozen pool order."""
-    global _reader
-    if _reader is None or _reader[0] != os.getpid():  # one in-memory connection per (worker) process
-        _reader = (os.getpid(), duckdb.connect())
-    with _reader[1].cursor() as con:
+    Pass an open in-memory connection (`duckdb.connect()`) when reading many batches: opening one
+    costs more than the read.
+    """
+    with contextlib.ExitStack() as stack:
+        if con is None:
+            con = stack.enter_context(duckdb.connect())
         rows = con.execute(
             "SELECT pair_id, filepath, caption FROM read_parquet(?) WHERE pos >= ? AND pos < ? ORDER BY pos",
             [str(manifest), start, end],
@@ -273,8 +275,9 @@ class _Rows(torch.utils.data.Sampler):
         return len(self.plan)
 
     def __iter__(self) -> Iterator[tuple]:
-        for shard, start, end in self.plan:
-            yield (shard, end - start, *read_rows(self.manifest, start, end))
+        with duckdb.connect() as con:
+            for shard, start, end in self.plan:
+                yield (shard, end - start, *read_rows(self.manifest, start, end, con))
 
 
 class _Batches(torch.utils.data.Dataset):
