@@ -1,0 +1,434 @@
+"""The Ray engine (`--engine ray`): featurize and prepare spread over a Ray cluster, same results on disk.
+
+Imported only when the Ray engine is asked for (`import ray` never happens at chips_core import time).
+
+featurize_ray: Ray Data reads the pool (the run's frozen manifest `pairs.parquet` for manifests, folders
+and DICOM; `ray.data.read_webdataset` on the tar shards for WebDataset pools), CPU tasks load, decode,
+preprocess and tokenize, an actor pool runs the encoders (GPU actors when `num_gpus_per_worker > 0`), and
+the driver regroups the rows by shard and writes each shard with `features.write_shard` - the same files,
+`feature_shards`/`feature_runs` rows and `rejects` as the local path. Completed shards are skipped, so a
+killed job resumes where it stopped.
+
+prepare_ray: the eval pass, the cache's config and its completion record come from `prepare.prepare`
+itself; the pool's chunks (whole hashed batches, `batches.py`) are computed by actors with prepare's own
+chunk function, and the driver writes each chunk's files (completion record last). Φ̃_pos/Φ̃_neg stay
+per-chunk sums that `ScoringCache` reduces, exactly as for the local prepare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from chips_core import features, pools, pools_dicom
+from chips_core.features import SHARD_SIZE, FeaturizeError, Progress, ProgressFn, RunInfo
+from chips_core.models import LoadedModel, ModelIdentity, load_model, resolve_device
+from chips_core.store import Workspace
+
+# --- the cluster connection -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Connect to the Ray cluster at `address` (or start a local one); disconnect only what we started.
+
+    A process that is already connected (ray.init called by the caller) keeps its connection.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False} if address is None else {}
+    if address is None and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING", **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "a new local one"
+        raise FeaturizeError(f"cannot connect to the Ray cluster at {where}: {exc}") from exc
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- featurize ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an encoder actor needs to load the same model as the driver (checked by identity)."""
+
+    name: str
+    pretrained: str | None
+    seed: int
+    identity: ModelIdentity
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, name: str, pretrained: str | None, seed: int) -> ModelSpec:
+        return cls(name, pretrained, seed, loaded.identity)
+
+
+class _Encoder:
+    """An actor holding the model; encodes batches of preprocessed rows (features._encode's numerics)."""
+
+    def __init__(self, spec: ModelSpec, device: str) -> None:
+        dev = resolve_device(device)
+        self.loaded = load_model(spec.name, spec.pretrained, device=dev, seed=spec.seed)
+        if self.loaded.identity != spec.identity:
+            raise FeaturizeError(
+                f"an encoder worker loaded {self.loaded.identity.label()}, the driver "
+                f"{spec.identity.label()}: the nodes do not see the same model files"
+            )
+        self.dev = dev
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"].astype(bool)
+        n = len(ok)
+        h = np.zeros((n, self.loaded.d_v), np.float16)
+        t = np.zeros((n, self.loaded.d_t), np.float16)
+        keep = np.nonzero(ok)[0]
+        if len(keep):
+            images = [(j, torch.from_numpy(np.asarray(batch["image"][k]))) for j, k in enumerate(keep)]
+            tokens = torch.from_numpy(np.stack([np.asarray(batch["tokens"][k]) for k in keep]))
+            part = {"ids": batch["pair_id"][keep], "images": images, "jpegs": [], "tokens": tokens,
+                    "rejects": []}  # fmt: skip
+            enc = features._encode(part, self.loaded, self.dev, raw_jpeg=False)
+            h[keep], t[keep] = enc["h"], enc["t"]
+        out = {k: batch[k] for k in ("pos", "pair_id", "ok", "ref", "reason", "detail")}
+        out.update(h=h, t=t)
+        return out
+
+
+def _prepared_rows(
+    rows: list[tuple[int, int, str, str, Any]], preprocess: Any, tokenizer: Any, context: int, size: tuple
+) -> dict[str, np.ndarray]:
+    """(pos, pair_id, ref, caption, loader) rows -> model inputs, or a reject reason per row."""
+    n = len(rows)
+    image = np.zeros((n, 3, *size), np.float32)
+    tokens = np.zeros((n, context), np.int64)
+    ok = np.zeros(n, bool)
+    reason, detail = [""] * n, [""] * n
+    for i, (*_, loader) in enumerate(rows):
+        try:
+            image[i] = preprocess(loader()).numpy()
+            ok[i] = True
+        except Exception as exc:  # noqa: BLE001 - any failure of one image rejects that image only
+            reason[i] = getattr(exc, "reason", "load_error")
+            detail[i] = f"{type(exc).__name__}: {exc}"
+    good = np.nonzero(ok)[0]
+    if len(good):
+        tokens[good] = np.asarray(tokenizer([rows[i][3] for i in good]))
+    return {
+        "pos": np.array([r[0] for r in rows], np.int64),
+        "pair_id": np.array([r[1] for r in rows], np.int64),
+        "ref": np.array([r[2] for r in rows], dtype=object),
+        "ok": ok,
+        "image": image,
+        "tokens": tokens,
+        "reason": np.array(reason, dtype=object),
+        "detail": np.array(detail, dtype=object),
+    }
+
+
+def _image_from_bytes(data: bytes, ref: str) -> Any:
+    """pools.load_image's decoding applied to bytes already read (WebDataset members streamed by Ray)."""
+    if not data:
+        raise pools.ImageLoadError("zero_bytes", f"{ref}: file is empty (0 bytes)")
+    if pools.is_dicom_ref(ref, data):
+        try:
+            return pools_dicom.to_pil_rgb(pools_dicom.decode(data).pixels)
+        except pools_dicom.DicomError as exc:
+            raise pools.ImageLoadError(exc.reason, f"{ref}: {exc}") from None
+    return pools.to_rgb(pools._decode_pil(data, ref))
+
+
+def _manifest_batch(batch: dict[str, np.ndarray], **kw: Any) -> dict[str, np.ndarray]:
+    """Rows of the frozen manifest -> model inputs (images loaded by reference, as the local path does)."""
+    keep = np.isin(batch["pos"] // kw.pop("shard_size"), kw.pop("todo"))
+    rows = [
+        (int(p), int(i), str(f), str(c), (lambda f=str(f): pools.load_image(f)))
+        for p, i, f, c in zip(batch["pos"][keep], batch["pair_id"][keep], batch["filepath"][keep],
+                              batch["caption"][keep], strict=True)
+    ]  # fmt: skip
+    return _prepared_rows(rows, **kw)
+
+
+_LOOKUPS: dict[Any, dict] = {}
+# Decode tasks are retried when their worker dies; this remote argument also keeps Ray Data from fusing them
+# into the encoder actors, so decoding runs on every CPU of the cluster and the actors only encode.
+_DECODE_RETRIES = 3
+
+
+def _wds_batch(batch: Any, lookup: Any, **kw: Any) -> dict[str, np.ndarray]:
+    """WebDataset samples (raw member bytes) -> model inputs for the members the pending shards hold."""
+    if isinstance(lookup, ray.ObjectRef):  # fetched once per worker process
+        key = lookup.hex()
+        if key not in _LOOKUPS:
+            _LOOKUPS.clear()
+            _LOOKUPS[key] = ray.get(lookup)
+        lookup = _LOOKUPS[key]
+    table = lookup
+    exts = [c for c in batch.columns if not c.startswith("__")]
+    rows = []
+    for rec in batch.itertuples(index=False):
+        rec = rec._asdict() if hasattr(rec, "_asdict") else dict(zip(batch.columns, rec, strict=True))
+        for ext in exts:
+            data = rec.get(ext)
+            ref = f"{rec['__url__']}{pools.TAR_SEP}{rec['__key__']}.{ext}"
+            if isinstance(data, bytes | bytearray) and ref in table:
+                pos, pid, caption = table[ref]
+                rows.append((pos, pid, ref, caption, (lambda d=bytes(data), r=ref: _image_from_bytes(d, r))))
+    return _prepared_rows(rows, **kw)
+
+
+def _pool_dataset(info: RunInfo, todo: list[int], loaded: LoadedModel, fmt: str) -> ray.data.Dataset:
+    """The pending rows as a Ray dataset of model inputs (CPU tasks: load, decode, preprocess, tokenize)."""
+    context = int(np.asarray(loaded.tokenizer(["x"])).shape[1])
+    kw = {"preprocess": loaded.preprocess, "tokenizer": loaded.tokenizer, "context": context,
+          "size": loaded.image_size}  # fmt: skip
+    if fmt != "webdataset":
+        ds = ray.data.read_parquet(str(info.manifest))
+        return ds.map_batches(
+            _manifest_batch, batch_format="numpy", batch_size=64, max_retries=_DECODE_RETRIES,
+            fn_kwargs={**kw, "shard_size": info.shard_size, "todo": np.asarray(todo)},
+        )  # fmt: skip
+    table, shards = {}, set()
+    for s in todo:
+        ids, refs, caps = features.read_rows(info.manifest, *info.shard_range(s))
+        for pos, (pid, ref, cap) in enumerate(zip(ids, refs, caps, strict=True), info.shard_range(s)[0]):
+            table[ref] = (pos, int(pid), cap)
+            shards.add(pools.split_ref(ref)[0])
+    ds = ray.data.read_webdataset(sorted(shards), decoder=None, override_num_blocks=max(1, len(shards)))
+    return ds.map_batches(_wds_batch, batch_format="pandas", batch_size=64, max_retries=_DECODE_RETRIES,
+                          fn_kwargs={**kw, "lookup": ray.put(table)})  # fmt: skip
+
+
+class _ShardCollector:
+    """Regroups encoded rows by shard on the driver; writes a shard once all its rows are accounted for."""
+
+    def __init__(self, ws: Workspace, info: RunInfo, todo: list[int], done: set[int], progress: ProgressFn):
+        self.ws, self.info, self.progress = ws, info, progress
+        self.expected = {s: info.shard_range(s)[1] - info.shard_range(s)[0] for s in todo}
+        self.rows: dict[int, dict[int, tuple]] = {s: {} for s in todo}
+        self.t0, self.here = time.monotonic(), 0
+        self.done = sum(info.shard_range(s)[1] - info.shard_range(s)[0] for s in done)
+        self.n_done = len(done)
+        self._report()
+
+    def add(self, b: dict[str, np.ndarray]) -> None:
+        for j, pos in enumerate(b["pos"]):
+            s = int(pos) // self.info.shard_size
+            if s not in self.rows:  # written already (a retried task can repeat rows)
+                continue
+            self.rows[s][int(pos)] = (int(b["pair_id"][j]), bool(b["ok"][j]), b["h"][j], b["t"][j],
+                                      str(b["ref"][j]), str(b["reason"][j]), str(b["detail"][j]))  # fmt: skip
+            if len(self.rows[s]) == self.expected[s]:
+                self._flush(s)
+
+    def finish(self) -> None:
+        """Rows no reader produced (a WebDataset member gone since ingest) are rejected, then flushed."""
+        for s in list(self.rows):
+            start, end = self.info.shard_range(s)
+            ids, refs, _ = features.read_rows(self.info.manifest, start, end)
+            for pos in range(start, end):
+                if pos not in self.rows[s]:
+                    ref = refs[pos - start]
+                    why = f"{ref}: not found in the WebDataset shards at featurize time"
+                    self.rows[s][pos] = (int(ids[pos - start]), False, None, None, ref, "missing_file", why)
+            self._flush(s)
+
+    def _flush(self, s: int) -> None:
+        rows = self.rows.pop(s)
+        got = [rows[p] for p in sorted(rows)]
+        good = [r for r in got if r[1]]
+        ids = np.array([r[0] for r in good], np.int64)
+        h = np.stack([r[2] for r in good]) if good else np.zeros((0, self.info.d_v), np.float16)
+        t = np.stack([r[3] for r in good]) if good else np.zeros((0, self.info.d_t), np.float16)
+        features.write_shard(self.ws, self.info, s, ids, h, t, [(r[4], r[5], r[6]) for r in got if not r[1]])
+        n = self.expected[s]
+        self.done, self.here, self.n_done = self.done + n, self.here + n, self.n_done + 1
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is None:
+            return
+        rate = self.here / max(time.monotonic() - self.t0, 1e-9)
+        left = self.info.n_total - self.done
+        eta = left / rate if rate > 0 else (0.0 if left == 0 else None)
+        self.progress(Progress(self.done, self.info.n_total, rate, eta, self.n_done, self.info.n_shards))
+
+
+def featurize_ray(
+    ws: Workspace,
+    pool_name: str,
+    model: str = "chips-tiny-vit",
+    pretrained: str | None = None,
+    *,
+    seed: int = 0,
+    address: str | None = None,
+    num_gpus_per_worker: float = 0.0,
+    num_encoders: int = 1,
+    batch_size: int = 256,
+    shard_size: int = SHARD_SIZE,
+    num_cpus: int | None = None,
+    progress: ProgressFn | None = None,
+) -> int:
+    """Featurize pool `pool_name` on a Ray cluster; returns the feature run id (shared with the local path).
+
+    `address`: a running cluster ('127.0.0.1:6379', 'ray://head:10001'); None starts a local Ray with
+    `num_cpus`. `num_encoders` encoder actors, each with `num_gpus_per_worker` GPUs (0: CPU actors).
+    Every node must be able to load the model and read the pool's image paths (or WebDataset shards).
+    """
+    if batch_size < 1 or num_encoders < 1 or num_gpus_per_worker < 0:
+        raise FeaturizeError(
+            f"batch_size ({batch_size}) and num_encoders ({num_encoders}) must be >= 1 and "
+            f"num_gpus_per_worker ({num_gpus_per_worker}) >= 0"
+        )
+    loaded = load_model(model, pretrained, device="cpu", seed=seed)
+    info = features.open_run(ws, pool_name, loaded, shard_size)
+    with ws.connect(read_only=True) as con:
+        fmt = con.execute("SELECT format FROM pools WHERE pool_id = ?", [info.pool_id]).fetchone()[0]
+    done = features.done_shards(ws, info.run_id)
+    todo = [s for s in range(info.n_shards) if s not in done]
+    collector = _ShardCollector(ws, info, todo, done, progress)
+    if todo:
+        with ray_session(address, num_cpus):
+            device = "cuda" if num_gpus_per_worker > 0 else "cpu"
+            ds = _pool_dataset(info, todo, loaded, fmt).map_batches(
+                _Encoder, fn_constructor_args=(ModelSpec.of(loaded, model, pretrained, seed), device),
+                compute=ray.data.ActorPoolStrategy(size=num_encoders), batch_size=batch_size,
+                batch_format="numpy",
+                num_gpus=num_gpus_per_worker or None, num_cpus=None if num_gpus_per_worker else 1,
+            )  # fmt: skip
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                collector.add(batch)
+        collector.finish()
+    features.finish_run(ws, info)
+    return info.run_id
+
+
+# --- prepare ------------------------------------------------------------------------------------------
+
+
+class _RowsRequestedError(Exception):
+    """Raised by _StopAtRows: prepare reached the pool chunks (config, eval pass and checks are done)."""
+
+
+class _StopAtRows:
+    """A FeatureSource that lets prepare do its bookkeeping and eval pass, and stops it at the first pool
+    read, so the chunks can be computed on the cluster."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def pair_ids(self) -> np.ndarray:
+        return self.pool.pair_ids()
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise _RowsRequestedError
+
+    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        raise _RowsRequestedError
+
+
+class _ChunkWorker:
+    """An actor that computes whole chunks of a scoring cache with prepare's own chunk function."""
+
+    def __init__(self, params: Any, config: Any, mu_x: np.ndarray, mu_y: np.ndarray, n_curv: int) -> None:
+        from chips_core import prepare as prep
+        from chips_core.sketch import make_sketch
+
+        self.prep, self.config, self.n_curv = prep, config, n_curv
+        self.dp = prep._dev_params(params, config)
+        self.sk = make_sketch(config.sketch, self.dp, config.k_max, config.seed)
+        self.mu_x, self.mu_y = prep._tensor(mu_x, self.dp.W_v), prep._tensor(mu_y, self.dp.W_v)
+
+    def chunk(self, c: int, bs: list[int], sizes: list[int], ids: np.ndarray, h: np.ndarray, t: np.ndarray):
+        """Files (name, bytes) of chunk c, whose batches bs hold the rows given, in batch order."""
+        local = [None] * (max(bs) + 1)
+        start = 0
+        for b, n in zip(bs, sizes, strict=True):
+            local[b], start = np.arange(start, start + n), start + n
+        src = self.prep.ArrayFeatures(ids, h, t)
+        with tempfile.TemporaryDirectory(prefix="chips-chunk-") as tmp:
+            self.prep._write_chunk(Path(tmp), c, src, bs, local, self.sk, self.dp, self.config,
+                                   self.mu_x, self.mu_y, ids, self.n_curv)  # fmt: skip
+            d = Path(tmp) / f"chunk-{c:05d}"
+            names = sorted(os.listdir(d), key=lambda x: x == "done.json")  # completion record last
+            return c, [(x, (d / x).read_bytes()) for x in names]
+
+
+def prepare_ray(
+    pool: Any,
+    eval_set: Any,
+    params: Any,
+    config: Any,
+    out_dir: str | Path,
+    progress: Any = None,
+    *,
+    address: str | None = None,
+    num_workers: int = 1,
+    num_gpus_per_worker: float = 0.0,
+    num_cpus: int | None = None,
+) -> Any:
+    """`prepare.prepare` with the pool's chunks computed by `num_workers` Ray actors; same cache on disk.
+
+    The driver reads each chunk's feature rows and ships them to a worker (no shared filesystem needed),
+    and writes the returned chunk files atomically, completion record last, so a killed run resumes.
+    """
+    from chips_core.prepare import PrepareProgress, pool_batches, prepare
+    from chips_core.store import atomic_write_bytes
+
+    if num_workers < 1 or num_gpus_per_worker < 0:
+        raise ValueError(f"num_workers ({num_workers}) must be >= 1, num_gpus_per_worker >= 0")
+    if num_gpus_per_worker > 0 and config.device != "cuda":
+        raise ValueError(f"num_gpus_per_worker={num_gpus_per_worker} needs config.device 'cuda'")
+    out = Path(out_dir)
+    try:
+        return prepare(_StopAtRows(pool), eval_set, params, config, out, progress)
+    except _RowsRequestedError:
+        pass
+    batches = pool_batches(pool, config)
+    n_curv = -(-min(config.curvature_pairs, len(pool)) // len(batches[0]))
+    step = config.chunk_batches
+    chunks = [list(range(s, min(s + step, len(batches)))) for s in range(0, len(batches), step)]
+    todo = [c for c in range(len(chunks)) if not (out / f"chunk-{c:05d}" / "done.json").exists()]
+    ids_all = np.asarray(pool.pair_ids(), dtype=np.int64)
+    ev = np.load(out / "eval.npz")
+    t0, n_rows = time.monotonic(), 0
+    with ray_session(address, num_cpus):
+        opts = {"num_cpus": 1, "num_gpus": num_gpus_per_worker, "max_restarts": 2, "max_task_retries": 2}
+        args = (params.to(device="cpu"), config, ev["mu_x"], ev["mu_y"], n_curv)
+        pool_ = ray.util.ActorPool(
+            [ray.remote(**opts)(_ChunkWorker).remote(*args) for _ in range(num_workers)]
+        )
+
+        def submit(actor: Any, c: int) -> Any:
+            rows = np.concatenate([batches[b] for b in chunks[c]])
+            h, t = pool.rows(rows)
+            return actor.chunk.remote(c, chunks[c], [len(batches[b]) for b in chunks[c]], ids_all[rows], h, t)
+
+        for c, files in pool_.map_unordered(submit, todo):
+            for name, data in files:
+                atomic_write_bytes(out / f"chunk-{c:05d}" / name, data)
+            n_rows += sum(len(batches[b]) for b in chunks[c])
+            if progress:
+                rate = n_rows / max(time.monotonic() - t0, 1e-9)
+                progress(PrepareProgress("pool", n_rows, len(pool), rate, None))
+    return prepare(pool, eval_set, params, config, out, progress)
