@@ -133,12 +133,17 @@ def scoring_context(ws: store.Workspace) -> ScoringContext:
             "set, run featurize on both, then prepare."
         )
         st.stop()
-    pool_name = st.session_state.get("pool_name")
-    if pool_name in set(df["pool_name"]):
-        df = df[df["pool_name"] == pool_name]
-    eval_name = st.session_state.get("eval_name")
-    if eval_name in set(df["eval_name"]):
-        df = df[df["eval_name"] == eval_name]
+    for key, column in (("pool_name", "pool_name"), ("eval_name", "eval_name")):
+        chosen = st.session_state.get(key)
+        if chosen is not None:
+            df = df[df[column] == chosen]
+    if df.empty:
+        st.info(
+            f"Pool **{st.session_state.get('pool_name')}** has no finished scoring cache against eval set "
+            f"**{st.session_state.get('eval_name')}** yet: featurize both and run prepare on the Workspace "
+            "page, or pick another pair in the sidebar."
+        )
+        st.stop()
     r = df.iloc[0]
     return ScoringContext(
         ws.root.as_posix(),
@@ -217,3 +222,19 @@ def current_rank(ctx: ScoringContext) -> Any:
         return base
     lam = float(base.info["lam_star"]) * p["lam_factor"]
     return _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": lam}.items())))
+
+
+@st.cache_data(show_spinner=False)
+def _demo_planted() -> pd.Series:
+    from chips_core import demo
+
+    return demo.ground_truth("pool").set_index("pair_id")["planted"]
+
+
+def demo_planted(ctx: ScoringContext) -> pd.Series | None:
+    """In the bundled demo's pool: the planted mistake of each pair (none | mismatch | off_domain)."""
+    from chips_core import demo
+
+    if not workspace_path()[1] or ctx.pool_name != demo.POOL_NAME:
+        return None
+    return _demo_planted()

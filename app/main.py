@@ -52,9 +52,10 @@ with st.sidebar:
     if ws.db_path.exists():
         pool_names = context.pools(ws, "pool")["name"].tolist()
         eval_names = context.pools(ws, "eval")["name"].tolist()
-        if pool_names:
-            st.selectbox("Pool", pool_names, key="pool_name")
-        if eval_names:
-            st.selectbox("Eval set", eval_names, key="eval_name")
+        for label, key, names in (("Pool", "pool_name", pool_names), ("Eval set", "eval_name", eval_names)):
+            if st.session_state.get(key) not in names:  # another workspace was opened
+                st.session_state.pop(key, None)
+            if names:
+                st.selectbox(label, names, key=key)
 
 st.navigation(pages).run()

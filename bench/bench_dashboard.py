@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -184,6 +185,8 @@ def main() -> None:
 
     print()
     print(f"Dashboard, {args.pairs:,} pairs, k_max {args.k_max}, {args.repeats} steps per slider; seconds")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load} at the end (other work slows every figure)")
     print()
     print(f"| {'what':<44} | {'until':<8} | {'median':>7} | {'max':>7} |")
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 9}|{'-' * 9}|")

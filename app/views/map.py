@@ -20,6 +20,8 @@ def feature_map(ws_root: str, run_id: int) -> maps.FeatureMap:
     return maps.get_map(ws, run_id, FeatureStore(ws, run_id))
 
 
+GREEN, RED, GREY = ("#2e7d32", "green"), ("#c62828", "red"), ("#b0bec5", "gray")  # (plotly, st markdown)
+
 ws = context.workspace()
 ctx = context.scoring_context(ws)
 table = widgets.ranking_frame(context.current_rank(ctx)).set_index("pair_id")
@@ -40,9 +42,10 @@ dec = widgets.decisions(ctx)
 state = dec["state"].reindex(fmap.pair_ids) if len(dec) else None
 c1, c2 = st.columns([1, 1])
 space = c1.radio("Embedding", ["image", "text"], horizontal=True, key="map_space")
-colour = c2.selectbox(
-    "Colour by", ["score", "alignment", "learnability", "relevance", "selected", "decision"], key="map_colour"
-)
+planted = context.demo_planted(ctx)
+colours = ["score", "alignment", "learnability", "relevance", "selected", "decision"]
+colours += ["planted (demo ground truth)"] if planted is not None else []
+colour = c2.selectbox("Colour by", colours, key="map_colour")
 
 rows = table.reindex(fmap.pair_ids)
 xy = fmap.image_xy if space == "image" else fmap.text_xy
@@ -54,13 +57,18 @@ if colour in widgets.COMPONENTS:
         showscale=True,
         colorbar={"title": colour},
     )
-elif colour == "selected":
-    marker.update(color=np.where(rows["selected"].fillna(False).to_numpy(bool), "#2e7d32", "#b0bec5"))
 else:
-    labels = state.fillna("none").to_numpy() if state is not None else np.full(len(rows), "none")
-    marker.update(
-        color=np.select([labels == "include", labels == "exclude"], ["#2e7d32", "#c62828"], "#b0bec5")
-    )
+    if colour == "selected":
+        labels = np.where(rows["selected"].fillna(False).to_numpy(bool), "selected", "not selected")
+        palette = {"selected": GREEN, "not selected": GREY}
+    elif colour == "decision":
+        labels = state.fillna("none").to_numpy() if state is not None else np.full(len(rows), "none")
+        palette = {"include": GREEN, "exclude": RED, "none": GREY}
+    else:  # the demo's planted mistakes: does the ranking push them down?
+        labels = planted.reindex(fmap.pair_ids).fillna("none").to_numpy()
+        palette = {"mismatch": RED, "off_domain": ("#f9a825", "orange"), "none": GREY}
+    marker.update(color=[palette[str(v)][0] for v in labels])
+    st.caption(" · ".join(f":{c}[●] {name}" for name, (_, c) in palette.items()))
 fig = go.Figure(
     go.Scattergl(
         x=xy[:, 0],

@@ -121,21 +121,13 @@ with prep, st.form("prepare_form"):
     c1, c2 = st.columns(2)
     p_pool = c1.selectbox("Pool", train_pools, key="prep_pool")
     p_eval = c2.selectbox("Eval set", evals, key="prep_eval")
-    c3, c4 = st.columns(2)
+    c3, c4, c5 = st.columns(3)
     k_max = c3.select_slider("k_max", options=[256, 512, 1024, 2048, 4096], value=1024, key="prep_kmax")
     sketch = c4.selectbox("Sketch", ["kronecker", "dense"], key="prep_sketch")
+    batch = c5.number_input("InfoNCE batch size", 2, 65536, 1024, key="prep_batch")
     if st.form_submit_button("Prepare", type="primary"):
-        argv = [
-            "prepare",
-            str(ws.root),
-            str(p_pool),
-            "--eval",
-            str(p_eval),
-            "--k-max",
-            str(k_max),
-            "--sketch",
-            sketch,
-        ]
+        argv = ["prepare", str(ws.root), str(p_pool), "--eval", str(p_eval), "--k-max", str(k_max)]
+        argv += ["--sketch", sketch, "--batch-size", str(batch)]
         jobs_view.launch(ws, "prepare", argv, required={"Pool": p_pool or "", "Eval set": p_eval or ""})
 
 st.subheader("Jobs")

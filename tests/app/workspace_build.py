@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from chips_core import features, ingest, maps, models, store
-from chips_core.scoring import PrepareConfig, prepare
+from chips_core.cli import prepare_workspace
+from chips_core.scoring import PrepareConfig
 from tests.fixtures_build import write_images
 
 MODEL = "chips-tiny-vit"
@@ -32,21 +33,6 @@ def _manifest(folder: Path, n: int, seed: int, mismatched: int = 0) -> Path:
     return path
 
 
-def register_cache(ws: store.Workspace, pool_run: int, eval_run: int, cfg: PrepareConfig, out: Path) -> int:
-    """Record a finished scoring cache in the workspace (`scoring_caches`)."""
-    import dataclasses
-    import json
-
-    with ws.connect() as con:
-        cache_id = ws.next_id(con)
-        con.execute(
-            "INSERT INTO scoring_caches (cache_id, pool_run_id, eval_run_id, config, dir, status, "
-            "finished_at) VALUES (?, ?, ?, ?, ?, 'done', current_timestamp)",
-            [cache_id, pool_run, eval_run, json.dumps(dataclasses.asdict(cfg)), str(out)],
-        )
-    return cache_id
-
-
 def build_tiny_workspace(root: Path, n_pool: int = 48, n_eval: int = 16, k_max: int = 64) -> store.Workspace:
     """Build the workspace under root/ws (sources under root/src); returns it."""
     root = Path(root)
@@ -56,10 +42,6 @@ def build_tiny_workspace(root: Path, n_pool: int = 48, n_eval: int = 16, k_max: 
     ingest.ingest(ws, EVAL, _manifest(root / "src" / "eval", n_eval, seed=1), kind="eval", label_col="label")
     loaded = models.load_model(MODEL, device="cpu")
     runs = {name: features.featurize(ws, name, loaded, device="cpu", batch_size=64) for name in (POOL, EVAL)}
-    cfg = PrepareConfig(k_max=k_max, batch_size=16, curvature_pairs=n_pool)
-    out = ws.root / "caches" / "tiny"
-    pool_fs = features.FeatureStore(ws, runs[POOL])
-    prepare(pool_fs, features.FeatureStore(ws, runs[EVAL]), loaded.adapter.endpoint_params(), cfg, out)
-    register_cache(ws, runs[POOL], runs[EVAL], cfg, out)
-    maps.get_map(ws, runs[POOL], pool_fs)
+    prepare_workspace(ws, POOL, EVAL, PrepareConfig(k_max=k_max, batch_size=16, curvature_pairs=n_pool))
+    maps.get_map(ws, runs[POOL], features.FeatureStore(ws, runs[POOL]))
     return ws
