@@ -406,8 +406,14 @@ def _encode(batch: dict, loaded: LoadedModel, dev: torch.device, raw_jpeg: bool)
     )
     with torch.inference_mode(), autocast:
         h, t = loaded.encode(images, tokens)
-    return {"ids": ids, "h": h.to(torch.float16).cpu().numpy(), "t": t.to(torch.float16).cpu().numpy(),
-            "rejects": batch["rejects"]}  # fmt: skip
+    h, t = h.to(torch.float16).cpu().numpy(), t.to(torch.float16).cpu().numpy()
+    bad = ~(np.isfinite(h).all(1) & np.isfinite(t).all(1))
+    if bad.any():
+        raise FeaturizeError(
+            f"{loaded.identity.label()}: non-finite features (beyond the fp16 range?) for pair ids "
+            f"{ids[bad][:5].tolist()}"
+        )
+    return {"ids": ids, "h": h, "t": t, "rejects": batch["rejects"]}
 
 
 def _flush_shard(ws: Workspace, info: RunInfo, shard: int, parts: list[dict]) -> None:

@@ -137,6 +137,17 @@ def test_one_writer_per_run(tmp_path, loaded):
         pass
 
 
+def test_features_beyond_fp16_are_an_error_not_inf(tmp_path):
+    ws, _, _ = _make_pool(tmp_path, n=3)
+    huge = load_model(MODEL)
+    with torch.no_grad():
+        huge.model.visual.ln_post.weight.mul_(1e6)
+    with pytest.raises(FeaturizeError, match="non-finite features .* for pair ids"):
+        featurize(ws, "digits", huge, device="cpu")
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM feature_shards").fetchone() == (0,)
+
+
 def test_bad_pool_names_and_states(tmp_path, loaded):
     ws, _, _ = _make_pool(tmp_path, status="ingesting", n=3)
     with pytest.raises(FeaturizeError, match="no pool named 'nope'.*digits"):
