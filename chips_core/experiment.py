@@ -411,6 +411,7 @@ def _add_experiment(p: Any) -> None:
     p.add_argument(
         "--tracin-epochs", type=int, default=2, help="epochs of the TracIn warm-up run (full pool)"
     )
+    p.add_argument("--tracin-run", type=int, help="reuse this finished CPT run as the TracIn warm-up run")
     p.add_argument("--no-full", action="store_true", help="skip the full-pool cells")
     p.add_argument("--out", default=None, help="output folder (default WS/experiments/<id>); reruns resume")
     p.add_argument("--primary", default="zeroshot_top1", help="metric of summary.md and the plot")
@@ -430,11 +431,13 @@ def _run_experiment(args: Any) -> int:
                 "method tracin needs --tracin-eval (the validation set the cache was prepared on)"
             )
         sc = _load_cache(ws, args.cache)
-        full = selection.save_selection(ws, args.pool, scoring.rank(sc, "random", ratio=1.0), 1.0,
-                                        f"tracin-warmup-{args.pool}", method="full")  # fmt: skip
-        kw = recipe.train_kwargs() | {"epochs": args.tracin_epochs}
-        warm = cpt.train(ws, full, **kw)
-        say(f"TracIn warm-up CPT run {warm}: featurizing and preparing once per checkpoint")
+        warm = args.tracin_run
+        if warm is None:
+            ranked = scoring.rank(sc, "random", ratio=1.0)
+            name = f"tracin-warmup-{args.pool}"
+            full = selection.save_selection(ws, args.pool, ranked, 1.0, name, method="full")
+            warm = cpt.train(ws, full, **(recipe.train_kwargs() | {"epochs": args.tracin_epochs}))
+        say(f"TracIn warm-up CPT run {warm}: featurize + prepare once per checkpoint (reused when done)")
         tracin = tracin_checkpoints(ws, args.pool, args.tracin_eval, warm, sc.config, device=args.device)
     cells = run_experiment(
         ws, args.pool, args.test, args.methods, args.ratios, args.seeds, recipe, cache=args.cache,
