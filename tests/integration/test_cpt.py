@@ -239,3 +239,19 @@ def test_experiment_end_to_end_with_tracin(tmp_path):
     with ws.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM cpt_runs").fetchone()[0] == n_runs  # finished cells skipped
     assert len(again) == 3
+
+
+def test_cli_train_and_evaluate(ws_csv, capsys):
+    from chips_core.cli import main
+
+    ws, train_csv = ws_csv
+    flags = ["--model", MODEL, "--epochs", "1", "--batch-size", "8", "--workers", "0", "--lr", "1e-4"]
+    assert main(["train", str(ws.root), "--csv", str(train_csv), *flags]) == 0
+    out = capsys.readouterr().out
+    run_id = int(out.split("CPT run ")[1].split()[0])
+    assert "finished" in out and cpt.run_config(ws, run_id)["config"]["lr"] == 1e-4
+    assert (
+        main(["evaluate", str(ws.root), str(train_csv), "--run", str(run_id), "--template", "{label}"]) == 0
+    )
+    assert '"n_pairs": 32.0' in capsys.readouterr().out
+    assert main(["cpt-cancel", str(ws.root), str(run_id)]) == 1  # not running
