@@ -207,3 +207,13 @@ def test_mlp_head_without_final_linear_is_refused():
     model = CustomTextCLIP(32, vit, hf)
     model.text.proj.append(torch.nn.GELU())  # an MLP head that ends in a nonlinearity
     _refusal(model, "Sequential has no final nn.Linear")
+
+
+def test_coca_is_refused():
+    from open_clip.coca_model import CoCa, MultimodalCfg
+
+    vit = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32)
+    model = CoCa(
+        32, MultimodalCfg(width=32, heads=2, layers=1, context_length=16, vocab_size=1000), _TEXT, vit
+    )
+    _refusal(model, "CoCa is not supported.*captioning loss")
