@@ -845,13 +845,20 @@ register("jobs", "list background jobs, show a log, or cancel one", _add_jobs, _
 # --- main -----------------------------------------------------------------------------------------------
 
 
+_broken_extensions: dict[str, str] = {}  # module -> why it could not be loaded
+
+
 def _load_extensions() -> None:
+    """Import EXTENSION_MODULES and call their `register_cli`; a broken one is remembered, not fatal."""
     for name in EXTENSION_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        hook = getattr(importlib.import_module(name), "register_cli", None)
-        if callable(hook):
-            hook(register)
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+            hook = getattr(importlib.import_module(name), "register_cli", None)
+            if callable(hook):
+                hook(register)
+        except Exception as exc:  # noqa: BLE001 - the built-in commands must keep working
+            _broken_extensions[name] = f"{type(exc).__name__}: {_one_line(exc)}"
 
 
 def build_parser(load_extensions: bool = True) -> argparse.ArgumentParser:
@@ -899,6 +906,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = _first_command(argv)
     parser = build_parser(load_extensions=first is None or first not in COMMANDS)
+    if first is not None and first not in COMMANDS and _broken_extensions:
+        broken = "; ".join(f"{m} ({why})" for m, why in _broken_extensions.items())
+        print(
+            f"chips: unknown command {first!r}; extension modules failed to load: {broken}", file=sys.stderr
+        )
+        return 2
     args = parser.parse_args(argv)
     reporter = None
     if args.job_id is not None:

@@ -309,3 +309,27 @@ def test_materialised_images_open_with_pil(tmp_path):
     for path in pd.read_csv(tmp_path / "dcm.csv")["filepath"]:
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 0
+
+
+def test_a_broken_extension_does_not_break_the_builtins(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_ext.py").write_text("raise ImportError('needs a package that is not installed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "EXTENSION_MODULES", ("broken_ext",))
+    monkeypatch.setattr(cli, "_broken_extensions", {})
+    builtin = (
+        "init",
+        "status",
+        "ingest",
+        "featurize",
+        "prepare",
+        "score",
+        "select",
+        "decide",
+        "diff",
+        "export",
+    )
+    monkeypatch.setattr(cli, "COMMANDS", {k: v for k, v in cli.COMMANDS.items() if k in builtin + ("jobs",)})
+    assert cli.main(["init", str(tmp_path / "ws")]) == 0
+    assert cli.main(["train", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken_ext (ImportError: needs a package" in err[0]
