@@ -108,9 +108,7 @@ def test_sketched_matches_exact_at_default_lambda(tmp_path):
     assert ex.info["cg_rel_residual"] <= 1e-6
     rho = spearmanr(sk.frame["alignment"], ex.frame["alignment"]).statistic
     dot = spearmanr(sk.frame["alignment"], rank(cache, "dot", k=2048).frame["score"]).statistic
-    print(
-        f"Spearman(sketched, exact) {rho:.3f}, (sketched, Dot) {dot:.3f}, λ* {sk.info['lam']:.3g}"
-    )
+    print(f"Spearman(sketched, exact) {rho:.3f}, (sketched, Dot) {dot:.3f}, λ* {sk.info['lam']:.3g}")
     assert rho >= 0.9
     # the final scores (same weights on both) agree at least as well
     assert spearmanr(sk.frame["score"], ex.frame["score"]).statistic >= 0.9
