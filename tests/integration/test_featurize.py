@@ -84,6 +84,9 @@ def test_featurize_writes_shards_and_reads_back(tmp_path, loaded):
     ref_h, ref_t = _reference(loaded, [by_id[order[i]] for i in idx])
     np.testing.assert_allclose(h.astype(np.float32), ref_h.astype(np.float32), rtol=0, atol=2e-3)
     np.testing.assert_allclose(t.astype(np.float32), ref_t.astype(np.float32), rtol=0, atol=2e-3)
+    assert [a.shape for a in store.rows(np.zeros(0, np.int64))] == [(0, loaded.d_v), (0, loaded.d_t)]
+    with pytest.raises(IndexError, match="out of range"):
+        store.rows(np.array([N]))
     shards = list(store.iter_shards())
     assert [len(s[0]) for s in shards] == [16, 16, 13]
     assert np.concatenate([s[0] for s in shards]).tolist() == order
