@@ -1,0 +1,190 @@
+"""The bundled demo: turn data/demo/ (images, manifests, the project's own tiny CLIP) into a ready workspace.
+
+`default_demo_workspace()` is what the dashboard opens with no arguments: a workspace in a cache folder
+keyed by a hash of the bundle (~/.cache/chips-studio/demo-<hash>; env CHIPS_DEMO_WS overrides), built on
+first use through the library's real code path -- ingest (pools), featurize (features), prepare (scoring)
+-- offline, in seconds, and reused afterwards. Building is idempotent and guarded by a file lock, so two
+processes asking at once build it once.
+
+The bundle's ground truth (`planted`: none | mismatch | off_domain) lives in its manifests, not in the
+workspace schema; `ground_truth()` returns it keyed by pair_id for tests and the UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from chips_core.store import Workspace, WorkspaceError, atomic_write_bytes
+
+BUNDLE_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+MODEL_DIR = BUNDLE_DIR / "model"
+MANIFESTS = {"pool": "pool.csv", "val": "eval_val.csv", "test": "eval_test.csv", "pretrain": "pretrain.csv"}
+POOL_NAME = "demo-pool"
+EVAL_NAME = "demo-eval"  # the validation split: the target the scores are computed against
+TEST_NAME = "demo-test"  # held out: evaluation after CPT only
+MARKER = "demo.json"  # written last: its presence means the workspace is complete
+PLANTED = ("none", "mismatch", "off_domain")
+
+ProgressFn = Callable[[str], None]
+
+
+class DemoError(WorkspaceError):
+    """The demo bundle is missing or broken; the message names the file."""
+
+
+def model_spec() -> str:
+    """The demo model as chips_core.models.load_model names it (an open_clip local-dir bundle)."""
+    return f"local-dir:{MODEL_DIR}"
+
+
+def bundle_info() -> dict:
+    """data/demo/bundle.json: pair counts, sources, the training command and its time, the bundle hash."""
+    path = BUNDLE_DIR / "bundle.json"
+    if not path.is_file():
+        raise DemoError(f"demo bundle not found: {path} (rebuild it with `python data/build_demo.py`)")
+    return json.loads(path.read_text())
+
+
+def bundle_key() -> str:
+    """A short hash of what the demo workspace is built from: the bundle's manifests, model and location.
+
+    Images are covered through bundle.json (its sha256 over every file), so this reads only small files.
+    """
+    h = hashlib.sha256(str(BUNDLE_DIR).encode() + b"\0")
+    files = [BUNDLE_DIR / "bundle.json", *(BUNDLE_DIR / m for m in MANIFESTS.values())]
+    files += sorted(p for p in MODEL_DIR.iterdir() if p.is_file()) if MODEL_DIR.is_dir() else []
+    for p in files:
+        if not p.is_file():
+            raise DemoError(f"demo bundle file missing: {p}")
+        h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def manifest(split: str) -> pd.DataFrame:
+    """One split's manifest with absolute file paths and each pair's pair_id (the workspace contract)."""
+    from chips_core.pools import pair_id
+
+    if split not in MANIFESTS:
+        raise DemoError(f"unknown demo split {split!r}; expected one of {', '.join(MANIFESTS)}")
+    path = BUNDLE_DIR / MANIFESTS[split]
+    if not path.is_file():
+        raise DemoError(f"demo manifest not found: {path}")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df["filepath"] = [str((BUNDLE_DIR / p).resolve()) for p in df["filepath"]]
+    df["pair_id"] = [
+        pair_id(Path(f).read_bytes(), c) for f, c in zip(df["filepath"], df["title"], strict=True)
+    ]
+    return df
+
+
+def ground_truth(split: str = "pool") -> pd.DataFrame:
+    """pair_id -> planted (none | mismatch | off_domain), label, caption and provenance of one split."""
+    cols = ["pair_id", "planted", "label", "title", "true_caption", "source_package", "source_file"]
+    return manifest(split)[cols].rename(columns={"title": "caption"})
+
+
+def default_demo_workspace(progress: ProgressFn | None = None) -> Path:
+    """The demo workspace folder, built on first use (env CHIPS_DEMO_WS overrides the cache location)."""
+    override = os.environ.get("CHIPS_DEMO_WS")
+    if override:
+        path = Path(override).expanduser()
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chips-studio"
+        path = cache / f"demo-{bundle_key()}"
+    build_demo_workspace(path, progress=progress)
+    return path.resolve()
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.demo.lock", "w") as f:  # beside it: never litter a workspace
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _marker(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MARKER).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when `path` holds a finished demo workspace built from the current bundle."""
+    m = _marker(Path(path))
+    return bool(m and m.get("complete") and m.get("bundle_key") == bundle_key())
+
+
+def _claim(root: Path, key: str) -> None:
+    """Mark `root` as the demo workspace of bundle `key`; refuse a folder that is something else.
+
+    Never builds over a user's own workspace (chips.duckdb without a demo marker) nor over a demo of
+    another bundle version (ingest would keep its old pairs under the same pool names).
+    """
+    m = _marker(root)
+    if m is None and (root / "chips.duckdb").exists():
+        raise DemoError(f"{root} is a CHIPS workspace but not the demo's; choose another folder for the demo")
+    if m is not None and m.get("bundle_key") != key:
+        raise DemoError(
+            f"{root} holds a demo built from another version of data/demo (bundle {m.get('bundle_key')}, "
+            f"now {key}); delete the folder or point CHIPS_DEMO_WS elsewhere"
+        )
+    if m is None:
+        atomic_write_bytes(root / MARKER, json.dumps({"bundle_key": key, "complete": False}).encode())
+
+
+def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = None) -> Workspace:
+    """Build (or reuse) the demo workspace at `path` through ingest -> featurize -> prepare; idempotent.
+
+    Every step is the library's own and skips work already done, so a killed build resumes on re-run.
+    Raises DemoError for a folder that holds something else (see `_claim`).
+    """
+    from chips_core.features import featurize
+    from chips_core.ingest import ingest
+
+    root = Path(path).expanduser().resolve()
+    say = progress or (lambda _msg: None)
+    with _locked(root):
+        if is_complete(root):
+            return Workspace(root)
+        key = bundle_key()
+        _claim(root, key)
+        ws = Workspace.init(root)
+        runs = {}
+        for name, split, kind in (
+            (POOL_NAME, "pool", "pool"),
+            (EVAL_NAME, "val", "eval"),
+            (TEST_NAME, "test", "eval"),
+        ):
+            say(f"ingesting {split} split as {name!r}")
+            summary = ingest(ws, name, BUNDLE_DIR / MANIFESTS[split], kind=kind, label_col="label", workers=0)
+            if summary.n_rejects:
+                raise DemoError(f"demo {split} split: {summary.n_rejects} rejected pairs\n{summary.format()}")
+            say(f"featurizing {name!r}")
+            runs[name] = featurize(ws, name, model_spec(), device="cpu", batch_size=256)
+        say("preparing the scoring cache")
+        cache_id = _prepare(ws)
+        info = {"bundle_key": key, "complete": True, "pool": POOL_NAME, "eval": EVAL_NAME, "test": TEST_NAME,
+                "model": model_spec(), "feature_runs": runs, "cache_id": cache_id}  # fmt: skip
+        atomic_write_bytes(root / MARKER, (json.dumps(info, indent=2) + "\n").encode())
+        return ws
+
+
+def _prepare(ws: Workspace) -> int:
+    """The demo's scoring cache (default PrepareConfig, CPU) through the CLI's workspace-level prepare."""
+    from chips_core.cli import prepare_workspace
+    from chips_core.prepare import PrepareConfig
+
+    return prepare_workspace(ws, POOL_NAME, EVAL_NAME, PrepareConfig(device="cpu"))
