@@ -9,6 +9,7 @@ init, so every process that loads it gets the same weights (a resumed featurizat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -75,12 +76,14 @@ class LoadedModel:
         """open_clip's preprocess config: size, mean, std, interpolation, resize_mode."""
         return open_clip.get_model_preprocess_cfg(self.model)
 
-    @property
+    @functools.cached_property
     def d_v(self) -> int:
+        """Width of the image features h (without a bias column)."""
         return self.adapter.endpoint_params().d_v
 
-    @property
+    @functools.cached_property
     def d_t(self) -> int:
+        """Width of the text features t (without a bias column)."""
         return self.adapter.endpoint_params().d_t
 
     def gpu_preprocess_supported(self) -> bool:
