@@ -66,7 +66,14 @@ def workspace_path() -> tuple[str, bool]:
     chosen = st.session_state.get("ws_path") or os.environ.get("CHIPS_WORKSPACE", "")
     if chosen.strip():
         return str(Path(chosen.strip()).expanduser().resolve()), False
-    return demo_workspace_path(), True
+    try:
+        return demo_workspace_path(), True
+    except store.WorkspaceError as exc:  # a broken or missing demo bundle: say so, point to one's own data
+        st.error(
+            f"The bundled demo workspace cannot be built: {exc}. Type a workspace folder in the sidebar "
+            "(a new one is created on the Workspace page)."
+        )
+        st.stop()
 
 
 def workspace() -> store.Workspace:

@@ -83,12 +83,13 @@ def _model_flags(ws: store.Workspace, run_id: int) -> list[str]:
     )
     if m.empty:
         return []
-    flags = ["--model", str(m["name"].iloc[0])]
-    for col in ("checkpoint", "pretrained"):
-        value = m[col].iloc[0]
-        if isinstance(value, str) and value:
-            return [*flags, "--pretrained", value]
-    return flags
+    name, tag, ckpt = (m[c].iloc[0] if isinstance(m[c].iloc[0], str) else "" for c in m.columns)
+    flags = ["--model", name]
+    if tag.startswith("random-init:"):  # unpretrained weights: open_clip_train starts from its own init
+        return flags
+    if ckpt and not name.startswith("local-dir:"):  # a local checkpoint file (a local-dir bundle holds one)
+        return [*flags, "--pretrained", ckpt]
+    return [*flags, "--pretrained", tag] if tag else flags
 
 
 def train_form(

@@ -74,6 +74,11 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         _go(page, "Browse")
         page.locator("[data-testid='stImage'] img").first.wait_for()
         page.screenshot(path=str(ARTIFACTS / "browse.png"), full_page=True)
+        page.locator("[class*='st-key-top-why-'] button").first.click()
+        page.locator("h3").filter(has_text="Pair ").first.wait_for()
+        wait_idle(page)
+        page.locator("[data-testid='stDataFrame'] canvas").first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "detail.png"), full_page=True)
 
         _go(page, "Export and train")
         name = page.get_by_label("Selection name")
@@ -84,6 +89,10 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         page.get_by_role("button", name="Export", exact=True).click()
         page.get_by_text(re.compile(r"Wrote .*browser-pick-v1\.csv")).wait_for()
         page.screenshot(path=str(ARTIFACTS / "export.png"), full_page=True)
+
+        _go(page, "Workspace")
+        page.locator("[data-testid='stDataFrame'] canvas").first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "workspace.png"), full_page=True)
 
     out = ws.root / "exports" / "browser-pick-v1.csv"
     df = pd.read_csv(out)
