@@ -132,7 +132,7 @@ def run_experiment(
         if not 0.0 < r < 1.0:
             raise ValueError(f"ratios must lie in (0, 1); the full pool is its own cell, got {r}")
     sc = _load_cache(ws, cache)
-    out = Path(out_dir) if out_dir else ws.root / "experiments" / str(selection.new_id(ws))
+    out = Path(out_dir) if out_dir else ws.root / "experiments" / str(ws.new_id())
     out.mkdir(parents=True, exist_ok=True)
     spec = {"pool": pool, "eval": str(eval_source), "methods": list(methods), "ratios": list(ratios),
             "seeds": list(seeds), "recipe": recipe.train_kwargs(), "cache": str(sc.root),

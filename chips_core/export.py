@@ -102,7 +102,7 @@ def export_selection(
         path = path / default_path(ws, info, fmt).name
     path = path.resolve()
     table = _export_table(ws, info)
-    export_id = sel.new_id(ws)
+    export_id = ws.new_id()
     result = ExportInfo(
         export_id, info.selection_id, fmt, path, path.with_name(path.name + ".manifest.json"), 0
     )

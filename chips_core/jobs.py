@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import chips_core
-from chips_core.selection import new_id
 from chips_core.store import Workspace, WorkspaceError
 
 ACTIVE = ("queued", "running")
@@ -71,7 +70,7 @@ def launch(ws: Workspace, kind: str, argv: list[str]) -> int:
     argv = [str(a) for a in argv]
     if not argv:
         raise JobError("a job needs a chips command to run")
-    job_id = new_id(ws)
+    job_id = ws.new_id()
     log_path = ws.root / "logs" / f"job-{job_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with ws.connect() as con:

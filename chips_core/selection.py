@@ -74,19 +74,6 @@ def default_author() -> str:
         return "unknown"
 
 
-def new_id(ws: Workspace) -> int:
-    """A fresh workspace-wide id that stays used even if nothing else is written in this connection.
-
-    DuckDB 2.0 does not persist a sequence advanced by a bare autocommit `nextval` when the connection
-    closes without another write (the same id comes back next time); inside an explicit transaction it does.
-    """
-    with ws.connect() as con:
-        con.execute("BEGIN TRANSACTION")
-        value = ws.next_id(con)
-        con.execute("COMMIT")
-    return value
-
-
 def resolve_pool(ws: Workspace, pool: str | int) -> int:
     """The pool_id of a pool given by name or id; a SelectionError names it when it does not exist."""
     ws.check()
@@ -279,7 +266,7 @@ def record_score_run(
     full = dict(params or {})
     if isinstance(info, dict) and "info" not in full:
         full["info"] = info
-    score_run_id = new_id(ws)
+    score_run_id = ws.new_id()
     path = ws.root / "scores" / f"score-run-{score_run_id}.parquet"
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)

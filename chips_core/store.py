@@ -146,8 +146,20 @@ class Workspace:
             con.close()
 
     def next_id(self, con: duckdb.DuckDBPyConnection) -> int:
-        """A fresh id from the workspace-wide sequence (ids are unique across tables)."""
+        """A fresh id from the workspace-wide sequence, for a row inserted on the same connection.
+
+        DuckDB persists the sequence step only with a write: a bare autocommit `nextval` followed by
+        closing the connection hands the same id out again. Without an insert to follow, use `new_id`.
+        """
         return int(con.execute("SELECT nextval('id_seq')").fetchone()[0])
+
+    def new_id(self) -> int:
+        """A fresh workspace-wide id that stays used even if nothing else is written with it."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            value = self.next_id(con)
+            con.execute("COMMIT")
+        return value
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -151,7 +151,7 @@ def test_bad_ratio_and_foreign_score_run(tmp_path):
 def test_ids_are_never_reused(tmp_path):
     ws, ids = make_ws(tmp_path)
     runs = [sel.record_score_run(ws, "pool", ranking(ids, seed), method="random") for seed in range(3)]
-    fresh = [sel.new_id(ws) for _ in range(3)]
+    fresh = [ws.new_id() for _ in range(3)]
     dec = sel.record_decisions(ws, "pool", ids[:3], "exclude")
     all_ids = runs + fresh + dec
     assert len(set(all_ids)) == len(all_ids)
