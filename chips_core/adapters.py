@@ -14,7 +14,7 @@ Towers whose projection cannot be isolated this way are refused with a message n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from open_clip.hf_model import HFTextEncoder
@@ -25,6 +25,8 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
 from chips_core.endpoint import EndpointParams
+
+Encode = Callable[[torch.Tensor], torch.Tensor]  # the model's encode_image / encode_text
 
 
 class UnsupportedModelError(ValueError):
@@ -40,7 +42,7 @@ class TowerEndpoint:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def features(self, encode, x: torch.Tensor) -> torch.Tensor:
+    def features(self, encode: Encode, x: torch.Tensor) -> torch.Tensor:
         """Pre-projection features of `x` through `encode` (the model's own encode function)."""
         raise NotImplementedError
 
@@ -66,7 +68,7 @@ class _ParamProjection(TowerEndpoint):
         finally:
             setattr(self.owner, self.attr, saved)
 
-    def features(self, encode, x: torch.Tensor) -> torch.Tensor:
+    def features(self, encode: Encode, x: torch.Tensor) -> torch.Tensor:
         with self._off():
             return encode(x)
 
@@ -86,7 +88,7 @@ class _LinearProjection(TowerEndpoint):
         prefix = next(n for n, m in model.named_modules() if m is linear)
         self.param_names = tuple(f"{prefix}.{n}" for n, _ in linear.named_parameters())
 
-    def features(self, encode, x: torch.Tensor) -> torch.Tensor:
+    def features(self, encode: Encode, x: torch.Tensor) -> torch.Tensor:
         seen: list[torch.Tensor] = []
         handle = self.linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         try:
