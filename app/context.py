@@ -203,7 +203,7 @@ def rank_params() -> dict[str, Any]:
     }
 
 
-@st.cache_resource(max_entries=16, show_spinner=False)
+@st.cache_resource(max_entries=8, show_spinner=False)
 def _rank_cached(cache_dir: str, params: tuple[tuple[str, Any], ...]) -> Any:
     """One ranking per (cache, parameters): page switches and reruns reuse it instead of re-ranking."""
     from chips_core.scoring import rank

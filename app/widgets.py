@@ -71,7 +71,12 @@ def _fmt(value: Any) -> str:
 
 
 def pair_card(
-    ctx: context.ScoringContext, row: pd.Series, pairs: pd.DataFrame, state: str | None, key: str
+    ctx: context.ScoringContext,
+    row: pd.Series,
+    pairs: pd.DataFrame,
+    state: str | None,
+    key: str,
+    planted: str = "",
 ) -> None:
     """One pair: thumbnail, caption, rank, components, its decision and buttons to change it."""
     pid = int(row["pair_id"])
@@ -82,6 +87,8 @@ def pair_card(
     else:
         st.image(str(thumb), width="stretch")
     badge = {"include": " :green-badge[included]", "exclude": " :red-badge[excluded]"}.get(state or "", "")
+    if planted and planted != "none":  # the demo's ground truth, to see whether the ranking catches it
+        badge += f" :orange-badge[planted: {planted}]"
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
     st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
     b1, b2, b3 = st.columns(3)
@@ -106,8 +113,11 @@ def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_co
     pairs = context.pool_pairs(ctx)
     dec = decisions(ctx)
     state = dec["state"].to_dict() if len(dec) else {}
+    planted = context.demo_planted(ctx)
+    truth = planted.to_dict() if planted is not None else {}
     for start in range(0, len(rows), n_cols):
         cols = st.columns(n_cols)
         for col, (_, row) in zip(cols, rows.iloc[start : start + n_cols].iterrows(), strict=False):
             with col, st.container(border=True):
-                pair_card(ctx, row, pairs, state.get(int(row["pair_id"])), key)
+                pid = int(row["pair_id"])
+                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""))
