@@ -51,7 +51,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING", **kwargs)
+        # address "local" always starts a private instance (never a stale `ray start` cluster's address)
+        ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local one"
         raise FeaturizeError(f"cannot connect to the Ray cluster at {where}: {exc}") from exc
@@ -62,6 +63,21 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def actor_count(requested: int | None, gpus_per_actor: float, what: str) -> int:
+    """How many actors to start: `requested`, or one per `gpus_per_actor` GPUs of the cluster (1 for CPU
+    actors); refuses GPU actors the cluster cannot place (Ray would wait for them forever)."""
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus_per_actor > 0:
+        fit = int(gpus // gpus_per_actor + 1e-9)
+        if fit < (requested or 1):
+            raise FeaturizeError(
+                f"{requested or 1} {what} actor(s) with {gpus_per_actor} GPU(s) each need "
+                f"{(requested or 1) * gpus_per_actor:g} GPUs; the Ray cluster has {gpus:g}"
+            )
+        return requested or fit
+    return requested or 1
 
 
 # --- featurize ----------------------------------------------------------------------------------------
@@ -181,25 +197,25 @@ def _wds_batch(batch: Any, lookup: Any, **kw: Any) -> dict[str, np.ndarray]:
             _LOOKUPS[key] = ray.get(lookup)
         lookup = _LOOKUPS[key]
     table = lookup
-    exts = [c for c in batch.columns if not c.startswith("__")]
+    exts = [c for c in batch.columns if not c.startswith("__") and c != "path"]  # path: include_paths
     rows = []
-    for rec in batch.itertuples(index=False):
-        rec = rec._asdict() if hasattr(rec, "_asdict") else dict(zip(batch.columns, rec, strict=True))
+    for rec in batch.to_dict("records"):
         for ext in exts:
             data = rec.get(ext)
-            ref = f"{rec['__url__']}{pools.TAR_SEP}{rec['__key__']}.{ext}"
+            ref = f"{rec['path']}{pools.TAR_SEP}{rec['__key__']}.{ext}"
             if isinstance(data, bytes | bytearray) and ref in table:
                 pos, pid, caption = table[ref]
                 rows.append((pos, pid, ref, caption, (lambda d=bytes(data), r=ref: _image_from_bytes(d, r))))
     return _prepared_rows(rows, **kw)
 
 
-def _pool_dataset(info: RunInfo, todo: list[int], loaded: LoadedModel, fmt: str) -> ray.data.Dataset:
-    """The pending rows as a Ray dataset of model inputs (CPU tasks: load, decode, preprocess, tokenize)."""
+def pool_dataset(info: RunInfo, todo: list[int], loaded: LoadedModel, fmt: str) -> ray.data.Dataset:
+    """The rows of shards `todo` as a Ray dataset of model inputs (CPU tasks: load, decode, preprocess,
+    tokenize): read_webdataset on the tar shards for a 'wds' pool, else the run's frozen manifest."""
     context = int(np.asarray(loaded.tokenizer(["x"])).shape[1])
     kw = {"preprocess": loaded.preprocess, "tokenizer": loaded.tokenizer, "context": context,
           "size": loaded.image_size}  # fmt: skip
-    if fmt != "webdataset":
+    if fmt != "wds":
         ds = ray.data.read_parquet(str(info.manifest))
         return ds.map_batches(
             _manifest_batch, batch_format="numpy", batch_size=64, max_retries=_DECODE_RETRIES,
@@ -211,7 +227,9 @@ def _pool_dataset(info: RunInfo, todo: list[int], loaded: LoadedModel, fmt: str)
         for pos, (pid, ref, cap) in enumerate(zip(ids, refs, caps, strict=True), info.shard_range(s)[0]):
             table[ref] = (pos, int(pid), cap)
             shards.add(pools.split_ref(ref)[0])
-    ds = ray.data.read_webdataset(sorted(shards), decoder=None, override_num_blocks=max(1, len(shards)))
+    ds = ray.data.read_webdataset(
+        sorted(shards), decoder=None, include_paths=True, override_num_blocks=max(1, len(shards))
+    )
     return ds.map_batches(_wds_batch, batch_format="pandas", batch_size=64, max_retries=_DECODE_RETRIES,
                           fn_kwargs={**kw, "lookup": ray.put(table)})  # fmt: skip
 
@@ -280,7 +298,7 @@ def featurize_ray(
     seed: int = 0,
     address: str | None = None,
     num_gpus_per_worker: float = 0.0,
-    num_encoders: int = 1,
+    num_encoders: int | None = None,
     batch_size: int = 256,
     shard_size: int = SHARD_SIZE,
     num_cpus: int | None = None,
@@ -289,10 +307,11 @@ def featurize_ray(
     """Featurize pool `pool_name` on a Ray cluster; returns the feature run id (shared with the local path).
 
     `address`: a running cluster ('127.0.0.1:6379', 'ray://head:10001'); None starts a local Ray with
-    `num_cpus`. `num_encoders` encoder actors, each with `num_gpus_per_worker` GPUs (0: CPU actors).
-    Every node must be able to load the model and read the pool's image paths (or WebDataset shards).
+    `num_cpus`. `num_encoders` encoder actors (default: one per `num_gpus_per_worker` GPUs of the cluster,
+    or one CPU actor when 0). Every node must be able to load the model and read the pool's image paths
+    (or WebDataset shards); see docs/SCALING.md.
     """
-    if batch_size < 1 or num_encoders < 1 or num_gpus_per_worker < 0:
+    if batch_size < 1 or (num_encoders is not None and num_encoders < 1) or num_gpus_per_worker < 0:
         raise FeaturizeError(
             f"batch_size ({batch_size}) and num_encoders ({num_encoders}) must be >= 1 and "
             f"num_gpus_per_worker ({num_gpus_per_worker}) >= 0"
@@ -306,8 +325,9 @@ def featurize_ray(
     collector = _ShardCollector(ws, info, todo, done, progress)
     if todo:
         with ray_session(address, num_cpus):
+            num_encoders = actor_count(num_encoders, num_gpus_per_worker, "encoder")
             device = "cuda" if num_gpus_per_worker > 0 else "cpu"
-            ds = _pool_dataset(info, todo, loaded, fmt).map_batches(
+            ds = pool_dataset(info, todo, loaded, fmt).map_batches(
                 _Encoder, fn_constructor_args=(ModelSpec.of(loaded, model, pretrained, seed), device),
                 compute=ray.data.ActorPoolStrategy(size=num_encoders), batch_size=batch_size,
                 batch_format="numpy",
@@ -383,11 +403,13 @@ def prepare_ray(
     progress: Any = None,
     *,
     address: str | None = None,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     num_gpus_per_worker: float = 0.0,
     num_cpus: int | None = None,
 ) -> Any:
     """`prepare.prepare` with the pool's chunks computed by `num_workers` Ray actors; same cache on disk.
+
+    `num_workers` defaults to one per `num_gpus_per_worker` GPUs of the cluster (1 for CPU actors).
 
     The driver reads each chunk's feature rows and ships them to a worker (no shared filesystem needed),
     and writes the returned chunk files atomically, completion record last, so a killed run resumes.
@@ -395,7 +417,7 @@ def prepare_ray(
     from chips_core.prepare import PrepareProgress, pool_batches, prepare
     from chips_core.store import atomic_write_bytes
 
-    if num_workers < 1 or num_gpus_per_worker < 0:
+    if (num_workers is not None and num_workers < 1) or num_gpus_per_worker < 0:
         raise ValueError(f"num_workers ({num_workers}) must be >= 1, num_gpus_per_worker >= 0")
     if num_gpus_per_worker > 0 and config.device != "cuda":
         raise ValueError(f"num_gpus_per_worker={num_gpus_per_worker} needs config.device 'cuda'")
@@ -413,6 +435,7 @@ def prepare_ray(
     ev = np.load(out / "eval.npz")
     t0, n_rows = time.monotonic(), 0
     with ray_session(address, num_cpus):
+        num_workers = actor_count(num_workers, num_gpus_per_worker, "prepare")
         opts = {"num_cpus": 1, "num_gpus": num_gpus_per_worker, "max_restarts": 2, "max_task_retries": 2}
         args = (params.to(device="cpu"), config, ev["mu_x"], ev["mu_y"], n_curv)
         pool_ = ray.util.ActorPool(
