@@ -5,7 +5,7 @@ scikit-image's bundled retina / microaneurysms / cell / immunohistochemistry ima
 Few distinct source images exist, so every pair is a new random view of one (crop, flip, rotation,
 intensity change) with a caption built from DICOM tags or the source's description, through templates.
 
-Splits (disjoint in pairs, not in source images -- there are only a few dozen sources):
+Splits (disjoint in pairs, not in source images -- there are only 24 sources):
   pretrain  clean target-domain pairs + digits; used ONLY to train the demo model
   pool      the pool CHIPS ranks, with planted mismatched captions and off-domain digit pairs
   val       the target eval set (validation split) the scores are computed against
