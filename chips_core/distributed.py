@@ -183,9 +183,7 @@ def _manifest_batch(batch: dict[str, np.ndarray], **kw: Any) -> dict[str, np.nda
 
 
 _LOOKUPS: dict[Any, dict] = {}
-# Decode tasks are retried when their worker dies; this remote argument also keeps Ray Data from fusing them
-# into the encoder actors, so decoding runs on every CPU of the cluster and the actors only encode.
-_DECODE_RETRIES = 3
+_DECODE_BATCH = 64
 
 
 def _wds_batch(batch: Any, lookup: Any, **kw: Any) -> dict[str, np.ndarray]:
@@ -215,10 +213,16 @@ def pool_dataset(info: RunInfo, todo: list[int], loaded: LoadedModel, fmt: str) 
     context = int(np.asarray(loaded.tokenizer(["x"])).shape[1])
     kw = {"preprocess": loaded.preprocess, "tokenizer": loaded.tokenizer, "context": context,
           "size": loaded.image_size}  # fmt: skip
+    # A decode task's memory (its float32 output, twice for the PIL images): telling Ray also keeps Ray Data
+    # from fusing decoding into the encoder actors, so it runs on every CPU and the actors only encode.
+    opts = {
+        "batch_size": _DECODE_BATCH,
+        "memory": _DECODE_BATCH * 3 * int(np.prod(loaded.image_size)) * 4 * 2,
+    }
     if fmt != "wds":
         ds = ray.data.read_parquet(str(info.manifest))
         return ds.map_batches(
-            _manifest_batch, batch_format="numpy", batch_size=64, max_retries=_DECODE_RETRIES,
+            _manifest_batch, batch_format="numpy", **opts,
             fn_kwargs={**kw, "shard_size": info.shard_size, "todo": np.asarray(todo)},
         )  # fmt: skip
     table, shards = {}, set()
@@ -230,7 +234,7 @@ def pool_dataset(info: RunInfo, todo: list[int], loaded: LoadedModel, fmt: str) 
     ds = ray.data.read_webdataset(
         sorted(shards), decoder=None, include_paths=True, override_num_blocks=max(1, len(shards))
     )
-    return ds.map_batches(_wds_batch, batch_format="pandas", batch_size=64, max_retries=_DECODE_RETRIES,
+    return ds.map_batches(_wds_batch, batch_format="pandas", **opts,
                           fn_kwargs={**kw, "lookup": ray.put(table)})  # fmt: skip
 
 
