@@ -16,7 +16,8 @@ p_corr is spread out like a real pool) and the endpoint random; prepare's memory
 on the values. Speed is not the point, but pairs/s is printed. The defaults aim at ≈15 minutes on an idle
 2-core machine (prepare at ≈1,500 pairs/s): the write is the full 2,000,000 pairs; prepare runs at k_max 64
 (Kronecker sketch, batch 1024) with a 16,384-pair curvature subsample on the sizes of --sizes, 62.5k…500k.
-On a shared, loaded machine it takes several times longer. The 250k…2M sweep:
+On a shared machine it takes longer: 38 min at load average 17–21 on 2 cores (prepare at 245–824
+pairs/s; peak anon flat at 804–810 MB from 65k to 508k pairs). The 250k…2M sweep:
 
     PYTHONPATH=. python bench/bench_memory.py                                  # default, ≈15 min
     PYTHONPATH=. python bench/bench_memory.py --sizes 250000,500000,1000000,2000000   # ≈1 h on 2 cores
