@@ -869,7 +869,7 @@ def build_parser(load_extensions: bool = True) -> argparse.ArgumentParser:
         prog="chips",
         description="CHIPS Studio: score, curate and export image-text pairs for CLIP continual "
         "pre-training.",
-        epilog="Every command takes the workspace folder first; see docs/CLI.md.",
+        epilog="Every command takes the workspace folder first; see the README's command line reference.",
     )
     parser.add_argument("--job-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--job-ws", default=None, help=argparse.SUPPRESS)
