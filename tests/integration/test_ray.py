@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -79,6 +80,10 @@ def cluster(tmp_path_factory):
             head.wait(10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group this fixture started
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # else a plain ray.init()
+        with contextlib.suppress(OSError):  # would later try to join this stopped cluster
+            if current.read_text().strip().endswith(f":{port}"):
+                current.unlink()
 
 
 @pytest.fixture(scope="module")
