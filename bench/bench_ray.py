@@ -52,7 +52,8 @@ def main() -> None:
 
     import ray
 
-    from chips_core.distributed import featurize_ray, prepare_ray
+    from chips_core.distributed import featurize_ray
+    from chips_core.distributed_prepare import prepare_ray
 
     device = "cuda" if args.num_gpus_per_worker > 0 else "cpu"
     rows: list[tuple[str, str, int, float]] = []

@@ -161,7 +161,7 @@ def test_featurize_ray_matches_local(featurized, name, reader, capsys):
 
 
 def test_prepare_ray_matches_local_and_ranks_the_same(featurized, tmp_path):
-    from chips_core.distributed import prepare_ray
+    from chips_core.distributed_prepare import prepare_ray
 
     ws_local, ws_ray, runs, _ = featurized
     params = load_model(MODEL).adapter.endpoint_params()
