@@ -15,6 +15,7 @@ tqdm bar (pairs/s, ETA) that also feeds the background-job progress when running
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -263,23 +264,51 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    _add_engine_options(p)
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (Ray Data needs `pip install -r requirements-ray.txt`)")
+    g.add_argument("--engine", default="local", choices=["local", "ray"], help="default: local")
+    g.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: HOST:PORT or auto (default: a private local one)",
+    )
+    g.add_argument(
+        "--num-gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (default 0: CPU actors)"
+    )
 
 
 def _run_featurize(args: argparse.Namespace) -> int:
-    from chips_core.features import featurize
-
     ws = workspace(args.ws)
     with progress_bar(f"featurize {args.name}") as bar:
-        run_id = featurize(
-            ws,
-            args.name,
-            args.model,
-            args.pretrained,
-            device=args.device,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            progress=bar,
-        )
+        if args.engine == "ray":
+            from chips_core.distributed import featurize_ray
+
+            run_id = featurize_ray(
+                ws,
+                args.name,
+                args.model,
+                args.pretrained,
+                address=args.address,
+                num_gpus_per_worker=args.num_gpus_per_worker,
+                batch_size=args.batch_size,
+                progress=bar,
+            )
+        else:
+            from chips_core.features import featurize
+
+            run_id = featurize(
+                ws,
+                args.name,
+                args.model,
+                args.pretrained,
+                device=args.device,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                progress=bar,
+            )
     with ws.connect(read_only=True) as con:
         n = con.execute(
             "SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [run_id]
@@ -411,14 +440,20 @@ def load_run_model(ws: Workspace, run_id: int, device: str = "cpu") -> Any:
 
 
 def prepare_workspace(
-    ws: Workspace, pool: str, eval_name: str, config: Any, model_id: int | None = None, progress: Any = None
+    ws: Workspace,
+    pool: str,
+    eval_name: str,
+    config: Any,
+    model_id: int | None = None,
+    progress: Any = None,
+    engine: dict | None = None,
 ) -> int:
     """The scoring cache of (pool, eval set, config) in ws/caches/<id>: reused when finished, resumed when
-    interrupted, else built with `chips_core.scoring.prepare`; returns its cache_id (`scoring_caches`)."""
+    interrupted, else built with `chips_core.scoring.prepare` (or on Ray when `engine` gives its
+    keyword arguments: address, num_gpus_per_worker); returns its cache_id (`scoring_caches`)."""
     from dataclasses import asdict
 
     from chips_core.features import FeatureStore
-    from chips_core.scoring import prepare
 
     pool_run, eval_run = feature_runs_for(ws, pool, eval_name, model_id)
     key = json.dumps(asdict(config), sort_keys=True)
@@ -441,6 +476,12 @@ def prepare_workspace(
         else:
             cache_id, cache_dir = int(row[0]), Path(row[1])
     params = load_run_model(ws, pool_run).adapter.endpoint_params()
+    if engine is None:
+        from chips_core.scoring import prepare
+    else:
+        from chips_core.distributed_prepare import prepare_ray
+
+        prepare = functools.partial(prepare_ray, **engine)
     prepare(
         FeatureStore(ws, pool_run), FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress
     )
@@ -459,12 +500,21 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
         "--eval", dest="eval_name", required=True, help="eval set name (featurized with the same model)"
     )
     _add_prepare_options(p)
+    _add_engine_options(p)
+
+
+def _engine(args: argparse.Namespace) -> dict | None:
+    if args.engine == "local":
+        return None
+    return {"address": args.address, "num_gpus_per_worker": args.num_gpus_per_worker}
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
     with progress_bar(f"prepare {args.pool}") as bar:
-        cache_id = prepare_workspace(ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar)
+        cache_id = prepare_workspace(
+            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args)
+        )
     with ws.connect(read_only=True) as con:
         cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE cache_id = ?", [cache_id]).fetchone()[0]
     say(f"scoring cache {cache_id} of {args.pool} against {args.eval_name} ready at {cache_dir}")
@@ -504,6 +554,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default=None, help="write the ranking to FILE.parquet or FILE.csv")
     _add_prepare_options(p)
+    _add_engine_options(p)
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -523,7 +574,9 @@ def _run_score(args: argparse.Namespace) -> int:
     from chips_core.scoring import ScoringCache, rank, rank_exact
 
     with progress_bar(f"prepare {args.pool}") as bar:
-        cache_id = prepare_workspace(ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar)
+        cache_id = prepare_workspace(
+            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args)
+        )
     with ws.connect(read_only=True) as con:
         cache_dir, pool_run = con.execute(
             "SELECT dir, pool_run_id FROM scoring_caches WHERE cache_id = ?", [cache_id]

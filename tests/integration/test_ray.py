@@ -7,6 +7,7 @@ resumes without losing or duplicating a row. If Ray cannot start here, the tests
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -229,4 +230,22 @@ def test_killed_driver_resumes_without_loss_or_duplicates(cluster, featurized, p
     ids = b.pair_ids()
     assert len(np.unique(ids)) == len(ids) == n and ids.tolist() == a.pair_ids().tolist()
     for x, y in zip(a.rows(np.arange(n)), b.rows(np.arange(n)), strict=True):
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_cli_engine_ray_featurizes_like_the_local_path(cluster, featurized, pools_src):
+    """`chips featurize --engine ray --address ...` (the CLI flag) gives the local path's ids and features."""
+    ws_local, ws_ray, _, _ = featurized
+    for ws in (ws_local, ws_ray):
+        ingest(ws, "cli", str(pools_src["csv"]))
+    env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "chips_core.cli", "featurize", str(ws_ray.root), "cli", "--model", MODEL,
+            "--batch-size", "8", "--engine", "ray", "--address", cluster]  # fmt: skip
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    remote = FeatureStore(ws_ray, int(re.search(r"feature run (\d+)", done.stdout).group(1)))
+    local = FeatureStore(ws_local, featurize(ws_local, "cli", MODEL, device="cpu", batch_size=8))
+    assert remote.pair_ids().tolist() == local.pair_ids().tolist()
+    n = len(local)
+    for x, y in zip(local.rows(np.arange(n)), remote.rows(np.arange(n)), strict=True):
         np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=2e-3, atol=2e-3)
