@@ -2,7 +2,9 @@
 
 Layout of a cache folder (every file written atomically; a chunk exists iff its `done.json` does):
   config.json                 the PrepareConfig and the pool fingerprint (a resume must match it)
-  eval.npz                    ũ (k_max, unscaled), u (p, full space), μ_x, μ_y, eval size
+  eval.npz                    ũ (k_max, unscaled), u (p, full space), μ_x, μ_y, eval size, and for a
+                              pair eval set G_eval (n_eval, k_max) float32, the eval pairs' unscaled
+                              sketched gradients (same batches and sketch; ũ is their mean), eval_ids
   chunk-00000/G.npy           sketched gradients, fp16, column blocks (n_blocks, rows, COL_BLOCK),
              /scale.npy       float32 (n_blocks, rows): each row of each block is scaled to max |·| = 1
              /aux.npy         float64 (rows, 6): AUX_COLUMNS (weights' ingredients and CLIPScore)
@@ -180,12 +182,17 @@ def _tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a), device=like.device).to(like.dtype)
 
 
-def _eval_pass(eval_src: FeatureSource | ZeroShotEval, params: EndpointParams, cfg: PrepareConfig) -> dict:
-    """u (mean eval gradient, full space, float64) and the unit eval mean directions μ_x, μ_y."""
+def _eval_pass(
+    eval_src: FeatureSource | ZeroShotEval, params: EndpointParams, cfg: PrepareConfig, sk: Sketch
+) -> dict:
+    """u (mean eval gradient, full space, float64), the unit eval mean directions μ_x, μ_y and, for a
+    pair eval set, each eval pair's sketched gradient (rows of G_eval, ids in eval_ids) from the same
+    batches, so that ũ = mean(G_eval) and every eval pair's share of an alignment can be shown."""
     dp = _dev_params(params, cfg)
     like = dp.W_v
     acc = None
     sx = sy = None
+    G_eval, eval_ids = [], []
     if isinstance(eval_src, ZeroShotEval):
         n = len(eval_src.h)
         if n < 1 or len(eval_src.labels) != n:
@@ -210,9 +217,12 @@ def _eval_pass(eval_src: FeatureSource | ZeroShotEval, params: EndpointParams, c
             raise PrepareError(f"the eval set needs at least 2 pairs, got {n}")
         order = hashed_order(ids, cfg.seed)
         for rows in np.array_split(order, n_batches(n, cfg.batch_size)):
-            h, t = eval_src.rows(np.sort(rows))
+            rows = np.sort(rows)
+            h, t = eval_src.rows(rows)
             h, t = _tensor(h, like), _tensor(t, like)
             g = batch_grad_sum(h, t, dp)
+            G_eval.append(sk.batch_grads(batch_state(h, t, dp), "all").double().cpu().numpy())
+            eval_ids.append(ids[rows])
             acc = (
                 g if acc is None else EndpointGrads(acc.G_v + g.G_v, acc.G_t + g.G_t, acc.g_theta + g.g_theta)
             )
@@ -221,7 +231,10 @@ def _eval_pass(eval_src: FeatureSource | ZeroShotEval, params: EndpointParams, c
             sy = Y.sum(0) if sy is None else sy + Y.sum(0)
     u = EndpointGrads(acc.G_v / n, acc.G_t / n, acc.g_theta / n)
     mx, my = eval_means(sx[None] / n, sy[None] / n)
-    return {"u": u, "mu_x": mx, "mu_y": my, "n_eval": n}
+    out = {"u": u, "mu_x": mx, "mu_y": my, "n_eval": n}
+    if G_eval:
+        out.update(G_eval=np.concatenate(G_eval), eval_ids=np.concatenate(eval_ids).astype(np.int64))
+    return out
 
 
 def prepare(
@@ -278,8 +291,11 @@ def prepare(
     if not (out / "eval.npz").exists():
         if progress:
             progress(PrepareProgress("eval", 0, N, 0.0, None))
-        ev = _eval_pass(eval_set, params, config)
+        ev = _eval_pass(eval_set, params, config, sk)
         u_sk = sk.apply(ev["u"])[0].double().cpu().numpy()
+        per_pair = {}
+        if "G_eval" in ev:
+            per_pair = {"G_eval": ev["G_eval"].astype(np.float32), "eval_ids": ev["eval_ids"]}
         save_npz(
             out / "eval.npz",
             u_sketch=u_sk,
@@ -287,6 +303,7 @@ def prepare(
             mu_x=ev["mu_x"].double().cpu().numpy(),
             mu_y=ev["mu_y"].double().cpu().numpy(),
             n_eval=np.array(ev["n_eval"]),
+            **per_pair,
         )
     ev = np.load(out / "eval.npz")
     mu_x, mu_y = _tensor(ev["mu_x"], dp.W_v), _tensor(ev["mu_y"], dp.W_v)

@@ -41,6 +41,7 @@ __all__ = [
     "RankResult",
     "ScoringCache",
     "ZeroShotEval",
+    "eval_contributions",
     "prepare",
     "rank",
     "rank_exact",
@@ -60,6 +61,9 @@ class ScoringCache:
         self.u = ev["u_sketch"]
         self.u_full = ev["u_full"]
         self.n_eval = int(ev["n_eval"])
+        # Per-eval-pair sketched gradients (caches prepared before they were stored, and zero-shot: None).
+        self.G_eval = ev["G_eval"] if "G_eval" in ev.files else None
+        self.eval_ids = ev["eval_ids"] if "eval_ids" in ev.files else None
         self.G: list[np.ndarray] = []
         self.scales: list[np.ndarray] = []
         aux, ids = [], []
@@ -131,6 +135,19 @@ class ScoringCache:
             rows_left -= n_c
         return np.concatenate(out)
 
+    def row(self, pair_id: int) -> np.ndarray:
+        """The stored (fp16, dequantized) unscaled sketched gradient of one pool pair, float64 (k_max,)."""
+        hit = np.flatnonzero(self.pair_ids == int(pair_id))
+        if not len(hit):
+            raise KeyError(f"pair {pair_id} is not in the scoring cache {self.root}")
+        i = int(hit[0])
+        for G, sc in zip(self.G, self.scales, strict=True):
+            if i < G.shape[1]:
+                g = G[:, i, :].astype(np.float64) * sc[:, i, None]
+                return g.reshape(-1)[: self.k_max]
+            i -= G.shape[1]
+        raise AssertionError("pair_ids and chunk rows disagree")
+
     def system(self, k: int, alpha: float, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(C̃(α), ũ, eigenvalues of C̃) at sketch rows [start, start+k), scaled."""
         sl = slice(start, start + k)
@@ -159,17 +176,71 @@ def _check_k(cache: ScoringCache, k: int | None) -> int:
     return max(k, 1)
 
 
-def _newton_alignment(
-    cache: ScoringCache, k: int, alpha: float, lam: float | None, start: int = 0, max_rows: int | None = None
-) -> tuple[np.ndarray, dict]:
+def _newton_system(
+    cache: ScoringCache, k: int, alpha: float, lam: float | None, start: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(C̃(α), scaled ũ, info with the λ used): the system Â solves, λ = λ* (d(λ*) = k/4) unless given."""
     C, u, eigs = cache.system(k, alpha, start)
     lam_s = lambda_star(eigs, k / 4)
     lam_used = lam_s if lam is None else float(lam)
     if lam_used <= 0:
         raise ValueError(f"lam must be positive, got {lam}")
-    x = newton_solve(C, u, lam_used)
-    A = cache.project(x, start, max_rows) / math.sqrt(k)
-    return A, {"lam": lam_used, "lam_star": lam_s, "d_over_k": effective_dimension(eigs, lam_used) / k}
+    return C, u, {"lam": lam_used, "lam_star": lam_s, "d_over_k": effective_dimension(eigs, lam_used) / k}
+
+
+def _newton_alignment(
+    cache: ScoringCache, k: int, alpha: float, lam: float | None, start: int = 0, max_rows: int | None = None
+) -> tuple[np.ndarray, dict]:
+    C, u, info = _newton_system(cache, k, alpha, lam, start)
+    x = newton_solve(C, u, info["lam"])
+    return cache.project(x, start, max_rows) / math.sqrt(k), info
+
+
+def eval_contributions(
+    cache: ScoringCache,
+    pair_id: int,
+    alpha: float = 0.7,
+    lam: float | None = None,
+    k: int | None = None,
+    top: int | None = 5,
+) -> pd.DataFrame:
+    """Each eval pair's share of one pool pair's alignment: c_e = g̃_e·M̃⁻¹g̃(z) / n_eval (METHOD.md §4).
+
+    ũ is the mean of the eval pairs' sketched gradients, so Σ_e c_e = Â(z) exactly (up to the fp16
+    storage of g̃(z)); M̃ = C̃(α) + λI at sketch prefix k, as in `rank` with the same parameters.
+    Returns columns eval_pair_id, contribution, share (c_e / Â(z)), sorted by contribution, highest
+    first: the `top` eval pairs z helps most and the `top` it hurts most (all when top is None).
+    The frame's attrs hold alignment (Σ_e c_e), k, alpha and lam.
+    """
+    if cache.G_eval is None or cache.eval_ids is None:
+        if cache.record.get("zero_shot"):
+            raise PrepareError(
+                f"{cache.root} was prepared against a label-only (zero-shot) eval set: it has no eval "
+                "pairs, so per-eval-pair contributions do not exist"
+            )
+        raise PrepareError(
+            f"{cache.root} holds no per-eval-pair gradients (prepared by an older version); "
+            "re-run prepare into a new folder to see eval-pair contributions"
+        )
+    if top is not None and top < 1:
+        raise ValueError(f"top must be at least 1 (or None for all), got {top}")
+    k = _check_k(cache, k)
+    C, _, info = _newton_system(cache, k, alpha, lam)
+    w = newton_solve(C, cache.row(pair_id)[:k] / math.sqrt(k), info["lam"])
+    contrib = cache.G_eval[:, :k].astype(np.float64) @ w / (math.sqrt(k) * len(cache.G_eval))
+    total = float(contrib.sum())
+    frame = pd.DataFrame(
+        {
+            "eval_pair_id": cache.eval_ids.astype(np.int64),
+            "contribution": contrib,
+            "share": contrib / total if total != 0 else np.nan,
+        }
+    ).sort_values("contribution", ascending=False, kind="stable")
+    if top is not None and len(frame) > 2 * top:
+        frame = pd.concat([frame.head(top), frame.tail(top)])
+    frame = frame.reset_index(drop=True)
+    frame.attrs.update(alignment=total, k=k, alpha=float(alpha), **info)
+    return frame
 
 
 def _stability(cache: ScoringCache, A: np.ndarray, k: int, alpha: float, lam: float) -> tuple[float, int]:

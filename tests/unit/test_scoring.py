@@ -18,6 +18,7 @@ from chips_core.scoring import (
     PrepareError,
     ScoringCache,
     ZeroShotEval,
+    eval_contributions,
     prepare,
     rank,
     rank_exact,
@@ -214,6 +215,52 @@ def test_self_only_and_zero_shot(built, tmp_path):
     )
     assert np.allclose(z.u_full, u.flat()[0].numpy() / 40)
     assert z.record["zero_shot"] and len(rank(z, k=16).frame) == 230
+    with pytest.raises(PrepareError, match="zero-shot"):
+        eval_contributions(z, int(z.pair_ids[0]))
+
+
+def test_eval_contributions_sum_to_alignment(built, tmp_path):
+    pool, ev, params, cache = built
+    # G_eval holds every eval pair once, with its id, and ũ is exactly their mean
+    assert cache.G_eval.shape == (60, 64) and cache.G_eval.dtype == np.float32
+    assert sorted(cache.eval_ids) == sorted(ev.pair_ids())
+    assert np.allclose(
+        cache.G_eval.astype(np.float64).mean(0), cache.u, rtol=1e-5, atol=1e-6 * np.abs(cache.u).max()
+    )
+    k, alpha = 32, 0.5
+    res = rank(cache, alpha=alpha, k=k)
+    lam = res.info["lam"] * 3
+    res = rank(cache, alpha=alpha, k=k, lam=lam).frame.set_index("pair_id")
+    A = res["alignment"]
+    scale = np.abs(A).max()
+    for pid in (A.idxmax(), A.idxmin(), int(cache.pair_ids[100])):
+        full = eval_contributions(cache, pid, alpha=alpha, lam=lam, k=k, top=None)
+        assert len(full) == 60 and set(full["eval_pair_id"]) == set(ev.pair_ids())
+        assert full["contribution"].is_monotonic_decreasing
+        assert full["contribution"].sum() == pytest.approx(full.attrs["alignment"])
+        assert full.attrs["alignment"] == pytest.approx(A[pid], abs=3e-3 * scale)
+        assert full["share"].sum() == pytest.approx(1.0)
+        top = eval_contributions(cache, pid, alpha=alpha, lam=lam, k=k, top=3)
+        assert list(top["eval_pair_id"]) == list(full["eval_pair_id"].iloc[[0, 1, 2, -3, -2, -1]])
+    # a different α changes the solve, so the contributions change
+    other = eval_contributions(cache, pid, alpha=0.0, lam=lam, k=k, top=None)
+    assert not np.allclose(np.sort(other["contribution"]), np.sort(full["contribution"]))
+    with pytest.raises(KeyError, match="not in the scoring cache"):
+        eval_contributions(cache, 12345)
+    # a cache prepared before per-eval-pair gradients were stored still loads, and says to re-run prepare
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in cache.root.iterdir():
+        if f.is_dir():
+            (old / f.name).symlink_to(f)
+        elif f.name != "eval.npz":
+            (old / f.name).write_bytes(f.read_bytes())
+    e = np.load(cache.root / "eval.npz")
+    np.savez(old / "eval.npz", **{n: e[n] for n in e.files if n not in ("G_eval", "eval_ids")})
+    legacy = ScoringCache.load(old)
+    assert np.allclose(rank(legacy, k=k).frame["alignment"], rank(cache, k=k).frame["alignment"])
+    with pytest.raises(PrepareError, match="re-run prepare"):
+        eval_contributions(legacy, pid)
 
 
 def test_exact_rank_runs_and_agrees_at_large_lambda(built):
