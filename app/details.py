@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import context, widgets
-from chips_core import gallery, selection, store
+from chips_core import gallery, scoring, selection, store
 
 WHY = {
     "alignment": "Â: how much one training step on this pair lowers the eval loss, through the "
@@ -51,6 +51,67 @@ def pair_detail(ctx: context.ScoringContext, table: pd.DataFrame, pair_id: int) 
                 key="detail_components",
             )
             _decision_controls(ctx, pair_id)
+        _eval_pair_contributions(ctx, pair_id)
+
+
+def _contribution_params(ctx: context.ScoringContext) -> dict:
+    """α, λ, k of the Scores page's ranking when it is a Newton solve (chips / trak); else its α, k and λ*."""
+    info = context.current_rank(ctx).info
+    if info.get("lam") is not None:
+        return {"alpha": float(info["alpha"]), "lam": float(info["lam"]), "k": int(info["k"])}
+    p = context.rank_params()
+    return {"alpha": p["alpha"], "lam": None, "k": p["k"]}
+
+
+def _eval_pair_contributions(ctx: context.ScoringContext, pair_id: int, top: int = 5) -> None:
+    """The eval pairs this pair helps and hurts most: Â split into one term per eval pair (they sum to Â)."""
+    ws = store.Workspace(ctx.ws_root)
+    cache = context.load_cache(ctx.cache_dir)
+    try:
+        frame = scoring.eval_contributions(cache, pair_id, top=top, **_contribution_params(ctx))
+    except (scoring.PrepareError, KeyError) as exc:
+        st.info(f"Eval-pair contributions are not available: {exc}")
+        return
+    n = int(
+        context.query(ws, "SELECT count(*) AS n FROM pairs WHERE pool_id = ?", [ctx.eval_id])["n"].iloc[0]
+    )
+    eval_pairs = context.pairs_table(ctx.ws_root, ctx.eval_id, n)
+    a = dict(frame.attrs)
+    frame = frame.join(eval_pairs[["filepath", "caption"]], on="eval_pair_id")
+    st.markdown("**Eval pairs this pair helps and hurts most**")
+    st.caption(
+        f"Â = g̃·M̃⁻¹ũ with ũ the mean of the {cache.n_eval} eval pairs' gradients, so Â splits into one term "
+        f"per eval pair, g̃_e·M̃⁻¹g̃ / {cache.n_eval}; the terms sum to Â = {a['alignment']:.4g} "
+        f"(CHIPS solve at α = {a['alpha']:g}, λ = {a['lam']:.3g}, k = {a['k']})."
+    )
+    helps = frame[frame["contribution"] > 0].head(top)
+    hurts = frame[frame["contribution"] < 0].iloc[::-1].head(top)
+    for col, title, rows in zip(st.columns(2), ("Helps most", "Hurts most"), (helps, hurts), strict=True):
+        with col:
+            st.markdown(f"*{title}*")
+            if rows.empty:
+                st.caption("none")
+            _eval_pair_rows(ws, rows)
+    st.dataframe(
+        frame[["eval_pair_id", "contribution", "share", "caption"]],
+        hide_index=True,
+        key="detail_eval_contrib",
+    )
+
+
+def _eval_pair_rows(ws: store.Workspace, rows: pd.DataFrame) -> None:
+    thumbs = gallery.thumbnails(
+        ws, [(int(r.eval_pair_id), str(r.filepath)) for r in rows.itertuples() if isinstance(r.filepath, str)]
+    )
+    for r in rows.itertuples():
+        pic, text = st.columns([1, 3])
+        thumb = thumbs.get(int(r.eval_pair_id), f"eval pair {r.eval_pair_id} is not in the workspace")
+        if isinstance(thumb, str):
+            pic.warning(thumb)
+        else:
+            pic.image(str(thumb), width="stretch")
+        caption = r.caption if isinstance(r.caption, str) else ""
+        text.markdown(f"{r.contribution:+.3g} ({r.share:.0%} of Â) — {caption}")
 
 
 def _decision_controls(ctx: context.ScoringContext, pair_id: int) -> None:

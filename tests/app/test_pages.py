@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from chips_core import jobs, selection, store
-from tests.app.workspace_build import POOL
+from chips_core import gallery, jobs, selection, store
+from chips_core.scoring import ScoringCache, eval_contributions
+from tests.app.workspace_build import EVAL, POOL
 
 pytestmark = pytest.mark.app
 
@@ -92,11 +93,43 @@ def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     assert any(f"Pair {pid}" in s.value for s in at.subheader)
     comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
     assert list(comps.index) == ["alignment", "learnability", "relevance", "score"]
+    _check_eval_contributions(at, tiny_workspace, pid, float(comps.loc["alignment", "value"]))
+    at.session_state["lam_factor"] = 100.0  # the Scores page's λ reaches the detail view's solve
+    at.run()
+    _ok(at)
+    comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
+    _check_eval_contributions(at, tiny_workspace, pid, float(comps.loc["alignment", "value"]))
     at.text_area(key=f"note-{pid}").input("caption names the wrong eye")
     at.button(key="FormSubmitter:detail_note-Save note").click().run()
     _ok(at)
     dec = selection.current_decisions(store.Workspace(tiny_workspace), POOL).set_index("pair_id")
     assert dec.loc[pid, "note"] == "caption names the wrong eye"
+
+
+def _check_eval_contributions(at: AppTest, ws_root: Path, pid: int, alignment: float) -> None:
+    """The detail view lists the eval pairs the pair helps/hurts most, as the library computes them."""
+    shown = next(df.value for df in at.dataframe if "contribution" in df.value.columns)
+    ws = store.Workspace(ws_root)
+    with ws.connect(read_only=True) as con:
+        cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE status = 'done'").fetchone()[0]
+        evals = con.execute(
+            "SELECT pair_id, caption FROM pairs JOIN pools USING (pool_id) WHERE pools.name = ?", [EVAL]
+        ).df()
+    cache, alpha, k = ScoringCache.load(cache_dir), float(at.session_state["alpha"]), at.session_state["k"]
+    lam = eval_contributions(cache, pid, alpha=alpha, k=k).attrs["lam_star"] * at.session_state["lam_factor"]
+    full = eval_contributions(cache, pid, alpha=alpha, lam=lam, k=k, top=None)
+    assert full["contribution"].sum() == pytest.approx(alignment, rel=1e-2, abs=1e-6)  # they sum to Â
+    expect = full.iloc[[0, 1, 2, 3, 4, -5, -4, -3, -2, -1]]
+    assert shown["eval_pair_id"].tolist() == expect["eval_pair_id"].tolist()
+    assert np.allclose(shown["contribution"], expect["contribution"])
+    captions = evals.set_index("pair_id")["caption"]
+    assert shown["caption"].tolist() == captions.loc[shown["eval_pair_id"]].tolist()
+    texts = " ".join(m.value for m in at.markdown)
+    assert "Helps most" in texts and "Hurts most" in texts
+    helps = shown[shown["contribution"] > 0]
+    assert len(helps) and all(c in texts for c in helps["caption"])
+    listed = pd.concat([helps.head(5), shown[shown["contribution"] < 0].tail(5)])["eval_pair_id"]
+    assert all(gallery.thumbnail_path(ws, int(e), 160).exists() for e in listed)  # thumbnails drawn
 
 
 def test_map_draws_webgl_points_for_every_pair(tiny_workspace):
