@@ -184,7 +184,7 @@ def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = 
 
 def _prepare(ws: Workspace) -> int:
     """The demo's scoring cache (default PrepareConfig, CPU) through the CLI's workspace-level prepare."""
-    from chips_core.cli import prepare_workspace
+    from chips_core.pipeline import prepare_workspace
     from chips_core.prepare import PrepareConfig
 
     return prepare_workspace(ws, POOL_NAME, EVAL_NAME, PrepareConfig(device="cpu"))

@@ -76,8 +76,8 @@ def tracin_checkpoints(
     eta is the mean learning rate of the epoch that ended at the checkpoint (from cpt_progress).
     """
     from chips_core import cpt
-    from chips_core.cli import prepare_workspace
     from chips_core.features import featurize
+    from chips_core.pipeline import prepare_workspace
 
     info = cpt.run_config(ws, warmup_run_id)
     steps = info["config"]["steps_per_epoch"]

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from chips_core import features, ingest, maps, models, store
-from chips_core.cli import prepare_workspace
+from chips_core.pipeline import prepare_workspace
 from chips_core.scoring import PrepareConfig
 from tests.fixtures_build import write_images
 

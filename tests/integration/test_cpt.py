@@ -199,9 +199,9 @@ def test_training_failure_is_recorded_with_log_tail(tmp_path):
 def test_experiment_end_to_end_with_tracin(tmp_path):
     """ingest → featurize → prepare → (warm-up CPT → TracIn caches) → select, CPT, evaluate per cell."""
     from chips_core import experiment as ex
-    from chips_core.cli import prepare_workspace
     from chips_core.features import featurize
     from chips_core.ingest import ingest
+    from chips_core.pipeline import prepare_workspace
     from chips_core.prepare import PrepareConfig
 
     ws = Workspace.init(tmp_path / "ws")
