@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,6 @@ class ScoringCache:
         self.u = ev["u_sketch"]
         self.u_full = ev["u_full"]
         self.n_eval = int(ev["n_eval"])
-        # Per-eval-pair sketched gradients (caches prepared before they were stored, and zero-shot: None).
-        self.G_eval = ev["G_eval"] if "G_eval" in ev.files else None
-        self.eval_ids = ev["eval_ids"] if "eval_ids" in ev.files else None
         self.G: list[np.ndarray] = []
         self.scales: list[np.ndarray] = []
         aux, ids = [], []
@@ -98,6 +96,19 @@ class ScoringCache:
         return cls(
             root, json.loads((root / "config.json").read_text()), json.loads((root / "meta.json").read_text())
         )
+
+    @cached_property
+    def G_eval(self) -> np.ndarray | None:
+        """(n_eval, k_max) float32 unscaled sketched eval-pair gradients, read on first use; None for
+        zero-shot caches and caches prepared before they were stored."""
+        ev = np.load(self.root / "eval.npz")
+        return ev["G_eval"] if "G_eval" in ev.files else None
+
+    @cached_property
+    def eval_ids(self) -> np.ndarray | None:
+        """Pair ids of the rows of G_eval (None where G_eval is)."""
+        ev = np.load(self.root / "eval.npz")
+        return ev["eval_ids"] if "eval_ids" in ev.files else None
 
     @property
     def k_max(self) -> int:
