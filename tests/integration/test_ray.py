@@ -2,7 +2,8 @@
 
 The Ray path must give the same shards, pair ids, features (within fp16 rounding), rejects, scoring cache
 and ranking as the local path, on a CSV manifest pool and a WebDataset pool; a driver killed mid-run
-resumes without losing or duplicating a row. If Ray cannot start here, the tests fail (never skip).
+resumes, and a run whose encoder worker process is killed mid-run completes, without losing or duplicating
+a row. If Ray cannot start here, the tests fail (never skip).
 """
 
 import contextlib
@@ -248,4 +249,90 @@ def test_cli_engine_ray_featurizes_like_the_local_path(cluster, featurized, pool
     assert remote.pair_ids().tolist() == local.pair_ids().tolist()
     n = len(local)
     for x, y in zip(local.rows(np.arange(n)), remote.rows(np.arange(n)), strict=True):
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def _in_cluster(pid: int, port: int) -> bool:
+    """Whether process `pid` descends from this module's `ray start --port=<port>` (not another Ray)."""
+    while pid > 1:
+        try:
+            if f"--port={port}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return True
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def _encoder_workers(port: int) -> dict[int, str]:
+    """pid -> process title of the test cluster's encoder actors (Ray Data's MapWorker around _Encoder)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::MapWorker(MapBatches(_Encoder))") and _in_cluster(int(entry.name), port):
+            found[int(entry.name)] = title
+    return found
+
+
+def test_killed_encoder_worker_loses_and_duplicates_nothing(cluster, featurized, tmp_path):
+    """SIGKILL the encoder actor's worker process while it encodes a batch, after the first shard is written:
+    Ray restarts the actor and retries its task, the same run completes, every row is there exactly once."""
+    ws_local, ws_ray, _, _ = featurized
+    n, size = 96, 4  # 24 shards of 4 rows, encoded in batches of 4: the encoder is busy for a while
+    src = make_csv_pool(tmp_path, n=n)
+    for ws in (ws_local, ws_ray):
+        ingest(ws, "workerkill", str(src))
+    port = int(cluster.rsplit(":", 1)[1])
+    code = textwrap.dedent(f"""
+        import ray.data
+        from chips_core.distributed import featurize_ray
+        from chips_core.store import Workspace
+        # blocks of ~5 decoded rows: the rows reach the encoder in many tasks (as a large pool's do), so a
+        # shard is written while the encoder still has batches to run
+        ray.data.DataContext.get_current().target_max_block_size = 256 * 1024
+        print(featurize_ray(Workspace({str(ws_ray.root)!r}), "workerkill", {MODEL!r}, address={cluster!r},
+                            batch_size={size}, shard_size={size}))
+    """)
+    env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}
+    runs_before = set((ws_ray.root / "features").iterdir())
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline, killed, written, after = time.monotonic() + 240, None, 0, set()
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "the Ray run did not finish within 240 s"
+            workers = _encoder_workers(port)
+            if killed is not None:
+                after |= set(workers) - {killed}
+            else:
+                new = [d for d in (ws_ray.root / "features").iterdir() if d not in runs_before]
+                written = sum(len(list(d.glob("shard-*-ids.npy"))) for d in new)
+                busy = [pid for pid, title in workers.items() if title.endswith(".submit")]
+                if written and busy:  # a shard is written and the encoder is inside a batch: kill it there
+                    os.kill(busy[0], signal.SIGKILL)
+                    killed = busy[0]
+            time.sleep(0.005)
+        out, err = proc.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed is not None, f"no busy encoder worker seen after the first shard: {err.decode()[-2000:]}"
+    assert 0 < written < n // size, f"killed after {written} of {n // size} shards: not mid-run"
+    assert proc.returncode == 0, f"the run did not survive the worker kill: {err.decode()[-3000:]}"
+    assert after, "no encoder worker process took over from the killed one"
+    run_id = int(out.decode().split()[-1])
+    local_id = featurize(ws_local, "workerkill", MODEL, device="cpu", batch_size=size, shard_size=size)
+    sql = "SELECT shard_index, n_rows FROM feature_shards WHERE run_id = ? ORDER BY 1"
+    shards = _q(ws_ray, sql, [run_id])
+    assert [s for s, _ in shards] == list(range(n // size)) and sum(k for _, k in shards) == n
+    assert _q(ws_ray, "SELECT status FROM feature_runs WHERE run_id = ?", [run_id]) == [("done",)]
+    a, b = FeatureStore(ws_local, local_id), FeatureStore(ws_ray, run_id)
+    ids = b.pair_ids()
+    assert len(np.unique(ids)) == len(ids) == n and ids.tolist() == a.pair_ids().tolist()
+    for x, y in zip(a.rows(np.arange(n)), b.rows(np.arange(n)), strict=True):
         np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=2e-3, atol=2e-3)
