@@ -282,33 +282,18 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def _run_featurize(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
+    if args.engine == "ray":
+        from chips_core.distributed import featurize_ray as run
+
+        opts = _engine(args)
+    else:
+        from chips_core.features import featurize as run
+
+        opts = {"device": args.device, "num_workers": args.workers}
     with progress_bar(f"featurize {args.name}") as bar:
-        if args.engine == "ray":
-            from chips_core.distributed import featurize_ray
-
-            run_id = featurize_ray(
-                ws,
-                args.name,
-                args.model,
-                args.pretrained,
-                address=args.address,
-                num_gpus_per_worker=args.num_gpus_per_worker,
-                batch_size=args.batch_size,
-                progress=bar,
-            )
-        else:
-            from chips_core.features import featurize
-
-            run_id = featurize(
-                ws,
-                args.name,
-                args.model,
-                args.pretrained,
-                device=args.device,
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-                progress=bar,
-            )
+        run_id = run(
+            ws, args.name, args.model, args.pretrained, batch_size=args.batch_size, progress=bar, **opts
+        )
     with ws.connect(read_only=True) as con:
         n = con.execute(
             "SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [run_id]
