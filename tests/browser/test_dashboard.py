@@ -45,10 +45,14 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         page.locator("[data-testid='stDataFrame'] canvas").first.wait_for()
         page.screenshot(path=str(ARTIFACTS / "scores.png"), full_page=True)
 
+        # A key pressed while the app reruns can be lost: step until the slider itself holds 0.40.
         ratio = _slider(page, "Selection ratio r")
-        ratio.focus()
-        for _ in range(10):
+        for _ in range(30):
+            if float(ratio.input_value()) >= 0.40 - 1e-9:
+                break
             ratio.press("ArrowRight")
+            page.wait_for_timeout(100)
+        assert float(ratio.input_value()) == pytest.approx(0.40)
         page.locator("[data-testid='stMetricValue']").filter(
             has_text=re.compile(r"^\s*20\s*$")
         ).first.wait_for()
