@@ -50,11 +50,12 @@ class _ChunkWorker:
 
     def __init__(self, params: Any, config: Any, mu_x: np.ndarray, mu_y: np.ndarray, n_curv: int) -> None:
         from chips_core import prepare as prep
+        from chips_core.endpoint import parse_blocks
         from chips_core.sketch import make_sketch
 
         self.prep, self.config, self.n_curv = prep, config, n_curv
         self.dp = prep._dev_params(params, config)
-        self.sk = make_sketch(config.sketch, self.dp, config.k_max, config.seed)
+        self.sk = make_sketch(config.sketch, self.dp, config.k_max, config.seed, parse_blocks(config.blocks))
         self.mu_x, self.mu_y = prep._tensor(mu_x, self.dp.W_v), prep._tensor(mu_y, self.dp.W_v)
 
     def chunk(self, c: int, bs: list[int], sizes: list[int], ids: np.ndarray, h: np.ndarray, t: np.ndarray):

@@ -87,6 +87,34 @@ class EndpointGrads:
         )
 
 
+#: The endpoint's parameter blocks: the vision projection W_v, the text projection W_t and θ = logit_scale.
+BLOCKS = ("visual", "text", "temperature")
+#: The default scored blocks: the two projections without θ. Measured in docs/SCORING.md: with θ, every
+#: high-loss pair "helps" by lowering the temperature (METHOD.md §9), and CPT at open_clip's logit-scale
+#: clamp cannot take that step anyway.
+DEFAULT_BLOCKS = "visual,text"
+
+
+def parse_blocks(blocks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Canonical tuple (in BLOCKS order) of a block list given as 'visual,text' or a sequence."""
+    names = [b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip()]
+    unknown = sorted(set(names) - set(BLOCKS))
+    if unknown or not names:
+        raise ValueError(
+            f"blocks must be a non-empty subset of {', '.join(BLOCKS)}, got {','.join(names) or 'nothing'}"
+        )
+    return tuple(b for b in BLOCKS if b in names)
+
+
+def mask_grads(g: EndpointGrads, blocks: tuple[str, ...]) -> EndpointGrads:
+    """g with the blocks not in `blocks` set to zero: its coordinates in the scored subspace."""
+    return EndpointGrads(
+        g.G_v if "visual" in blocks else torch.zeros_like(g.G_v),
+        g.G_t if "text" in blocks else torch.zeros_like(g.G_t),
+        g.g_theta if "temperature" in blocks else torch.zeros_like(g.g_theta),
+    )
+
+
 def augment(feats: torch.Tensor, bias: bool) -> torch.Tensor:
     """Append a ones column when the endpoint Linear has a bias (its input is then [f, 1])."""
     if not bias:

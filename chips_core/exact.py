@@ -15,11 +15,14 @@ import torch
 
 from chips_core.curvature import NegativeSample, sample_negatives
 from chips_core.endpoint import (
+    BLOCKS,
     BatchState,
     EndpointGrads,
     EndpointParams,
     logit_combination,
     logit_directional,
+    mask_grads,
+    parse_blocks,
 )
 
 
@@ -78,6 +81,7 @@ class ExactSystem:
         lam: float,
         K: int = 8,
         seed: int = 0,
+        blocks: tuple[str, ...] = BLOCKS,
     ) -> None:
         if not states:
             raise ValueError("exact mode needs at least one curvature batch")
@@ -86,6 +90,12 @@ class ExactSystem:
         self.params, self.alpha, self.lam = params, float(alpha), float(lam)
         self.batches = [(st, sample_negatives(st, K, seed, b)) for b, st in states]
         self.n = sum(st.S.shape[0] for st, _ in self.batches)
+        ones = EndpointGrads(
+            torch.ones_like(params.W_v)[None],
+            torch.ones_like(params.W_t)[None],
+            torch.ones_like(params.logit_scale).reshape(1),
+        )
+        self.mask = mask_grads(ones, parse_blocks(blocks)).flat()[0]
 
     def curvature_matvec(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Φ_pos v, Φ_neg v) as flat p-vectors."""
@@ -100,11 +110,14 @@ class ExactSystem:
         return pos / self.n, negv / self.n
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        pos, negv = self.curvature_matvec(v)
-        return (1 - self.alpha) * pos + self.alpha * negv + self.lam * v
+        """M v restricted to the scored blocks: mask ⊙ C (mask ⊙ v) + λv."""
+        pos, negv = self.curvature_matvec(self.mask * v)
+        return self.mask * ((1 - self.alpha) * pos + self.alpha * negv) + self.lam * v
 
     def solve(self, u: torch.Tensor, tol: float = 1e-10, maxiter: int = 1000) -> tuple[torch.Tensor, CGInfo]:
-        """Conjugate gradients for M x = u from x = 0; stops at |r| ≤ tol·|u|."""
+        """Conjugate gradients for M x = u (u restricted to the scored blocks) from x = 0; stops at
+        |r| ≤ tol·|u|."""
+        u = self.mask * u
         x = torch.zeros_like(u)
         r = u.clone()
         p = r.clone()

@@ -33,11 +33,14 @@ import torch
 from chips_core.batches import hashed_order, n_batches
 from chips_core.curvature import CurvatureAccumulator
 from chips_core.endpoint import (
+    DEFAULT_BLOCKS,
     EndpointGrads,
     EndpointParams,
     batch_grad_sum,
     batch_state,
     embed,
+    mask_grads,
+    parse_blocks,
     zeroshot_grad_sum,
 )
 from chips_core.sketch import Sketch, make_sketch
@@ -108,6 +111,12 @@ class PrepareConfig:
     chunk_batches: int = 32
     device: str = "cpu"
     dtype: str = "float32"
+    #: scored endpoint blocks, comma-separated in BLOCKS order (METHOD.md §9: the temperature is left out
+    #: by default; "visual,text,temperature" is the paper's literal endpoint subspace)
+    blocks: str = DEFAULT_BLOCKS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocks", ",".join(parse_blocks(self.blocks)))  # frozen: canonical form
 
     def validate(self) -> None:
         if self.k_max < 2:
@@ -286,7 +295,7 @@ def prepare(
         return ScoringCache.load(out)
 
     dp = _dev_params(params, config)
-    sk = make_sketch(config.sketch, dp, config.k_max, config.seed)
+    sk = make_sketch(config.sketch, dp, config.k_max, config.seed, parse_blocks(config.blocks))
     t0 = time.monotonic()
     if not (out / "eval.npz").exists():
         if progress:
@@ -299,7 +308,7 @@ def prepare(
         save_npz(
             out / "eval.npz",
             u_sketch=u_sk,
-            u_full=ev["u"].flat()[0].double().cpu().numpy(),
+            u_full=mask_grads(ev["u"], sk.blocks).flat()[0].double().cpu().numpy(),
             mu_x=ev["mu_x"].double().cpu().numpy(),
             mu_y=ev["mu_y"].double().cpu().numpy(),
             n_eval=np.array(ev["n_eval"]),

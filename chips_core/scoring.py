@@ -7,6 +7,7 @@ prefix of k rows: vectors /√k, matrices /k (METHOD.md §5).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from scipy.stats import spearmanr
 
 from chips_core.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
+from chips_core.endpoint import BLOCKS
 from chips_core.prepare import (
     AUX_COLUMNS,
     ArrayFeatures,
@@ -50,6 +52,13 @@ __all__ = [
 
 METHODS = ("chips", "random", "clipscore", "dot", "tracin", "trak")
 STABILITY_ROWS = 100_000
+#: the default damping rule and its scale (λ = DAMPING_SCALE·tr C̃); see `default_lambda`
+DAMPING = "trace"
+DAMPING_SCALE = 0.1
+#: the image–caption agreement guard: pairs whose CLIPScore lies below median − GUARD_MADS·σ̂ (σ̂ = 1.4826·MAD,
+#: the robust standard deviation) are held out of the selection before ranking
+GUARDS = ("mad", "none")
+GUARD_MADS = 2.5
 
 
 class ScoringCache:
@@ -57,7 +66,8 @@ class ScoringCache:
 
     def __init__(self, root: Path, record: dict, meta: dict) -> None:
         self.root, self.record, self.meta = root, record, meta
-        self.config = PrepareConfig(**record["config"])
+        # caches written before `blocks` existed scored every block
+        self.config = PrepareConfig(**{"blocks": ",".join(BLOCKS), **record["config"]})
         ev = np.load(root / "eval.npz")
         self.u = ev["u_sketch"]
         self.u_full = ev["u_full"]
@@ -83,7 +93,7 @@ class ScoringCache:
         self.pair_ids = np.concatenate(ids)
         self.phi_pos, self.phi_neg = pos / n_curv, neg / n_curv
         self.n_curvature = n_curv
-        self._eig: dict[tuple, np.ndarray] = {}
+        self._memo: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> ScoringCache:
@@ -146,6 +156,22 @@ class ScoringCache:
             rows_left -= n_c
         return np.concatenate(out)
 
+    def row_norms(self, k: int, start: int = 0) -> np.ndarray:
+        """‖g̃‖ of every pair over sketch rows [start, start+k), scaled by 1/√k (cached per (k, start))."""
+        key = ("norms", k, start)
+        if key not in self._memo:
+            cb = self.meta["col_block"]
+            out = []
+            for G, sc in zip(self.G, self.scales, strict=True):
+                acc = np.zeros(G.shape[1], np.float64)
+                for j in range(start // cb, -(-(start + k) // cb)):
+                    lo, hi = max(start, j * cb), min(start + k, (j + 1) * cb)
+                    blk = torch.from_numpy(G[j, :, lo - j * cb : hi - j * cb]).float()
+                    acc += (blk * blk).sum(1).numpy().astype(np.float64) * sc[j].astype(np.float64) ** 2
+                out.append(acc)
+            self._memo[key] = np.sqrt(np.concatenate(out) / k)
+        return self._memo[key]
+
     def row(self, pair_id: int) -> np.ndarray:
         """The stored (fp16, dequantized) unscaled sketched gradient of one pool pair, float64 (k_max,)."""
         hit = np.flatnonzero(self.pair_ids == int(pair_id))
@@ -164,9 +190,9 @@ class ScoringCache:
         sl = slice(start, start + k)
         C = combine(self.phi_pos[sl, sl], self.phi_neg[sl, sl], alpha) / k
         key = (k, float(alpha), start)
-        if key not in self._eig:
-            self._eig[key] = eigenvalues(C)
-        return C, self.u[sl] / math.sqrt(k), self._eig[key]
+        if key not in self._memo:
+            self._memo[key] = eigenvalues(C)
+        return C, self.u[sl] / math.sqrt(k), self._memo[key]
 
 
 @dataclass
@@ -187,24 +213,68 @@ def _check_k(cache: ScoringCache, k: int | None) -> int:
     return max(k, 1)
 
 
+def default_lambda(eigs: np.ndarray, k: int, damping: str = DAMPING, scale: float = DAMPING_SCALE) -> float:
+    """The default λ of a sketched curvature with eigenvalues `eigs` at prefix k.
+
+    'trace': λ = scale·tr(C̃). tr(C̃) estimates tr(C) without bias at every k, so λ does not swing with k
+    (METHOD.md §9: λ* fell 15× from k = 256 to 1024 on the demo and lifted mismatches with it).
+    'dimension': λ* with d(λ*) = k/4 (METHOD.md §4, the paper preset): a fidelity choice.
+    """
+    if damping == "trace":
+        return float(scale) * float(np.sum(np.clip(eigs, 0, None)))
+    if damping == "dimension":
+        return lambda_star(eigs, k / 4)
+    raise ValueError(f"damping must be 'trace' or 'dimension', got {damping!r}")
+
+
 def _newton_system(
-    cache: ScoringCache, k: int, alpha: float, lam: float | None, start: int = 0
+    cache: ScoringCache,
+    k: int,
+    alpha: float,
+    lam: float | None,
+    start: int = 0,
+    damping: str = DAMPING,
+    normalize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(C̃(α), scaled ũ, info with the λ used): the system Â solves, λ = λ* (d(λ*) = k/4) unless given."""
+    """(C̃(α), scaled ũ, info with the λ used): the system Â solves; λ = the damping rule's λ unless
+    given. normalize: ũ is scaled to unit norm (LESS-style cosine; the ranking is unchanged by it)."""
     C, u, eigs = cache.system(k, alpha, start)
     lam_s = lambda_star(eigs, k / 4)
-    lam_used = lam_s if lam is None else float(lam)
+    lam_base = default_lambda(eigs, k, damping)
+    lam_used = lam_base if lam is None else float(lam)
     if lam_used <= 0:
         raise ValueError(f"lam must be positive, got {lam}")
-    return C, u, {"lam": lam_used, "lam_star": lam_s, "d_over_k": effective_dimension(eigs, lam_used) / k}
+    if normalize:
+        u = u / max(float(np.linalg.norm(u)), 1e-300)
+    info = {
+        "lam": lam_used,
+        "lam_base": lam_base,
+        "lam_star": lam_s,
+        "d_over_k": effective_dimension(eigs, lam_used) / k,
+        "curvature_ratio": float(np.trace(cache.phi_pos[start : start + k, start : start + k]))
+        / max(float(np.trace(cache.phi_neg[start : start + k, start : start + k])), 1e-300),
+    }
+    return C, u, info
 
 
 def _newton_alignment(
-    cache: ScoringCache, k: int, alpha: float, lam: float | None, start: int = 0, max_rows: int | None = None
+    cache: ScoringCache,
+    k: int,
+    alpha: float,
+    lam: float | None,
+    start: int = 0,
+    max_rows: int | None = None,
+    damping: str = DAMPING,
+    normalize: bool = False,
 ) -> tuple[np.ndarray, dict]:
-    C, u, info = _newton_system(cache, k, alpha, lam, start)
+    """Â = g̃·M̃⁻¹ũ for every pair (the first max_rows); normalize divides each g̃ by its norm."""
+    C, u, info = _newton_system(cache, k, alpha, lam, start, damping, normalize)
     x = newton_solve(C, u, info["lam"])
-    return cache.project(x, start, max_rows) / math.sqrt(k), info
+    A = cache.project(x, start, max_rows) / math.sqrt(k)
+    if normalize:
+        norms = cache.row_norms(k, start)[: len(A)]
+        A = A / np.maximum(norms, 1e-300)
+    return A, info
 
 
 def eval_contributions(
@@ -214,6 +284,8 @@ def eval_contributions(
     lam: float | None = None,
     k: int | None = None,
     top: int | None = 5,
+    damping: str = DAMPING,
+    normalize: bool = True,
 ) -> pd.DataFrame:
     """Each eval pair's share of one pool pair's alignment: c_e = g̃_e·M̃⁻¹g̃(z) / n_eval (METHOD.md §4).
 
@@ -236,9 +308,12 @@ def eval_contributions(
     if top is not None and top < 1:
         raise ValueError(f"top must be at least 1 (or None for all), got {top}")
     k = _check_k(cache, k)
-    C, _, info = _newton_system(cache, k, alpha, lam)
-    w = newton_solve(C, cache.row(pair_id)[:k] / math.sqrt(k), info["lam"])
+    C, u, info = _newton_system(cache, k, alpha, lam, damping=damping)
+    g = cache.row(pair_id)[:k] / math.sqrt(k)
+    w = newton_solve(C, g, info["lam"])
     contrib = cache.G_eval[:, :k].astype(np.float64) @ w / (math.sqrt(k) * len(cache.G_eval))
+    if normalize:  # Â = (g̃/‖g̃‖)·M̃⁻¹(ũ/‖ũ‖): the same split, scaled
+        contrib = contrib / max(float(np.linalg.norm(g) * np.linalg.norm(u)), 1e-300)
     total = float(contrib.sum())
     frame = pd.DataFrame(
         {
@@ -254,13 +329,38 @@ def eval_contributions(
     return frame
 
 
-def _stability(cache: ScoringCache, A: np.ndarray, k: int, alpha: float, lam: float) -> tuple[float, int]:
-    """Spearman between scores from sketch rows [0, k) and [k, 2k) on the first rows (a random subsample)."""
+def _stability(
+    cache: ScoringCache, A: np.ndarray, k: int, alpha: float, lam: float, normalize: bool
+) -> tuple[float, int]:
+    """Spearman between scores from sketch rows [0, k) and [k, 2k) on the first rows (a random subsample),
+    at the same absolute λ."""
     if 2 * k > cache.k_max:
         return float("nan"), 0
     m = min(cache.n, STABILITY_ROWS)
-    A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m)
+    A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m, normalize=normalize)
     return float(spearmanr(A[:m], A2).statistic), m
+
+
+def guard_mask(
+    clipscore: np.ndarray, guard: str = "mad", mads: float = GUARD_MADS
+) -> tuple[np.ndarray, dict]:
+    """(held-out mask, info): the pairs whose image and caption disagree, by CLIPScore outliers.
+
+    'mad' holds out CLIPScore < median − mads·1.4826·MAD (MAD = median |c − median|): a robust low-tail
+    outlier rule that needs no labels. 'none' holds out nothing.
+    """
+    if guard == "none":
+        return np.zeros(len(clipscore), bool), {"guard": "none", "n_guarded": 0, "guard_threshold": None}
+    if guard != "mad":
+        raise ValueError(f"guard must be one of {', '.join(GUARDS)}, got {guard!r}")
+    if mads <= 0:
+        raise ValueError(f"guard_mads must be positive, got {mads}")
+    med = float(np.median(clipscore))
+    sigma = 1.4826 * float(np.median(np.abs(clipscore - med)))
+    threshold = med - mads * sigma
+    held = clipscore < threshold
+    return held, {"guard": "mad", "guard_mads": float(mads), "guard_threshold": threshold,
+                  "n_guarded": int(held.sum())}  # fmt: skip
 
 
 def _rank_normalize(a: np.ndarray) -> np.ndarray:
@@ -269,9 +369,18 @@ def _rank_normalize(a: np.ndarray) -> np.ndarray:
     return r / len(a)
 
 
-def _table(ids: np.ndarray, A: np.ndarray, wl: np.ndarray, wr: np.ndarray, score: np.ndarray, ratio: float):
+def _table(
+    ids: np.ndarray,
+    A: np.ndarray,
+    wl: np.ndarray,
+    wr: np.ndarray,
+    score: np.ndarray,
+    ratio: float,
+    guarded: np.ndarray,
+):
+    """The ranking: by score, descending, with guarded pairs after every other pair (their scores kept)."""
     n = len(ids)
-    order = np.argsort(-score)
+    order = np.lexsort((-score, guarded))
     rank_ = np.empty(n, np.int64)
     rank_[order] = np.arange(1, n + 1)
     n_sel = int(math.ceil(ratio * n))
@@ -283,7 +392,8 @@ def _table(ids: np.ndarray, A: np.ndarray, wl: np.ndarray, wr: np.ndarray, score
             "relevance": wr,
             "score": score,
             "rank": rank_,
-            "selected": rank_ <= n_sel,
+            "selected": (rank_ <= n_sel) & ~guarded,
+            "guarded": guarded,
         }
     )
     return frame, n_sel
@@ -296,11 +406,13 @@ def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tupl
     return wl, wr
 
 
-def _finish(cache, A, info, beta, ratio, use_l, use_r, rank_normalized) -> RankResult:
+def _finish(cache, A, info, beta, ratio, use_l, use_r, rank_normalized, guard, guard_mads) -> RankResult:
     wl, wr = _weights(cache, beta, use_l, use_r)
     base = _rank_normalize(A) if rank_normalized else A
-    frame, n_sel = _table(cache.pair_ids, A, wl, wr, base * wl * wr, ratio)
-    info.update(frac_positive=float(np.mean(A > 0)), n_selected=n_sel, n=cache.n)
+    guarded, guard_info = guard_mask(cache.column("clipscore"), guard, guard_mads)
+    frame, n_sel = _table(cache.pair_ids, A, wl, wr, base * wl * wr, ratio, guarded)
+    info.update(guard_info)
+    info.update(frac_positive=float(np.mean(A > 0)), n_selected=int(frame["selected"].sum()), n=cache.n)
     return RankResult(frame, info)
 
 
@@ -317,24 +429,34 @@ def rank(
     use_relevance: bool = True,
     rank_normalized: bool = False,
     checkpoints: list[tuple[ScoringCache, float]] | None = None,
+    damping: str = DAMPING,
+    normalize: bool = True,
+    guard: str | None = None,
+    guard_mads: float = GUARD_MADS,
 ) -> RankResult:
     """Rank every pair of the cache's pool by `method`; keep the top ceil(ratio·N) (`selected`).
 
-    chips: Â = g̃·(C̃(α) + λI)⁻¹ũ at sketch prefix k (λ = λ* with d(λ*) = k/4 unless given), times
-    w_L and w_R (each switchable; rank_normalized replaces Â by its rank in (0, 1]). Baselines on the
-    same features and batches: random (seeded), clipscore, dot (g̃·ũ), tracin (Σ_c η_c g̃_c·ũ_c over the
-    `checkpoints` caches), trak (α = 0, w_L ≡ w_R ≡ 1). k defaults to k_max/2 so that the ranking
-    stability (Spearman of rows [0, k) vs [k, 2k) of the sketch) is always reported.
+    chips: Â = g̃·(C̃(α) + λI)⁻¹ũ at sketch prefix k over the cache's parameter blocks, times w_L and w_R
+    (each switchable; rank_normalized replaces Â by its rank in (0, 1]). λ: the `damping` rule's
+    (`default_lambda`) unless given. normalize: unit-norm g̃ and ũ (LESS-style cosine in the Newton
+    metric's numerator), so a pair's gradient size (its loss) does not decide its rank.
+    guard: 'mad' holds CLIPScore outliers out of the selection before ranking (`guard_mask`), 'none'
+    holds out nothing; None means 'mad' for chips and 'none' for the baselines, which stay literal.
+    Baselines on the same features and batches: random (seeded), clipscore, dot (g̃·ũ), tracin
+    (Σ_c η_c g̃_c·ũ_c over the `checkpoints` caches), trak (α = 0, w_L ≡ w_R ≡ 1, literal damping).
+    k defaults to k_max/2 so that the ranking stability (Spearman of rows [0, k) vs [k, 2k)) is reported.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
+    guard = ("mad" if method == "chips" else "none") if guard is None else guard
     k = _check_k(cache, k)
     info: dict[str, Any] = {
         "method": method,
         "k": k,
         "k_max": cache.k_max,
+        "blocks": cache.config.blocks,
         "alpha": alpha,
         "beta": beta,
         "ratio": ratio,
@@ -343,15 +465,16 @@ def rank(
         "d_over_k": None,
         "stability": None,
     }
+    finish = functools.partial(_finish, cache, beta=beta, ratio=ratio, guard=guard, guard_mads=guard_mads)
     if method in ("chips", "trak"):
-        a = 0.0 if method == "trak" else alpha
-        A, sys_info = _newton_alignment(cache, k, a, lam)
-        info.update(sys_info, alpha=a)
-        stab, m = _stability(cache, A, k, a, sys_info["lam"])
+        a, damp, norm = (alpha, damping, normalize) if method == "chips" else (0.0, "dimension", False)
+        A, sys_info = _newton_alignment(cache, k, a, lam, damping=damp, normalize=norm)
+        info.update(sys_info, alpha=a, damping=damp, normalize=norm)
+        stab, m = _stability(cache, A, k, a, sys_info["lam"], norm)
         info.update(stability=stab, stability_rows=m)
         if method == "trak":
-            return _finish(cache, A, info, beta, ratio, False, False, False)
-        return _finish(cache, A, info, beta, ratio, use_learnability, use_relevance, rank_normalized)
+            return finish(A, info, use_l=False, use_r=False, rank_normalized=False)
+        return finish(A, info, use_l=use_learnability, use_r=use_relevance, rank_normalized=rank_normalized)
     if method == "random":
         A = np.random.default_rng(seed).random(cache.n)
     elif method == "clipscore":
@@ -371,7 +494,7 @@ def rank(
                 )
             kk = min(k, other.k_max)
             A += float(eta) * other.project(other.u[:kk], 0) / kk
-    return _finish(cache, A, info, beta, ratio, False, False, False)
+    return finish(A, info, use_l=False, use_r=False, rank_normalized=False)
 
 
 def rank_exact(
@@ -386,42 +509,63 @@ def rank_exact(
     use_learnability: bool = True,
     use_relevance: bool = True,
     rank_normalized: bool = False,
+    damping: str = DAMPING,
+    normalize: bool = True,
+    guard: str = "mad",
+    guard_mads: float = GUARD_MADS,
     tol: float = 1e-8,
     maxiter: int = 2000,
 ) -> RankResult:
     """CHIPS without a sketch (the paper's "w/o JL"): x = M⁻¹u by CG in the full endpoint space.
 
-    Uses the cache's batches, seeds, sampled negatives and ũ's full-space u; λ defaults to the sketched
-    λ* at prefix k, so the two rankings are comparable at the same absolute λ. Reads pool features again
-    (float64), runs no encoder.
+    Uses the cache's batches, seeds, sampled negatives, parameter blocks and full-space u; λ defaults to
+    the damping rule's λ from the sketched curvature at prefix k, so the two rankings are comparable at
+    the same absolute λ. normalize divides by the exact ‖g_i‖ (forms each batch's per-sample gradients:
+    B·p floats). Reads pool features again (float64), runs no encoder.
     """
+    from chips_core.endpoint import grads_from_state, mask_grads, parse_blocks
     from chips_core.exact import ExactSystem, exact_scores
     from chips_core.prepare import exact_batches
 
     k = _check_k(cache, k)
     _, _, eigs = cache.system(k, alpha)
     lam_s = lambda_star(eigs, k / 4)
-    lam_used = lam_s if lam is None else float(lam)
+    lam_base = default_lambda(eigs, k, damping)
+    lam_used = lam_base if lam is None else float(lam)
     p64 = params.to(dtype=torch.float64)
     cfg = cache.config
+    blocks = parse_blocks(cfg.blocks)
     curv = list(exact_batches(cache, pool, p64, range(cache.meta["n_curvature_batches"])))
-    system = ExactSystem(p64, curv, alpha, lam_used, cfg.negatives_per_row, cfg.seed)
-    x, cg = system.solve(torch.from_numpy(cache.u_full), tol=tol, maxiter=maxiter)
-    A = torch.cat(
-        [exact_scores(st, x, p64, cfg.negatives) for _, st in exact_batches(cache, pool, p64)]
-    ).numpy()
+    system = ExactSystem(p64, curv, alpha, lam_used, cfg.negatives_per_row, cfg.seed, blocks)
+    u = system.mask * torch.from_numpy(cache.u_full)
+    if normalize:
+        u = u / u.norm()
+    x, cg = system.solve(u, tol=tol, maxiter=maxiter)
+    parts = []
+    for _, st in exact_batches(cache, pool, p64):
+        a = exact_scores(st, x, p64, cfg.negatives)
+        if normalize:
+            a = a / mask_grads(grads_from_state(st, cfg.negatives), blocks).flat().norm(dim=1)
+        parts.append(a)
+    A = torch.cat(parts).numpy()
     info = {
         "method": "chips",
         "exact": True,
         "k": k,
+        "blocks": cfg.blocks,
         "alpha": alpha,
         "beta": beta,
         "ratio": ratio,
         "lam": lam_used,
+        "lam_base": lam_base,
         "lam_star": lam_s,
+        "damping": damping,
+        "normalize": normalize,
         "d_over_k": effective_dimension(eigs, lam_used) / k,
         "stability": None,
         "cg_iterations": cg.iterations,
         "cg_rel_residual": cg.rel_residual,
     }
-    return _finish(cache, A, info, beta, ratio, use_learnability, use_relevance, rank_normalized)
+    return _finish(
+        cache, A, info, beta, ratio, use_learnability, use_relevance, rank_normalized, guard, guard_mads
+    )

@@ -17,11 +17,14 @@ import torch
 
 from chips_core.batches import mix64
 from chips_core.endpoint import (
+    BLOCKS,
     BatchState,
     EndpointGrads,
     EndpointParams,
     grads_from_state,
     logit_grads,
+    mask_grads,
+    parse_blocks,
     weighted_logit_sum,
 )
 
@@ -34,21 +37,31 @@ def _block_generator(seed: int, block: int) -> torch.Generator:
 
 
 class Sketch:
-    """A seeded k_max×p projection of the endpoint space with widths D, d_v' and d_t' (bias included)."""
+    """A seeded k_max×p projection of the endpoint space with widths D, d_v' and d_t' (bias included).
+
+    `blocks` restricts it to a subspace: the columns of Π that belong to the other blocks are zero, so
+    every sketched gradient, ũ and curvature vector lives in the scored blocks only. The random draws do
+    not depend on `blocks`, so the same seed gives the same rows for every choice.
+    """
 
     kind = "base"
 
-    def __init__(self, k_max: int, D: int, d_v: int, d_t: int, seed: int = 0) -> None:
+    def __init__(
+        self, k_max: int, D: int, d_v: int, d_t: int, seed: int = 0, blocks: tuple[str, ...] = BLOCKS
+    ) -> None:
         if k_max < 1:
             raise ValueError(f"k_max must be positive, got {k_max}")
         self.k_max, self.D, self.d_v, self.d_t, self.seed = int(k_max), int(D), int(d_v), int(d_t), int(seed)
+        self.blocks = parse_blocks(blocks)
         self._cache: dict[tuple, object] = {}
         self._proj: tuple[BatchState, dict] | None = None
 
     @classmethod
-    def for_params(cls, params: EndpointParams, k_max: int, seed: int = 0) -> Sketch:
-        """A sketch of the endpoint space of `params` (augmented widths)."""
-        return cls(k_max, params.D, params.W_v.shape[1], params.W_t.shape[1], seed)
+    def for_params(
+        cls, params: EndpointParams, k_max: int, seed: int = 0, blocks: tuple[str, ...] = BLOCKS
+    ) -> Sketch:
+        """A sketch of the endpoint space of `params` (augmented widths), restricted to `blocks`."""
+        return cls(k_max, params.D, params.W_v.shape[1], params.W_t.shape[1], seed, blocks)
 
     @property
     def p(self) -> int:
@@ -127,7 +140,14 @@ class DenseGaussianSketch(_PartsSketch):
                 torch.randn(ROW_BLOCK, self.p, generator=_block_generator(self.seed, i))[: e - s]
                 for i, (s, e) in enumerate(self._blocks())
             ]
-            self._cache["cpu"] = torch.cat(rows)
+            Pi = torch.cat(rows)
+            nv, nt = self.D * self.d_v, self.D * self.d_t
+            for name, cols in zip(
+                BLOCKS, (slice(0, nv), slice(nv, nv + nt), slice(nv + nt, None)), strict=True
+            ):
+                if name not in self.blocks:
+                    Pi[:, cols] = 0
+            self._cache["cpu"] = Pi
         key = (str(device), dtype)
         if key not in self._cache:
             self._cache[key] = self._cache["cpu"].to(device=device, dtype=dtype)
@@ -200,7 +220,13 @@ class KroneckerSketch(_PartsSketch):
                 for name, width in (("A", self.D), ("B", self.d_v), ("A2", self.D), ("C", self.d_t)):
                     parts[name].append(torch.randn(ROW_BLOCK, width, generator=gen)[:n])
                 parts["g"].append(torch.randn(ROW_BLOCK, generator=gen)[:n])
-            self._cache["cpu"] = {n: torch.cat(v) for n, v in parts.items()}
+            f = {n: torch.cat(v) for n, v in parts.items()}
+            for block, factor in zip(BLOCKS, ("B", "C", "g"), strict=True):
+                if (
+                    block not in self.blocks
+                ):  # row l is [vec(a bᵀ), vec(a′cᵀ), γ]: a zero factor drops a block
+                    f[factor] = torch.zeros_like(f[factor])
+            self._cache["cpu"] = f
         key = (str(device), dtype)
         if key not in self._cache:
             self._cache[key] = {n: v.to(device=device, dtype=dtype) for n, v in self._cache["cpu"].items()}
@@ -261,11 +287,13 @@ class KroneckerSketch(_PartsSketch):
 SKETCHES = {"dense": DenseGaussianSketch, "kronecker": KroneckerSketch}
 
 
-def make_sketch(kind: str, params: EndpointParams, k_max: int, seed: int = 0) -> Sketch:
-    """A sketch by name ('kronecker' default, 'dense' reference) for the endpoint of `params`."""
+def make_sketch(
+    kind: str, params: EndpointParams, k_max: int, seed: int = 0, blocks: tuple[str, ...] = BLOCKS
+) -> Sketch:
+    """A sketch by name ('kronecker' default, 'dense' reference) of the endpoint blocks of `params`."""
     if kind not in SKETCHES:
         raise ValueError(f"unknown sketch {kind!r}; choose one of {sorted(SKETCHES)}")
-    return SKETCHES[kind].for_params(params, k_max, seed)
+    return SKETCHES[kind].for_params(params, k_max, seed, blocks)
 
 
 class FullSpace(Sketch):
@@ -273,8 +301,10 @@ class FullSpace(Sketch):
 
     kind = "full"
 
-    def __init__(self, k_max: int, D: int, d_v: int, d_t: int, seed: int = 0) -> None:
-        super().__init__(D * d_v + D * d_t + 1, D, d_v, d_t, seed)
+    def __init__(
+        self, k_max: int, D: int, d_v: int, d_t: int, seed: int = 0, blocks: tuple[str, ...] = BLOCKS
+    ) -> None:
+        super().__init__(D * d_v + D * d_t + 1, D, d_v, d_t, seed, blocks)
 
     def apply(self, g: EndpointGrads) -> torch.Tensor:
-        return g.flat()
+        return mask_grads(g, self.blocks).flat()

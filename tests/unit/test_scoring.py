@@ -9,8 +9,15 @@ import torch
 from scipy.stats import spearmanr
 
 from chips_core.batches import assign_batches
-from chips_core.curvature import CurvatureAccumulator, combine, eigenvalues, lambda_star, newton_solve
-from chips_core.endpoint import EndpointParams, batch_grad_sum, batch_state, zeroshot_grad_sum
+from chips_core.curvature import CurvatureAccumulator, combine, eigenvalues, lambda_star
+from chips_core.endpoint import (
+    EndpointGrads,
+    EndpointParams,
+    batch_grad_sum,
+    batch_state,
+    grads_from_state,
+    zeroshot_grad_sum,
+)
 from chips_core.exact import unflat
 from chips_core.scoring import (
     ArrayFeatures,
@@ -19,6 +26,7 @@ from chips_core.scoring import (
     ScoringCache,
     ZeroShotEval,
     eval_contributions,
+    guard_mask,
     prepare,
     rank,
     rank_exact,
@@ -60,31 +68,46 @@ CFG = PrepareConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+ALL_BLOCKS = "visual,text,temperature"
+
+
+@pytest.fixture(scope="module", params=["visual,text", ALL_BLOCKS])
+def built(request, tmp_path_factory):
+    """The default cache (no temperature block) and the paper's (every endpoint block)."""
     pool, ev, params = _features(230, 1), _features(60, 2), _params()
-    cache = prepare(pool, ev, params, CFG, tmp_path_factory.mktemp("c") / "cache")
+    cfg = PrepareConfig(**{**CFG.__dict__, "blocks": request.param})
+    cache = prepare(pool, ev, params, cfg, tmp_path_factory.mktemp("c") / "cache")
     return pool, ev, params, cache
 
 
+def _zero_blocks(g: EndpointGrads, blocks: str) -> EndpointGrads:
+    """g with the blocks outside `blocks` zeroed, written out here (independent of chips_core's mask)."""
+    keep = blocks.split(",")
+    return EndpointGrads(
+        g.G_v * ("visual" in keep), g.G_t * ("text" in keep), g.g_theta * ("temperature" in keep)
+    )
+
+
 def _reference_G(pool, params, cfg):
-    """Sketched gradients recomputed batch by batch in float64 (no quantisation), in cache order."""
-    sk = make_sketch(cfg.sketch, params, cfg.k_max, cfg.seed)
+    """Sketched gradients recomputed batch by batch in float64 (no quantisation), in cache order: the
+    unrestricted sketch applied to full-space gradients whose unscored blocks are zeroed."""
+    full_sk = make_sketch(cfg.sketch, params, cfg.k_max, cfg.seed)
+    sk = make_sketch(cfg.sketch, params, cfg.k_max, cfg.seed, tuple(cfg.blocks.split(",")))
     out, acc = [], CurvatureAccumulator(cfg.k_max, cfg.negatives_per_row, cfg.seed)
     batches = assign_batches(pool.pair_ids(), cfg.batch_size, cfg.seed)
     n_curv = math.ceil(cfg.curvature_pairs / len(batches[0]))
     for b, rows in enumerate(batches):
         h, t = pool.rows(rows)
         st = batch_state(torch.from_numpy(h).double(), torch.from_numpy(t).double(), params)
-        out.append(sk.batch_grads(st, cfg.negatives))
+        out.append(full_sk.apply(_zero_blocks(grads_from_state(st, cfg.negatives), cfg.blocks)))
         if b < n_curv:
             acc.add(sk, st, b)
-    return torch.cat(out).numpy(), acc, sk
+    return torch.cat(out).numpy(), acc, full_sk
 
 
 def test_cache_matches_direct_computation(built):
     pool, ev, params, cache = built
-    G, acc, sk = _reference_G(pool, params, CFG)
+    G, acc, sk = _reference_G(pool, params, cache.config)
     assert cache.n == 230 and len(cache.pair_ids) == 230
     order = np.concatenate(assign_batches(pool.pair_ids(), CFG.batch_size, CFG.seed))
     assert np.array_equal(cache.pair_ids, pool.pair_ids()[order])
@@ -96,8 +119,10 @@ def test_cache_matches_direct_computation(built):
         h, t = ev.rows(rows)
         g = batch_grad_sum(torch.from_numpy(h).double(), torch.from_numpy(t).double(), params).flat()
         u = g if u is None else u + g
-    assert np.allclose(cache.u, sk.apply(unflat(u[0] / 60, params))[0].numpy())
-    assert np.allclose(cache.u_full, (u / 60)[0].numpy())
+    u = _zero_blocks(unflat(u[0] / 60, params), cache.config.blocks)
+    assert np.allclose(cache.u, sk.apply(u)[0].numpy())
+    assert np.allclose(cache.u_full, u.flat()[0].numpy())
+    assert (cache.u_full[-1] == 0) == ("temperature" not in cache.config.blocks)
     # fp16 storage with per-row, per-block scales keeps every row to ~1e-3 relative
     x = np.random.default_rng(0).standard_normal(64)
     got, ref = cache.project(x), G @ x
@@ -105,15 +130,25 @@ def test_cache_matches_direct_computation(built):
     assert spearmanr(got, ref).statistic > 0.9999
 
 
-def test_rank_chips_against_reference(built):
+def _reference_alignment(cache, G, k, alpha, lam, normalize):
+    C = combine(cache.phi_pos[:k, :k], cache.phi_neg[:k, :k], alpha) / k
+    u = cache.u[:k] / math.sqrt(k)
+    if normalize:
+        u = u / np.linalg.norm(u)
+    x = np.linalg.solve(C + lam * np.eye(k), u)
+    Gk = G[:, :k] / math.sqrt(k)
+    A = Gk @ x
+    return A / np.linalg.norm(Gk, axis=1) if normalize else A
+
+
+def test_rank_chips_paper_preset_against_reference(built):
     pool, ev, params, cache = built
-    G, _, _ = _reference_G(pool, params, CFG)
+    G, _, _ = _reference_G(pool, params, cache.config)
     k, alpha = 32, 0.7
-    res = rank(cache, alpha=alpha, k=k, ratio=0.25)
+    res = rank(cache, alpha=alpha, k=k, ratio=0.25, damping="dimension", normalize=False, guard="none")
     C = combine(cache.phi_pos[:k, :k], cache.phi_neg[:k, :k], alpha) / k
     lam = lambda_star(eigenvalues(C), k / 4)
-    x = newton_solve(C, cache.u[:k] / math.sqrt(k), lam)
-    A = G[:, :k] @ x / math.sqrt(k)
+    A = _reference_alignment(cache, G, k, alpha, lam, False)
     f = res.frame
     assert list(f.columns) == [
         "pair_id",
@@ -123,16 +158,28 @@ def test_rank_chips_against_reference(built):
         "score",
         "rank",
         "selected",
+        "guarded",
     ]
     assert np.allclose(f["alignment"], A, rtol=0, atol=5e-3 * np.abs(A).max())
     assert spearmanr(f["alignment"], A).statistic > 0.999
+    # d(λ*) = k/4 written out from a brute-force eigen-sum, not the library's effective_dimension
+    sig = np.linalg.eigvalsh(C)
+    assert np.sum(sig / (sig + res.info["lam"])) == pytest.approx(k / 4, rel=1e-6)
     assert res.info["lam"] == pytest.approx(lam) and res.info["d_over_k"] == pytest.approx(0.25, abs=1e-6)
     assert sorted(f["rank"]) == list(range(1, 231)) and f["selected"].sum() == math.ceil(0.25 * 230)
-    assert res.info["n_selected"] == 58 and 0 <= res.info["frac_positive"] <= 1
+    assert res.info["n_selected"] == 58 and not f["guarded"].any()
+    assert res.info["frac_positive"] == pytest.approx(np.mean(f["alignment"] > 0))
     assert np.isfinite(res.info["stability"]) and -1 <= res.info["stability"] <= 1
     best = f.loc[f["rank"] == 1]
     assert float(best["score"].iloc[0]) == f["score"].max()
     assert np.allclose(f["score"], f["alignment"] * f["learnability"] * f["relevance"])
+    # learnability written out from the stored columns: (1 − p_corr)(1 + σ(−m))
+    p_corr, margin = cache.column("p_corr"), cache.column("margin")
+    assert np.allclose(f["learnability"], (1 - p_corr) * (1 + 1 / (1 + np.exp(margin))), rtol=1e-6)
+    # stability: Spearman of rows [0, k) against rows [k, 2k) at the same λ, computed here
+    C2 = combine(cache.phi_pos[k:, k:], cache.phi_neg[k:, k:], alpha) / k
+    x2 = np.linalg.solve(C2 + lam * np.eye(k), cache.u[k:] / math.sqrt(k))
+    assert res.info["stability"] == pytest.approx(spearmanr(A, G[:, k:] @ x2).statistic, abs=0.01)
     # λ is honoured, k defaults to k_max/2, stability needs 2k ≤ k_max
     assert rank(cache, lam=10 * lam, k=k).info["d_over_k"] < 0.25
     assert rank(cache).info["k"] == 32
@@ -141,11 +188,66 @@ def test_rank_chips_against_reference(built):
         rank(cache, k=65)
 
 
+@pytest.mark.parametrize("k", [16, 32, 64])
+def test_rank_chips_default_against_reference(built, k):
+    """The default: λ = 0.1·tr C̃ (the same at every k in expectation), unit-norm g̃ and ũ, MAD guard."""
+    pool, ev, params, cache = built
+    G, _, _ = _reference_G(pool, params, cache.config)
+    res = rank(cache, k=k, ratio=0.2)
+    C = combine(cache.phi_pos[:k, :k], cache.phi_neg[:k, :k], 0.7) / k
+    lam = 0.1 * np.trace(C)
+    assert res.info["lam"] == pytest.approx(lam, rel=1e-9) and res.info["damping"] == "trace"
+    A = _reference_alignment(cache, G, k, 0.7, lam, True)
+    f = res.frame
+    assert np.allclose(f["alignment"], A, rtol=0, atol=5e-3 * np.abs(A).max())
+    assert np.abs(f["alignment"]).max() <= 1 / (lam * (1 - 1e-9)) + 1e-9  # |ĝ·M⁻¹û| ≤ 1/λ
+    # the guard: CLIPScore below median − 2.5·1.4826·MAD, held out of the selection and ranked last
+    cs = cache.column("clipscore")
+    med = np.median(cs)
+    held = cs < med - 2.5 * 1.4826 * np.median(np.abs(cs - med))
+    assert np.array_equal(f["guarded"].to_numpy(), held) and res.info["n_guarded"] == held.sum()
+    assert not (f["selected"] & f["guarded"]).any()
+    if held.any():
+        assert f.loc[f["guarded"], "rank"].min() > f.loc[~f["guarded"], "rank"].max()
+    kept = f.loc[~f["guarded"]].sort_values("rank")
+    assert kept["score"].is_monotonic_decreasing
+    assert f["selected"].sum() == min(math.ceil(0.2 * 230), (~held).sum())
+
+
+def test_guard_catches_planted_outliers_and_switches_off(built):
+    pool, ev, params, cache = built
+    cs = cache.column("clipscore")
+    held, info = guard_mask(np.concatenate([cs, [cs.min() - 5.0]]))
+    assert held[-1] and info["guard"] == "mad" and info["guard_threshold"] < np.median(cs)
+    assert not guard_mask(cs, "none")[0].any()
+    with pytest.raises(ValueError, match="guard"):
+        guard_mask(cs, "median")
+    off = rank(cache, k=16, guard="none")
+    assert not off.frame["guarded"].any() and off.info["n_guarded"] == 0
+    assert not rank(cache, "dot", k=16).frame["guarded"].any()  # baselines stay literal
+
+
+def test_damping_rules_and_normalisation_change_the_ranking(built):
+    pool, ev, params, cache = built
+    trace = rank(cache, k=32, guard="none", normalize=False)
+    dim = rank(cache, k=32, guard="none", normalize=False, damping="dimension")
+    assert trace.info["lam"] != pytest.approx(dim.info["lam"])
+    assert dim.info["lam"] == pytest.approx(trace.info["lam_star"])
+    unit = rank(cache, k=32, guard="none", normalize=True)
+    G, _, _ = _reference_G(pool, params, cache.config)
+    norms = np.linalg.norm(G[:, :32], axis=1)
+    # normalising divides each Â by ‖g̃‖ (and by a constant ‖ũ‖): the rank order changes with the norms
+    ratio = trace.frame["alignment"] / unit.frame["alignment"]
+    assert spearmanr(ratio, norms).statistic > 0.999
+    with pytest.raises(ValueError, match="damping"):
+        rank(cache, damping="k/4")
+
+
 def test_flags_and_baselines(built):
     pool, ev, params, cache = built
-    off = rank(cache, use_learnability=False, use_relevance=False, k=16)
+    off = rank(cache, use_learnability=False, use_relevance=False, k=16, guard="none")
     assert (off.frame["learnability"] == 1).all() and np.allclose(off.frame["score"], off.frame["alignment"])
-    rn = rank(cache, rank_normalized=True, k=16).frame
+    rn = rank(cache, rank_normalized=True, k=16, guard="none").frame
     assert (rn["score"] > 0).all()
     ranks_a = rn["alignment"].rank(method="first").to_numpy() / len(rn)
     assert np.allclose(rn["score"], ranks_a * rn["learnability"] * rn["relevance"])
@@ -154,11 +256,15 @@ def test_flags_and_baselines(built):
     assert not np.array_equal(r1.frame["rank"], rank(cache, "random", seed=2).frame["rank"])
     cs = rank(cache, "clipscore").frame
     assert np.allclose(cs["score"], cache.column("clipscore"))
-    G, _, _ = _reference_G(pool, params, CFG)
+    G, _, _ = _reference_G(pool, params, cache.config)
     dot = rank(cache, "dot", k=16).frame
     assert spearmanr(dot["score"], G[:, :16] @ cache.u[:16]).statistic > 0.999
     trak = rank(cache, "trak", k=16)
     assert trak.info["alpha"] == 0.0 and (trak.frame["relevance"] == 1).all()
+    assert (trak.frame["learnability"] == 1).all() and trak.info["damping"] == "dimension"
+    C = cache.phi_pos[:16, :16] / 16
+    x = np.linalg.solve(C + trak.info["lam"] * np.eye(16), cache.u[:16] / 4)
+    assert spearmanr(trak.frame["score"], G[:, :16] @ x).statistic > 0.999
     with pytest.raises(ValueError, match="unknown method"):
         rank(cache, "influence")
     with pytest.raises(ValueError, match="checkpoints"):
@@ -184,13 +290,13 @@ def test_resume_after_interruption_gives_same_cache(built, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        prepare(pool, ev, params, CFG, tmp_path / "r", progress=stop_after_two)
+        prepare(pool, ev, params, cache.config, tmp_path / "r", progress=stop_after_two)
     assert not (tmp_path / "r" / "meta.json").exists()
     done = sorted(p.name for p in (tmp_path / "r").glob("chunk-*") if (p / "done.json").exists())
     assert len(done) == 2
     mtime = (tmp_path / "r" / done[0] / "G.npy").stat().st_mtime_ns
     seen = []
-    resumed = prepare(pool, ev, params, CFG, tmp_path / "r", progress=seen.append)
+    resumed = prepare(pool, ev, params, cache.config, tmp_path / "r", progress=seen.append)
     assert (tmp_path / "r" / done[0] / "G.npy").stat().st_mtime_ns == mtime
     assert seen[0].stage == "pool" and seen[0].done > 2 * 3 * 20  # started after the two finished chunks
     for a, b in zip(resumed.G, cache.G, strict=True):
@@ -205,15 +311,16 @@ def test_self_only_and_zero_shot(built, tmp_path):
     cfg = PrepareConfig(
         **{**json.loads((cache.root / "config.json").read_text())["config"], "negatives": "self"}
     )
+    zcfg = PrepareConfig(**{**CFG.__dict__, "blocks": cache.config.blocks})
     selfo = prepare(pool, ev, params, cfg, tmp_path / "self")
     assert not np.allclose(selfo.project(np.ones(64)), cache.project(np.ones(64)))
     rng = np.random.default_rng(4)
     zs = ZeroShotEval(rng.standard_normal((40, DV)), rng.integers(0, 3, 40), rng.standard_normal((3, DT)))
-    z = prepare(pool, zs, params, CFG, tmp_path / "zs")
+    z = prepare(pool, zs, params, zcfg, tmp_path / "zs")
     u = zeroshot_grad_sum(
         torch.from_numpy(zs.h), torch.from_numpy(zs.labels), torch.from_numpy(zs.class_t), params
     )
-    assert np.allclose(z.u_full, u.flat()[0].numpy() / 40)
+    assert np.allclose(z.u_full, _zero_blocks(u, cache.config.blocks).flat()[0].numpy() / 40)
     assert z.record["zero_shot"] and len(rank(z, k=16).frame) == 230
     with pytest.raises(PrepareError, match="zero-shot"):
         eval_contributions(z, int(z.pair_ids[0]))
@@ -263,13 +370,24 @@ def test_eval_contributions_sum_to_alignment(built, tmp_path):
         eval_contributions(legacy, pid)
 
 
-def test_exact_rank_runs_and_agrees_at_large_lambda(built):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_exact_rank_runs_and_agrees_at_large_lambda(built, normalize):
     pool, ev, params, cache = built
-    sk = rank(cache, k=64, lam=1e3)
-    ex = rank_exact(cache, pool, params, k=64, lam=1e3)
+    sk = rank(cache, k=64, lam=1e3, normalize=normalize)
+    ex = rank_exact(cache, pool, params, k=64, lam=1e3, normalize=normalize)
     assert ex.info["exact"] and ex.info["cg_rel_residual"] < 1e-8
     # at large λ both approach g·u/λ (the sketch of a dot product is unbiased): clearly positive agreement
     assert spearmanr(sk.frame["alignment"], ex.frame["alignment"]).statistic > 0.5
+    # the exact score lives in the same blocks: at large λ it is (g_S·u_S)/λ, written out here
+    ref = []
+    for rows in assign_batches(pool.pair_ids(), CFG.batch_size, CFG.seed):
+        h, t = pool.rows(rows)
+        st = batch_state(torch.from_numpy(h).double(), torch.from_numpy(t).double(), params)
+        ref.append(_zero_blocks(grads_from_state(st, "all"), cache.config.blocks).flat())
+    g = torch.cat(ref).numpy()
+    u = cache.u_full
+    ref_a = g @ u / np.linalg.norm(g, axis=1) / np.linalg.norm(u) if normalize else g @ u
+    assert spearmanr(ex.frame["alignment"], ref_a).statistic > 0.99
 
 
 def test_bad_inputs_named(tmp_path):

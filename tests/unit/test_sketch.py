@@ -9,6 +9,7 @@ from chips_core.endpoint import (
     batch_state,
     grads_from_state,
     logit_grads,
+    per_sample_losses,
     weighted_logit_sum,
 )
 from chips_core.sketch import DenseGaussianSketch, KroneckerSketch, make_sketch
@@ -119,3 +120,48 @@ def test_make_sketch_names():
         make_sketch("srht", params, 8)
     with pytest.raises(ValueError, match="k_max"):
         make_sketch("dense", params, 0)
+
+
+@pytest.mark.parametrize("cls", KINDS)
+@pytest.mark.parametrize(
+    "blocks", [("visual", "text"), ("visual",), ("text", "temperature"), ("visual", "text", "temperature")]
+)
+def test_block_restricted_sketch_equals_projection_of_autograd_subspace_gradient(cls, blocks):
+    """A sketch restricted to `blocks` gives Π·g_S, g_S the jacrev gradient over the scored blocks only
+    (zeros elsewhere), for the sketched gradients, logit gradients and the row/column sums alike."""
+    params, st = _setup(v_bias=True, theta=3.0)
+    h, t = st.H[:, :-1], st.T  # the raw features (H carries the appended bias column)
+    names = ("visual", "text", "temperature")
+    tensors = (params.W_v, params.W_t, params.logit_scale)
+    argnums = tuple(i for i, n in enumerate(names) if n in blocks)
+
+    def losses(*scored):
+        full = list(tensors)
+        for i, x in zip(argnums, scored, strict=True):
+            full[i] = x
+        return per_sample_losses(h, t, EndpointParams(*full, params.v_bias, params.t_bias))
+
+    J = torch.func.jacrev(losses, argnums=tuple(range(len(argnums))))(*(tensors[i] for i in argnums))
+    parts = [torch.zeros(9, x.numel(), dtype=torch.float64) for x in tensors]
+    for i, j in zip(argnums, J, strict=True):
+        parts[i] = j.reshape(9, -1)
+    g_S = torch.cat(parts, dim=1)
+    Pi = _explicit_matrix(cls.for_params(params, 120, seed=4))  # the unrestricted Π, same seed
+    sk = cls.for_params(params, 120, seed=4, blocks=blocks)
+    assert sk.blocks == blocks
+    assert _rel(sk.batch_grads(st), g_S @ Pi.T) < 1e-8
+    a, b = torch.tensor([0, 2, 5]), torch.tensor([1, 2, 7])
+    keep = torch.cat([torch.full((x.numel(),), float(n in blocks), dtype=torch.float64)
+                      for n, x in zip(names, tensors, strict=True)])  # fmt: skip
+    assert _rel(sk.logit_grads(st, a, b), (logit_grads(st, a, b).flat() * keep) @ Pi.T) < 1e-12
+    W = torch.rand(9, 9, dtype=torch.float64)
+    assert _rel(sk.row_sum(st, W), (weighted_logit_sum(st, W, 1).flat() * keep) @ Pi.T) < 1e-12
+
+
+def test_blocks_are_named_and_canonical():
+    params, _ = _setup()
+    assert make_sketch("dense", params, 8, blocks="text,visual").blocks == ("visual", "text")
+    with pytest.raises(ValueError, match="blocks must be"):
+        make_sketch("kronecker", params, 8, blocks=("visual", "theta"))
+    with pytest.raises(ValueError, match="blocks must be"):
+        make_sketch("kronecker", params, 8, blocks="")
