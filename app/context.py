@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from chips_core import store
+from chips_core import presets, store
 
 # Widget keys whose values must survive page switches (Streamlit drops the state of widgets not drawn).
 PERSISTENT_KEYS = (
@@ -31,6 +31,12 @@ PERSISTENT_KEYS = (
     "rank_normalized",
     "pool_name",
     "eval_name",
+    "preset",
+    "blocks",
+    "damping",
+    "normalize",
+    "guard_on",
+    "guard_mads",
 )
 DEFAULTS: dict[str, Any] = {
     "method": "chips",
@@ -41,7 +47,25 @@ DEFAULTS: dict[str, Any] = {
     "use_learnability": True,
     "use_relevance": True,
     "rank_normalized": False,
+    "preset": "default",
+    "guard_mads": presets.GUARD_MADS,
 }
+
+
+def preset_state(name: str) -> dict[str, Any]:
+    """The Scores page's widget values of a scoring preset (chips_core.presets.PRESETS)."""
+    p = presets.PRESETS[name]
+    return {
+        "blocks": list(presets.parse_blocks(p["blocks"])),
+        "damping": p["damping"],
+        "normalize": p["normalize"],
+        "guard_on": p["guard"] != "none",
+    }
+
+
+def apply_preset() -> None:
+    """on_change of the preset box: load the preset's blocks, damping, normalisation and guard."""
+    st.session_state.update(preset_state(st.session_state["preset"]))
 
 
 def keep_widget_state() -> None:
@@ -49,7 +73,7 @@ def keep_widget_state() -> None:
     for key in PERSISTENT_KEYS:
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
-    for key, value in DEFAULTS.items():
+    for key, value in {**DEFAULTS, **preset_state(st.session_state.get("preset", "default"))}.items():
         st.session_state.setdefault(key, value)
 
 
@@ -117,6 +141,8 @@ class ScoringContext:
     pool_run_id: int
     cache_id: int
     cache_dir: str
+    blocks: str
+    blocks_missing: str | None = None  # blocks asked for on the Scores page that no finished cache scores
 
 
 def caches(ws: store.Workspace) -> pd.DataFrame:
@@ -124,7 +150,7 @@ def caches(ws: store.Workspace) -> pd.DataFrame:
     return query(
         ws,
         "SELECT c.cache_id, c.dir, c.status, c.pool_run_id, c.eval_run_id, fp.pool_id, pp.name AS pool_name, "
-        "fe.pool_id AS eval_id, pe.name AS eval_name, c.created_at "
+        "fe.pool_id AS eval_id, pe.name AS eval_name, c.created_at, c.config::VARCHAR AS config "
         "FROM scoring_caches c JOIN feature_runs fp ON fp.run_id = c.pool_run_id "
         "JOIN pools pp ON pp.pool_id = fp.pool_id JOIN feature_runs fe ON fe.run_id = c.eval_run_id "
         "JOIN pools pe ON pe.pool_id = fe.pool_id WHERE c.status = 'done' ORDER BY c.cache_id DESC",
@@ -151,7 +177,10 @@ def scoring_context(ws: store.Workspace) -> ScoringContext:
             "page, or pick another pair in the sidebar."
         )
         st.stop()
-    r = df.iloc[0]
+    df = df.assign(blocks=[_cache_blocks(c) for c in df["config"]])
+    wanted = ",".join(presets.parse_blocks(st.session_state.get("blocks") or presets.DEFAULT_BLOCKS))
+    hit = df[df["blocks"] == wanted]
+    r = (hit if len(hit) else df).iloc[0]
     return ScoringContext(
         ws.root.as_posix(),
         int(r["pool_id"]),
@@ -161,7 +190,16 @@ def scoring_context(ws: store.Workspace) -> ScoringContext:
         int(r["pool_run_id"]),
         int(r["cache_id"]),
         str(r["dir"]),
+        str(r["blocks"]),
+        None if len(hit) else wanted,
     )
+
+
+def _cache_blocks(config_json: str) -> str:
+    """The parameter blocks a cache scores (caches made before blocks existed scored all of them)."""
+    import json
+
+    return ",".join(presets.parse_blocks(json.loads(config_json).get("blocks", ",".join(presets.BLOCKS))))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the scoring cache…")
@@ -200,6 +238,11 @@ def rank_params() -> dict[str, Any]:
         "use_learnability": bool(s["use_learnability"]),
         "use_relevance": bool(s["use_relevance"]),
         "rank_normalized": bool(s["rank_normalized"]),
+        "damping": s["damping"],
+        "normalize": bool(s["normalize"]),
+        "guard": "mad" if s["guard_on"] else "none",
+        "guard_mads": float(s["guard_mads"]),
+        "preset": s["preset"],
     }
 
 
@@ -211,9 +254,10 @@ def _rank_cached(cache_dir: str, params: tuple[tuple[str, Any], ...]) -> Any:
     return rank(load_cache(cache_dir), **dict(params))
 
 
-def current_rank(ctx: ScoringContext) -> Any:
-    """The RankResult for the Scores page's parameters (λ = lam_factor · λ*; no model is run)."""
-    p = rank_params()
+def current_rank(ctx: ScoringContext, **changes: Any) -> Any:
+    """The RankResult for the Scores page's parameters with `changes` (λ = lam_factor × the damping rule's
+    default λ; no model is run)."""
+    p = rank_params() | changes
     kwargs = {
         "method": p["method"],
         "alpha": p["alpha"],
@@ -223,11 +267,15 @@ def current_rank(ctx: ScoringContext) -> Any:
         "use_learnability": p["use_learnability"],
         "use_relevance": p["use_relevance"],
         "rank_normalized": p["rank_normalized"],
+        "guard": p["guard"] if p["method"] == "chips" else "none",
+        "guard_mads": p["guard_mads"],
     }
+    if p["method"] == "chips":
+        kwargs |= {"damping": p["damping"], "normalize": p["normalize"]}
     base = _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": None}.items())))
-    if p["lam_factor"] == 1.0 or base.info.get("lam_star") is None:  # λ* only exists for chips / trak
+    if p["lam_factor"] == 1.0 or base.info.get("lam_base") is None:  # λ only exists for chips / trak
         return base
-    lam = float(base.info["lam_star"]) * p["lam_factor"]
+    lam = float(base.info["lam_base"]) * p["lam_factor"]
     return _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": lam}.items())))
 
 

@@ -58,7 +58,8 @@ def _contribution_params(ctx: context.ScoringContext) -> dict:
     """α, λ, k of the Scores page's ranking when it is a Newton solve (chips / trak); else its α, k and λ*."""
     info = context.current_rank(ctx).info
     if info.get("lam") is not None:
-        return {"alpha": float(info["alpha"]), "lam": float(info["lam"]), "k": int(info["k"])}
+        return {"alpha": float(info["alpha"]), "lam": float(info["lam"]), "k": int(info["k"]),
+                "normalize": bool(info.get("normalize", False))}  # fmt: skip
     p = context.rank_params()
     return {"alpha": p["alpha"], "lam": None, "k": p["k"]}
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chips_core import presets
 from chips_core.pipeline import load_run_model, prepare_workspace
 from chips_core.store import Workspace, WorkspaceError
 
@@ -313,6 +314,7 @@ PREPARE_DEFAULTS = {
     "curvature_pairs": 100_000,
     "negatives_per_row": 8,
     "dtype": "float32",
+    "blocks": presets.DEFAULT_BLOCKS,
 }
 
 
@@ -359,6 +361,13 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model-id", type=int, default=None, help="use the feature runs of this model (default: the latest)"
     )
+    g.add_argument(
+        "--blocks",
+        type=_blocks_arg,
+        default=None,
+        help="endpoint parameter blocks scored, comma-separated from visual, text, temperature "
+        f"(default: the preset's; {d['blocks']} for the default preset)",
+    )
 
 
 def _prepare_config(args: argparse.Namespace) -> Any:
@@ -375,6 +384,7 @@ def _prepare_config(args: argparse.Namespace) -> Any:
         negatives_per_row=args.negatives_per_row,
         device=resolve_device(args.device).type,
         dtype=args.dtype,
+        blocks=args.blocks or presets.PRESETS[getattr(args, "preset", "default")]["blocks"],
     )
 
 
@@ -430,6 +440,35 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-learnability", action="store_true", help="ablation: w_L ≡ 1")
     p.add_argument("--no-relevance", action="store_true", help="ablation: w_R ≡ 1")
     p.add_argument("--rank-normalized", action="store_true", help="use the rank of Â in (0, 1] instead of Â")
+    g = p.add_argument_group(
+        "scoring preset (docs/SCORING.md); each flag below overrides the preset's value",
+    )
+    g.add_argument(
+        "--preset",
+        default="default",
+        choices=list(presets.PRESETS),
+        help="default: projections only, unit-norm gradients, λ = 0.1·tr C̃, CLIPScore guard; "
+        "paper: the CHIPS paper's literal score (every block, raw gradients, d(λ*) = k/4, no guard)",
+    )
+    g.add_argument("--damping", choices=presets.DAMPINGS, default=None, help="λ rule: trace | dimension")
+    g.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="unit-norm gradients g̃ and ũ (LESS-style cosine)",
+    )
+    g.add_argument(
+        "--guard",
+        choices=presets.GUARDS,
+        default=None,
+        help="mad: hold pairs whose CLIPScore is an outlier below the median out of the selection; none",
+    )
+    g.add_argument(
+        "--guard-mads",
+        type=float,
+        default=presets.GUARD_MADS,
+        help=f"guard threshold in robust standard deviations (default {presets.GUARD_MADS})",
+    )
     p.add_argument(
         "--tracin-cache",
         action="append",
@@ -476,6 +515,7 @@ def _run_score(args: argparse.Namespace) -> int:
         use_learnability=not args.no_learnability,
         use_relevance=not args.no_relevance,
         rank_normalized=args.rank_normalized,
+        **_preset_options(args),
     )
     if args.exact:
         from chips_core.features import FeatureStore
@@ -488,6 +528,8 @@ def _run_score(args: argparse.Namespace) -> int:
     method = "chips-exact" if args.exact else args.method
     params = {
         "method": method,
+        "preset": args.preset,
+        "blocks": cache.config.blocks,
         "eval": args.eval_name,
         "rank_seed": args.rank_seed,
         "tracin": args.tracin_cache,
@@ -500,10 +542,17 @@ def _run_score(args: argparse.Namespace) -> int:
         f"score run {run_id}: {method} on {args.pool} ({info.get('n', len(result.frame))} pairs) against "
         f"{args.eval_name}, cache {cache_id}"
     )
-    for key in ("k", "lam", "lam_star", "d_over_k", "frac_positive", "stability", "n_selected"):
+    for key in ("blocks", "k", "lam", "lam_star", "d_over_k", "frac_positive", "stability", "n_guarded",
+                "n_selected"):  # fmt: skip
         if info.get(key) is not None:
             value = info[key]
             say(f"  {key:<14}{value:.6g}" if isinstance(value, float) else f"  {key:<14}{value}")
+    if info.get("n_guarded"):
+        say(
+            f"  guard held {info['n_guarded']} pairs out of the selection: their CLIPScore (image–caption "
+            f"agreement) is below {info['guard_threshold']:.4g}, an outlier under the pool's median "
+            "(--guard none keeps them)"
+        )
     if out is not None:
         table = _score_table(ws, args.pool, result)
         from chips_core.store import atomic_path
@@ -515,6 +564,26 @@ def _run_score(args: argparse.Namespace) -> int:
                 table.to_csv(tmp, index=False)
         say(f"  wrote {len(table)} rows to {out}")
     return 0
+
+
+def _blocks_arg(text: str) -> str:
+    """argparse type of --blocks: a canonical comma-separated block list."""
+    try:
+        return ",".join(presets.parse_blocks(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _preset_options(args: argparse.Namespace) -> dict:
+    """rank() options of --preset with the flags that override it; the baselines stay literal unless a
+    guard is asked for."""
+    if args.method != "chips":
+        return {"guard": args.guard or "none", "guard_mads": args.guard_mads}
+    opts = presets.rank_options(args.preset) | {"guard_mads": args.guard_mads}
+    for name in ("damping", "normalize", "guard"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    return opts
 
 
 def _tracin_cache(ws: Workspace, spec: str) -> tuple[Any, float]:

@@ -53,12 +53,16 @@ def bundle_info() -> dict:
     return json.loads(path.read_text())
 
 
+#: what the builder makes of the bundle; bump it when that changes (2: default and paper-preset caches)
+WORKSPACE_LAYOUT = 2
+
+
 def bundle_key() -> str:
     """A short hash of what the demo workspace is built from: the bundle's manifests, model and location.
 
     Images are covered through bundle.json (its sha256 over every file), so this reads only small files.
     """
-    h = hashlib.sha256(str(BUNDLE_DIR).encode() + b"\0")
+    h = hashlib.sha256(str(BUNDLE_DIR).encode() + b"\0" + f"layout {WORKSPACE_LAYOUT}".encode())
     files = [BUNDLE_DIR / "bundle.json", *(BUNDLE_DIR / m for m in MANIFESTS.values())]
     files += sorted(p for p in MODEL_DIR.iterdir() if p.is_file()) if MODEL_DIR.is_dir() else []
     for p in files:
@@ -183,8 +187,12 @@ def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = 
 
 
 def _prepare(ws: Workspace) -> int:
-    """The demo's scoring cache (default PrepareConfig, CPU) through the CLI's workspace-level prepare."""
+    """The demo's scoring caches through the CLI's workspace-level prepare: the paper preset's blocks, then
+    the default PrepareConfig (CPU), so the dashboard's preset switch needs no job; returns the default's."""
     from chips_core.pipeline import prepare_workspace
     from chips_core.prepare import PrepareConfig
+    from chips_core.presets import PRESETS
 
+    paper = PrepareConfig(device="cpu", blocks=PRESETS["paper"]["blocks"])
+    prepare_workspace(ws, POOL_NAME, EVAL_NAME, paper)
     return prepare_workspace(ws, POOL_NAME, EVAL_NAME, PrepareConfig(device="cpu"))

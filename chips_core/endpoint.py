@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chips_core.presets import BLOCKS, DEFAULT_BLOCKS, parse_blocks  # noqa: F401  (re-exported)
+
 NEGATIVES = ("all", "self")
 
 
@@ -85,25 +87,6 @@ class EndpointGrads:
         return torch.cat(
             [self.G_v.reshape(B, -1), self.G_t.reshape(B, -1), self.g_theta.reshape(B, 1)], dim=1
         )
-
-
-#: The endpoint's parameter blocks: the vision projection W_v, the text projection W_t and θ = logit_scale.
-BLOCKS = ("visual", "text", "temperature")
-#: The default scored blocks: the two projections without θ. Measured in docs/SCORING.md: with θ, every
-#: high-loss pair "helps" by lowering the temperature (METHOD.md §9), and CPT at open_clip's logit-scale
-#: clamp cannot take that step anyway.
-DEFAULT_BLOCKS = "visual,text"
-
-
-def parse_blocks(blocks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """Canonical tuple (in BLOCKS order) of a block list given as 'visual,text' or a sequence."""
-    names = [b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip()]
-    unknown = sorted(set(names) - set(BLOCKS))
-    if unknown or not names:
-        raise ValueError(
-            f"blocks must be a non-empty subset of {', '.join(BLOCKS)}, got {','.join(names) or 'nothing'}"
-        )
-    return tuple(b for b in BLOCKS if b in names)
 
 
 def mask_grads(g: EndpointGrads, blocks: tuple[str, ...]) -> EndpointGrads:

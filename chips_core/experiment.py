@@ -124,6 +124,7 @@ def run_experiment(
     """
     from chips_core import cpt, scoring, selection
     from chips_core.evaluate import evaluate, evaluate_run
+    from chips_core.presets import PRESETS, rank_options, resolve_method
 
     say = progress or (lambda _msg: None)
     if "tracin" in methods and not tracin:
@@ -154,9 +155,14 @@ def run_experiment(
             row |= evaluate(ws, recipe.model, eval_source, pretrained=recipe.pretrained, device=recipe.device)
         else:
             kw = dict(rank_params or {})
+            scoring_method, preset = resolve_method("random" if method == "full" else method)
+            cell_cache = sc
+            if preset is not None:  # a preset fixes its rank options and the cache's parameter blocks
+                kw |= rank_options(preset)
+                cell_cache = _preset_cache(ws, sc, PRESETS[preset]["blocks"])
             if method == "tracin":
                 kw["checkpoints"] = list(tracin)
-            ranked = scoring.rank(sc, "random" if method == "full" else method, ratio=ratio, seed=seed, **kw)
+            ranked = scoring.rank(cell_cache, scoring_method, ratio=ratio, seed=seed, **kw)
             name = f"{out.name}/{method}@{ratio:g}/seed{seed}"
             sel = selection.save_selection(ws, pool, ranked, ratio, f"experiment-{name}", method=method)
             run_id = cpt.train(ws, sel, **recipe.train_kwargs(), seed=seed)
@@ -168,6 +174,19 @@ def run_experiment(
     cells = pd.DataFrame(rows)
     write_reports(cells, out, primary, list(methods))
     return cells
+
+
+def _preset_cache(ws: Workspace, cache: Any, blocks: str) -> Any:
+    """`cache` itself when it scores `blocks`, else its sibling cache with those blocks (prepared once)."""
+    from chips_core.pipeline import cache_with_blocks
+
+    if cache.config.blocks == blocks:
+        return cache
+    with ws.connect(read_only=True) as con:
+        row = con.execute("SELECT cache_id FROM scoring_caches WHERE dir = ?", [str(cache.root)]).fetchone()
+    if row is None:
+        raise ValueError(f"scoring cache {cache.root} is not recorded in workspace {ws.root}")
+    return _load_cache(ws, cache_with_blocks(ws, int(row[0]), blocks))
 
 
 def _n_selected(ws: Workspace, selection_id: int) -> int:
@@ -402,7 +421,12 @@ def _add_experiment(p: Any) -> None:
     p.add_argument("pool", metavar="POOL", help="the pool name (featurized and prepared)")
     p.add_argument("--test", required=True, help="held-out eval set for evaluation (pool name or CSV)")
     p.add_argument("--cache", type=int, required=True, help="scoring cache id of POOL vs the validation set")
-    p.add_argument("--methods", nargs="+", default=["random", "clipscore", "dot", "trak", "chips"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["random", "clipscore", "dot", "trak", "chips-paper", "chips"],
+        help="chips: the default preset; chips-paper: the paper's literal score (its own cache blocks)",
+    )
     p.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--alpha", type=float, default=0.7)

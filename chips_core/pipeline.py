@@ -118,3 +118,27 @@ def prepare_workspace(
             [cache_id],
         )
     return cache_id
+
+
+def cache_with_blocks(ws: Workspace, cache_id: int, blocks: str) -> int:
+    """The scoring cache of the same pool and eval feature runs and config as `cache_id`, but scoring the
+    endpoint `blocks` (prepared now if it does not exist yet): how a preset with other blocks is compared
+    on the same features, batches and sketch seed."""
+    from chips_core.endpoint import BLOCKS
+    from chips_core.prepare import PrepareConfig
+
+    with ws.connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT c.config, pp.name, pe.name, fp.model_id FROM scoring_caches c "
+            "JOIN feature_runs fp ON fp.run_id = c.pool_run_id JOIN pools pp ON pp.pool_id = fp.pool_id "
+            "JOIN feature_runs fe ON fe.run_id = c.eval_run_id JOIN pools pe ON pe.pool_id = fe.pool_id "
+            "WHERE c.cache_id = ?",
+            [int(cache_id)],
+        ).fetchone()
+    if row is None:
+        raise PipelineError(f"no scoring cache {cache_id} in workspace {ws.root}")
+    config = {"blocks": ",".join(BLOCKS), **json.loads(row[0])}
+    wanted = PrepareConfig(**{**config, "blocks": blocks})
+    if wanted.blocks == PrepareConfig(**config).blocks:
+        return int(cache_id)
+    return prepare_workspace(ws, row[1], row[2], wanted, model_id=int(row[3]))

@@ -32,6 +32,7 @@ from chips_core.prepare import (
     ZeroShotEval,
     prepare,
 )
+from chips_core.presets import DAMPING_SCALE, GUARD_MADS, GUARDS, PRESETS
 from chips_core.weights import learnability, relevance
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ScoringCache",
     "ZeroShotEval",
     "eval_contributions",
+    "selection_change",
     "prepare",
     "rank",
     "rank_exact",
@@ -52,13 +54,7 @@ __all__ = [
 
 METHODS = ("chips", "random", "clipscore", "dot", "tracin", "trak")
 STABILITY_ROWS = 100_000
-#: the default damping rule and its scale (λ = DAMPING_SCALE·tr C̃); see `default_lambda`
-DAMPING = "trace"
-DAMPING_SCALE = 0.1
-#: the image–caption agreement guard: pairs whose CLIPScore lies below median − GUARD_MADS·σ̂ (σ̂ = 1.4826·MAD,
-#: the robust standard deviation) are held out of the selection before ranking
-GUARDS = ("mad", "none")
-GUARD_MADS = 2.5
+DAMPING = PRESETS["default"]["damping"]
 
 
 class ScoringCache:
@@ -339,6 +335,17 @@ def _stability(
     m = min(cache.n, STABILITY_ROWS)
     A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m, normalize=normalize)
     return float(spearmanr(A[:m], A2).statistic), m
+
+
+def selection_change(before: RankResult, after: RankResult) -> dict[str, np.ndarray]:
+    """Pair ids that enter and leave the selection between two rankings of the same pool."""
+    a = before.frame.loc[before.frame["selected"], "pair_id"].to_numpy()
+    b = after.frame.loc[after.frame["selected"], "pair_id"].to_numpy()
+    return {"entering": np.setdiff1d(b, a), "leaving": np.setdiff1d(a, b)}
+
+
+#: below this trace ratio tr Φ_pos / tr Φ_neg, α only rescales λ (METHOD.md §9 "inert α")
+ALPHA_INERT_RATIO = 0.05
 
 
 def guard_mask(

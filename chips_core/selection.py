@@ -307,7 +307,8 @@ def choose_members(ranking: pd.DataFrame, decisions: pd.DataFrame, n_budget: int
     """Apply decisions to a ranking at a fixed budget: the pure rule behind `save_selection`.
 
     Included pairs are always members (source 'include'); excluded pairs never are; the remaining budget
-    n_budget − |included| is filled with the best-ranked pairs that carry no decision (source 'score').
+    n_budget − |included| is filled with the best-ranked pairs that carry no decision (source 'score')
+    and that the ranking's guard did not hold out (column `guarded`; a hand include overrides the guard).
     If more pairs are included than the budget, the selection holds all of them and nothing else.
     """
     state = decisions.dropna(subset=["state"]) if len(decisions) else decisions
@@ -321,7 +322,10 @@ def choose_members(ranking: pd.DataFrame, decisions: pd.DataFrame, n_budget: int
             "source": "include",
         }
     )
-    free = ranking.loc[~ranking["pair_id"].isin(include | exclude), ["pair_id", "rank"]]
+    free = ~ranking["pair_id"].isin(include | exclude)
+    if "guarded" in ranking.columns:
+        free &= ~ranking["guarded"].fillna(False).astype(bool)
+    free = ranking.loc[free, ["pair_id", "rank"]]
     take = free.head(max(n_budget - len(include), 0)).assign(source="score")
     out = pd.concat([inc_rows, take.astype({"rank": "Int64"})], ignore_index=True)
     return out.sort_values(["rank", "pair_id"], na_position="last", kind="stable").reset_index(drop=True)

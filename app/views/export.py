@@ -18,9 +18,10 @@ st.subheader("Save the current selection")
 params = context.rank_params()
 result = context.current_rank(ctx)
 st.caption(
-    f"{params['method']} at ratio {params['ratio']:.2f} (α {params['alpha']:g}, {params['lam_factor']:g}×λ*, "
-    f"k {params['k']}, β {params['beta']:g}) with the hand decisions in force: included pairs are always "
-    "kept, excluded pairs never. Saving under an existing name makes a new version."
+    f"{params['method']} at ratio {params['ratio']:.2f} (preset {params['preset']}, blocks {ctx.blocks}, "
+    f"α {params['alpha']:g}, {params['lam_factor']:g}× the default λ, k {params['k']}, β {params['beta']:g}, "
+    f"guard {params['guard']}) with the hand decisions in force: included pairs are always kept, excluded "
+    "pairs never. Saving under an existing name makes a new version."
 )
 with st.form("save_selection", border=False):
     name = st.text_input("Selection name", value=f"{ctx.pool_name}-{params['method']}", key="sel_name")
@@ -32,7 +33,7 @@ with st.form("save_selection", border=False):
                 result,
                 params["ratio"],
                 name,
-                params={**params, "cache_id": ctx.cache_id, "eval": ctx.eval_name},
+                params={**params, "cache_id": ctx.cache_id, "eval": ctx.eval_name, "blocks": ctx.blocks},
                 method=params["method"],
             )
         except selection.SelectionError as exc:

@@ -7,7 +7,9 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app import context, widgets
+from app import context, jobs_view, widgets
+from chips_core import presets
+from chips_core.scoring import ALPHA_INERT_RATIO, selection_change
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
@@ -15,14 +17,28 @@ cache = context.load_cache(ctx.cache_dir)
 
 st.title("Scores")
 st.caption(
-    f"Pool **{ctx.pool_name}** against eval set **{ctx.eval_name}** (scoring cache {ctx.cache_id}). "
-    "Moving a slider re-ranks from the cached sketched gradients: no model runs."
+    f"Pool **{ctx.pool_name}** against eval set **{ctx.eval_name}** (scoring cache {ctx.cache_id}, parameter "
+    f"blocks {ctx.blocks.replace(',', ', ')}). Moving a slider re-ranks from the cached sketched gradients: "
+    "no model runs."
 )
+if ctx.blocks_missing:
+    st.warning(
+        f"No scoring cache of this pool scores the blocks **{ctx.blocks_missing.replace(',', ', ')}** yet, "
+        f"so the page shows the cache with {ctx.blocks.replace(',', ', ')}. Preparing it runs as a "
+        "background job (no encoder runs; the cached features are reused)."
+    )
+    if st.button("Prepare a cache with these blocks", key="prepare_blocks"):
+        jobs_view.launch(
+            ws,
+            "prepare",
+            ["prepare", str(ws.root), ctx.pool_name, "--eval", ctx.eval_name, "--blocks", ctx.blocks_missing],
+            required={"Pool": ctx.pool_name, "Eval set": ctx.eval_name},
+        )
 
 METHODS = {
     "chips": "CHIPS",
     "dot": "Dot (gradient alignment)",
-    "trak": "TRAK-style (α = 0, no weights)",
+    "trak": "TRAK-style (α = 0, no weights, literal damping)",
     "clipscore": "CLIPScore",
     "random": "Random",
 }
@@ -46,6 +62,53 @@ with left:
         help="CHIPS = curvature-aware influence × learnability × relevance; the others are the paper's "
         "baselines on the same features and batches. TracIn needs checkpoint caches (CLI).",
     )
+    st.selectbox(
+        "Scoring preset",
+        list(presets.PRESETS),
+        key="preset",
+        on_change=context.apply_preset,
+        format_func={"default": "Recommended (default)", "paper": "CHIPS paper, literal"}.get,
+        help="Recommended: compares what a pair teaches the two projection heads with what the target set "
+        "needs, by direction rather than size, and holds obvious caption mistakes out. The paper's literal "
+        "score also counts the temperature and raw gradient sizes, which on measured pools lifted wrong "
+        "captions to the top (docs/SCORING.md).",
+    )
+    guard_on = st.toggle(
+        "Hold out image–caption mismatches",
+        key="guard_on",
+        help="Before ranking, pairs whose image and caption agree far less than is usual in this pool "
+        "(CLIPScore below the median by more than the threshold, in robust standard deviations) are kept "
+        "out of the selection. They stay visible, ranked last. A hand include still wins.",
+    )
+    st.slider(
+        "Guard threshold (robust SDs below the median)",
+        1.0,
+        5.0,
+        step=0.25,
+        key="guard_mads",
+        disabled=not guard_on,
+    )
+    with st.expander("How a pair is compared with the target (for ML engineers)"):
+        st.multiselect(
+            "Parameter blocks scored",
+            list(presets.BLOCKS),
+            key="blocks",
+            help="visual / text: the two projection heads; temperature: the logit scale. open_clip clamps "
+            "the logit scale at ln 100 and public CLIPs sit there, so a step along it is often not one CPT "
+            "can take. Another choice uses (or prepares) a scoring cache of those blocks.",
+        )
+        st.checkbox(
+            "Unit-norm gradients (cosine, as LESS)",
+            key="normalize",
+            help="Divides each pair's gradient by its size, so a pair's loss does not decide its rank.",
+        )
+        st.radio(
+            "Default λ",
+            list(presets.DAMPINGS),
+            key="damping",
+            horizontal=True,
+            format_func={"trace": "0.1 × trace (same at every k)", "dimension": "d(λ*) = k/4 (paper)"}.get,
+        )
     st.slider(
         "α — weight of the negative curvature",
         0.0,
@@ -55,11 +118,12 @@ with left:
         help="M = (1 − α)Φ_pos + αΦ_neg + λI. α = 0: positive-only curvature; the paper's best is 0.6–0.8.",
     )
     st.select_slider(
-        "λ as a multiple of λ*",
+        "λ as a multiple of the default λ",
         options=LAM_FACTORS,
         key="lam_factor",
-        format_func=lambda f: f"{f:g}× λ*",
-        help="λ* solves d(λ*) = k/4. Larger λ moves the score towards the plain gradient dot product.",
+        format_func=lambda f: f"{f:g}×",
+        help="Larger λ moves the score towards the plain gradient dot product; smaller λ trusts the "
+        "curvature more (and amplifies pairs the target set barely touches).",
     )
     st.select_slider(
         "k — sketch dimension",
@@ -81,6 +145,32 @@ with left:
 result = context.current_rank(ctx)
 table = widgets.ranking_frame(result)
 info = result.info
+
+with left:
+    if info.get("curvature_ratio") is not None and info["method"] == "chips":
+        ends = [context.current_rank(ctx, alpha=a) for a in (0.0, 1.0)]
+        moved = selection_change(*ends)
+        n_sel = max(int(info["n_selected"]), 1)
+        if info["curvature_ratio"] < ALPHA_INERT_RATIO:
+            st.info(
+                f"α has little to work with here: the model is so unsure of this pool that the curvature "
+                f"of the matching pairs is {info['curvature_ratio']:.1%} of that of the non-matching ones, "
+                "so α mostly rescales λ."
+            )
+        st.caption(
+            f"Across its whole range (α = 0 → 1), α swaps {len(moved['entering'])} of the {n_sel:,} "
+            "selected pairs."
+        )
+        if abs(float(st.session_state["alpha"]) - 0.7) > 1e-9:
+            now = selection_change(context.current_rank(ctx, alpha=0.7), result)
+            st.caption(
+                f"Compared with α = 0.7: {len(now['entering'])} pairs enter the selection and "
+                f"{len(now['leaving'])} leave it."
+            )
+    if info.get("n_guarded"):
+        st.caption(
+            f"Guard: {info['n_guarded']:,} pairs held out (CLIPScore below {info['guard_threshold']:.3f})."
+        )
 
 with right:
     widgets.rank_metrics(info, n_total=len(table))

@@ -44,8 +44,22 @@ def test_scores_sliders_rerank_without_a_model(tiny_workspace):
     at = _app()
     assert at.title[0].value == "Scores"
     before = _ranking(at)["pair_id"].tolist()
-    assert _metric(at, "d(λ)/k") == "0.250"  # λ = λ* solves d(λ*) = k/4
+    cache = _only_cache(tiny_workspace)
+    k = at.session_state["k"]
+    C = (0.3 * cache.phi_pos[:k, :k] + 0.7 * cache.phi_neg[:k, :k]) / k
+    assert _metric(at, "λ") == format(0.1 * np.trace(C), ".3g")  # the default λ: 0.1 · tr C̃
     assert _metric(at, "Selected") == "15"  # ceil(0.3 · 48)
+    assert "visual, text" in at.caption[0].value  # the cache's parameter blocks are named
+
+    at.selectbox(key="preset").set_value("paper").run()  # the literal preset: λ* with d(λ*) = k/4
+    _ok(at)
+    assert _metric(at, "d(λ)/k") == "0.250"
+    assert at.session_state["blocks"] == ["visual", "text", "temperature"]
+    assert not at.session_state["guard_on"]
+    assert any("No scoring cache" in w.value for w in at.warning)  # this workspace has no such cache yet
+    at.selectbox(key="preset").set_value("default").run()
+    assert not any("No scoring cache" in w.value for w in at.warning)
+    assert _ranking(at)["pair_id"].tolist() == before
 
     at.slider(key="alpha").set_value(0.0).run()
     _ok(at)
@@ -65,12 +79,18 @@ def test_scores_sliders_rerank_without_a_model(tiny_workspace):
     assert (np.diff(ranking["score"].to_numpy()) <= 0).all()  # best first
 
 
+def _only_cache(ws_root: Path) -> ScoringCache:
+    with store.Workspace(ws_root).connect(read_only=True) as con:
+        row = con.execute("SELECT dir FROM scoring_caches WHERE status = 'done'").fetchone()
+    return ScoringCache.load(row[0])
+
+
 def test_browse_decisions_persist_across_sessions(tiny_workspace):
     at = _app("browse")
     assert at.title[0].value == "Browse"
     bottom = [b for b in at.button if b.key and b.key.startswith("bottom-exc-")]
     assert bottom, "the bottom gallery shows exclude buttons"
-    pid = int(bottom[0].key.rsplit("-", 1)[1])
+    pid = int(bottom[0].key.removeprefix("bottom-exc-"))  # ids can be negative: "bottom-exc--42"
     bottom[0].click().run()
     _ok(at)
     ws = store.Workspace(tiny_workspace)
@@ -87,7 +107,7 @@ def test_browse_decisions_persist_across_sessions(tiny_workspace):
 def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     at = _app("browse")
     why = next(b for b in at.button if b.key and b.key.startswith("top-why-"))
-    pid = int(why.key.rsplit("-", 1)[1])
+    pid = int(why.key.removeprefix("top-why-"))
     why.click().run()
     _ok(at)
     assert any(f"Pair {pid}" in s.value for s in at.subheader)
@@ -116,7 +136,7 @@ def _check_eval_contributions(at: AppTest, ws_root: Path, pid: int, alignment: f
             "SELECT pair_id, caption FROM pairs JOIN pools USING (pool_id) WHERE pools.name = ?", [EVAL]
         ).df()
     cache, alpha, k = ScoringCache.load(cache_dir), float(at.session_state["alpha"]), at.session_state["k"]
-    lam = eval_contributions(cache, pid, alpha=alpha, k=k).attrs["lam_star"] * at.session_state["lam_factor"]
+    lam = eval_contributions(cache, pid, alpha=alpha, k=k).attrs["lam_base"] * at.session_state["lam_factor"]
     full = eval_contributions(cache, pid, alpha=alpha, lam=lam, k=k, top=None)
     assert full["contribution"].sum() == pytest.approx(alignment, rel=1e-2, abs=1e-6)  # they sum to Â
     expect = full.iloc[[0, 1, 2, 3, 4, -5, -4, -3, -2, -1]]
