@@ -133,10 +133,14 @@ def main() -> None:
         f"ScoringCache.load: {time.perf_counter() - t0:.3f} s; torch threads {torch.get_num_threads()}, "
         f"cpus {os.cpu_count()}"
     )
-    rank(cache, k=a.k)  # warm the page cache and the eigenvalue cache of (k, α)
+    lam0 = rank(cache, k=a.k).info["lam"]  # warms the page cache and the eigenvalue cache of (k, α)
     rows = [
-        ("chips, default λ*, α=0.7 (incl. stability)", lambda: rank(cache, k=a.k)),
-        ("chips, λ = 10·λ* (slider move)", lambda: rank(cache, k=a.k, lam=10.0)),
+        ("chips, default preset, α=0.7 (incl. stability)", lambda: rank(cache, k=a.k)),
+        ("chips, λ = 10 × the default λ (slider move)", lambda: rank(cache, k=a.k, lam=10 * lam0)),
+        (
+            "chips, paper preset (λ*, raw gradients)",
+            lambda: rank(cache, k=a.k, damping="dimension", normalize=False, guard="none"),
+        ),
         ("chips, β=0.8, ratio 0.1 (weights only)", lambda: rank(cache, k=a.k, beta=0.8, ratio=0.1)),
         ("dot", lambda: rank(cache, "dot", k=a.k)),
         ("clipscore", lambda: rank(cache, "clipscore")),

@@ -173,9 +173,12 @@ def test_chips_pushes_planted_pairs_down(built):
     )
     # mismatched captions are what the influence score catches (measured: 76 %) ...
     assert _bottom_half_share(chips, truth, "mismatch") >= 0.65
-    # ... off-domain pairs get Â near 0 and only the soft relevance weight; the rank-normalised option
-    # (METHOD.md §6) pushes them down (measured: 97 %)
-    ranked_norm = rank(cache, method="chips", rank_normalized=True).frame
+    # ... and off-domain pairs stay out of the default's top 30 % (pool rate 12.5 %; measured 4 %)
+    top30 = truth.set_index("pair_id")["planted"].reindex(chips.nsmallest(288, "rank")["pair_id"].to_numpy())
+    assert (top30 == "off_domain").mean() <= 0.0625
+    # with raw gradients (the paper preset) off-domain pairs get Â near 0 and only the soft relevance weight;
+    # the rank-normalised option (METHOD.md §6) pushes them down (measured: 97 %)
+    ranked_norm = rank(cache, "chips", rank_normalized=True, normalize=False, damping="dimension").frame
     assert _bottom_half_share(ranked_norm, truth, "off_domain") >= 0.8
 
 
@@ -201,3 +204,27 @@ def test_refuses_to_build_over_other_folders(tmp_path):
     with pytest.raises(demo.DemoError, match="another version"):
         demo.build_demo_workspace(stale)
     assert not demo.is_complete(stale)
+
+
+@pytest.mark.slow
+def test_default_top_ranks_hold_no_planted_mismatch(built):
+    """What a clinician checks first on Browse: the default preset's top 10 holds no planted caption
+    mistake, and its top 10 % at most half the pool's rate; the paper's literal score (kept as a preset)
+    lifts them there on this demo, which is what the default fixes (docs/SCORING.md)."""
+    from chips_core.presets import PRESETS, rank_options
+    from chips_core.scoring import ScoringCache, rank
+
+    truth = demo.ground_truth("pool").set_index("pair_id")["planted"]
+    with built.connect(read_only=True) as con:
+        dirs = dict(con.execute("SELECT config->>'blocks', dir FROM scoring_caches").fetchall())
+    assert set(dirs) == {PRESETS["default"]["blocks"], PRESETS["paper"]["blocks"]}
+
+    def top(preset: str, n: int) -> pd.Series:
+        cache = ScoringCache.load(dirs[PRESETS[preset]["blocks"]])
+        frame = rank(cache, "chips", **rank_options(preset)).frame
+        return truth.reindex(frame.nsmallest(n, "rank")["pair_id"].to_numpy())
+
+    pool_rate = float((truth == "mismatch").mean())
+    assert (top("default", 10) == "mismatch").sum() == 0
+    assert (top("default", len(truth) // 10) == "mismatch").mean() <= pool_rate / 2
+    assert (top("paper", 10) == "mismatch").sum() >= 3  # measured: 8 of 10 at k = 512
