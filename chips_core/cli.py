@@ -239,8 +239,9 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--replace",
         action="store_true",
-        help="replace an existing pool of this name (other source or options, or a failed one); "
-        "refused while feature runs, selections... depend on it (see `chips rm`)",
+        help="replace an existing pool of this name ingested from another source or with other options "
+        "(a failed pool is replaced without it); refused while feature runs, selections... depend on it "
+        "(see `chips rm`)",
     )
 
 

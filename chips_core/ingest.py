@@ -72,6 +72,22 @@ _OPTION_DEFAULTS = {"encoding": "auto", "allow_outside": []}
 _BOOKKEEPING = ("next_row", "error", "encoding_detected")
 
 
+class _ConflictError(PoolError):
+    """Another process ingests, replaced or removed the same pool: its status is that process's to set."""
+
+
+# What to try when every record of a source was rejected for this reason.
+_HINTS = {
+    "outside_root": "--allow-outside DIR",
+    "undecodable_caption": "--encoding",
+    "missing_file": "paths are relative to the manifest's folder; --image-col",
+    "bad_path": "--image-col",
+    "missing_caption": "--caption-col / sidecars / --json-caption-key",
+    "empty_caption": "--caption-col",
+    "malformed_row": "--sep",
+}
+
+
 class IngestError(PoolError):
     """An ingest that ran but kept no pair (or broke off): the pool is marked failed; `summary` says what
     was checked and rejected."""
@@ -109,7 +125,7 @@ class IngestSummary:
         if self.encoding:
             head += f", encoding {self.encoding}"
         if self.replaced:
-            head += " (replaced the earlier pool of this name)"
+            head += " (replaces the earlier pool of this name)"
         if self.already_done:
             state = "already ingested, nothing to do"
         elif self.resumed_from:
@@ -168,14 +184,24 @@ def _create_pool(con, ws: Workspace, name: str, kind: str, source: str, fmt: str
     return pool_id
 
 
+def _commit(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    try:
+        con.execute("COMMIT")
+    except (duckdb.ConstraintException, duckdb.TransactionException):
+        raise _ConflictError(
+            f"pool {name!r} was just created by another process; run again to resume it"
+        ) from None
+
+
 def _open_pool(
     ws: Workspace, name: str, kind: str, source: str, fmt: str, options: dict, replace: bool = False
 ) -> tuple[int, int, bool, dict, bool]:
     """(pool_id, next_row, done, bookkeeping, replaced) for pool `name`.
 
-    A new name makes a new pool. The same source and options resume an unfinished pool, return a finished
-    one as done, and restart a failed (or empty) one from scratch. Another source or other options are
-    refused unless `replace`, which removes the old pool first (refused while anything depends on it).
+    A new name makes a new pool. The same source and options resume an unfinished pool and return a finished
+    one as done. A failed (or empty) pool is replaced by a fresh one, whatever the source and options (it
+    holds no pair). Otherwise another source or other options are refused unless `replace`, which removes
+    the old pool first. Replacing is refused while anything depends on the old pool.
     """
     from chips_core import remove
 
@@ -189,14 +215,14 @@ def _open_pool(
             ).fetchone()
             if row is None:
                 pool_id = _create_pool(con, ws, name, kind, source, fmt, options)
-                con.execute("COMMIT")
+                _commit(con, name)
                 return pool_id, 0, False, {}, False
             pool_id, old_kind, old_source, old_fmt, old_options, status, n_pairs = row
             old, book = _split_options(old_options)
             old = {**{k: v for k, v in _OPTION_DEFAULTS.items() if k in options}, **old}
             same = (old_source, old_fmt, old, old_kind) == (source, fmt, options, kind)
             failed = status == "failed" or (status == "ready" and n_pairs == 0)
-            if replace or (same and failed):
+            if replace or failed:
                 deps = remove.find_dependents(ws, con, int(pool_id), name)
                 if not deps.empty():
                     raise PoolError(
@@ -205,23 +231,24 @@ def _open_pool(
                     )
                 remove.delete_rows(con, deps)
                 pool_id = _create_pool(con, ws, name, kind, source, fmt, options)
-                con.execute("COMMIT")
+                _commit(con, name)
                 return pool_id, 0, False, {}, True
+            if same and status != "ready":  # resumed: running again
+                con.execute("UPDATE pools SET status = 'ingesting' WHERE pool_id = ?", [pool_id])
             con.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
-    state = " (failed)" if status == "failed" else " (no pairs)" if failed else ""
     fix = "add --replace (replace=True) to replace it, `chips rm` it, or choose another name"
     if (old_source, old_fmt) != (source, fmt):
         raise PoolError(
-            f"pool {name!r} already exists with source {old_source} ({old_fmt}){state}; "
+            f"pool {name!r} already exists with source {old_source} ({old_fmt}) (status {status}); "
             f"refusing to add {source} ({fmt}) under the same name: {fix}"
         )
     if not same:
         raise PoolError(
-            f"pool {name!r} was ingested as {old_kind} with options {old}{state}; "
+            f"pool {name!r} was ingested as {old_kind} with options {old} (status {status}); "
             f"now asked as {kind} with {options}: {fix}"
         )
     return int(pool_id), int(book.get("next_row", 0)), status == "ready", book, False
@@ -248,10 +275,12 @@ def _write_chunk(
         try:
             found = con.execute("SELECT options FROM pools WHERE pool_id = ?", [pool_id]).fetchall()
             if not found:
-                raise PoolError(f"pool {pool_id} was removed or replaced by another process while ingesting")
+                raise _ConflictError(
+                    f"pool {pool_id} was removed or replaced by another process while ingesting"
+                )
             ((stored,),) = found
             if int(json.loads(stored).get("next_row", 0)) != start:
-                raise PoolError(f"pool {pool_id} is being ingested by another process at the same time")
+                raise _ConflictError(f"pool {pool_id} is being ingested by another process at the same time")
             if first:
                 ids = pa.table({"pair_id": pa.array(list(first), pa.int64())})
                 con.register("chunk_ids", ids)
@@ -445,6 +474,8 @@ def ingest(
             pending = (chunk, submitted)
         if pending is not None:
             n_checked += _flush(ws, pool_id, options, checker, pending, total, progress)
+    except _ConflictError:
+        raise
     except Exception as exc:  # the source broke off mid-way, or the workspace failed: the pool is failed
         _mark(
             ws,
@@ -464,15 +495,15 @@ def ingest(
     summary.replaced = replaced
     if summary.n_pairs == 0:
         reasons = ", ".join(
-            f"{n} {r}" for r, n in sorted(summary.reject_counts.items(), key=lambda kv: -kv[1])
+            f"{n} {r}" + (f" [see {_HINTS[r]}]" if r in _HINTS else "")
+            for r, n in sorted(summary.reject_counts.items(), key=lambda kv: -kv[1])
         )
+        read_as = f", text read as {summary.encoding}" if summary.encoding else ""
         msg = (
-            f"{src}: no pairs kept, all {summary.n_rejects} records were rejected ({reasons}); "
+            f"{src}: no pairs kept, all {summary.n_rejects} records were rejected ({reasons}{read_as}); "
             f"pool {name!r} is marked failed (rejects: SELECT * FROM rejects WHERE pool_id = {pool_id}); "
-            "fix the source and run again (with --replace for other options), or `chips rm` it"
+            "fix the source or the flags and run again, or `chips rm` it"
         )
-        if summary.encoding:
-            msg = msg.replace("); pool", f"; read as {summary.encoding}); pool", 1)
         _mark(ws, pool_id, "failed", msg)
         summary.status = "failed"
         raise IngestError(msg, summary)

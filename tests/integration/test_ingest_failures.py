@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -119,7 +120,7 @@ def test_all_rejected_exits_1_marks_failed_then_retry_and_replace_work(ws, tmp_p
         src / "pool.csv", [(f"images/img_{i:04d}.png", c) for i, (_, c, _) in enumerate(items)]
     )
     proc = chips("ingest", ws.root, "p", manifest, "--workers", 0)
-    line = one_line_error(proc, manifest, "no pairs kept", "4 missing_file", "--replace", "chips rm")
+    line = one_line_error(proc, manifest, "no pairs kept", "4 missing_file", "chips rm")
     assert "0 pairs, 4 rejected" in proc.stdout  # the summary is printed before the error
     info = pools(ws.root)["p"]
     assert info["status"] == "failed" and info["rejects"] == 4 and info["pairs"] == 0
@@ -137,10 +138,50 @@ def test_all_rejected_exits_1_marks_failed_then_retry_and_replace_work(ws, tmp_p
         "ingest", ws.root, "p", manifest, "--caption-col", "filepath", "--replace", "--workers", 0
     )
     assert replaced.returncode == 0, replaced.stderr
-    assert "replaced" in replaced.stdout
+    assert "replaces the earlier pool" in replaced.stdout
     new = pools(ws.root)["p"]
     assert new["pool_id"] != info["pool_id"] and new["pairs"] == 4
     assert q(ws, "SELECT count(*) FROM pairs")[0][0] == 4  # the old pool's rows are gone
+
+
+def test_a_failed_pool_is_replaced_by_the_advised_flags(ws, tmp_path):
+    """Every row outside the manifest's folder: exit 1 naming --allow-outside; the same name with that flag
+    then replaces the failed pool (no --replace needed: a failed pool holds no pair)."""
+    outside = write_images(tmp_path / "shared", 2)
+    manifest = write_manifest(tmp_path / "lists" / "m.csv", [(str(p), c) for p, c, _ in outside])
+    first = chips("ingest", ws.root, "p", manifest, "--workers", 0)
+    one_line_error(first, manifest, "2 outside_root", "--allow-outside")
+    assert pools(ws.root)["p"]["status"] == "failed"
+    again = chips("ingest", ws.root, "p", manifest, "--workers", 0, "--allow-outside", tmp_path / "shared")
+    assert again.returncode == 0, again.stderr
+    assert "2 pairs, 0 rejected" in again.stdout and "replaces the earlier pool" in again.stdout
+    assert pools(ws.root)["p"]["status"] == "ready"
+
+
+def test_ctrl_c_leaves_a_resumable_interrupted_pool(ws, tmp_path):
+    items = write_images(tmp_path / "images", 24)
+    manifest = write_manifest(tmp_path / "m.csv", [(f"images/{p.name}", c) for p, c, _ in items])
+    code = (
+        "import time\nfrom chips_core.store import Workspace\nfrom chips_core.ingest import ingest\n"
+        f"ingest(Workspace({str(ws.root)!r}), 'p', {str(manifest)!r}, workers=0, chunk_size=4,\n"
+        "       progress=lambda done, total: (print(done, flush=True), time.sleep(0.5)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "4"  # the first chunk is committed
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    status, n = q(ws, "SELECT status, (SELECT count(*) FROM pairs) FROM pools WHERE name = 'p'")[0]
+    assert status == "interrupted" and 4 <= n < 24
+    s = ingest(ws, "p", manifest, workers=0)
+    assert s.resumed_from > 0 and s.n_pairs == 24 and s.status == "ready"
 
 
 def test_library_raises_ingest_error_with_the_summary(ws, tmp_path):
