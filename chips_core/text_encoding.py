@@ -25,6 +25,13 @@ AUTO = "auto"
 _SCAN_LIMIT = 512 * 2**20  # bytes of a file scanned for UTF-8 validity (the rest is assumed alike)
 _SAMPLE_LIMIT = 256 * 2**10  # bytes of non-ASCII lines handed to charset-normalizer
 _PREFERRED = ("cp1252", "latin_1", "iso8859_15")  # tie-breakers among equally plausible code pages
+# UTF-32 first: its little-endian BOM starts with UTF-16's.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 _BAD = re.compile("[\udc80-\udcff]")
 _NON_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
 
@@ -82,6 +89,11 @@ def detect_file(path: str | os.PathLike, chunk: int = 2**20) -> Detected:
     UTF-8)."""
     if not os.path.isfile(path):
         return Detected("utf-8", "not a regular file, assumed")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return Detected(name, "byte order mark")
     dec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     bad = good = seen = 0
     sample: list[bytes] = []

@@ -290,6 +290,15 @@ def test_latin1_csv_is_detected_reported_recorded_and_stored_as_utf8(ws, tmp_pat
     assert [pid for pid, _, _ in captions(ws, "u")] == [pid for pid, _, _ in got]
 
 
+def test_utf16_manifest_with_a_byte_order_mark(ws, tmp_path):
+    items = write_images(tmp_path / "images", 3)
+    rows = [(f"images/{p.name}", LATIN[i] + " 肺") for i, (p, _, _) in enumerate(items)]
+    manifest = write_manifest(tmp_path / "pool.csv", rows, encoding="utf-16")
+    s = ingest(ws, "p", manifest, workers=0)
+    assert (s.n_pairs, s.encoding) == (3, "utf-16 (byte order mark)")
+    assert [c for _, _, c in captions(ws, "p")] == [c for _, c in rows]
+
+
 def test_encoding_flag_given_wrong_unknown_or_not_applicable(ws, tmp_path):
     items = write_images(tmp_path / "src" / "images", 2)
     rows = [(f"images/{p.name}", LATIN[i]) for i, (p, _, _) in enumerate(items)]
