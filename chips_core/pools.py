@@ -36,8 +36,7 @@ REASONS: dict[str, str] = {
     "missing_caption": "no caption (no sidecar file, no txt/json member, no caption tag)",
     "empty_caption": "the caption is empty or whitespace only",
     "undecodable_caption": "the caption bytes are not valid in the source's text encoding (see --encoding)",
-    "outside_root": "the image (or caption) path resolves, after symlinks, outside the source's folder "
-    "and every --allow-outside folder; it was not opened",
+    "outside_root": "the path resolves (after symlinks) outside the source's folder; not opened",
     "bad_metadata": "a WebDataset sample's json member is not valid JSON",
     "worker_crash": "the process checking this record died on it (a decoder crash, out of memory)",
     "duplicate_pair": "the same image bytes with the same caption already appear earlier in the pool",
