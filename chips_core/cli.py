@@ -150,7 +150,9 @@ def _run_status(args: argparse.Namespace) -> int:
     queries = {
         "pools": "SELECT p.pool_id, p.name, p.kind, p.format, p.status, "
         "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) AS pairs, "
-        "(SELECT count(*) FROM rejects r WHERE r.pool_id = p.pool_id) AS rejects, p.source "
+        "(SELECT count(*) FROM rejects r WHERE r.pool_id = p.pool_id) AS rejects, p.source, "
+        "json_extract_string(p.options, '$.encoding_detected') AS encoding, "
+        "json_extract_string(p.options, '$.error') AS error "
         "FROM pools p ORDER BY 1",
         "feature runs": "SELECT f.run_id, p.name AS pool, m.name AS model, m.pretrained, f.status, f.n_pairs "
         "FROM feature_runs f LEFT JOIN pools p USING (pool_id) LEFT JOIN models m USING (model_id) "
@@ -221,33 +223,81 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", type=int, default=None, help="image-checking processes (default min(8, CPUs))"
     )
+    p.add_argument(
+        "--encoding",
+        default="auto",
+        help="text encoding of csv/tsv manifests and caption files, e.g. utf-8, cp1252, latin-1 "
+        "(default auto: detected, reported and recorded with the pool)",
+    )
+    p.add_argument(
+        "--allow-outside",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also accept image paths that resolve (after symlinks) into DIR; repeatable "
+        "(default: only inside the source's folder; others are rejected as outside_root)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an existing pool of this name ingested from another source or with other options "
+        "(a failed pool is replaced without it); refused while feature runs, selections... depend on it "
+        "(see `chips rm`)",
+    )
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    from chips_core.ingest import ingest
+    from chips_core.ingest import IngestError, ingest
 
     ws = workspace(args.ws)
-    with progress_bar(f"ingest {args.name}", unit="record") as bar:
-        summary = ingest(
-            ws,
-            args.name,
-            args.source,
-            kind="eval" if args.eval else "pool",
-            image_col=args.image_col,
-            caption_col=args.caption_col,
-            label_col=args.label_col,
-            fmt=args.fmt,
-            progress=bar,
-            sep=args.sep,
-            caption_template=args.caption_template,
-            json_caption_key=args.json_caption_key,
-            workers=args.workers,
-        )
+    try:
+        with progress_bar(f"ingest {args.name}", unit="record") as bar:
+            summary = ingest(
+                ws,
+                args.name,
+                args.source,
+                kind="eval" if args.eval else "pool",
+                image_col=args.image_col,
+                caption_col=args.caption_col,
+                label_col=args.label_col,
+                fmt=args.fmt,
+                progress=bar,
+                sep=args.sep,
+                caption_template=args.caption_template,
+                json_caption_key=args.json_caption_key,
+                workers=args.workers,
+                encoding=args.encoding,
+                allow_outside=args.allow_outside,
+                replace=args.replace,
+            )
+    except IngestError as exc:
+        if exc.summary is not None:  # what was checked and rejected, then the one-line error
+            say(exc.summary.format())
+        raise
     say(summary.format())
     return 0
 
 
+def _add_rm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("name", metavar="NAME", help="pool or eval set to remove")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove what depends on it (feature runs, scoring caches, score runs, selections, "
+        "exports, decisions); without it such a pool is refused and they are listed",
+    )
+
+
+def _run_rm(args: argparse.Namespace) -> int:
+    from chips_core.remove import remove_pool
+
+    say(remove_pool(workspace(args.ws), args.name, force=args.force).format())
+    return 0
+
+
 register("ingest", "read and validate a pool or eval set into the workspace", _add_ingest, _run_ingest)
+register("rm", "remove a pool or eval set (and, with --force, what depends on it)", _add_rm, _run_rm)
 
 
 # --- featurize / prepare / score ------------------------------------------------------------------------

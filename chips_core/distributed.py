@@ -15,6 +15,8 @@ prepare_ray lives in `distributed_prepare.py`; both share `ray_session` and `act
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,31 +34,76 @@ from chips_core.store import Workspace
 # --- the cluster connection -------------------------------------------------------------------------
 
 
+# Read by Ray when it is imported: "0" keeps a node's address at 127.0.0.1 (Ray's single-machine mode), so
+# the GCS, raylet, workers and agents bind to the loopback interface instead of every interface.
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _private_ray_settings() -> Iterator[dict[str, Any]]:
+    """Environment of a private local Ray (its processes inherit it): loopback only, and a fresh token.
+
+    Token authentication (Ray's default for a new local cluster) gets a random token in RAY_AUTH_TOKEN for
+    this cluster only, unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set: nothing is read from or written
+    to ~/.ray, so a fresh or read-only home folder works. Everything is restored when the session ends.
+    """
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader
+
+    saved = {k: os.environ.get(k) for k in (_SINGLE_NODE_ENV, "RAY_AUTH_TOKEN")}
+    saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    own_token = not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    os.environ[_SINGLE_NODE_ENV] = "0"
+    if saved_flag is not None:  # this process read the variable when it imported ray
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    if own_token:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if saved_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if own_token:
+            AuthenticationTokenLoader.instance().reset_cache()
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to the Ray cluster at `address` (or start a local one); disconnect only what we started.
+    """Connect to the Ray cluster at `address` (or start a private local one); disconnect only what we
+    started.
 
-    A process that is already connected (ray.init called by the caller) keeps its connection.
+    A private local Ray (address None) listens on 127.0.0.1 only and uses its own authentication token
+    (`_private_ray_settings`). A process that is already connected (ray.init called by the caller) keeps its
+    connection.
     """
     if ray.is_initialized():
         yield
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False} if address is None else {}
-    if address is None and num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
-    try:
-        # address "local" always starts a private instance (never a stale `ray start` cluster's address)
-        ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "a new local one"
-        raise FeaturizeError(f"cannot connect to the Ray cluster at {where}: {exc}") from exc
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with contextlib.ExitStack() as stack:
+        kwargs: dict[str, Any] = {}
+        if address is None:
+            kwargs.update(stack.enter_context(_private_ray_settings()))
+            if num_cpus is not None:
+                kwargs["num_cpus"] = num_cpus
+        try:
+            # address "local" always starts a private instance (never a stale `ray start` cluster's address)
+            ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", **kwargs)
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
+            where = address or "a new local one"
+            raise FeaturizeError(f"cannot connect to the Ray cluster at {where}: {exc}") from exc
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def actor_count(requested: int | None, gpus_per_actor: float, what: str) -> int:

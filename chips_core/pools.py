@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from chips_core import pools_dicom
 from chips_core.store import WorkspaceError
+from chips_core.text_encoding import decode_caption
 
 #: Reject reason codes (stable strings stored in `rejects.reason`) and what they mean.
 REASONS: dict[str, str] = {
@@ -34,7 +35,8 @@ REASONS: dict[str, str] = {
     "bad_path": "the manifest's image path is empty or not valid UTF-8",
     "missing_caption": "no caption (no sidecar file, no txt/json member, no caption tag)",
     "empty_caption": "the caption is empty or whitespace only",
-    "undecodable_caption": "the caption bytes are not valid UTF-8",
+    "undecodable_caption": "the caption bytes are not valid in the source's text encoding (see --encoding)",
+    "outside_root": "the path resolves (after symlinks) outside the source's folder; not opened",
     "bad_metadata": "a WebDataset sample's json member is not valid JSON",
     "worker_crash": "the process checking this record died on it (a decoder crash, out of memory)",
     "duplicate_pair": "the same image bytes with the same caption already appear earlier in the pool",
@@ -116,21 +118,20 @@ def check_caption(caption: str | None) -> tuple[str, str] | None:
     return None
 
 
-def decode_caption_bytes(data: bytes) -> tuple[str | None, tuple[str, str] | None]:
-    """Decode a caption file/member (UTF-8, optional BOM, surrounding whitespace stripped)."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return None, (
-            "undecodable_caption",
-            f"caption bytes are not valid UTF-8 ({exc.reason} at byte {exc.start})",
-        )
-    return text.strip(), None
+def decode_caption_bytes(data: bytes, encoding: str = "utf-8") -> tuple[str | None, tuple[str, str] | None]:
+    """Decode a caption file/member (surrounding whitespace stripped): UTF-8 with an optional BOM by
+    default, else `encoding` ('auto': detected for this caption, see `chips_core.text_encoding`)."""
+    text, bad, _ = decode_caption(data, encoding)
+    return text, bad
 
 
 @dataclass(frozen=True)
 class ReaderOptions:
-    """How to read a source; part of a pool's identity (re-ingesting with other options is refused)."""
+    """How to read a source; part of a pool's identity (re-ingesting with other options is refused).
+
+    encoding: text encoding of CSV/TSV manifests and caption sidecars / txt members ('auto': detected).
+    allow_outside: folders (besides the source's own) that image and caption paths may resolve into.
+    """
 
     image_col: str = "filepath"
     caption_col: str = "title"
@@ -138,6 +139,34 @@ class ReaderOptions:
     sep: str | None = None
     caption_template: str | None = None
     json_caption_key: str = "caption"
+    encoding: str = "auto"
+    allow_outside: tuple[str, ...] = ()
+
+
+class PathGuard:
+    """Paths must resolve (symlinks followed, `..` collapsed) inside the source's folder or an allowed one.
+
+    `check(path)` only resolves names (lstat / readlink); it never opens the file.
+    """
+
+    def __init__(self, root: str | os.PathLike | None, allow: tuple[str, ...] = ()) -> None:
+        roots = ([os.path.realpath(root)] if root is not None else []) + [os.path.realpath(a) for a in allow]
+        self.root = roots[0] if roots else None
+        self.roots = tuple(dict.fromkeys(roots))
+
+    def check(self, path: str) -> str | None:
+        """None when `path` (a file path or 'shard.tar::member') may be read, else why not (one line)."""
+        if self.root is None:
+            return None
+        file, _ = split_ref(path)
+        real = os.path.realpath(file)
+        for root in self.roots:
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                return None
+        return (
+            f"{file} resolves to {real}, outside {self.root}; "
+            "allow a folder with --allow-outside DIR (CLI) / allow_outside= (library)"
+        )
 
 
 def is_brace_pattern(source: str) -> bool:

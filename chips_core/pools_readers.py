@@ -9,12 +9,14 @@ images are read and checked later by `pools.check_record` in worker processes.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from chips_core import pools_dicom
 from chips_core.pools import (
     IMAGE_EXTS,
+    PathGuard,
     PoolError,
     ReaderOptions,
     Record,
@@ -23,7 +25,7 @@ from chips_core.pools import (
     resolve_ref,
     walk_files,
 )
-from chips_core.pools_wds import read_wds
+from chips_core.pools_wds import read_wds, wds_caption_members
 
 FORMATS = ("csv", "tsv", "parquet", "folder", "wds", "dicom")
 _DICOM_EXTS = (".dcm", ".dicom")
@@ -80,7 +82,7 @@ def _sniff_sep(path: Path, opts: ReaderOptions) -> str:
         return opts.sep
     if path.suffix.lower() in (".tsv", ".tab"):
         return "\t"
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+    with open(path, encoding=_text_codec(opts), errors="replace", newline="") as f:
         head = f.read(65536)
     first = head.splitlines()[0] if head else ""
     for sep in _CSV_SEPS:
@@ -104,7 +106,22 @@ def _require_columns(path: Path, columns: list[str], opts: ReaderOptions) -> lis
     return wanted
 
 
-def _manifest_record(i: int, path: Path, image, caption, label, base: Path) -> Record:  # noqa: ANN001
+def _text_codec(opts: ReaderOptions) -> str:
+    """The codec a manifest is opened with: its (resolved) encoding, a UTF-8 BOM skipped."""
+    enc = "utf-8" if opts.encoding == "auto" else opts.encoding
+    return "utf-8-sig" if enc == "utf-8" else enc
+
+
+def _manifest_record(
+    i: int,
+    path: Path,
+    image,
+    caption,
+    label,
+    base: Path,
+    guard: PathGuard,
+    encoding: str = "utf-8",  # noqa: ANN001
+) -> Record:
     ref = f"{path}:row {i + 1}"
     if isinstance(caption, bytes):
         try:
@@ -127,21 +144,34 @@ def _manifest_record(i: int, path: Path, image, caption, label, base: Path) -> R
             image.encode("utf-8", "replace").decode(),
             caption.encode("utf-8", "replace").decode(),
             label,
-            reject=("bad_path", f"{ref}: image path is not valid UTF-8"),
+            reject=("bad_path", f"{ref}: image path is not valid {encoding}"),
+        )
+    resolved = resolve_ref(image, base)
+    if outside := guard.check(resolved):
+        return Record(
+            i, ref, resolved, _printable(caption), label, reject=("outside_root", f"{ref}: {outside}")
         )
     try:
         caption.encode("utf-8")
     except UnicodeEncodeError:
-        bad = caption.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         return Record(
             i,
             ref,
-            resolve_ref(image, base),
-            bad,
+            resolved,
+            _printable(caption),
             label,
-            reject=("undecodable_caption", f"{ref}: caption is not valid UTF-8"),
+            reject=("undecodable_caption", f"{ref}: caption is not valid {encoding}"),
         )
-    return Record(i, ref, resolve_ref(image, base), caption, label)
+    return Record(i, ref, resolved, caption, label)
+
+
+def _printable(text: str) -> str:
+    """Text with undecodable bytes (surrogate escapes) shown as U+FFFD, storable as UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def read_csv_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
@@ -150,9 +180,11 @@ def read_csv_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
     Invalid UTF-8 is kept as surrogate escapes so that only the affected row is rejected.
     """
     sep = _sniff_sep(path, opts)
+    guard = PathGuard(path.parent, opts.allow_outside)
+    encoding = "utf-8" if opts.encoding == "auto" else opts.encoding
     csv.field_size_limit(2**31 - 1)
     try:
-        f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")  # noqa: SIM115
+        f = open(path, encoding=_text_codec(opts), errors="surrogateescape", newline="")  # noqa: SIM115
     except OSError as exc:
         raise PoolError(f"{path}: cannot read the manifest ({exc})") from None
     with f:
@@ -181,7 +213,7 @@ def read_csv_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
                 yield Record(i, ref, "", None, reject=("malformed_row", detail))
             else:
                 image, caption, label = (row[k] if k is not None else None for k in where)
-                yield _manifest_record(i, path, image, caption, label, path.parent)
+                yield _manifest_record(i, path, image, caption, label, path.parent, guard, encoding)
             i += 1
 
 
@@ -194,12 +226,13 @@ def read_parquet_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
     except Exception as exc:
         raise PoolError(f"{path}: cannot read the parquet manifest ({type(exc).__name__}: {exc})") from None
     cols = _require_columns(path, list(pf.schema_arrow.names), opts)
+    guard = PathGuard(path.parent, opts.allow_outside)
     i = 0
     for batch in pf.iter_batches(batch_size=_BATCH, columns=cols):
         data = batch.to_pydict()
         labels = data[opts.label_col] if opts.label_col else [None] * batch.num_rows
         for image, caption, label in zip(data[opts.image_col], data[opts.caption_col], labels, strict=True):
-            yield _manifest_record(i, path, image, caption, label, path.parent)
+            yield _manifest_record(i, path, image, caption, label, path.parent, guard)
             i += 1
 
 
@@ -207,7 +240,10 @@ def read_parquet_manifest(path: Path, opts: ReaderOptions) -> Iterator[Record]:
 
 
 def read_folder(root: Path, opts: ReaderOptions) -> Iterator[Record]:
-    """Images with caption sidecars (x.jpg + x.txt); a DICOM without a sidecar uses the caption template."""
+    """Images with caption sidecars (x.jpg + x.txt); a DICOM without a sidecar uses the caption template.
+
+    Images and sidecars are symlinks at most into the folder itself or an `allow_outside` folder."""
+    guard = PathGuard(root, opts.allow_outside)
     i = 0
     for path in walk_files(root):
         suffix = path.suffix.lower()
@@ -215,9 +251,12 @@ def read_folder(root: Path, opts: ReaderOptions) -> Iterator[Record]:
             continue
         ref = str(path)
         side = path.with_suffix(".txt")
-        if side.exists():
+        outside = guard.check(ref) or (guard.check(str(side)) if os.path.lexists(side) else None)
+        if outside:
+            yield Record(i, ref, ref, None, reject=("outside_root", f"{ref}: {outside}"))
+        elif side.exists():
             try:
-                caption, bad = decode_caption_bytes(side.read_bytes())
+                caption, bad = decode_caption_bytes(side.read_bytes(), opts.encoding)
             except OSError as exc:
                 caption, bad = None, ("unreadable_file", f"cannot read caption file {side} ({exc})")
             yield Record(i, ref, ref, caption, reject=(bad[0], f"{side}: {bad[1]}") if bad else None)
@@ -231,13 +270,35 @@ def read_folder(root: Path, opts: ReaderOptions) -> Iterator[Record]:
         i += 1
 
 
+def caption_files(source: str, fmt: str, opts: ReaderOptions) -> Iterator[bytes]:
+    """Raw bytes of a source's caption files (folder sidecars, WebDataset txt members) in reading order,
+    for `text_encoding.detect_captions`; files resolving outside the source's folder are never read."""
+    if fmt == "wds":
+        yield from wds_caption_members(source, opts)
+        return
+    if fmt != "folder":
+        return
+    root = Path(source)
+    guard = PathGuard(root, opts.allow_outside)
+    for path in walk_files(root):
+        if path.suffix.lower() == ".txt" and not guard.check(str(path)):
+            try:
+                yield path.read_bytes()
+            except OSError:
+                continue
+
+
 def read_dicom(source: Path, opts: ReaderOptions) -> Iterator[Record]:
     """DICOM files (a file or a folder; by extension or 'DICM' magic), captions from a tag template."""
     template = opts.caption_template or pools_dicom.DEFAULT_TEMPLATE
     paths = [source] if source.is_file() else walk_files(source)
+    guard = PathGuard(None if source.is_file() else source, opts.allow_outside)  # a named file is allowed
     i = 0
     for path in paths:
-        if path.suffix.lower() in _DICOM_EXTS or _has_dicom_magic(path):
+        if outside := guard.check(str(path)):  # checked before the magic bytes are read
+            yield Record(i, str(path), str(path), None, reject=("outside_root", f"{path}: {outside}"))
+            i += 1
+        elif path.suffix.lower() in _DICOM_EXTS or _has_dicom_magic(path):
             yield Record(i, str(path), str(path), None, caption_template=template)
             i += 1
 
@@ -267,7 +328,7 @@ def count_records(source: str, fmt: str, opts: ReaderOptions) -> int | None:
         sep = _sniff_sep(path, opts if fmt == "csv" or opts.sep else _with_sep(opts, "\t"))
         csv.field_size_limit(2**31 - 1)
         try:
-            with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            with open(path, encoding=_text_codec(opts), errors="surrogateescape", newline="") as f:
                 return max(0, sum(1 for row in csv.reader(f, delimiter=sep) if row) - 1)
         except (OSError, csv.Error):  # the reader reports the problem with its own message
             return None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from chips_core.pools import (
     TAR_SEP,
+    PathGuard,
     ReaderOptions,
     Record,
     decode_caption_bytes,
@@ -63,7 +64,7 @@ def _wds_sample(
     if bad is None:
         for ext in ("txt", "caption"):
             if ext in members:
-                caption, bad = decode_caption_bytes(tf.extractfile(members[ext]).read())
+                caption, bad = decode_caption_bytes(tf.extractfile(members[ext]).read(), opts.encoding)
                 break
         else:
             if isinstance(meta, dict) and meta.get(opts.json_caption_key) is not None:
@@ -88,10 +89,24 @@ def _wds_sample(
     return Record(i, ref, image_ref, caption, label, byte_range=(m.offset_data, m.size))
 
 
+def shard_guard(source: str, opts: ReaderOptions) -> PathGuard:
+    """Shards of a folder or a brace pattern must resolve inside that folder (or an allowed one); a single
+    .tar named as the source is allowed as it is."""
+    if is_brace_pattern(source):
+        return PathGuard(os.path.dirname(source.split("{", 1)[0]) or ".", opts.allow_outside)
+    return PathGuard(source if os.path.isdir(source) else None, opts.allow_outside)
+
+
 def read_wds(source: str, opts: ReaderOptions) -> Iterator[Record]:
     """Samples of WebDataset shards (consecutive members sharing a key); a broken shard is one reject."""
+    guard = shard_guard(source, opts)
     i = 0
     for shard in wds_shards(source):
+        if outside := guard.check(shard):
+            ref = f"{shard}{TAR_SEP}<shard>"
+            yield Record(i, ref, shard, None, reject=("outside_root", f"{shard}: {outside}"))
+            i += 1
+            continue
         if not os.path.exists(shard):
             yield Record(i, shard, shard, None, reject=("missing_file", f"{shard}: shard not found"))
             i += 1
@@ -121,3 +136,19 @@ def read_wds(source: str, opts: ReaderOptions) -> Iterator[Record]:
                 reject=("unreadable_file", f"{shard}: broken tar shard ({type(exc).__name__}: {exc})"),
             )
             i += 1
+
+
+def wds_caption_members(source: str, opts: ReaderOptions) -> Iterator[bytes]:
+    """Raw bytes of the txt / caption members of a source's shards (shards outside its folder skipped)."""
+    guard = shard_guard(source, opts)
+    for shard in wds_shards(source):
+        if guard.check(shard) or not os.path.isfile(shard):
+            continue
+        try:
+            with tarfile.open(shard, mode="r:") as tf:
+                for m in tf:
+                    split = _split_key(m.name) if m.isfile() else None
+                    if split is not None and split[1] in ("txt", "caption"):
+                        yield tf.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError):
+            continue

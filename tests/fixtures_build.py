@@ -196,8 +196,8 @@ def make_bad_pool(root: Path) -> tuple[Path, dict[int, str]]:
         cap = caption if isinstance(caption, bytes) else caption.encode("utf-8")
         rows.append((path.encode("utf-8"), cap, reason))
 
-    for p, c, _ in good:
-        add(f"images/{p.name}", c)
+    for i, (p, c, _) in enumerate(good):  # one caption with multi-byte UTF-8: the file is UTF-8 with bad rows
+        add(f"images/{p.name}", c + (", 5 \u00b5m, \u80ba" if i == 3 else ""))
     add("images/does_not_exist.png", "a missing image", "missing_file")
     add("files/empty.png", "a zero byte file", "zero_bytes")
     add("files/garbage.png", "random bytes", "corrupt_image")

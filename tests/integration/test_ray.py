@@ -4,11 +4,17 @@ The Ray path must give the same shards, pair ids, features (within fp16 rounding
 and ranking as the local path, on a CSV manifest pool and a WebDataset pool; a driver killed mid-run
 resumes, and a run whose encoder worker process is killed mid-run completes, without losing or duplicating
 a row. If Ray cannot start here, the tests fail (never skip).
+
+The suite is self-contained: the cluster uses token authentication with a token this module writes to a
+temporary file (nothing is read from the home folder, so it runs with HOME pointing at an empty folder),
+and it listens on 127.0.0.1 only, as does the private local Ray that `--engine ray` starts without
+`--address`.
 """
 
 import contextlib
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,12 +34,15 @@ from chips_core.prepare import PrepareConfig, prepare
 from chips_core.scoring import ScoringCache, rank
 from chips_core.store import Workspace
 from tests.fixtures_build import make_csv_pool, make_wds_pool
+from tests.net_probe import LOOPBACK, descendants, listening
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Ray reads these when it is first imported (inside the fixtures, so a missing ray is an error, never a skip):
-# the test cluster uses token authentication, as `ray start` does by default.
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+# the test cluster uses token authentication, as `ray start` does by default, and is a single-node cluster
+# on the loopback interface (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the node's address stays 127.0.0.1, so
+# its servers bind to 127.0.0.1 instead of every interface). The token file comes from the `cluster` fixture.
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(RAY_ENV)
 
 MODEL = "chips-tiny-vit"
@@ -48,10 +57,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A one-node Ray cluster (`ray start --head --block`, 2 CPUs, token auth), connected in-process."""
+    """A one-node Ray cluster (`ray start --head --block`, 2 CPUs, token auth with its own token file,
+    127.0.0.1 only), connected in-process; drivers started by the tests inherit RAY_AUTH_TOKEN_PATH."""
+    folder = tmp_path_factory.mktemp("ray")
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    saved = {k: os.environ.pop(k, None) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     import ray
+    from ray._raylet import AuthenticationTokenLoader
 
-    log = tmp_path_factory.mktemp("ray") / "head.log"
+    AuthenticationTokenLoader.instance().reset_cache()  # a token loaded earlier in this process is stale
+    log = folder / "head.log"
     port = _free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     with open(log, "wb") as out:
@@ -86,6 +104,9 @@ def cluster(tmp_path_factory):
         with contextlib.suppress(OSError):  # would later try to join this stopped cluster
             if current.read_text().strip().endswith(f":{port}"):
                 current.unlink()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +154,49 @@ def test_cluster_is_up(cluster):
     assert ray.is_initialized()
     assert ray.cluster_resources().get("CPU") == 2
     assert all(n["Alive"] for n in ray.nodes())
+
+
+def test_cluster_listens_on_loopback_only(cluster):
+    """Every listening socket of the test cluster's processes (GCS, raylet, workers, agents) and of this
+    driver is bound to 127.0.0.1: nothing else on the network can reach the suite's Ray."""
+    port = int(cluster.rsplit(":", 1)[1])
+    pids = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    ray_procs = {p for p in pids if _in_cluster(p, port)}
+    sockets = listening(ray_procs | descendants(os.getpid()))
+    assert (("127.0.0.1", port) in sockets) or (("::ffff:127.0.0.1", port) in sockets), sockets
+    assert len(sockets) >= 3, f"expected the GCS, raylet and worker servers, found {sockets}"
+    wide = {k: v for k, v in sockets.items() if k[0] not in LOOPBACK}
+    assert not wide, f"listening beyond loopback: {wide}"
+
+
+def test_private_local_ray_binds_loopback_and_needs_no_home_token(tmp_path):
+    """`--engine ray` without `--address` starts a private Ray: with HOME an empty folder and token
+    authentication on (Ray's default for a new local cluster), it runs tasks, listens on loopback only and
+    neither reads nor writes ~/.ray/auth_token."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = textwrap.dedent("""
+        import json, os, ray
+        from chips_core.distributed import ray_session
+        from tests.net_probe import descendants, listening
+        with ray_session(num_cpus=1):
+            n = ray.get(ray.remote(lambda x: x + 1).remote(41))
+            sockets = listening(descendants(os.getpid()))
+        print(json.dumps({"n": n, "sockets": [[a, p] for a, p in sockets],
+                          "mode": os.environ.get("RAY_AUTH_MODE")}))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["n"] == 42 and out["mode"] == "token"
+    assert len(out["sockets"]) >= 3, out
+    assert all(a in LOOPBACK for a, _ in out["sockets"]), f"listening beyond loopback: {out['sockets']}"
+    assert not (home / ".ray").exists(), "the private Ray wrote its token into the home folder"
 
 
 @pytest.mark.parametrize(("name", "reader"), [("csv", "ReadFilesParquet"), ("wds", "ReadWebDataset")])
