@@ -87,6 +87,8 @@ def pair_card(
     else:
         st.image(str(thumb), width="stretch")
     badge = {"include": " :green-badge[included]", "exclude": " :red-badge[excluded]"}.get(state or "", "")
+    if bool(row.get("guarded", False)):
+        badge += " :violet-badge[held out: image and caption disagree]"
     if planted and planted != "none":  # the demo's ground truth, to see whether the ranking catches it
         badge += f" :orange-badge[planted: {planted}]"
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")

@@ -222,3 +222,19 @@ def test_workspace_page_creates_a_workspace_and_ingests_in_a_background_job(tiny
     at.run()
     pools = next(df.value for df in at.dataframe if "rejected" in df.value.columns)
     assert pools.loc[0, "name"] == "uploaded" and pools.loc[0, "pairs"] > 0
+
+
+def test_browse_marks_pairs_the_guard_held_out(tiny_workspace):
+    """Guarded pairs rank last; the Bottom tab shows each of them with its 'held out' badge."""
+    from chips_core.scoring import rank
+
+    at = _app("browse")
+    at.session_state["guard_mads"] = 0.5  # a strict guard, so that this tiny pool has guarded pairs
+    at.run()
+    _ok(at)
+    frame = rank(_only_cache(tiny_workspace), k=at.session_state["k"], guard_mads=0.5).frame
+    bottom = frame.sort_values("rank").tail(12)
+    n_guarded = int(bottom["guarded"].sum())
+    assert n_guarded > 0
+    bottom_tab = next(t for t in at.tabs if t.label == "Bottom ranked")
+    assert sum("held out" in m.value for m in bottom_tab.markdown) == n_guarded
