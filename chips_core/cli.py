@@ -124,6 +124,16 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def note(text: str) -> None:
+    """Print a note on stderr (a parameter was adjusted, which run was chosen...)."""
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def warn(text: str) -> None:
+    """Print a warning on stderr (the command succeeded but its result needs care)."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 # --- init / status ----------------------------------------------------------------------------------------
 
 
@@ -398,7 +408,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
     with progress_bar(f"prepare {args.pool}") as bar:
         cache_id = prepare_workspace(
-            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args)
+            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args), note
         )
     with ws.connect(read_only=True) as con:
         cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE cache_id = ?", [cache_id]).fetchone()[0]
@@ -460,7 +470,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
     with progress_bar(f"prepare {args.pool}") as bar:
         cache_id = prepare_workspace(
-            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args)
+            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args), note
         )
     with ws.connect(read_only=True) as con:
         cache_dir, pool_run = con.execute(
@@ -504,6 +514,10 @@ def _run_score(args: argparse.Namespace) -> int:
         if info.get(key) is not None:
             value = info[key]
             say(f"  {key:<14}{value:.6g}" if isinstance(value, float) else f"  {key:<14}{value}")
+    from chips_core.diagnostics import stability_warning
+
+    if (message := stability_warning(info.get("stability"))) is not None:
+        warn(message)
     if out is not None:
         table = _score_table(ws, args.pool, result)
         from chips_core.store import atomic_path

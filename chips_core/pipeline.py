@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +75,31 @@ def prepare_workspace(
     model_id: int | None = None,
     progress: Any = None,
     engine: dict | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> int:
     """The scoring cache of (pool, eval set, config) in ws/caches/<id>: reused when finished, resumed when
     interrupted, else built with `chips_core.scoring.prepare` (or on Ray when `engine` gives its
-    keyword arguments: address, num_gpus_per_worker); returns its cache_id (`scoring_caches`)."""
-    from dataclasses import asdict
+    keyword arguments: address, num_gpus_per_worker); returns its cache_id (`scoring_caches`).
 
+    k_max is capped to the rank the pool's curvature can have (`curvature.rank_bound`); `notice` gets a
+    line saying so."""
+    from dataclasses import asdict, replace
+
+    from chips_core.curvature import rank_bound
     from chips_core.features import FeatureStore
 
     pool_run, eval_run = feature_runs_for(ws, pool, eval_name, model_id)
+    pool_src = FeatureStore(ws, pool_run)
+    if len(pool_src) >= 2:
+        bound = rank_bound(len(pool_src), config.batch_size, config.curvature_pairs, config.negatives_per_row)
+        if config.k_max > max(bound, 2):
+            if notice is not None:
+                notice(
+                    f"k_max capped from {config.k_max} to {max(bound, 2)}: the curvature of {len(pool_src)} "
+                    f"pairs (batch size {config.batch_size}, {config.negatives_per_row} negatives per row) "
+                    f"has rank at most {bound}, so a larger sketch has no curvature to solve with"
+                )
+            config = replace(config, k_max=max(bound, 2))
     key = json.dumps(asdict(config), sort_keys=True)
     with ws.connect() as con:
         row = con.execute(
@@ -109,9 +126,7 @@ def prepare_workspace(
         from chips_core.distributed_prepare import prepare_ray
 
         prepare = functools.partial(prepare_ray, **engine)
-    prepare(
-        FeatureStore(ws, pool_run), FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress
-    )
+    prepare(pool_src, FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress)
     with ws.connect() as con:
         con.execute(
             "UPDATE scoring_caches SET status = 'done', finished_at = current_timestamp WHERE cache_id = ?",

@@ -8,6 +8,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import context, widgets
+from chips_core.diagnostics import stability_warning
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
@@ -84,6 +85,8 @@ info = result.info
 
 with right:
     widgets.rank_metrics(info, n_total=len(table))
+    if (stability_message := stability_warning(info.get("stability"))) is not None:
+        st.warning(stability_message[0].upper() + stability_message[1:] + ".")
     comps = ["alignment", "learnability", "relevance", "score"]
     fig = make_subplots(rows=2, cols=2, subplot_titles=comps, horizontal_spacing=0.08, vertical_spacing=0.16)
     sel = table["selected"].to_numpy(bool)

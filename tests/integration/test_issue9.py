@@ -1,0 +1,84 @@
+"""Issue 9 (the CLI half): a tiny pool, refused random weights, resumable featurize, early parameter errors,
+unknown eval sets and tags, the feature run a score uses, one selection convention and the README's quick
+start run verbatim. Real workspaces, real tiny open_clip models, the real `chips` command; no mocks."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chips_core import cli
+from chips_core.store import Workspace
+from tests.fixtures_build import write_images
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "chips-tiny-vit"
+
+
+def manifest(folder: Path, n: int, seed: int) -> Path:
+    items = write_images(folder / "images", n, seed=seed)
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "label"])
+        for p, caption, label in items:
+            w.writerow([p, caption, label])
+    return path
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    """`chips ARGS` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def chips_subprocess(*args, extra: tuple[str, ...] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("CHIPS_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, *extra, "-m", "chips_core.cli", *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A workspace with a 10-pair pool and a 10-pair eval set, both featurized with a tiny model."""
+    root = tmp_path_factory.mktemp("issue9")
+    ws = root / "ws"
+    assert cli.main(["init", str(ws)]) == 0
+    assert cli.main(["ingest", str(ws), "pool", str(manifest(root / "pool", 10, 1)), "--workers", "0"]) == 0
+    target = manifest(root / "eval", 10, 2)
+    assert cli.main(["ingest", str(ws), "target", str(target), "--eval", "--workers", "0"]) == 0
+    for name in ("pool", "target"):
+        assert cli.main(["featurize", str(ws), name, "--model", MODEL, "--device", "cpu"]) == 0
+    return ws
+
+
+# --- 1. a 10-pair pool ---------------------------------------------------------------------------------
+
+
+def test_tiny_pool_caps_k_max_and_scores(tiny, capsys):
+    code, out, err = run(capsys, "score", tiny, "pool", "--eval", "target", "--device", "cpu")
+    assert code == 0, err
+    assert "k_max capped from 1024 to 99" in err and "rank at most 99" in err
+    assert "  k             49" in out  # k_max/2 of the capped sketch
+    with Workspace(tiny).connect(read_only=True) as con:
+        config = con.execute("SELECT config FROM scoring_caches ORDER BY cache_id DESC LIMIT 1").fetchone()[0]
+    assert '"k_max": 99' in config
+
+
+def test_low_stability_warns(tiny, capsys):
+    code, out, err = run(capsys, "score", tiny, "pool", "--eval", "target", "--device", "cpu", "--k-max", 64)
+    assert code == 0, err
+    stability = float(next(line for line in out.splitlines() if "stability" in line).split()[-1])
+    assert stability < 0.5  # seeded: 0.248 on this pool
+    assert f"warning: ranking stability {stability:.3f} is below 0.5" in err
