@@ -270,6 +270,12 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
     p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="use seeded random weights on purpose (needed when the model has pretrained tags and no "
+        "--pretrained is given)",
+    )
+    p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present"
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
@@ -292,6 +298,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def _run_featurize(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
+    from chips_core.models import check_weights_choice, pretrained_tags
+
+    check_weights_choice(args.model, args.pretrained, args.random_init)
     if args.engine == "ray":
         from chips_core.distributed import featurize_ray as run
 
@@ -309,6 +318,10 @@ def _run_featurize(args: argparse.Namespace) -> int:
             "SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [run_id]
         ).fetchone()
     say(f"feature run {run_id}: {int(n[0])} pairs of {args.name} featurized with {args.model}")
+    weights_elsewhere = args.model.startswith(("hf-hub:", "local-dir:")) or Path(args.model).is_file()
+    random = args.pretrained is None and not weights_elsewhere
+    if random and (args.random_init or not pretrained_tags(args.model)):
+        note(f"{args.model} has random weights (seeded random init, recorded as such)")
     return 0
 
 

@@ -377,6 +377,7 @@ def _add_evaluate(p: Any) -> None:
     who.add_argument("--run", type=int, help="a finished cpt_run_id (its final checkpoint)")
     who.add_argument("--model", help="open_clip name / local-dir: / hf-hub: / checkpoint file")
     p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file (with --model)")
+    p.add_argument("--random-init", action="store_true", help="random weights on purpose")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--template", action="append", help=f"zero-shot prompt (repeatable; default {DEFAULT_TEMPLATES})"
@@ -392,6 +393,9 @@ def _run_evaluate(args: Any) -> int:
     if args.run is not None:
         metrics = evaluate_run(ws, args.run, args.eval, **kw)
     else:
+        from chips_core.models import check_weights_choice
+
+        check_weights_choice(args.model, args.pretrained, args.random_init)
         metrics = evaluate(ws, args.model, args.eval, pretrained=args.pretrained, **kw)
     say(json.dumps(metrics, indent=2))
     return 0

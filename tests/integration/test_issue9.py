@@ -82,3 +82,41 @@ def test_low_stability_warns(tiny, capsys):
     stability = float(next(line for line in out.splitlines() if "stability" in line).split()[-1])
     assert stability < 0.5  # seeded: 0.248 on this pool
     assert f"warning: ranking stability {stability:.3f} is below 0.5" in err
+
+
+# --- 2. a model with published weights and no --pretrained; 6. a bad tag ---------------------------------
+
+
+def test_random_weights_need_random_init(tiny, capsys):
+    code, out, err = run(capsys, "featurize", tiny, "pool", "--model", "ViT-B-32", "--device", "cpu")
+    assert code == 1
+    assert "model 'ViT-B-32' has pretrained weights (" in err and "openai" in err and "--random-init" in err
+    assert "initialized randomly" not in err
+    with Workspace(tiny).connect(read_only=True) as con:  # refused before anything was recorded
+        assert con.execute("SELECT count(*) FROM models WHERE name = 'ViT-B-32'").fetchone()[0] == 0
+    code, _, err = run(
+        capsys, "featurize", tiny, "pool", "--model", "ViT-B-32", "--random-init", "--pretrained", "openai"
+    )
+    assert code == 1 and "exclude each other" in err
+
+
+def test_no_random_init_warning_when_a_checkpoint_is_loaded(tmp_path, caplog):
+    import torch
+
+    from chips_core.models import load_model
+
+    ckpt = tmp_path / "epoch_1.pt"
+    torch.save({"state_dict": load_model(MODEL, seed=3).model.state_dict()}, ckpt)
+    caplog.clear()
+    loaded = load_model(MODEL, str(ckpt))
+    assert loaded.identity.checkpoint == str(ckpt)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+def test_bad_pretrained_tag_lists_the_valid_tags(tiny, capfd):
+    capfd.readouterr()
+    code = cli.main(["featurize", str(tiny), "pool", "--model", "ViT-B-32", "--pretrained", "nosuchtag"])
+    err = capfd.readouterr().err
+    assert code == 1
+    assert "unknown pretrained tag 'nosuchtag' for model 'ViT-B-32'; valid tags: openai, laion400m_e31" in err
+    assert "ERROR:root" not in err and "local cache" not in err
