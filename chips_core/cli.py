@@ -60,6 +60,48 @@ class CliError(WorkspaceError):
     """A command-line problem with a message meant for the user."""
 
 
+# --- cheap argparse types: bad parameters are refused before anything heavy is imported ----------------
+
+
+def _ranged(
+    cast: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str], Any]:
+    """An argparse type: `cast(text)` that must be finite and lie in the interval (lo, hi) given."""
+    left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+    right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+    if lo is not None and hi is not None:
+        want = f"a number in {left}, {right}"
+    elif lo is not None:
+        want = ("a number > " if lo_open else "a number ≥ ") + f"{lo:g}"
+    else:
+        want = ("a number < " if hi_open else "a number ≤ ") + f"{hi:g}"
+    if cast is int:
+        want = want.replace("a number", "an integer")
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {want}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))
+        bad = bad or (lo is not None and (value <= lo if lo_open else value < lo))
+        bad = bad or (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text} is not {want}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _positive(cast: type) -> Callable[[str], Any]:
+    return _ranged(cast, 0, lo_open=True)
+
+
+UNIT = _ranged(float, 0, 1)  # α, β
+FRACTION = _ranged(float, 0, 1, lo_open=True)  # a selection ratio
+
+
 # --- helpers shared by commands -------------------------------------------------------------------------
 
 
@@ -183,6 +225,11 @@ def _run_status(args: argparse.Namespace) -> int:
     with ws.connect(read_only=True) as con:
         for title, sql in queries.items():
             out[title] = con.execute(sql).df()
+        dirs = dict(con.execute("SELECT run_id, dir FROM feature_runs WHERE status = 'running'").fetchall())
+    runs = out["feature runs"]
+    for i in runs.index[runs["status"] == "running"]:
+        if not _writer_alive(Path(dirs[int(runs.at[i, "run_id"])])):
+            runs.at[i, "status"] = "interrupted"
     if args.json:
         say(json.dumps({k: v.to_dict("records") for k, v in out.items()}, default=str))
         return 0
@@ -192,6 +239,23 @@ def _run_status(args: argparse.Namespace) -> int:
         if len(df):
             say(df.to_string(index=False, max_colwidth=60))
     return 0
+
+
+def _writer_alive(run_dir: Path) -> bool:
+    """Whether a process holds the writer's flock of a feature run (features.run_lock); the OS drops the
+    lock of a killed process, so a 'running' run without a holder was interrupted (re-run featurize)."""
+    import fcntl
+
+    lock = run_dir / "lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 register("init", "create a workspace folder (idempotent)", _add_init, _run_init)
@@ -228,7 +292,10 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json-caption-key", default="caption", help="caption key in WebDataset json members")
     p.add_argument(
-        "--workers", type=int, default=None, help="image-checking processes (default min(8, CPUs))"
+        "--workers",
+        type=_ranged(int, 0),
+        default=None,
+        help="image-checking processes (default min(8, CPUs))",
     )
 
 
@@ -278,8 +345,19 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present"
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--batch-size", type=_ranged(int, 1), default=256, help="images per encoder batch (default 256)"
+    )
+    p.add_argument(
+        "--workers", type=_ranged(int, 0), default=0, help="DataLoader worker processes (default 0)"
+    )
+    p.add_argument(
+        "--checkpoint-s",
+        type=_positive(float),
+        default=30.0,
+        help="seconds between checkpoints of the shard being written: a killed run redoes at most this "
+        "much (default 30; local engine)",
+    )
     _add_engine_options(p)
 
 
@@ -308,7 +386,7 @@ def _run_featurize(args: argparse.Namespace) -> int:
     else:
         from chips_core.features import featurize as run
 
-        opts = {"device": args.device, "num_workers": args.workers}
+        opts = {"device": args.device, "num_workers": args.workers, "checkpoint_s": args.checkpoint_s}
     with progress_bar(f"featurize {args.name}") as bar:
         run_id = run(
             ws, args.name, args.model, args.pretrained, batch_size=args.batch_size, progress=bar, **opts
@@ -342,13 +420,15 @@ PREPARE_DEFAULTS = {
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     d = PREPARE_DEFAULTS
     g = p.add_argument_group("prepare (the scoring cache; a different value makes a new cache)")
-    g.add_argument("--k-max", type=int, default=d["k_max"], help=f"sketch rows stored (default {d['k_max']})")
+    g.add_argument(
+        "--k-max", type=_ranged(int, 2), default=d["k_max"], help=f"sketch rows stored (default {d['k_max']})"
+    )
     g.add_argument(
         "--sketch", default=d["sketch"], choices=["kronecker", "dense"], help="JL sketch (default kronecker)"
     )
     g.add_argument(
         "--batch-size",
-        type=int,
+        type=_ranged(int, 2),
         default=d["batch_size"],
         help=f"InfoNCE batch size (default {d['batch_size']})",
     )
@@ -363,13 +443,13 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--curvature-pairs",
-        type=int,
+        type=_ranged(int, 2),
         default=d["curvature_pairs"],
         help=f"pool pairs used to estimate the curvature (default {d['curvature_pairs']})",
     )
     g.add_argument(
         "--negatives-per-row",
-        type=int,
+        type=_ranged(int, 1),
         default=d["negatives_per_row"],
         help=f"sampled negatives per row for the curvature (default {d['negatives_per_row']})",
     )
@@ -441,11 +521,15 @@ def _add_score(p: argparse.ArgumentParser) -> None:
         choices=["chips", "random", "clipscore", "dot", "tracin", "trak"],
         help="CHIPS (default) or a baseline on the same features and batches (METHOD.md §7)",
     )
-    p.add_argument("--alpha", type=float, default=0.7, help="weight of the negative curvature (default 0.7)")
-    p.add_argument("--lam", type=float, default=None, help="damping λ (default λ* with d(λ*) = k/4)")
-    p.add_argument("--k", type=int, default=None, help="sketch rows used, ≤ k-max (default k-max/2)")
-    p.add_argument("--beta", type=float, default=0.5, help="image/text balance of the relevance weight")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction marked selected (default 0.3)")
+    p.add_argument("--alpha", type=UNIT, default=0.7, help="weight of the negative curvature (default 0.7)")
+    p.add_argument(
+        "--lam", type=_positive(float), default=None, help="damping λ (default λ* with d(λ*) = k/4)"
+    )
+    p.add_argument(
+        "--k", type=_ranged(int, 1), default=None, help="sketch rows used, ≤ k-max (default k-max/2)"
+    )
+    p.add_argument("--beta", type=UNIT, default=0.5, help="image/text balance of the relevance weight")
+    p.add_argument("--ratio", type=FRACTION, default=0.3, help="fraction marked selected (default 0.3)")
     p.add_argument("--rank-seed", type=int, default=0, help="seed of the random baseline (default 0)")
     p.add_argument(
         "--exact", action="store_true", help="CHIPS without the sketch (conjugate gradients; slow)"
@@ -607,7 +691,7 @@ register("score", "rank a pool by CHIPS or a baseline (prepares if needed)", _ad
 def _add_select(p: argparse.ArgumentParser) -> None:
     p.add_argument("ws", metavar="WS", help="workspace folder")
     p.add_argument("pool", metavar="POOL", help="pool name")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of the pool to keep, in (0, 1]")
+    p.add_argument("--ratio", type=FRACTION, required=True, help="fraction of the pool to keep, in (0, 1]")
     p.add_argument("--name", required=True, help="selection name (saving it again makes version + 1)")
     p.add_argument("--score-run", type=int, default=None, help="score run id (default: the pool's latest)")
 

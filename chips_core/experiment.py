@@ -290,12 +290,14 @@ def draw_png(series: dict[str, tuple[list, list, list]], ylabel: str, size: tupl
 
 
 def _add_recipe(p: Any) -> None:
+    from chips_core.cli import _ranged
+
     g = p.add_argument_group("CPT recipe (open_clip_train; defaults from the CHIPS paper)")
     g.add_argument("--model", required=True, help="open_clip name, local-dir:PATH or hf-hub:ID")
     g.add_argument("--pretrained", default=None, help="pretrained tag or a local checkpoint file")
-    g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--lr", type=float, default=1e-6)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--epochs", type=_ranged(int, 1), default=5)
+    g.add_argument("--lr", type=_ranged(float, 0, lo_open=True), default=1e-6)
+    g.add_argument("--batch-size", type=_ranged(int, 1), default=64)
     g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of the steps)")
     g.add_argument("--precision", default=None, help="default amp on CUDA, fp32 elsewhere")
     g.add_argument("--workers", type=int, default=2)
@@ -402,15 +404,17 @@ def _run_evaluate(args: Any) -> int:
 
 
 def _add_experiment(p: Any) -> None:
+    from chips_core.cli import FRACTION, UNIT, _ranged
+
     p.add_argument("ws", metavar="WS")
     p.add_argument("pool", metavar="POOL", help="the pool name (featurized and prepared)")
     p.add_argument("--test", required=True, help="held-out eval set for evaluation (pool name or CSV)")
     p.add_argument("--cache", type=int, required=True, help="scoring cache id of POOL vs the validation set")
     p.add_argument("--methods", nargs="+", default=["random", "clipscore", "dot", "trak", "chips"])
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    p.add_argument("--ratios", nargs="+", type=FRACTION, default=[0.1, 0.2, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--alpha", type=float, default=0.7)
-    p.add_argument("--k", type=int, default=None, help="sketch rows (default k_max/2)")
+    p.add_argument("--alpha", type=UNIT, default=0.7)
+    p.add_argument("--k", type=_ranged(int, 1), default=None, help="sketch rows (default k_max/2)")
     p.add_argument("--tracin-eval", help="validation set name for TracIn's checkpoint caches")
     p.add_argument(
         "--tracin-epochs", type=int, default=2, help="epochs of the TracIn warm-up run (full pool)"

@@ -120,3 +120,98 @@ def test_bad_pretrained_tag_lists_the_valid_tags(tiny, capfd):
     assert code == 1
     assert "unknown pretrained tag 'nosuchtag' for model 'ViT-B-32'; valid tags: openai, laion400m_e31" in err
     assert "ERROR:root" not in err and "local cache" not in err
+
+
+# --- 3. kill -9 during featurize: resume from the last checkpoint; status says "interrupted" --------------
+
+
+def _status_of_runs(ws: Path, pool: str) -> list[str]:
+    import json
+
+    proc = chips_subprocess("status", ws, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return [r["status"] for r in json.loads(proc.stdout)["feature runs"] if r["pool"] == pool]
+
+
+@pytest.mark.slow
+def test_killed_featurize_resumes_from_its_last_checkpoint(tiny, tmp_path):
+    import signal
+    import time
+
+    import numpy as np
+
+    from chips_core import features
+    from chips_core.models import load_model
+
+    n = 400
+    assert cli.main(["ingest", str(tiny), "big", str(manifest(tmp_path, n, 3)), "--workers", "0"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    args = ["featurize", tiny, "big", "--model", MODEL, "--device", "cpu", "--batch-size", 4]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chips_core.cli", *map(str, args), "--checkpoint-s", "0.3"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    run_dir = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = sorted(tiny.glob("features/*/part-00000-0001.json"))  # two checkpoints written
+        if found:
+            run_dir = found[0].parent
+            break
+        time.sleep(0.02)
+    assert run_dir is not None, f"no checkpoint before the run ended: {proc.communicate()[1]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with Workspace(tiny).connect(read_only=True) as con:
+        sql = (
+            "SELECT count(*) FROM feature_shards JOIN feature_runs USING (run_id) JOIN pools USING (pool_id)"
+        )
+        assert con.execute(sql + " WHERE name = 'big'").fetchone()[0] == 0  # killed inside its only shard
+    assert _status_of_runs(tiny, "big") == ["interrupted"]
+
+    reports = []
+    loaded = load_model(MODEL)
+    run_id = features.featurize(
+        Workspace(tiny), "big", loaded, device="cpu", batch_size=4, progress=reports.append
+    )
+    resumed = reports[0].done
+    assert 8 <= resumed < n  # at least the two checkpoints (4 pairs each) were kept, not redone
+    assert not list(run_dir.glob("part-*"))
+    store = features.FeatureStore(Workspace(tiny), run_id)
+    frozen = features.read_rows(run_dir / "pairs.parquet", 0, n)
+    assert store.pair_ids().tolist() == frozen[0].tolist()  # every pair once, in store order
+    idx = np.array([0, resumed - 1, resumed, n - 1])
+    import torch
+
+    from chips_core.pools import load_image
+
+    images = torch.stack([loaded.preprocess(load_image(frozen[1][i])) for i in idx])
+    h, t = loaded.encode(images, loaded.tokenizer([frozen[2][i] for i in idx]))
+    got_h, got_t = store.rows(idx)
+    np.testing.assert_allclose(got_h.astype(np.float32), h.half().float().numpy(), atol=2e-3)
+    np.testing.assert_allclose(got_t.astype(np.float32), t.half().float().numpy(), atol=2e-3)
+    assert _status_of_runs(tiny, "big") == ["done"]
+
+
+# --- 4. parameter errors before the heavy imports ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--alpha", "2", "argument --alpha: 2 is not a number in [0, 1]"),
+        ("--k", "0", "argument --k: 0 is not an integer ≥ 1"),
+        ("--ratio", "0", "argument --ratio: 0 is not a number in (0, 1]"),
+    ],
+)
+def test_parameter_errors_come_before_torch_is_imported(tiny, flag, value, message):
+    proc = chips_subprocess(
+        "score", tiny, "pool", "--eval", "target", flag, value, extra=("-X", "importtime")
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line
+    }
+    assert "chips_core.pipeline" in imported  # the importtime lines were read
+    assert not {"torch", "open_clip", "scipy"} & imported
