@@ -460,7 +460,16 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
         "--dtype", default=d["dtype"], choices=["float32", "float64"], help="math precision (default float32)"
     )
     g.add_argument(
-        "--model-id", type=int, default=None, help="use the feature runs of this model (default: the latest)"
+        "--model",
+        default=None,
+        help="use the feature runs of this model: open_clip name, NAME:PRETRAINED, model id or checkpoint "
+        "file (default: the model the pool was first featurized with)",
+    )
+    g.add_argument(
+        "--model-id",
+        type=int,
+        default=None,
+        help="use the feature runs of this model id (see `chips status`)",
     )
 
 
@@ -501,7 +510,15 @@ def _run_prepare(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
     with progress_bar(f"prepare {args.pool}") as bar:
         cache_id = prepare_workspace(
-            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args), note
+            ws,
+            args.pool,
+            args.eval_name,
+            _prepare_config(args),
+            args.model_id,
+            bar,
+            _engine(args),
+            note,
+            args.model,
         )
     with ws.connect(read_only=True) as con:
         cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE cache_id = ?", [cache_id]).fetchone()[0]
@@ -567,7 +584,15 @@ def _run_score(args: argparse.Namespace) -> int:
 
     with progress_bar(f"prepare {args.pool}") as bar:
         cache_id = prepare_workspace(
-            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args), note
+            ws,
+            args.pool,
+            args.eval_name,
+            _prepare_config(args),
+            args.model_id,
+            bar,
+            _engine(args),
+            note,
+            args.model,
         )
     with ws.connect(read_only=True) as con:
         cache_dir, pool_run = con.execute(

@@ -606,13 +606,23 @@ class FeatureStore:
 
 
 def find_run(ws: Workspace, pool_name: str, model_id: int | None = None) -> int | None:
-    """The latest finished feature run of a pool (optionally of one model), or None."""
-    sql = (
-        "SELECT r.run_id FROM feature_runs r JOIN pools p USING (pool_id) "
-        "WHERE p.name = ? AND r.status = 'done'"
-        + (" AND r.model_id = ?" if model_id is not None else "")
-        + " ORDER BY r.run_id DESC LIMIT 1"
-    )
+    """The latest finished feature run of a pool with model `model_id`, or None. Without a model: with
+    the model the pool was first featurized with (never simply the newest run of any model: that may be
+    a CPT checkpoint's, featurized later for TracIn); see `pipeline.feature_runs_for` for the choice
+    the commands make and report."""
     with ws.connect(read_only=True) as con:
-        row = con.execute(sql, [pool_name] + ([model_id] if model_id is not None else [])).fetchone()
+        if model_id is None:
+            first = con.execute(
+                "SELECT r.model_id FROM feature_runs r JOIN pools p USING (pool_id) "
+                "WHERE p.name = ? AND r.status = 'done' ORDER BY r.run_id LIMIT 1",
+                [pool_name],
+            ).fetchone()
+            if first is None:
+                return None
+            model_id = int(first[0])
+        row = con.execute(
+            "SELECT r.run_id FROM feature_runs r JOIN pools p USING (pool_id) "
+            "WHERE p.name = ? AND r.status = 'done' AND r.model_id = ? ORDER BY r.run_id DESC LIMIT 1",
+            [pool_name, model_id],
+        ).fetchone()
     return None if row is None else int(row[0])

@@ -215,3 +215,61 @@ def test_parameter_errors_come_before_torch_is_imported(tiny, flag, value, messa
     }
     assert "chips_core.pipeline" in imported  # the importtime lines were read
     assert not {"torch", "open_clip", "scipy"} & imported
+
+
+# --- 5. an eval set that does not exist -------------------------------------------------------------------
+
+
+def test_unknown_eval_set_is_named_with_the_ones_that_exist(tiny, capsys):
+    code, _, err = run(capsys, "score", tiny, "pool", "--eval", "ghost", "--device", "cpu")
+    assert code == 1
+    assert "no eval set named 'ghost'" in err and "(eval sets: target)" in err
+    assert "featurize" not in err
+    code, _, err = run(capsys, "prepare", tiny, "nopool", "--eval", "target", "--device", "cpu")
+    assert code == 1 and "no pool named 'nopool'" in err and "pools: " in err and "pool" in err
+
+
+# --- 7. a pool featurized with several models -------------------------------------------------------------
+
+
+def test_score_uses_the_named_or_first_model_and_says_which(tiny, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from chips_core.models import load_model
+
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny, ws)
+    ckpt = tmp_path / "epoch_1.pt"  # like a CPT checkpoint featurized later for TracIn
+    torch.save({"state_dict": load_model(MODEL, seed=5).model.state_dict()}, ckpt)
+    for name in ("pool", "target"):
+        assert (
+            run(capsys, "featurize", ws, name, "--model", MODEL, "--pretrained", ckpt, "--device", "cpu")[0]
+            == 0
+        )
+    with Workspace(ws).connect(read_only=True) as con:
+        runs = con.execute(
+            "SELECT p.name, r.run_id, m.checkpoint FROM feature_runs r JOIN pools p USING (pool_id) "
+            "JOIN models m USING (model_id) WHERE p.name = 'pool' ORDER BY r.run_id"
+        ).fetchall()
+    first, newest = [r[1] for r in runs if r[2] is None][0], [r[1] for r in runs if r[2] is not None][0]
+    assert newest > first
+
+    def cache_pool_run() -> int:
+        with Workspace(ws).connect(read_only=True) as con:
+            sql = "SELECT pool_run_id FROM scoring_caches ORDER BY cache_id DESC LIMIT 1"
+            return con.execute(sql).fetchone()[0]
+
+    prep = ("--device", "cpu", "--k-max", 32)
+    code, _, err = run(capsys, "score", ws, "pool", "--eval", "target", *prep)
+    assert code == 0, err
+    assert cache_pool_run() == first and f"using feature run {first} of pool" in err
+    code, _, err = run(capsys, "score", ws, "pool", "--eval", "target", "--model", ckpt, *prep)
+    assert code == 0, err
+    assert cache_pool_run() == newest and f"using feature run {newest} of pool" in err
+    code, _, err = run(capsys, "score", ws, "pool", "--eval", "target", "--model", MODEL, *prep)
+    assert code == 1
+    assert (
+        "matches feature runs of several models" in err and f"run {first}:" in err and f"run {newest}:" in err
+    )
