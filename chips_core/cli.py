@@ -715,32 +715,74 @@ register("score", "rank a pool by CHIPS or a baseline (prepares if needed)", _ad
 
 def _add_select(p: argparse.ArgumentParser) -> None:
     p.add_argument("ws", metavar="WS", help="workspace folder")
-    p.add_argument("pool", metavar="POOL", help="pool name")
+    p.add_argument(
+        "sel", metavar="SEL", help="name of the selection to save (saving it again makes version + 1)"
+    )
+    p.add_argument("--pool", default=None, help="pool name (default: the only pool with score runs)")
     p.add_argument("--ratio", type=FRACTION, required=True, help="fraction of the pool to keep, in (0, 1]")
-    p.add_argument("--name", required=True, help="selection name (saving it again makes version + 1)")
     p.add_argument("--score-run", type=int, default=None, help="score run id (default: the pool's latest)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="the older form `chips select WS POOL --name SEL` (SEL is then the pool); still accepted",
+    )
+
+
+def _select_target(ws: Workspace, args: argparse.Namespace) -> tuple[str, str]:
+    """(pool, selection name) of a `select` call, in the current or the older argument form."""
+    if args.name is not None:
+        return args.sel, args.name
+    name = args.sel
+    if name.lstrip("-").isdigit() or "@" in name:
+        raise CliError(
+            f"selection name {name!r}: use a name that is not a number and has no '@' (selections are "
+            "referred to as NAME, ID or NAME@VERSION)"
+        )
+    if args.pool is not None:
+        return args.pool, name
+    with ws.connect(read_only=True) as con:
+        if args.score_run is not None:
+            row = con.execute(
+                "SELECT p.name FROM score_runs s JOIN pools p USING (pool_id) WHERE s.score_run_id = ?",
+                [args.score_run],
+            ).fetchone()
+            if row is None:
+                raise CliError(f"no score run {args.score_run} in {ws.root}")
+            return row[0], name
+        pools = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT p.name FROM score_runs s JOIN pools p USING (pool_id) ORDER BY 1"
+            ).fetchall()
+        ]
+    if len(pools) == 1:
+        return pools[0], name
+    if not pools:
+        raise CliError("no pool has a score run yet; run `chips score` first")
+    raise CliError(f"several pools have score runs ({', '.join(pools)}); choose one with --pool")
 
 
 def _run_select(args: argparse.Namespace) -> int:
     from chips_core import selection as sel
 
     ws = workspace(args.ws)
+    pool, name = _select_target(ws, args)
     run = args.score_run
     if run is None:
-        pool_id = sel.resolve_pool(ws, args.pool)
+        pool_id = sel.resolve_pool(ws, pool)
         with ws.connect(read_only=True) as con:
             row = con.execute(
                 "SELECT max(score_run_id) FROM score_runs WHERE pool_id = ?", [pool_id]
             ).fetchone()
         if row[0] is None:
-            raise CliError(f"pool {args.pool!r} has no score run yet; run `chips score` first")
+            raise CliError(f"pool {pool!r} has no score run yet; run `chips score` first")
         run = int(row[0])
-    sid = sel.save_selection(ws, args.pool, run, args.ratio, args.name)
+    sid = sel.save_selection(ws, pool, run, args.ratio, name)
     info = sel.get_selection(ws, sid)
     dec = info.params["decisions"]
     say(
-        f"selection {info.name} v{info.version} (id {sid}): {info.n_selected} of "
-        f"{info.params['n_ranked']} pairs "
+        f"selection {info.name} v{info.version} (id {sid}, {info.name}@{info.version}): {info.n_selected} "
+        f"of {info.params['n_ranked']} pairs of {pool} "
         f"from score run {run} ({info.params['score_run']['method']}); decisions applied: "
         f"{len(dec['include'])} included, {len(dec['exclude'])} excluded"
     )
@@ -832,7 +874,15 @@ def _run_diff(args: argparse.Namespace) -> int:
 
 
 def _sel_ref(text: str) -> str | int:
+    """A selection reference as every command takes it: an id, a name (latest version) or name@version."""
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def selection_id(ws: Workspace, ref: str | int) -> int:
+    """The id of the selection `ref` names (id, name or name@version); a SelectionError names a bad one."""
+    from chips_core import selection as sel
+
+    return sel.get_selection(ws, _sel_ref(str(ref))).selection_id
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
@@ -871,7 +921,7 @@ def _shell_quote(a: str) -> str:
     return shlex.quote(a)
 
 
-register("select", "save the top RATIO of the latest scores as a named selection", _add_select, _run_select)
+register("select", "save the top RATIO of the latest scores as selection SEL", _add_select, _run_select)
 register(
     "decide", "include, exclude, clear or annotate one pair (kept across sessions)", _add_decide, _run_decide
 )

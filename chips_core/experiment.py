@@ -16,6 +16,7 @@ reused) and prepares one cache each, weighted by that epoch's mean learning rate
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -323,10 +324,13 @@ def _bar(desc: str) -> Any:
 
 def _run_train(args: Any) -> int:
     from chips_core import cpt
-    from chips_core.cli import say, workspace
+    from chips_core.cli import say, selection_id, workspace
 
     ws = workspace(args.ws)
-    source = args.selection if args.selection is not None else args.csv
+    refs = [r for r in (args.sel, args.selection) if r is not None]
+    if len(refs) + (args.csv is not None) != 1:
+        raise ValueError("give exactly one of SEL (a selection name, id or name@version) or --csv FILE")
+    source = selection_id(ws, refs[0]) if refs else args.csv
     bar, feed = _bar("cpt")
     with bar:
         run_id = cpt.train(ws, source, **_recipe(args).train_kwargs(), seed=args.seed, progress=feed)
@@ -337,9 +341,11 @@ def _run_train(args: Any) -> int:
 
 def _add_train(p: Any) -> None:
     p.add_argument("ws", metavar="WS")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--selection", type=int, help="a saved selection id (exported as open_clip CSV)")
-    src.add_argument("--csv", help="an open_clip CSV (filepath,title) instead of a selection")
+    p.add_argument(
+        "sel", metavar="SEL", nargs="?", help="selection: name (latest version), id or name@version"
+    )
+    p.add_argument("--selection", help=argparse.SUPPRESS)  # the older spelling of SEL
+    p.add_argument("--csv", help="an open_clip CSV (filepath,title) instead of a selection")
     p.add_argument("--seed", type=int, default=0)
     _add_recipe(p)
 
@@ -376,7 +382,11 @@ def _add_evaluate(p: Any) -> None:
     p.add_argument("ws", metavar="WS")
     p.add_argument("eval", metavar="EVAL", help="eval pool name/id in WS, or a CSV (filepath,title[,label])")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--run", type=int, help="a finished cpt_run_id (its final checkpoint)")
+    who.add_argument(
+        "--run",
+        help="a finished CPT run: its cpt_run_id, or a selection (name or name@version) for the latest "
+        "finished CPT run trained on it (its final checkpoint)",
+    )
     who.add_argument("--model", help="open_clip name / local-dir: / hf-hub: / checkpoint file")
     p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file (with --model)")
     p.add_argument("--random-init", action="store_true", help="random weights on purpose")
@@ -393,7 +403,7 @@ def _run_evaluate(args: Any) -> int:
     ws = workspace(args.ws)
     kw = {"device": args.device, "templates": tuple(args.template or DEFAULT_TEMPLATES)}
     if args.run is not None:
-        metrics = evaluate_run(ws, args.run, args.eval, **kw)
+        metrics = evaluate_run(ws, _cpt_run(ws, args.run), args.eval, **kw)
     else:
         from chips_core.models import check_weights_choice
 
@@ -401,6 +411,22 @@ def _run_evaluate(args: Any) -> int:
         metrics = evaluate(ws, args.model, args.eval, pretrained=args.pretrained, **kw)
     say(json.dumps(metrics, indent=2))
     return 0
+
+
+def _cpt_run(ws: Workspace, ref: str) -> int:
+    """A CPT run id, or the latest finished CPT run of the selection `ref` (name or name@version)."""
+    if ref.lstrip("-").isdigit():
+        return int(ref)
+    from chips_core.cli import CliError, selection_id
+
+    sid = selection_id(ws, ref)
+    with ws.connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT max(cpt_run_id) FROM cpt_runs WHERE selection_id = ? AND status = 'finished'", [sid]
+        ).fetchone()
+    if row[0] is None:
+        raise CliError(f"selection {ref!r} (id {sid}) has no finished CPT run; run `chips train` first")
+    return int(row[0])
 
 
 def _add_experiment(p: Any) -> None:
