@@ -292,10 +292,7 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json-caption-key", default="caption", help="caption key in WebDataset json members")
     p.add_argument(
-        "--workers",
-        type=_ranged(int, 0),
-        default=None,
-        help="image-checking processes (default min(8, CPUs))",
+        "--workers", type=int, default=None, help="image-checking processes (default min(8, CPUs))"
     )
 
 
