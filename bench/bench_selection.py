@@ -87,13 +87,8 @@ def main() -> None:
     else:
         ws, pool, ev = Workspace(a.ws), a.pool, a.eval
         truth = truth_series(ws, pool, a.truth)
-    with ws.connect(read_only=True) as con:  # the model the pool was first featurized with (not a checkpoint)
-        model_id = con.execute(
-            "SELECT model_id FROM feature_runs JOIN pools USING (pool_id) WHERE name = ? AND feature_runs.status = 'done' "
-            "ORDER BY run_id LIMIT 1",
-            [pool],
-        ).fetchone()[0]
-    base = prepare_workspace(ws, pool, ev, PrepareConfig(device="cpu"), model_id=model_id)
+    # the model the pool was first featurized with (never a later checkpoint's features)
+    base = prepare_workspace(ws, pool, ev, PrepareConfig(device="cpu"))
     caches = {}
     for blocks in (VT, ALL):
         cid = cache_with_blocks(ws, base, blocks)

@@ -61,6 +61,48 @@ class CliError(WorkspaceError):
     """A command-line problem with a message meant for the user."""
 
 
+# --- cheap argparse types: bad parameters are refused before anything heavy is imported ----------------
+
+
+def _ranged(
+    cast: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str], Any]:
+    """An argparse type: `cast(text)` that must be finite and lie in the interval (lo, hi) given."""
+    left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+    right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+    if lo is not None and hi is not None:
+        want = f"a number in {left}, {right}"
+    elif lo is not None:
+        want = ("a number > " if lo_open else "a number ≥ ") + f"{lo:g}"
+    else:
+        want = ("a number < " if hi_open else "a number ≤ ") + f"{hi:g}"
+    if cast is int:
+        want = want.replace("a number", "an integer")
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {want}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))
+        bad = bad or (lo is not None and (value <= lo if lo_open else value < lo))
+        bad = bad or (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text} is not {want}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _positive(cast: type) -> Callable[[str], Any]:
+    return _ranged(cast, 0, lo_open=True)
+
+
+UNIT = _ranged(float, 0, 1)  # α, β
+FRACTION = _ranged(float, 0, 1, lo_open=True)  # a selection ratio
+
+
 # --- helpers shared by commands -------------------------------------------------------------------------
 
 
@@ -125,6 +167,16 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def note(text: str) -> None:
+    """Print a note on stderr (a parameter was adjusted, which run was chosen...)."""
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def warn(text: str) -> None:
+    """Print a warning on stderr (the command succeeded but its result needs care)."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 # --- init / status ----------------------------------------------------------------------------------------
 
 
@@ -176,6 +228,11 @@ def _run_status(args: argparse.Namespace) -> int:
     with ws.connect(read_only=True) as con:
         for title, sql in queries.items():
             out[title] = con.execute(sql).df()
+        dirs = dict(con.execute("SELECT run_id, dir FROM feature_runs WHERE status = 'running'").fetchall())
+    runs = out["feature runs"]
+    for i in runs.index[runs["status"] == "running"]:
+        if not _writer_alive(Path(dirs[int(runs.at[i, "run_id"])])):
+            runs.at[i, "status"] = "interrupted"
     if args.json:
         say(json.dumps({k: v.to_dict("records") for k, v in out.items()}, default=str))
         return 0
@@ -185,6 +242,23 @@ def _run_status(args: argparse.Namespace) -> int:
         if len(df):
             say(df.to_string(index=False, max_colwidth=60))
     return 0
+
+
+def _writer_alive(run_dir: Path) -> bool:
+    """Whether a process holds the writer's flock of a feature run (features.run_lock); the OS drops the
+    lock of a killed process, so a 'running' run without a holder was interrupted (re-run featurize)."""
+    import fcntl
+
+    lock = run_dir / "lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 register("init", "create a workspace folder (idempotent)", _add_init, _run_init)
@@ -311,10 +385,27 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
     p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="use seeded random weights on purpose (needed when the model has pretrained tags and no "
+        "--pretrained is given)",
+    )
+    p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present"
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--batch-size", type=_ranged(int, 1), default=256, help="images per encoder batch (default 256)"
+    )
+    p.add_argument(
+        "--workers", type=_ranged(int, 0), default=0, help="DataLoader worker processes (default 0)"
+    )
+    p.add_argument(
+        "--checkpoint-s",
+        type=_positive(float),
+        default=30.0,
+        help="seconds between checkpoints of the shard being written: a killed run redoes at most this "
+        "much (default 30; local engine)",
+    )
     _add_engine_options(p)
 
 
@@ -333,6 +424,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def _run_featurize(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
+    from chips_core.models import check_weights_choice, pretrained_tags
+
+    check_weights_choice(args.model, args.pretrained, args.random_init)
     if args.engine == "ray":
         from chips_core.distributed import featurize_ray as run
 
@@ -340,7 +434,7 @@ def _run_featurize(args: argparse.Namespace) -> int:
     else:
         from chips_core.features import featurize as run
 
-        opts = {"device": args.device, "num_workers": args.workers}
+        opts = {"device": args.device, "num_workers": args.workers, "checkpoint_s": args.checkpoint_s}
     with progress_bar(f"featurize {args.name}") as bar:
         run_id = run(
             ws, args.name, args.model, args.pretrained, batch_size=args.batch_size, progress=bar, **opts
@@ -350,6 +444,10 @@ def _run_featurize(args: argparse.Namespace) -> int:
             "SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [run_id]
         ).fetchone()
     say(f"feature run {run_id}: {int(n[0])} pairs of {args.name} featurized with {args.model}")
+    weights_elsewhere = args.model.startswith(("hf-hub:", "local-dir:")) or Path(args.model).is_file()
+    random = args.pretrained is None and not weights_elsewhere
+    if random and (args.random_init or not pretrained_tags(args.model)):
+        note(f"{args.model} has random weights (seeded random init, recorded as such)")
     return 0
 
 
@@ -371,13 +469,15 @@ PREPARE_DEFAULTS = {
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     d = PREPARE_DEFAULTS
     g = p.add_argument_group("prepare (the scoring cache; a different value makes a new cache)")
-    g.add_argument("--k-max", type=int, default=d["k_max"], help=f"sketch rows stored (default {d['k_max']})")
+    g.add_argument(
+        "--k-max", type=_ranged(int, 2), default=d["k_max"], help=f"sketch rows stored (default {d['k_max']})"
+    )
     g.add_argument(
         "--sketch", default=d["sketch"], choices=["kronecker", "dense"], help="JL sketch (default kronecker)"
     )
     g.add_argument(
         "--batch-size",
-        type=int,
+        type=_ranged(int, 2),
         default=d["batch_size"],
         help=f"InfoNCE batch size (default {d['batch_size']})",
     )
@@ -392,13 +492,13 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--curvature-pairs",
-        type=int,
+        type=_ranged(int, 2),
         default=d["curvature_pairs"],
         help=f"pool pairs used to estimate the curvature (default {d['curvature_pairs']})",
     )
     g.add_argument(
         "--negatives-per-row",
-        type=int,
+        type=_ranged(int, 1),
         default=d["negatives_per_row"],
         help=f"sampled negatives per row for the curvature (default {d['negatives_per_row']})",
     )
@@ -409,7 +509,16 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
         "--dtype", default=d["dtype"], choices=["float32", "float64"], help="math precision (default float32)"
     )
     g.add_argument(
-        "--model-id", type=int, default=None, help="use the feature runs of this model (default: the latest)"
+        "--model",
+        default=None,
+        help="use the feature runs of this model: open_clip name, NAME:PRETRAINED, model id or checkpoint "
+        "file (default: the model the pool was first featurized with)",
+    )
+    g.add_argument(
+        "--model-id",
+        type=int,
+        default=None,
+        help="use the feature runs of this model id (see `chips status`)",
     )
     g.add_argument(
         "--blocks",
@@ -458,7 +567,15 @@ def _run_prepare(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
     with progress_bar(f"prepare {args.pool}") as bar:
         cache_id = prepare_workspace(
-            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args)
+            ws,
+            args.pool,
+            args.eval_name,
+            _prepare_config(args),
+            args.model_id,
+            bar,
+            _engine(args),
+            note,
+            args.model,
         )
     with ws.connect(read_only=True) as con:
         cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE cache_id = ?", [cache_id]).fetchone()[0]
@@ -478,11 +595,15 @@ def _add_score(p: argparse.ArgumentParser) -> None:
         choices=["chips", "random", "clipscore", "dot", "tracin", "trak"],
         help="CHIPS (default) or a baseline on the same features and batches (METHOD.md §7)",
     )
-    p.add_argument("--alpha", type=float, default=0.7, help="weight of the negative curvature (default 0.7)")
-    p.add_argument("--lam", type=float, default=None, help="damping λ (default λ* with d(λ*) = k/4)")
-    p.add_argument("--k", type=int, default=None, help="sketch rows used, ≤ k-max (default k-max/2)")
-    p.add_argument("--beta", type=float, default=0.5, help="image/text balance of the relevance weight")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction marked selected (default 0.3)")
+    p.add_argument("--alpha", type=UNIT, default=0.7, help="weight of the negative curvature (default 0.7)")
+    p.add_argument(
+        "--lam", type=_positive(float), default=None, help="damping λ (default λ* with d(λ*) = k/4)"
+    )
+    p.add_argument(
+        "--k", type=_ranged(int, 1), default=None, help="sketch rows used, ≤ k-max (default k-max/2)"
+    )
+    p.add_argument("--beta", type=UNIT, default=0.5, help="image/text balance of the relevance weight")
+    p.add_argument("--ratio", type=FRACTION, default=0.3, help="fraction marked selected (default 0.3)")
     p.add_argument("--rank-seed", type=int, default=0, help="seed of the random baseline (default 0)")
     p.add_argument(
         "--exact", action="store_true", help="CHIPS without the sketch (conjugate gradients; slow)"
@@ -549,7 +670,15 @@ def _run_score(args: argparse.Namespace) -> int:
 
     with progress_bar(f"prepare {args.pool}") as bar:
         cache_id = prepare_workspace(
-            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args)
+            ws,
+            args.pool,
+            args.eval_name,
+            _prepare_config(args),
+            args.model_id,
+            bar,
+            _engine(args),
+            note,
+            args.model,
         )
     with ws.connect(read_only=True) as con:
         cache_dir, pool_run = con.execute(
@@ -603,6 +732,10 @@ def _run_score(args: argparse.Namespace) -> int:
             f"agreement) is below {info['guard_threshold']:.4g}, an outlier under the pool's median "
             "(--guard none keeps them)"
         )
+    from chips_core.diagnostics import stability_warning
+
+    if (message := stability_warning(info.get("stability"))) is not None:
+        warn(message)
     if out is not None:
         table = _score_table(ws, args.pool, result)
         from chips_core.store import atomic_path
@@ -698,32 +831,74 @@ register("score", "rank a pool by CHIPS or a baseline (prepares if needed)", _ad
 
 def _add_select(p: argparse.ArgumentParser) -> None:
     p.add_argument("ws", metavar="WS", help="workspace folder")
-    p.add_argument("pool", metavar="POOL", help="pool name")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of the pool to keep, in (0, 1]")
-    p.add_argument("--name", required=True, help="selection name (saving it again makes version + 1)")
+    p.add_argument(
+        "sel", metavar="SEL", help="name of the selection to save (saving it again makes version + 1)"
+    )
+    p.add_argument("--pool", default=None, help="pool name (default: the only pool with score runs)")
+    p.add_argument("--ratio", type=FRACTION, required=True, help="fraction of the pool to keep, in (0, 1]")
     p.add_argument("--score-run", type=int, default=None, help="score run id (default: the pool's latest)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="the older form `chips select WS POOL --name SEL` (SEL is then the pool); still accepted",
+    )
+
+
+def _select_target(ws: Workspace, args: argparse.Namespace) -> tuple[str, str]:
+    """(pool, selection name) of a `select` call, in the current or the older argument form."""
+    if args.name is not None:
+        return args.sel, args.name
+    name = args.sel
+    if name.lstrip("-").isdigit() or "@" in name:
+        raise CliError(
+            f"selection name {name!r}: use a name that is not a number and has no '@' (selections are "
+            "referred to as NAME, ID or NAME@VERSION)"
+        )
+    if args.pool is not None:
+        return args.pool, name
+    with ws.connect(read_only=True) as con:
+        if args.score_run is not None:
+            row = con.execute(
+                "SELECT p.name FROM score_runs s JOIN pools p USING (pool_id) WHERE s.score_run_id = ?",
+                [args.score_run],
+            ).fetchone()
+            if row is None:
+                raise CliError(f"no score run {args.score_run} in {ws.root}")
+            return row[0], name
+        pools = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT p.name FROM score_runs s JOIN pools p USING (pool_id) ORDER BY 1"
+            ).fetchall()
+        ]
+    if len(pools) == 1:
+        return pools[0], name
+    if not pools:
+        raise CliError("no pool has a score run yet; run `chips score` first")
+    raise CliError(f"several pools have score runs ({', '.join(pools)}); choose one with --pool")
 
 
 def _run_select(args: argparse.Namespace) -> int:
     from chips_core import selection as sel
 
     ws = workspace(args.ws)
+    pool, name = _select_target(ws, args)
     run = args.score_run
     if run is None:
-        pool_id = sel.resolve_pool(ws, args.pool)
+        pool_id = sel.resolve_pool(ws, pool)
         with ws.connect(read_only=True) as con:
             row = con.execute(
                 "SELECT max(score_run_id) FROM score_runs WHERE pool_id = ?", [pool_id]
             ).fetchone()
         if row[0] is None:
-            raise CliError(f"pool {args.pool!r} has no score run yet; run `chips score` first")
+            raise CliError(f"pool {pool!r} has no score run yet; run `chips score` first")
         run = int(row[0])
-    sid = sel.save_selection(ws, args.pool, run, args.ratio, args.name)
+    sid = sel.save_selection(ws, pool, run, args.ratio, name)
     info = sel.get_selection(ws, sid)
     dec = info.params["decisions"]
     say(
-        f"selection {info.name} v{info.version} (id {sid}): {info.n_selected} of "
-        f"{info.params['n_ranked']} pairs "
+        f"selection {info.name} v{info.version} (id {sid}, {info.name}@{info.version}): {info.n_selected} "
+        f"of {info.params['n_ranked']} pairs of {pool} "
         f"from score run {run} ({info.params['score_run']['method']}); decisions applied: "
         f"{len(dec['include'])} included, {len(dec['exclude'])} excluded"
     )
@@ -815,7 +990,15 @@ def _run_diff(args: argparse.Namespace) -> int:
 
 
 def _sel_ref(text: str) -> str | int:
+    """A selection reference as every command takes it: an id, a name (latest version) or name@version."""
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def selection_id(ws: Workspace, ref: str | int) -> int:
+    """The id of the selection `ref` names (id, name or name@version); a SelectionError names a bad one."""
+    from chips_core import selection as sel
+
+    return sel.get_selection(ws, _sel_ref(str(ref))).selection_id
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
@@ -854,7 +1037,7 @@ def _shell_quote(a: str) -> str:
     return shlex.quote(a)
 
 
-register("select", "save the top RATIO of the latest scores as a named selection", _add_select, _run_select)
+register("select", "save the top RATIO of the latest scores as selection SEL", _add_select, _run_select)
 register(
     "decide", "include, exclude, clear or annotate one pair (kept across sessions)", _add_decide, _run_decide
 )

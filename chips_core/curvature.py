@@ -168,3 +168,20 @@ def newton_solve(C: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
         raise ValueError(f"lambda must be positive, got {lam}")
     M = 0.5 * (C + C.T) + lam * np.eye(C.shape[0])
     return scipy.linalg.cho_solve(scipy.linalg.cho_factor(M, lower=True), u)
+
+
+def rank_bound(n_pairs: int, batch_size: int, curvature_pairs: int, K: int) -> int:
+    """An upper bound on the rank of the sketched curvature prepare builds from a pool of `n_pairs`.
+
+    prepare adds the first ceil(min(curvature_pairs, N)/B₀) batches (B₀ the first batch's size); a batch
+    of B pairs contributes 2B positive and 2BK sampled negative vectors (`curvature_vectors`), and all of
+    them are differences ∇S_ij − ∇S_kk of its B² logit gradients, so its share of the rank is at most
+    min(2B(K + 1), B² − 1). With fewer independent directions than k/4 no λ* exists and the Cholesky
+    solve fails, so k_max must not exceed this bound (see `pipeline.prepare_workspace`).
+    """
+    from chips_core.batches import n_batches
+
+    nb = n_batches(n_pairs, batch_size)
+    sizes = [len(b) for b in np.array_split(np.arange(n_pairs), nb)]
+    n_curv = min(-(-min(curvature_pairs, n_pairs) // sizes[0]), nb)
+    return int(sum(min(2 * B * (K + 1), B * B - 1) for B in sizes[:n_curv]))

@@ -363,6 +363,17 @@ def featurize_ray(
         )
     loaded = load_model(model, pretrained, device="cpu", seed=seed)
     info = features.open_run(ws, pool_name, loaded, shard_size)
+    with features.run_lock(info):  # `chips status` tells a live writer from a dead one by this lock
+        _featurize_ray_run(ws, info, loaded, model, pretrained, seed, address, num_gpus_per_worker,
+                           num_encoders, batch_size, num_cpus, progress)  # fmt: skip
+    return info.run_id
+
+
+def _featurize_ray_run(
+    ws: Workspace, info: RunInfo, loaded: Any, model: str, pretrained: str | None, seed: int,
+    address: str | None, num_gpus_per_worker: float, num_encoders: int | None, batch_size: int,
+    num_cpus: int | None, progress: ProgressFn | None,
+) -> None:  # fmt: skip
     with ws.connect(read_only=True) as con:
         fmt = con.execute("SELECT format FROM pools WHERE pool_id = ?", [info.pool_id]).fetchone()[0]
     done = features.done_shards(ws, info.run_id)
@@ -382,4 +393,3 @@ def featurize_ray(
                 collector.add(batch)
         collector.finish()
     features.finish_run(ws, info)
-    return info.run_id

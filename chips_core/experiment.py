@@ -16,6 +16,7 @@ reused) and prepares one cache each, weighted by that epoch's mean learning rate
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -309,12 +310,14 @@ def draw_png(series: dict[str, tuple[list, list, list]], ylabel: str, size: tupl
 
 
 def _add_recipe(p: Any) -> None:
+    from chips_core.cli import _ranged
+
     g = p.add_argument_group("CPT recipe (open_clip_train; defaults from the CHIPS paper)")
     g.add_argument("--model", required=True, help="open_clip name, local-dir:PATH or hf-hub:ID")
     g.add_argument("--pretrained", default=None, help="pretrained tag or a local checkpoint file")
-    g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--lr", type=float, default=1e-6)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--epochs", type=_ranged(int, 1), default=5)
+    g.add_argument("--lr", type=_ranged(float, 0, lo_open=True), default=1e-6)
+    g.add_argument("--batch-size", type=_ranged(int, 1), default=64)
     g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of the steps)")
     g.add_argument("--precision", default=None, help="default amp on CUDA, fp32 elsewhere")
     g.add_argument("--workers", type=int, default=2)
@@ -340,10 +343,13 @@ def _bar(desc: str) -> Any:
 
 def _run_train(args: Any) -> int:
     from chips_core import cpt
-    from chips_core.cli import say, workspace
+    from chips_core.cli import say, selection_id, workspace
 
     ws = workspace(args.ws)
-    source = args.selection if args.selection is not None else args.csv
+    refs = [r for r in (args.sel, args.selection) if r is not None]
+    if len(refs) + (args.csv is not None) != 1:
+        raise ValueError("give exactly one of SEL (a selection name, id or name@version) or --csv FILE")
+    source = selection_id(ws, refs[0]) if refs else args.csv
     bar, feed = _bar("cpt")
     with bar:
         run_id = cpt.train(ws, source, **_recipe(args).train_kwargs(), seed=args.seed, progress=feed)
@@ -354,9 +360,11 @@ def _run_train(args: Any) -> int:
 
 def _add_train(p: Any) -> None:
     p.add_argument("ws", metavar="WS")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--selection", type=int, help="a saved selection id (exported as open_clip CSV)")
-    src.add_argument("--csv", help="an open_clip CSV (filepath,title) instead of a selection")
+    p.add_argument(
+        "sel", metavar="SEL", nargs="?", help="selection: name (latest version), id or name@version"
+    )
+    p.add_argument("--selection", help=argparse.SUPPRESS)  # the older spelling of SEL
+    p.add_argument("--csv", help="an open_clip CSV (filepath,title) instead of a selection")
     p.add_argument("--seed", type=int, default=0)
     _add_recipe(p)
 
@@ -393,9 +401,14 @@ def _add_evaluate(p: Any) -> None:
     p.add_argument("ws", metavar="WS")
     p.add_argument("eval", metavar="EVAL", help="eval pool name/id in WS, or a CSV (filepath,title[,label])")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--run", type=int, help="a finished cpt_run_id (its final checkpoint)")
+    who.add_argument(
+        "--run",
+        help="a finished CPT run: its cpt_run_id, or a selection (name or name@version) for the latest "
+        "finished CPT run trained on it (its final checkpoint)",
+    )
     who.add_argument("--model", help="open_clip name / local-dir: / hf-hub: / checkpoint file")
     p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file (with --model)")
+    p.add_argument("--random-init", action="store_true", help="random weights on purpose")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--template", action="append", help=f"zero-shot prompt (repeatable; default {DEFAULT_TEMPLATES})"
@@ -409,14 +422,35 @@ def _run_evaluate(args: Any) -> int:
     ws = workspace(args.ws)
     kw = {"device": args.device, "templates": tuple(args.template or DEFAULT_TEMPLATES)}
     if args.run is not None:
-        metrics = evaluate_run(ws, args.run, args.eval, **kw)
+        metrics = evaluate_run(ws, _cpt_run(ws, args.run), args.eval, **kw)
     else:
+        from chips_core.models import check_weights_choice
+
+        check_weights_choice(args.model, args.pretrained, args.random_init)
         metrics = evaluate(ws, args.model, args.eval, pretrained=args.pretrained, **kw)
     say(json.dumps(metrics, indent=2))
     return 0
 
 
+def _cpt_run(ws: Workspace, ref: str) -> int:
+    """A CPT run id, or the latest finished CPT run of the selection `ref` (name or name@version)."""
+    if ref.lstrip("-").isdigit():
+        return int(ref)
+    from chips_core.cli import CliError, selection_id
+
+    sid = selection_id(ws, ref)
+    with ws.connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT max(cpt_run_id) FROM cpt_runs WHERE selection_id = ? AND status = 'finished'", [sid]
+        ).fetchone()
+    if row[0] is None:
+        raise CliError(f"selection {ref!r} (id {sid}) has no finished CPT run; run `chips train` first")
+    return int(row[0])
+
+
 def _add_experiment(p: Any) -> None:
+    from chips_core.cli import FRACTION, UNIT, _ranged
+
     p.add_argument("ws", metavar="WS")
     p.add_argument("pool", metavar="POOL", help="the pool name (featurized and prepared)")
     p.add_argument("--test", required=True, help="held-out eval set for evaluation (pool name or CSV)")
@@ -427,10 +461,10 @@ def _add_experiment(p: Any) -> None:
         default=["random", "clipscore", "dot", "trak", "chips-paper", "chips"],
         help="chips: the default preset; chips-paper: the paper's literal score (its own cache blocks)",
     )
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    p.add_argument("--ratios", nargs="+", type=FRACTION, default=[0.1, 0.2, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--alpha", type=float, default=0.7)
-    p.add_argument("--k", type=int, default=None, help="sketch rows (default k_max/2)")
+    p.add_argument("--alpha", type=UNIT, default=0.7)
+    p.add_argument("--k", type=_ranged(int, 1), default=None, help="sketch rows (default k_max/2)")
     p.add_argument("--tracin-eval", help="validation set name for TracIn's checkpoint caches")
     p.add_argument(
         "--tracin-epochs", type=int, default=2, help="epochs of the TracIn warm-up run (full pool)"

@@ -6,14 +6,20 @@ A feature run belongs to (pool, model). Its folder `features/<run_id>/` holds
   fixed ranges of positions and workers read their rows without touching the workspace database;
 - `shard-NNNNN-{h,t,ids}.npy`: fp16 features and int64 pair ids of positions [N·S, (N+1)·S), each file
   written atomically; a shard exists iff its row is in `feature_shards` (written after the files).
-A killed run resumes on re-run (same run, completed shards skipped, an incomplete shard rewritten whole),
-so no row is lost or duplicated. Images that fail to load go to `rejects` and are left out of the shard's
-ids. `FeatureStore` reads a run back as the FeatureSource protocol of docs/ARCHITECTURE.md.
+- `part-NNNNN-PPPP-{h,t,ids}.npy` + `part-NNNNN-PPPP.json`: checkpoints of the shard being written, one
+  every `checkpoint_s` seconds (default 30), the json (positions [start, end) and rejects) written last;
+  merged into the shard files when the shard closes and then deleted.
+A killed run resumes on re-run (same run, completed shards skipped, an incomplete shard continued from its
+last checkpoint), so no row is lost or duplicated and at most `checkpoint_s` seconds of encoding (plus the
+batch in flight) are redone, at any pool size. Readers only ever see whole shards. Images that fail to
+load go to `rejects` and are left out of the shard's ids. `FeatureStore` reads a run back as the
+FeatureSource protocol of docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -30,6 +36,7 @@ from chips_core.models import LoadedModel, load_model, register_model, resolve_d
 from chips_core.store import Workspace, WorkspaceError, atomic_path, atomic_write_bytes
 
 SHARD_SIZE = 8192
+CHECKPOINT_S = 30.0  # seconds of encoding between checkpoints of the shard being written
 _OPEN_SHARDS = 128
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -277,7 +284,7 @@ class _Rows(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[tuple]:
         with duckdb.connect() as con:
             for shard, start, end in self.plan:
-                yield (shard, end - start, *read_rows(self.manifest, start, end, con))
+                yield (shard, end - start, *read_rows(self.manifest, start, end, con), end)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -290,7 +297,7 @@ class _Batches(torch.utils.data.Dataset):
         self.raw_jpeg, self.preprocess, self.tokenizer = raw_jpeg, loaded.preprocess, loaded.tokenizer
 
     def __getitem__(self, item: tuple) -> dict:
-        shard, n, ids, refs, captions = item
+        shard, n, ids, refs, captions, end = item
         keep, images, jpegs, rejects = [], [], [], []
         for j, ref in enumerate(refs):
             try:
@@ -305,7 +312,7 @@ class _Batches(torch.utils.data.Dataset):
             except Exception as exc:  # noqa: BLE001 - any failure of one image rejects that image only
                 rejects.append((ref, getattr(exc, "reason", "load_error"), f"{type(exc).__name__}: {exc}"))
         tokens = self.tokenizer([captions[j] for j in keep]) if keep else None
-        return {"shard": shard, "n": n, "ids": ids[keep], "images": images, "jpegs": jpegs,
+        return {"shard": shard, "n": n, "end": end, "ids": ids[keep], "images": images, "jpegs": jpegs,
                 "tokens": tokens, "rejects": rejects}  # fmt: skip
 
 
@@ -334,12 +341,14 @@ def featurize(
     shard_size: int = SHARD_SIZE,
     gpu_decode: bool | None = None,
     progress: ProgressFn | None = None,
+    checkpoint_s: float = CHECKPOINT_S,
 ) -> int:
     """Featurize pool `pool_name` with a model (name/checkpoint/hf-hub id + pretrained, or a LoadedModel).
 
     Returns the feature run id; a finished run of the same (pool, model) is returned as is, an unfinished
     one is resumed. On CUDA the encoders run under bf16 autocast; `gpu_decode` (default: on with CUDA)
     decodes JPEG files with nvJPEG. `num_workers` DataLoader processes load and preprocess images.
+    The shard being written is checkpointed every `checkpoint_s` seconds: a killed run loses at most that.
     """
     if batch_size < 1:
         raise FeaturizeError(f"batch_size must be >= 1, got {batch_size}")
@@ -350,21 +359,87 @@ def featurize(
         loaded.device = dev
     info = open_run(ws, pool_name, loaded, shard_size)
     with run_lock(info):
-        _featurize_run(ws, info, loaded, dev, batch_size, num_workers, gpu_decode, progress)
+        _featurize_run(ws, info, loaded, dev, batch_size, num_workers, gpu_decode, progress, checkpoint_s)
     return info.run_id
+
+
+def _part_paths(info: RunInfo, shard: int, part: int) -> dict[str, Path]:
+    stem = f"part-{shard:05d}-{part:04d}"
+    return {**{k: info.dir / f"{stem}-{k}.npy" for k in ("h", "t", "ids")}, "json": info.dir / f"{stem}.json"}
+
+
+def _drop_parts(info: RunInfo, shard: int) -> None:
+    for path in info.dir.glob(f"part-{shard:05d}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _load_parts(info: RunInfo, shard: int) -> tuple[list[dict], int]:
+    """The checkpoints of an unfinished shard that continue each other from its start: (parts, next
+    position); anything else of that shard (a part without its json, a gap) is deleted."""
+    parts, pos = [], info.shard_range(shard)[0]
+    for p in itertools.count():
+        paths = _part_paths(info, shard, p)
+        if not paths["json"].exists():
+            break
+        meta = json.loads(paths["json"].read_text())
+        if meta["start"] != pos:
+            break
+        arrays = {k: np.load(paths[k]) for k in ("h", "t", "ids")}
+        parts.append({**arrays, "rejects": [tuple(r) for r in meta["rejects"]]})
+        pos = int(meta["end"])
+    keep = {str(path) for q in range(len(parts)) for path in _part_paths(info, shard, q).values()}
+    for path in info.dir.glob(f"part-{shard:05d}-*"):
+        if str(path) not in keep:
+            path.unlink()
+    return parts, pos
+
+
+def _write_part(info: RunInfo, shard: int, part: int, start: int, end: int, pieces: list[dict]) -> dict:
+    """Checkpoint the encoded batches `pieces` (positions [start, end) of `shard`); json last."""
+    merged = _merge(info, pieces)
+    paths = _part_paths(info, shard, part)
+    for key in ("h", "t", "ids"):
+        with atomic_path(paths[key]) as tmp:
+            np.save(tmp, merged[key])
+    meta = {"shard": shard, "part": part, "start": start, "end": end, "rejects": merged["rejects"]}
+    atomic_write_bytes(paths["json"], json.dumps(meta).encode())
+    return merged
+
+
+def _merge(info: RunInfo, parts: list[dict]) -> dict:
+    full = [p for p in parts if p["h"] is not None]
+    return {
+        "ids": np.concatenate([p["ids"] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64),
+        "h": np.concatenate([p["h"] for p in full]) if full else np.zeros((0, info.d_v), np.float16),
+        "t": np.concatenate([p["t"] for p in full]) if full else np.zeros((0, info.d_t), np.float16),
+        "rejects": [list(r) for p in parts for r in p["rejects"]],
+    }
 
 
 def _featurize_run(
     ws: Workspace, info: RunInfo, loaded: LoadedModel, dev: torch.device, batch_size: int, num_workers: int,
-    gpu_decode: bool | None, progress: ProgressFn | None,
+    gpu_decode: bool | None, progress: ProgressFn | None, checkpoint_s: float = CHECKPOINT_S,
 ) -> None:  # fmt: skip
-    """The shards of `info` that have no completion record yet, in order, then the run's done mark."""
+    """The shards of `info` that have no completion record yet, in order (each continued from its last
+    checkpoint), then the run's done mark."""
     done = done_shards(ws, info.run_id)
+    for s in done:
+        _drop_parts(info, s)
     todo = [s for s in range(info.n_shards) if s not in done]
+    saved: dict[int, list[dict]] = {}
+    resume: dict[int, int] = {}
+    for s in todo:
+        saved[s], resume[s] = _load_parts(info, s)
+    for s in [s for s in todo if resume[s] >= info.shard_range(s)[1]]:  # killed just before closing it
+        _flush_shard(ws, info, s, saved.pop(s))
+        _drop_parts(info, s)
+        todo.remove(s)
+        done.add(s)
     plan = [
         (s, b, min(b + batch_size, info.shard_range(s)[1]))
         for s in todo
-        for b in range(info.shard_range(s)[0], info.shard_range(s)[1], batch_size)
+        for b in range(resume[s], info.shard_range(s)[1], batch_size)
     ]
     raw_jpeg = dev.type == "cuda" and loaded.gpu_preprocess_supported() if gpu_decode is None else gpu_decode
     if raw_jpeg and (dev.type != "cuda" or not loaded.gpu_preprocess_supported()):
@@ -378,16 +453,21 @@ def _featurize_run(
         _Batches(loaded, raw_jpeg), sampler=_Rows(info.manifest, plan), batch_size=None,
         num_workers=num_workers, pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
     )  # fmt: skip
-    tracker = _Tracker(info, done, progress)
-    remaining = {s: len(range(*info.shard_range(s), batch_size)) for s in todo}
-    parts: list[dict] = []
+    tracker = _Tracker(info, done, progress, resumed=sum(resume[s] - info.shard_range(s)[0] for s in todo))
+    remaining = {s: len(range(resume[s], info.shard_range(s)[1], batch_size)) for s in todo}
+    pending: list[dict] = []
+    last_checkpoint = time.monotonic()
     for batch in loader:
-        parts.append(_encode(batch, loaded, dev, raw_jpeg))
+        pending.append(_encode(batch, loaded, dev, raw_jpeg))
         s = batch["shard"]
         remaining[s] -= 1
         if remaining[s] == 0:
-            _flush_shard(ws, info, s, parts)
-            parts = []
+            _flush_shard(ws, info, s, saved.pop(s) + pending)
+            _drop_parts(info, s)
+            pending, last_checkpoint = [], time.monotonic()
+        elif time.monotonic() - last_checkpoint >= checkpoint_s:
+            saved[s].append(_write_part(info, s, len(saved[s]), resume[s], batch["end"], pending))
+            resume[s], pending, last_checkpoint = batch["end"], [], time.monotonic()
         tracker.batch_done(batch["n"], shard_finished=remaining[s] == 0)
     finish_run(ws, info)
 
@@ -417,21 +497,20 @@ def _encode(batch: dict, loaded: LoadedModel, dev: torch.device, raw_jpeg: bool)
 
 
 def _flush_shard(ws: Workspace, info: RunInfo, shard: int, parts: list[dict]) -> None:
-    full = [p for p in parts if p["h"] is not None]
-    ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros(0, np.int64)
-    h = np.concatenate([p["h"] for p in full]) if full else np.zeros((0, info.d_v), np.float16)
-    t = np.concatenate([p["t"] for p in full]) if full else np.zeros((0, info.d_t), np.float16)
-    write_shard(ws, info, shard, ids, h, t, [r for p in parts for r in p["rejects"]])
+    m = _merge(info, parts)
+    write_shard(ws, info, shard, m["ids"], m["h"], m["t"], [tuple(r) for r in m["rejects"]])
 
 
 class _Tracker:
     """Progress reports (done/total, pairs/s over this call, ETA): at most every `every_s`, and per shard."""
 
-    def __init__(self, info: RunInfo, done: set[int], fn: ProgressFn | None, every_s: float = 0.5) -> None:
+    def __init__(
+        self, info: RunInfo, done: set[int], fn: ProgressFn | None, every_s: float = 0.5, resumed: int = 0
+    ) -> None:
         self.info, self.fn, self.every_s = info, fn, every_s
         self.t0 = self.last = time.monotonic()
         self.n_shards_done = len(done)
-        self.done = sum(info.shard_range(s)[1] - info.shard_range(s)[0] for s in done)
+        self.done = sum(info.shard_range(s)[1] - info.shard_range(s)[0] for s in done) + resumed
         self.here = 0
         self._report()
 
@@ -527,13 +606,23 @@ class FeatureStore:
 
 
 def find_run(ws: Workspace, pool_name: str, model_id: int | None = None) -> int | None:
-    """The latest finished feature run of a pool (optionally of one model), or None."""
-    sql = (
-        "SELECT r.run_id FROM feature_runs r JOIN pools p USING (pool_id) "
-        "WHERE p.name = ? AND r.status = 'done'"
-        + (" AND r.model_id = ?" if model_id is not None else "")
-        + " ORDER BY r.run_id DESC LIMIT 1"
-    )
+    """The latest finished feature run of a pool with model `model_id`, or None. Without a model: with
+    the model the pool was first featurized with (never simply the newest run of any model: that may be
+    a CPT checkpoint's, featurized later for TracIn); see `pipeline.feature_runs_for` for the choice
+    the commands make and report."""
     with ws.connect(read_only=True) as con:
-        row = con.execute(sql, [pool_name] + ([model_id] if model_id is not None else [])).fetchone()
+        if model_id is None:
+            first = con.execute(
+                "SELECT r.model_id FROM feature_runs r JOIN pools p USING (pool_id) "
+                "WHERE p.name = ? AND r.status = 'done' ORDER BY r.run_id LIMIT 1",
+                [pool_name],
+            ).fetchone()
+            if first is None:
+                return None
+            model_id = int(first[0])
+        row = con.execute(
+            "SELECT r.run_id FROM feature_runs r JOIN pools p USING (pool_id) "
+            "WHERE p.name = ? AND r.status = 'done' AND r.model_id = ? ORDER BY r.run_id DESC LIMIT 1",
+            [pool_name, model_id],
+        ).fetchone()
     return None if row is None else int(row[0])

@@ -9,9 +9,11 @@ init, so every process that loads it gets the same weights (a resumed featurizat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -22,6 +24,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.factory import _find_checkpoint_in_dir, load_checkpoint
+from open_clip.pretrained import _clean_tag
 from torch import nn
 
 from chips_core.adapters import EndpointAdapter
@@ -261,7 +264,9 @@ def load_model(
         )
 
     tag = None if (checkpoint is not None or is_hub) else pretrained
-    with torch.random.fork_rng(devices=[]):
+    if tag is not None:
+        check_pretrained_tag(name, tag)
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(seed)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -284,6 +289,67 @@ def load_model(
     adapter = EndpointAdapter(model, identity.label())
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(model, preprocess, tokenizer, adapter, identity, dev)
+
+
+def pretrained_tags(name: str) -> list[str]:
+    """open_clip's pretrained tags of a model name (empty for configs without published weights)."""
+    return list(open_clip.list_pretrained_tags_by_model(name))
+
+
+def check_pretrained_tag(name: str, tag: str) -> None:
+    """Raise ModelLoadError naming the valid tags when `tag` is not one of `name`'s pretrained tags."""
+    tags = pretrained_tags(name)
+    if _clean_tag(tag) in {_clean_tag(t) for t in tags}:
+        return
+    if tags:
+        raise ModelLoadError(
+            f"unknown pretrained tag '{tag}' for model '{name}'; valid tags: {', '.join(tags)} "
+            "(or pass a checkpoint file)"
+        )
+    raise ModelLoadError(
+        f"unknown pretrained tag '{tag}' for model '{name}': open_clip has no pretrained weights for "
+        "this model; pass a checkpoint file, or no --pretrained for a seeded random init"
+    )
+
+
+def check_weights_choice(name: str, pretrained: str | None, random_init: bool) -> None:
+    """Refuse random weights that were not asked for: a model with published pretrained tags needs
+    `pretrained` (a tag or checkpoint) unless `random_init`; `random_init` with `pretrained` is a conflict.
+    Checkpoint files, `local-dir:` and `hf-hub:` models carry their weights and pass."""
+    if random_init and pretrained is not None:
+        raise ModelLoadError("--random-init and --pretrained exclude each other")
+    if pretrained is not None or random_init or name.startswith(_SCHEMAS) or _looks_like_file(name):
+        return
+    register_model_configs()
+    tags = pretrained_tags(name)
+    if tags:
+        raise ModelLoadError(
+            f"model '{name}' has pretrained weights ({', '.join(tags)}) but no --pretrained was given; "
+            "pass --pretrained TAG (or a checkpoint file), or --random-init to use random weights on purpose"
+        )
+
+
+class _OpenClipFactoryFilter(logging.Filter):
+    """Drops open_clip factory's root-logger warnings and errors: load_model reports the outcome itself
+    ("Model initialized randomly" is wrong when a checkpoint is loaded afterwards; a failed download or an
+    unknown tag becomes a ModelLoadError with its explanation)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.WARNING
+            and record.pathname.replace(os.sep, "/").endswith("open_clip/factory.py")
+        )
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    root = logging.getLogger()
+    filt = _OpenClipFactoryFilter()
+    root.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)
 
 
 def _local_dir_checkpoint(folder: Path) -> Path:

@@ -1,7 +1,7 @@
 """Which TCP ports a set of processes listens on, read from /proc (Linux; no psutil needed).
 
-    from tests.net_probe import descendants, listening
-    listening(descendants(os.getpid()))   # {("127.0.0.1", 6379): pid, ...}
+from tests.net_probe import descendants, listening
+listening(descendants(os.getpid()))   # {("127.0.0.1", 6379): pid, ...}
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from plotly.subplots import make_subplots
 
 from app import context, jobs_view, widgets
 from chips_core import presets
+from chips_core.diagnostics import stability_warning
 from chips_core.scoring import ALPHA_INERT_RATIO, selection_change
 
 ws = context.workspace()
@@ -174,6 +175,8 @@ with left:
 
 with right:
     widgets.rank_metrics(info, n_total=len(table))
+    if (stability_message := stability_warning(info.get("stability"))) is not None:
+        st.warning(stability_message[0].upper() + stability_message[1:] + ".")
     comps = ["alignment", "learnability", "relevance", "score"]
     fig = make_subplots(rows=2, cols=2, subplot_titles=comps, horizontal_spacing=0.08, vertical_spacing=0.16)
     sel = table["selected"].to_numpy(bool)
