@@ -146,14 +146,18 @@ class ScoringContext:
 
 
 def caches(ws: store.Workspace) -> pd.DataFrame:
-    """Finished scoring caches with their pool and eval set names, newest first."""
+    """Finished scoring caches with their pool and eval set names: those of the model each pool was first
+    featurized with (not a later CPT checkpoint's features, e.g. TracIn's) first, then newest first."""
     return query(
         ws,
         "SELECT c.cache_id, c.dir, c.status, c.pool_run_id, c.eval_run_id, fp.pool_id, pp.name AS pool_name, "
-        "fe.pool_id AS eval_id, pe.name AS eval_name, c.created_at, c.config::VARCHAR AS config "
+        "fe.pool_id AS eval_id, pe.name AS eval_name, c.created_at, c.config::VARCHAR AS config, "
+        "fp.model_id = (SELECT f2.model_id FROM feature_runs f2 WHERE f2.pool_id = fp.pool_id "
+        "AND f2.status = 'done' ORDER BY f2.run_id LIMIT 1) AS base_model "
         "FROM scoring_caches c JOIN feature_runs fp ON fp.run_id = c.pool_run_id "
         "JOIN pools pp ON pp.pool_id = fp.pool_id JOIN feature_runs fe ON fe.run_id = c.eval_run_id "
-        "JOIN pools pe ON pe.pool_id = fe.pool_id WHERE c.status = 'done' ORDER BY c.cache_id DESC",
+        "JOIN pools pe ON pe.pool_id = fe.pool_id WHERE c.status = 'done' "
+        "ORDER BY base_model DESC, c.cache_id DESC",
     )
 
 
