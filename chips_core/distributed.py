@@ -15,15 +15,22 @@ prepare_ray lives in `distributed_prepare.py`; both share `ray_session` and `act
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from chips_core import features, pools, pools_dicom
@@ -33,44 +40,142 @@ from chips_core.store import Workspace
 
 # --- the cluster connection -------------------------------------------------------------------------
 
-
-# Read by Ray when it is imported: "0" keeps a node's address at 127.0.0.1 (Ray's single-machine mode), so
-# the GCS, raylet, workers and agents bind to the loopback interface instead of every interface.
+# Ray's single-machine mode (a documented variable, read once, when `ray` is imported): "0" keeps a node's
+# address at 127.0.0.1, so the GCS, raylet, workers and agents of a head started with it bind to the
+# loopback interface, and a driver connects to "127.0.0.1:PORT" as given (with Ray's default on Linux it
+# rewrites a loopback address to the machine's own address, where a loopback-only head cannot be reached).
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
+def _import_ray() -> Any:
+    """`import ray`; when this module is the first to import it (and the variable is not set), in Ray's
+    single-machine mode, so that this process can drive a private local Ray (`local_ray`). The variable is
+    removed again right after the import: the process's environment is left as it was. Its only effect on
+    a connection to another cluster: a "localhost"/127.0.0.1 address is dialled on the loopback interface
+    instead of the machine's own address."""
+    if "ray" in sys.modules or _SINGLE_NODE_ENV in os.environ:
+        return importlib.import_module("ray")
+    os.environ[_SINGLE_NODE_ENV] = "0"
+    try:
+        return importlib.import_module("ray")
+    finally:
+        os.environ.pop(_SINGLE_NODE_ENV, None)
+
+
+ray = _import_ray()
+
+_TOKEN: list[str] = []  # this process's token for its private Rays (Ray keeps the first token it loads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    """The `ray` command of the Python environment running this process."""
+    beside = Path(sys.executable).with_name("ray")
+    found = str(beside) if beside.exists() else shutil.which("ray")
+    if found is None:
+        raise FeaturizeError("the `ray` command was not found (pip install -r requirements-ray.txt)")
+    return found
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM to the head's process group (`ray start --block` and every Ray process it started), then
+    SIGKILL to whatever of the group is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+
+
+def _connect_head(head: subprocess.Popen, folder: Path, port: int, log: Path, timeout_s: float) -> None:
+    """Wait for the head to record its address in its temp folder, then connect this process to it."""
+    record = folder / "ray_current_cluster"  # written by `ray start` once the head is up
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if head.poll() is not None:
+            raise FeaturizeError(f"ray start exited with {head.returncode}: {log.read_text()[-2000:]}")
+        if record.exists() and record.read_text().strip().endswith(f":{port}"):
+            try:
+                # "auto" with this head's temp folder: the cluster this process started (never another one),
+                # found the way Ray enables token authentication for (the token is in RAY_AUTH_TOKEN)
+                ray.init(address="auto", _temp_dir=str(folder), log_to_driver=False, logging_level="WARNING")
+                return
+            except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
+                if time.monotonic() > deadline:
+                    raise FeaturizeError(f"cannot connect to the local Ray: {exc}") from exc
+        if time.monotonic() > deadline:
+            raise FeaturizeError(f"Ray did not start within {timeout_s:g} s: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
-def _private_ray_settings() -> Iterator[dict[str, Any]]:
-    """Environment of a private local Ray (its processes inherit it): loopback only, and a fresh token.
+def local_ray(
+    num_cpus: int | None = None, *, object_store_memory: int | None = None, timeout_s: float = 180.0
+) -> Iterator[str]:
+    """A private one-node Ray on 127.0.0.1, connected in this process; yields its address ('127.0.0.1:PORT').
 
-    Token authentication (Ray's default for a new local cluster) gets a random token in RAY_AUTH_TOKEN for
-    this cluster only, unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set: nothing is read from or written
-    to ~/.ray, so a fresh or read-only home folder works. Everything is restored when the session ends.
+    The head is `ray start --head --block` as a child process in its own process group and temp folder;
+    only its environment carries RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (every server it starts listens on
+    127.0.0.1). Token authentication (unless RAY_AUTH_MODE says otherwise) with a random token of this
+    process in RAY_AUTH_TOKEN (unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set): nothing is read from or
+    written to ~/.ray. While the session lasts, the token is in this process's environment (subprocesses
+    can join the cluster at the address); afterwards the head is stopped, its temp folder removed and the
+    environment restored.
     """
-    from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader
-
-    saved = {k: os.environ.get(k) for k in (_SINGLE_NODE_ENV, "RAY_AUTH_TOKEN")}
-    saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    own_token = not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
-    os.environ[_SINGLE_NODE_ENV] = "0"
-    if saved_flag is not None:  # this process read the variable when it imported ray
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    if own_token:
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-        AuthenticationTokenLoader.instance().reset_cache()
+    if ray.is_initialized():
+        raise FeaturizeError("this process is already connected to a Ray cluster")
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in _LOOPBACK:
+        raise FeaturizeError(
+            f"ray was imported before chips_core.distributed, without {_SINGLE_NODE_ENV}=0: Ray would dial "
+            f"the private local Ray at {node_ip} instead of 127.0.0.1. Set {_SINGLE_NODE_ENV}=0 before "
+            "importing ray, import chips_core.distributed first, or join a cluster with an address"
+        )
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    folder = Path(tempfile.mkdtemp(prefix="chips-ray-"))
+    head = None
     try:
-        yield {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            if not _TOKEN:
+                _TOKEN.append(secrets.token_hex(32))
+            os.environ["RAY_AUTH_TOKEN"] = _TOKEN[0]
+        os.environ.pop("RAY_ADDRESS", None)  # else ray.init("auto") would join the cluster it names
+        env = {**os.environ, _SINGLE_NODE_ENV: "0"}
+        env.setdefault("RAY_AUTH_MODE", "token")
+        port = _free_port()
+        argv = [_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                f"--temp-dir={folder}", "--include-dashboard=false",
+                f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]  # fmt: skip
+        if num_cpus is not None:
+            argv.append(f"--num-cpus={num_cpus}")
+        if object_store_memory is not None:
+            argv.append(f"--object-store-memory={object_store_memory}")
+        log = folder / "head.log"
+        with open(log, "wb") as out:
+            head = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env)  # fmt: skip
+        try:
+            _connect_head(head, folder, port, log, timeout_s)
+            yield f"127.0.0.1:{port}"
+        finally:
+            ray.shutdown()
     finally:
+        if head is not None:
+            _stop_head(head)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if saved_flag is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if own_token:
-            AuthenticationTokenLoader.instance().reset_cache()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -78,32 +183,26 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     """Connect to the Ray cluster at `address` (or start a private local one); disconnect only what we
     started.
 
-    A private local Ray (address None) listens on 127.0.0.1 only and uses its own authentication token
-    (`_private_ray_settings`). A process that is already connected (ray.init called by the caller) keeps its
+    A private local Ray (address None, `local_ray`) listens on 127.0.0.1 only and uses its own
+    authentication token. A process that is already connected (ray.init called by the caller) keeps its
     connection.
     """
     if ray.is_initialized():
         yield
         return
     with contextlib.ExitStack() as stack:
-        kwargs: dict[str, Any] = {}
         if address is None:
-            kwargs.update(stack.enter_context(_private_ray_settings()))
-            if num_cpus is not None:
-                kwargs["num_cpus"] = num_cpus
-        try:
-            # address "local" always starts a private instance (never a stale `ray start` cluster's address)
-            ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", **kwargs)
-        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
-            where = address or "a new local one"
-            raise FeaturizeError(f"cannot connect to the Ray cluster at {where}: {exc}") from exc
+            stack.enter_context(local_ray(num_cpus))
+        else:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
+                raise FeaturizeError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+            stack.callback(ray.shutdown)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        try:
-            yield
-        finally:
-            ray.shutdown()
+        yield
 
 
 def actor_count(requested: int | None, gpus_per_actor: float, what: str) -> int:

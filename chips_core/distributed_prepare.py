@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
-from chips_core.distributed import actor_count, ray_session
+from chips_core.distributed import actor_count, ray, ray_session  # ray: imported as it needs
 
 
 class _RowsRequestedError(Exception):

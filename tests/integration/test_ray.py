@@ -5,27 +5,25 @@ and ranking as the local path, on a CSV manifest pool and a WebDataset pool; a d
 resumes, and a run whose encoder worker process is killed mid-run completes, without losing or duplicating
 a row. If Ray cannot start here, the tests fail (never skip).
 
-The suite is self-contained: the cluster uses token authentication with a token this module writes to a
-temporary file (nothing is read from the home folder, so it runs with HOME pointing at an empty folder),
-and it listens on 127.0.0.1 only, as does the private local Ray that `--engine ray` starts without
-`--address`.
+The suite is self-contained: the cluster is `chips_core.distributed.local_ray` (the private local Ray of
+`--engine ray` without `--address`): token authentication with a random token in the environment of this
+process and its children only (nothing is read from the home folder, so it runs with HOME pointing at an
+empty folder), listening on 127.0.0.1 only.
 """
 
 import contextlib
 import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from chips_core.features import FeatureStore, featurize
 from chips_core.ingest import ingest
@@ -38,75 +36,23 @@ from tests.net_probe import LOOPBACK, descendants, listening
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Ray reads these when it is first imported (inside the fixtures, so a missing ray is an error, never a skip):
-# the test cluster uses token authentication, as `ray start` does by default, and is a single-node cluster
-# on the loopback interface (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the node's address stays 127.0.0.1, so
-# its servers bind to 127.0.0.1 instead of every interface). The token file comes from the `cluster` fixture.
+# The environment of the drivers these tests start (the token comes from the session's environment): an
+# explicit address never turns token authentication on by itself, and Ray reads RAY_AUTH_MODE and
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (0: dial "127.0.0.1:PORT" as given) when it is imported.
 RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-os.environ.update(RAY_ENV)
 
 MODEL = "chips-tiny-vit"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A one-node Ray cluster (`ray start --head --block`, 2 CPUs, token auth with its own token file,
-    127.0.0.1 only), connected in-process; drivers started by the tests inherit RAY_AUTH_TOKEN_PATH."""
-    folder = tmp_path_factory.mktemp("ray")
-    token = folder / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    saved = {k: os.environ.pop(k, None) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
-    import ray
-    from ray._raylet import AuthenticationTokenLoader
+def cluster():
+    """A one-node Ray cluster (2 CPUs, 127.0.0.1 only, its own token), connected in-process: the library's
+    own `local_ray`; drivers started by the tests inherit RAY_AUTH_TOKEN while it runs."""
+    from chips_core.distributed import local_ray
 
-    AuthenticationTokenLoader.instance().reset_cache()  # a token loaded earlier in this process is stale
-    log = folder / "head.log"
-    port = _free_port()
-    ray_bin = Path(sys.executable).with_name("ray")
-    with open(log, "wb") as out:
-        head = subprocess.Popen(
-            [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-             "--object-store-memory=300000000"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy(),
-        )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if head.poll() is not None:
-                pytest.fail(f"ray start exited with {head.returncode}: {log.read_text()[-2000:]}")
-            try:
-                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-                break
-            except (ConnectionError, RuntimeError) as exc:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"Ray did not start within 180 s ({exc}): {log.read_text()[-2000:]}")
-                time.sleep(2)
+    with local_ray(num_cpus=2, object_store_memory=300_000_000) as address:
         yield address
-    finally:
-        ray.shutdown()
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group this fixture started
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # else a plain ray.init()
-        with contextlib.suppress(OSError):  # would later try to join this stopped cluster
-            if current.read_text().strip().endswith(f":{port}"):
-                current.unlink()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +122,19 @@ def test_private_local_ray_binds_loopback_and_needs_no_home_token(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     code = textwrap.dedent("""
-        import json, os, ray
-        from chips_core.distributed import ray_session
+        import json, os
+        from chips_core.distributed import ray_session  # first: it imports ray (single-machine mode)
+        import ray
         from tests.net_probe import descendants, listening
-        with ray_session(num_cpus=1):
-            n = ray.get(ray.remote(lambda x: x + 1).remote(41))
-            sockets = listening(descendants(os.getpid()))
-        print(json.dumps({"n": n, "sockets": [[a, p] for a, p in sockets],
-                          "mode": os.environ.get("RAY_AUTH_MODE")}))
+        runs = []
+        for _ in range(2):  # a second private Ray in the same process (Ray keeps the first token it loads)
+            with ray_session(num_cpus=1):
+                n = ray.get(ray.remote(lambda x: x + 1).remote(41))
+                sockets = listening(descendants(os.getpid()))
+                runs.append({"n": n, "sockets": [[a, p] for a, p in sockets],
+                             "mode": os.environ.get("RAY_AUTH_MODE")})
+        left = sorted(k for k in os.environ if k.startswith("RAY_") and k != "RAY_CLIENT_MODE")
+        print(json.dumps({"runs": runs, "left": left}))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)})
@@ -193,10 +144,42 @@ def test_private_local_ray_binds_loopback_and_needs_no_home_token(tmp_path):
     import json
 
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["n"] == 42 and out["mode"] == "token"
-    assert len(out["sockets"]) >= 3, out
-    assert all(a in LOOPBACK for a, _ in out["sockets"]), f"listening beyond loopback: {out['sockets']}"
+    for run in out["runs"]:
+        assert run["n"] == 42 and run["mode"] == "token"
+        assert len(run["sockets"]) >= 3, run
+        assert all(a in LOOPBACK for a, _ in run["sockets"]), f"listening beyond loopback: {run['sockets']}"
+    # the process's environment is restored (RAY_CLIENT_MODE=0 is set by `import ray` itself)
+    assert out["left"] == ["RAY_USAGE_STATS_ENABLED"], out["left"]
     assert not (home / ".ray").exists(), "the private Ray wrote its token into the home folder"
+
+
+def test_private_local_ray_after_a_plain_import_ray_fails_fast(tmp_path):
+    """A process that imported ray before chips_core.distributed, in Ray's default mode, would dial the
+    private Ray's 127.0.0.1 address at the machine's own address (and wait there for minutes): it gets a
+    clear error at once instead (a machine where Ray dials the loopback anyway has nothing to check)."""
+    code = textwrap.dedent("""
+        import time, ray
+        from chips_core.distributed import ray_session
+        from chips_core.features import FeaturizeError
+        t0 = time.monotonic()
+        if ray.util.get_node_ip_address() in ("127.0.0.1", "::1"):
+            print("loopback")
+        else:
+            try:
+                with ray_session(num_cpus=1):
+                    print("connected")
+            except FeaturizeError as exc:
+                print(f"{time.monotonic() - t0:.1f}", exc)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    if last != "loopback":
+        took, message = last.split(" ", 1)
+        assert float(took) < 5 and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in message, last
 
 
 @pytest.mark.parametrize(("name", "reader"), [("csv", "ReadFilesParquet"), ("wds", "ReadWebDataset")])
@@ -233,8 +216,18 @@ def test_prepare_ray_matches_local_and_ranks_the_same(featurized, tmp_path):
     params = load_model(MODEL).adapter.endpoint_params()
     cfg = PrepareConfig(k_max=32, batch_size=6, chunk_batches=1, curvature_pairs=12, negatives_per_row=2)
     pool, ev = FeatureStore(ws_local, runs["csv"][0]), FeatureStore(ws_local, runs["wds"][0])
-    prepare(pool, ev, params, cfg, tmp_path / "local")
-    prepare_ray(pool, ev, params, cfg, tmp_path / "ray", num_workers=2)
+    # Same thread count on both sides: Ray starts a 1-CPU actor with OMP_NUM_THREADS=1 (one torch thread),
+    # while this process has one per core, and a float32 matmul's result depends on how its reduction is
+    # split over threads (here ~1e-6 in aux, ~1e-5 in Φ̃ between 1 and 2 threads; bitwise equal for the
+    # same count). With one thread for the driver's part too (eval pass, reduction), the chunk function
+    # computes the same numbers in the actors as in this process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prepare(pool, ev, params, cfg, tmp_path / "local")
+        prepare_ray(pool, ev, params, cfg, tmp_path / "ray", num_workers=2)
+    finally:
+        torch.set_num_threads(threads)
     a, b = ScoringCache.load(tmp_path / "local"), ScoringCache.load(tmp_path / "ray")
     assert a.meta["n_chunks"] == b.meta["n_chunks"] > 1
     np.testing.assert_array_equal(a.pair_ids, b.pair_ids)
