@@ -22,6 +22,8 @@ Styles and splits (concepts = icon names; `concept` column):
             another pool concept), ~19% off-domain (scikit-learn's handwritten digits, planted=off_domain)
   val       target style of VAL concepts: the eval set CHIPS scores against (target gradient)
   test      target style of TEST concepts (held out from pool and val): evaluation after CPT only
+  test_seen new target-style renders of pool concepts (images not in the pool): the easier test, where
+            CPT on the pool's clean target-style pairs must help
 Concept sets of pool, val and test are disjoint; all three are in pretrain (general style), so CPT on
 clean target-style pairs has to transfer the STYLE to unseen-in-target concepts.
 
@@ -65,6 +67,7 @@ RASTER_PX = 96
 N_CONCEPTS = {"test": 60, "val": 40, "pool": 260}  # drawn at random from the usable concepts
 PRETRAIN_RENDERS = 16  # general-style renders per concept
 EVAL_RENDERS = 3  # target-style renders per val / test concept
+SEEN_CONCEPTS = 180  # test_seen: one new target-style render each of this many pool concepts
 POOL = {"target": 880, "near": 880, "mismatch": 220, "off_domain": 460}  # 2,440 pairs
 MIN_STYLE_DIFF = 0.12  # mean |alpha(filled) - alpha(outlined)| over the icon's ink area
 MODEL_NAME = "chips-tiny-vit"
@@ -212,13 +215,15 @@ def build(out: Path, cache: Path, seed: int) -> dict:
     seen: set[str] = set()
     manifests: dict[str, pd.DataFrame] = {}
 
-    for split_i, split in enumerate(["pretrain", "pool", "val", "test"]):
+    for split_i, split in enumerate(["pretrain", "pool", "val", "test", "test_seen"]):
         rng = np.random.default_rng([seed, split_i])
         plan: list[tuple[str, str, str]] = []  # (kind, style, concept)
         if split == "pretrain":
             plan = [("none", GENERAL, c) for c in concepts for _ in range(PRETRAIN_RENDERS)]
         elif split in ("val", "test"):
             plan = [("none", TARGET, c) for c in sets[split] for _ in range(EVAL_RENDERS)]
+        elif split == "test_seen":  # new target-style renders of pool concepts (seen in the pool)
+            plan = [("none", TARGET, c) for c in sorted(sets["pool"])[:: max(1, len(sets["pool"]) // SEEN_CONCEPTS)][:SEEN_CONCEPTS]]
         else:
             pc = sets["pool"]
             pick = lambda k: [pc[int(i)] for i in rng.integers(0, len(pc), k)]  # noqa: E731

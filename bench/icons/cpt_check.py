@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--extra", default="--wd 0.1", help="more open_clip_train flags, one string")
-    ap.add_argument("--test", default="icons-test")
+    ap.add_argument("--test", nargs="+", default=["icons-test", "icons-test-seen"],
+                    help="eval sets; metrics of the 2nd, 3rd... are prefixed with their name")
     ap.add_argument("--out", type=Path, default=None, help="default WS/cpt-check/<recipe>")
     args = ap.parse_args(argv)
     ws = args.ws.resolve()
@@ -103,27 +104,33 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             row = {"arm": arm, "seed": seed}
             if arm == "none":
-                metrics = json.loads(chips("evaluate", str(ws), args.test, "--model", model))
+                who = ["--model", model]
                 train_s = 0.0
             else:
                 csv = abs_csv(data, ARMS[arm], out / f"{arm}.csv")
                 text = chips("train", str(ws), "--csv", str(csv), "--seed", str(seed), *recipe_args)
                 run = int(re.search(r"CPT run (\d+) finished", text).group(1))
                 train_s = time.monotonic() - t0
-                metrics = json.loads(chips("evaluate", str(ws), args.test, "--run", str(run)))
+                who = ["--run", str(run)]
                 row["cpt_run_id"] = run
+            metrics = {}
+            for i, test in enumerate(args.test):
+                got = json.loads(chips("evaluate", str(ws), test, *who))
+                metrics |= {(f"{test}/{k}" if i else k): v for k, v in got.items()}
             row |= {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             row |= {"train_s": round(train_s, 1), "cell_s": round(time.monotonic() - t0, 1)}
             rows.append(row)
             pd.DataFrame(rows).to_csv(cells_path, index=False)
-            print(f"{arm} seed {seed}: " + " ".join(f"{m}={row.get(m, float('nan')):.4f}" for m in METRICS)
+            shown = [m for m in row if any(m.endswith(k) for k in ("i2t_R@1", "t2i_R@1", "zeroshot_top1"))]
+            print(f"{arm} seed {seed}: " + " ".join(f"{m}={row[m]:.4f}" for m in shown)
                   + f" ({row['cell_s']} s)", flush=True)  # fmt: skip
     cells = pd.DataFrame(rows)
-    metrics = [m for m in METRICS if m in cells.columns]
+    metrics = [f"{t}/{m}" if i else m for i, t in enumerate(args.test) for m in METRICS]
+    metrics = [m for m in metrics if m in cells.columns]
     table = summary(cells, metrics)
     md = table.to_markdown(index=False) if hasattr(table, "to_markdown") else table.to_string(index=False)
     times = cells[cells.arm != "none"].groupby("arm")["cell_s"].mean().round(1).to_dict()
-    text = f"{ws} — recipe {recipe}, test {args.test}\n\n{md}\n\nmean wall s per CPT cell (train + eval): {times}\n"
+    text = f"{ws} — recipe {recipe}, test {' '.join(args.test)}\n\n{md}\n\nmean wall s per CPT cell (train + eval): {times}\n"
     (out / "summary.md").write_text(text)
     print(text)
     return 0

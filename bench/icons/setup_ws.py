@@ -4,7 +4,8 @@
     python bench/icons/setup_ws.py /work/bench-ws/icons-clamped --data /work/bench-data/icons --model clamped
 
 Pools in the workspace: `icons-pool` (the pool), `icons-val` (eval set: the target gradient),
-`icons-test` (eval set: held out, for evaluation after CPT only). The model is the local-dir bundle
+`icons-test` (eval set: held-out concepts, for evaluation after CPT only), `icons-test-seen` (new
+renders of pool concepts, for evaluation after CPT only). Steps already done are skipped by the CLI. The model is the local-dir bundle
 DATA/models/<model>/ written by build.py. Extra arguments after `--` go to `chips prepare`.
 Prints the scoring cache id (also written to WS/icons-bench.json with the model and data paths).
 """
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-POOLS = {"icons-pool": ("pool.csv", False), "icons-val": ("val.csv", True), "icons-test": ("test.csv", True)}
+POOLS = {"icons-pool": ("pool.csv", False), "icons-val": ("val.csv", True), "icons-test": ("test.csv", True),
+         "icons-test-seen": ("test_seen.csv", True)}
 
 
 def chips(*argv: str) -> str:
