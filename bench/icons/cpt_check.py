@@ -63,7 +63,7 @@ def summary(cells: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                 s = float(np.hypot(se.loc[arm, m], se.loc["none", m]))
                 row[f"{m} Δ/SE"] = f"{d / s:+.1f}" if s > 0 else ("+inf" if d > 0 else "-inf" if d < 0 else "0")
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("—")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [f"{t}/{m}" if i else m for i, t in enumerate(args.test) for m in METRICS]
     metrics = [m for m in metrics if m in cells.columns]
     table = summary(cells, metrics)
-    md = table.to_markdown(index=False) if hasattr(table, "to_markdown") else table.to_string(index=False)
+    cols = list(table.columns)
+    md = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                   + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in table.iterrows()])
     times = cells[cells.arm != "none"].groupby("arm")["cell_s"].mean().round(1).to_dict()
     text = f"{ws} — recipe {recipe}, test {' '.join(args.test)}\n\n{md}\n\nmean wall s per CPT cell (train + eval): {times}\n"
     (out / "summary.md").write_text(text)
