@@ -15,8 +15,8 @@
    seeds (SE = std/sqrt(n)) of i2t R@1, t2i R@1, zero-shot top-1, and the ground-truth shares (mean over
    seeds; deterministic methods select the same pairs in every seed).
 
-`--table-only` skips step 1 (tables from an existing OUT). The defaults of the recipe are the one
-measured in bench/icons/README.md.
+`--table-only` skips step 1 (tables from an existing OUT). The recipe defaults to the workspace's
+"recipe" in WS/icons-bench.json (written by setup_ws.py: the one measured in bench/icons/README.md).
 
 `--scores-only` trains nothing: for each method (tracin excepted: it needs CPT checkpoints) it runs
 `chips score WS icons-pool --eval icons-val --method M --out OUT/scores-M.parquet <pass-through>` and
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 METRICS = ["i2t_R@1", "t2i_R@1", "zeroshot_top1"]
 TARGET = "outlined"
 NEAR = "two-tone"
-RECIPE = {"epochs": "5", "lr": "1e-4", "batch_size": "64", "extra": "--wd 0.1"}  # see README.md
+RECIPE = {"epochs": "5", "lr": "1e-4", "batch_size": "64", "extra": "--wd 0.1"}  # WS/icons-bench.json "recipe" wins
 
 
 def composition(ws_root: Path, selection_id: int, manifest: pd.DataFrame) -> dict[str, float]:
@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["random", "clipscore", "dot", "trak", "tracin", "chips"])
     ap.add_argument("--ratios", nargs="+", default=["0.1", "0.3"])
     ap.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    ap.add_argument("--epochs", default=RECIPE["epochs"])
-    ap.add_argument("--lr", default=RECIPE["lr"])
-    ap.add_argument("--batch-size", default=RECIPE["batch_size"])
-    ap.add_argument("--extra", default=RECIPE["extra"], help="open_clip_train flags for every CPT cell")
+    ap.add_argument("--epochs", default=None)
+    ap.add_argument("--lr", default=None)
+    ap.add_argument("--batch-size", default=None)
+    ap.add_argument("--extra", default=None, help="open_clip_train flags for every CPT cell (default --wd 0.1)")
     ap.add_argument("--cache", default=None, help="scoring cache id (default: the one setup_ws.py prepared)")
     ap.add_argument("--out", type=Path, default=None, help="default WS/experiments/bench-<tag>")
     ap.add_argument("--tag", default="default", help="names the default output folder")
@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     ws = args.ws.resolve()
     info = json.loads((ws / "icons-bench.json").read_text())
     out = (args.out or ws / "experiments" / f"bench-{args.tag}").resolve()
+    recipe = RECIPE | info.get("recipe", {})  # the workspace's measured recipe, then the flags
+    for k in ("epochs", "lr", "batch_size", "extra"):
+        if getattr(args, k) is None:
+            setattr(args, k, recipe[k])
     data = Path(info["data"])
     manifest = pd.read_csv(data / "pool.csv")
     manifest["abs_path"] = [str((data / p).resolve()) for p in manifest["filepath"]]

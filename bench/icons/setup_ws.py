@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# CPT recipes measured in bench/icons/README.md (run.py's defaults for the workspace)
+RECIPES = {"free": {"epochs": "3", "lr": "5e-4", "batch_size": "64", "extra": "--wd 0.1"},
+           "clamped": {"epochs": "5", "lr": "1e-4", "batch_size": "64", "extra": "--wd 0.1"}}
 POOLS = {"icons-pool": ("pool.csv", False), "icons-val": ("val.csv", True), "icons-test": ("test.csv", True),
          "icons-test-seen": ("test_seen.csv", True)}
 
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     caches = [c for c in status.get("scoring caches", status.get("scoring_caches", [])) if c.get("status") == "done"]
     cache_id = max(int(c["cache_id"]) for c in caches)
     info = {"data": str(data), "model": model, "variant": args.model, "cache_id": cache_id,
-            "prepare_args": extra, "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
+            "prepare_args": extra, "seconds": round(time.monotonic() - t0, 1),
+            "recipe": RECIPES.get(args.model, RECIPES["clamped"])}  # fmt: skip
     (ws / "icons-bench.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
     return 0
