@@ -75,13 +75,37 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL_CONFIG = REPO / "chips_core" / "model_configs" / f"{MODEL_NAME}.json"
 TRAIN = {"batch_size": 64, "lr": 1e-3, "wd": 0.1, "warmup": 100, "epochs": 8}
 VARIANTS = {"free": None, "clamped": float(np.log(100.0))}  # init_logit_scale (None: open_clip's ln(1/0.07))
-TEMPLATES = ["an icon of {a} {n}", "{n} icon", "{a} {n} symbol", "pictogram of {a} {n}", "{n}",
-             "the {n} icon", "{a} simple {n} glyph", "user interface icon: {n}"]  # fmt: skip
+TEMPLATES = [
+    "an icon of {a} {n}",
+    "{n} icon",
+    "{a} {n} symbol",
+    "pictogram of {a} {n}",
+    "{n}",
+    "the {n} icon",
+    "{a} simple {n} glyph",
+    "user interface icon: {n}",
+]
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_TEMPLATES = ["a handwritten digit {d}", "the number {w} written by hand", "handwritten {w}",
-                   "scanned digit: {d}", "digit {d}, pen on paper"]  # fmt: skip
-COLUMNS = ["filepath", "title", "label", "planted", "style", "concept", "split", "true_caption",
-           "augmentation", "source_file", "source_license"]  # fmt: skip
+DIGIT_TEMPLATES = [
+    "a handwritten digit {d}",
+    "the number {w} written by hand",
+    "handwritten {w}",
+    "scanned digit: {d}",
+    "digit {d}, pen on paper",
+]
+COLUMNS = [
+    "filepath",
+    "title",
+    "label",
+    "planted",
+    "style",
+    "concept",
+    "split",
+    "true_caption",
+    "augmentation",
+    "source_file",
+    "source_license",
+]
 
 
 def need(tool: str, hint: str) -> str:
@@ -113,8 +137,19 @@ def raster(pkg: Path, style: str, name: str, cache: Path) -> np.ndarray:
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp.png")
-        subprocess.run(["rsvg-convert", "-w", str(RASTER_PX), "-h", str(RASTER_PX), "-o", str(tmp),
-                        str(pkg / style / f"{name}.svg")], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "rsvg-convert",
+                "-w",
+                str(RASTER_PX),
+                "-h",
+                str(RASTER_PX),
+                "-o",
+                str(tmp),
+                str(pkg / style / f"{name}.svg"),
+            ],
+            check=True,
+        )
         os.replace(tmp, out)
     return np.asarray(Image.open(out).convert("RGBA"), np.float32)[..., 3] / 255.0
 
@@ -148,9 +183,13 @@ def choose_concepts(pkg: Path, cache: Path, seed: int) -> tuple[list[str], dict]
             concepts.append(n)
     order = np.random.default_rng(seed).permutation(len(concepts))
     concepts = [concepts[i] for i in order][: sum(N_CONCEPTS.values())]
-    stats = {"icons": len(list((pkg / GENERAL).glob("*.svg"))), "usable_names": len(names),
-             "distinct_filled_vs_outlined": len(keep), "distinct_captions": len(seen),
-             "concepts": len(concepts)}  # fmt: skip
+    stats = {
+        "icons": len(list((pkg / GENERAL).glob("*.svg"))),
+        "usable_names": len(names),
+        "distinct_filled_vs_outlined": len(keep),
+        "distinct_captions": len(seen),
+        "concepts": len(concepts),
+    }
     return concepts, stats
 
 
@@ -188,7 +227,9 @@ def _rgb(c: np.ndarray) -> str:
 def digit_render(pixels: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
     """An 8x8 scikit-learn digit as a mask, through the same augmentation as the icons."""
     a = pixels.reshape(8, 8).astype(np.float32) / 16.0
-    a = np.asarray(Image.fromarray((a * 255).astype(np.uint8), "L").resize((RASTER_PX, RASTER_PX), Image.BILINEAR))
+    a = np.asarray(
+        Image.fromarray((a * 255).astype(np.uint8), "L").resize((RASTER_PX, RASTER_PX), Image.BILINEAR)
+    )
     return render(a.astype(np.float32) / 255.0, rng)
 
 
@@ -203,8 +244,11 @@ def build(out: Path, cache: Path, seed: int) -> dict:
     pkg = fetch_package(cache)
     concepts, stats = choose_concepts(pkg, cache, seed)
     n_test, n_val = N_CONCEPTS["test"], N_CONCEPTS["val"]
-    sets = {"test": concepts[:n_test], "val": concepts[n_test : n_test + n_val],
-            "pool": concepts[n_test + n_val :]}  # fmt: skip
+    sets = {
+        "test": concepts[:n_test],
+        "val": concepts[n_test : n_test + n_val],
+        "pool": concepts[n_test + n_val :],
+    }
     info_sets = {k: sorted(v) for k, v in sets.items()}
     from sklearn.datasets import load_digits
 
@@ -223,13 +267,17 @@ def build(out: Path, cache: Path, seed: int) -> dict:
         elif split in ("val", "test"):
             plan = [("none", TARGET, c) for c in sets[split] for _ in range(EVAL_RENDERS)]
         elif split == "test_seen":  # new target-style renders of pool concepts (seen in the pool)
-            plan = [("none", TARGET, c) for c in sorted(sets["pool"])[:: max(1, len(sets["pool"]) // SEEN_CONCEPTS)][:SEEN_CONCEPTS]]
+            plan = [
+                ("none", TARGET, c)
+                for c in sorted(sets["pool"])[:: max(1, len(sets["pool"]) // SEEN_CONCEPTS)][:SEEN_CONCEPTS]
+            ]
         else:
             pc = sets["pool"]
-            pick = lambda k: [pc[int(i)] for i in rng.integers(0, len(pc), k)]  # noqa: E731
-            plan = [("none", TARGET, c) for c in pick(POOL["target"])]
-            plan += [("none", NEAR, c) for c in pick(POOL["near"])]
-            plan += [("mismatch", TARGET, c) for c in pick(POOL["mismatch"])]
+            picks = {k: [pc[int(i)] for i in rng.integers(0, len(pc), POOL[k])] for k in ("target", "near")}
+            picks["mismatch"] = [pc[int(i)] for i in rng.integers(0, len(pc), POOL["mismatch"])]
+            plan = [("none", TARGET, c) for c in picks["target"]]
+            plan += [("none", NEAR, c) for c in picks["near"]]
+            plan += [("mismatch", TARGET, c) for c in picks["mismatch"]]
             plan += [("off_domain", "digits", "") for _ in range(POOL["off_domain"])]
         plan = [plan[i] for i in rng.permutation(len(plan))]
         digit_order = iter(rng.permutation(len(digits.target)))
@@ -243,10 +291,20 @@ def build(out: Path, cache: Path, seed: int) -> dict:
                     d = int(digits.target[di])
                     data, aug = digit_render(digits.data[di], rng)
                     tmpl = DIGIT_TEMPLATES[int(rng.integers(len(DIGIT_TEMPLATES)))]
-                    title, label, src, lic = tmpl.format(d=d, w=DIGIT_WORDS[d]), "digit", f"digits[{di}]", DIGITS_LICENSE
+                    title, label, src, lic = (
+                        tmpl.format(d=d, w=DIGIT_WORDS[d]),
+                        "digit",
+                        f"digits[{di}]",
+                        DIGITS_LICENSE,
+                    )
                 else:
                     data, aug = render(raster(pkg, style, concept, cache), rng)
-                    title, label, src, lic = caption(concept, rng), caption_name(concept), f"{style}/{concept}.svg", LICENSE
+                    title, label, src, lic = (
+                        caption(concept, rng),
+                        caption_name(concept),
+                        f"{style}/{concept}.svg",
+                        LICENSE,
+                    )
                     if kind == "mismatch":
                         other = concept
                         while caption_name(other) == caption_name(concept):
@@ -258,9 +316,21 @@ def build(out: Path, cache: Path, seed: int) -> dict:
                     break
             rel = f"images/{split}/{len(rows):05d}.png"
             (out / rel).write_bytes(data)
-            rows.append({"filepath": rel, "title": title, "label": label, "planted": kind, "style": style,
-                         "concept": concept, "split": split, "true_caption": true_caption,
-                         "augmentation": aug, "source_file": src, "source_license": lic})  # fmt: skip
+            rows.append(
+                {
+                    "filepath": rel,
+                    "title": title,
+                    "label": label,
+                    "planted": kind,
+                    "style": style,
+                    "concept": concept,
+                    "split": split,
+                    "true_caption": true_caption,
+                    "augmentation": aug,
+                    "source_file": src,
+                    "source_license": lic,
+                }
+            )
         df = pd.DataFrame(rows, columns=COLUMNS)
         df.to_csv(out / f"{split}.csv", index=False)
         manifests[split] = df
@@ -268,13 +338,22 @@ def build(out: Path, cache: Path, seed: int) -> dict:
     clean = pool[(pool.planted == "none") & (pool["style"] == TARGET)]
     clean.to_csv(out / "pool_clean_target.csv", index=False)  # the 'right pairs' for the CPT check
     info = {
-        "package": f"{PACKAGE}@{VERSION}", "license": LICENSE, "seed": seed, "px": PX,
-        "styles": {"general": GENERAL, "target": TARGET, "near": NEAR}, **stats,
-        "concept_sets": {k: len(v) for k, v in sets.items()}, "concepts_by_split": info_sets,
+        "package": f"{PACKAGE}@{VERSION}",
+        "license": LICENSE,
+        "seed": seed,
+        "px": PX,
+        "styles": {"general": GENERAL, "target": TARGET, "near": NEAR},
+        **stats,
+        "concept_sets": {k: len(v) for k, v in sets.items()},
+        "concepts_by_split": info_sets,
         "pairs": {k: len(v) for k, v in manifests.items()},
-        "pool_by_kind": pool.groupby(["planted", "style"]).size().rename("n").reset_index().to_dict("records"),
+        "pool_by_kind": pool.groupby(["planted", "style"])
+        .size()
+        .rename("n")
+        .reset_index()
+        .to_dict("records"),
         "pool_clean_target": len(clean),
-    }  # fmt: skip
+    }
     return info
 
 
@@ -300,14 +379,55 @@ def train(out: Path, variant: str, epochs: int, seed: int) -> dict:
         df["filepath"] = [str((out / p).resolve()) for p in df["filepath"]]
         df[["filepath", "title"]].to_csv(work / f"{split}.csv", index=False)
     a = dict(TRAIN, epochs=epochs, seed=seed)
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--train-data", str(work / "pretrain.csv"),
-           "--val-data", str(work / "val.csv"), "--dataset-type", "csv", "--csv-separator", ",",
-           "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", f"local-dir:{cfg_dir}",
-           "--device", "cpu", "--precision", "fp32", "--workers", "1", "--batch-size", str(a["batch_size"]),
-           "--lr", str(a["lr"]), "--wd", str(a["wd"]), "--warmup", str(a["warmup"]), "--epochs", str(a["epochs"]),
-           "--seed", str(a["seed"]), "--logs", str(work / "logs"), "--name", variant,
-           "--save-frequency", str(a["epochs"]), "--val-frequency", "1", "--log-every-n-steps", "20",
-           "--report-to", ""]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--train-data",
+        str(work / "pretrain.csv"),
+        "--val-data",
+        str(work / "val.csv"),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        ",",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--model",
+        f"local-dir:{cfg_dir}",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--workers",
+        "1",
+        "--batch-size",
+        str(a["batch_size"]),
+        "--lr",
+        str(a["lr"]),
+        "--wd",
+        str(a["wd"]),
+        "--warmup",
+        str(a["warmup"]),
+        "--epochs",
+        str(a["epochs"]),
+        "--seed",
+        str(a["seed"]),
+        "--logs",
+        str(work / "logs"),
+        "--name",
+        variant,
+        "--save-frequency",
+        str(a["epochs"]),
+        "--val-frequency",
+        "1",
+        "--log-every-n-steps",
+        "20",
+        "--report-to",
+        "",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     t0 = time.monotonic()
     with open(work / "train.log", "w") as log:
@@ -330,10 +450,13 @@ def train(out: Path, variant: str, epochs: int, seed: int) -> dict:
     shutil.rmtree(work / "logs" / variant / "checkpoints")  # keep the log, drop the optimizer state
     return {
         "command": " ".join(cmd).replace(str(out), "$OUT").replace(sys.executable, "python"),
-        "seconds": round(seconds, 1), "args": a, "logit_scale": float(state["logit_scale"].exp()),
-        "val_metrics_per_epoch": [{k: round(float(v), 4) for k, v in m.items() if isinstance(v, int | float)}
-                                  for m in metrics],
-    }  # fmt: skip
+        "seconds": round(seconds, 1),
+        "args": a,
+        "logit_scale": float(state["logit_scale"].exp()),
+        "val_metrics_per_epoch": [
+            {k: round(float(v), 4) for k, v in m.items() if isinstance(v, int | float)} for m in metrics
+        ],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,8 +485,10 @@ def main(argv: list[str] | None = None) -> int:
             info = json.loads(info_path.read_text()) if info_path.exists() else {}  # parallel builds
             info.setdefault("models", {})[variant] = t
             info_path.write_text(json.dumps(info, indent=2) + "\n")
-            print(f"model {variant}: {t['seconds']} s, logit_scale {t['logit_scale']:.2f}, "
-                  f"val {t['val_metrics_per_epoch'][-1] if t['val_metrics_per_epoch'] else {}}")  # fmt: skip
+            print(
+                f"model {variant}: {t['seconds']} s, logit_scale {t['logit_scale']:.2f}, "
+                f"val {t['val_metrics_per_epoch'][-1] if t['val_metrics_per_epoch'] else {}}"
+            )
     return 0
 
 

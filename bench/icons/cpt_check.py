@@ -33,9 +33,14 @@ ARMS = {"full": "pool.csv", "clean": "pool_clean_target.csv"}
 
 def chips(*argv: str) -> str:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", CHIPS_PROGRESS="0")
-    proc = subprocess.run([sys.executable, "-m", "chips_core.cli", *argv], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chips_core.cli", *argv], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        sys.exit(f"cpt_check.py: chips {' '.join(argv[:2])} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        sys.exit(
+            f"cpt_check.py: chips {' '.join(argv[:2])} failed ({proc.returncode}): "
+            + proc.stderr.strip()[-2000:]
+        )
     return proc.stdout
 
 
@@ -61,7 +66,9 @@ def summary(cells: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
             if base is not None and arm != "none":
                 d = mean.loc[arm, m] - base[m]
                 s = float(np.hypot(se.loc[arm, m], se.loc["none", m]))
-                row[f"{m} Δ/SE"] = f"{d / s:+.1f}" if s > 0 else ("+inf" if d > 0 else "-inf" if d < 0 else "0")
+                row[f"{m} Δ/SE"] = (
+                    f"{d / s:+.1f}" if s > 0 else ("+inf" if d > 0 else "-inf" if d < 0 else "0")
+                )
         rows.append(row)
     return pd.DataFrame(rows).fillna("—")
 
@@ -76,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--extra", default="--wd 0.1", help="more open_clip_train flags, one string")
-    ap.add_argument("--test", nargs="+", default=["icons-test", "icons-test-seen"],
-                    help="eval sets; metrics of the 2nd, 3rd... are prefixed with their name")
+    ap.add_argument(
+        "--test",
+        nargs="+",
+        default=["icons-test", "icons-test-seen"],
+        help="eval sets; metrics of the 2nd, 3rd... are prefixed with their name",
+    )
     ap.add_argument("--out", type=Path, default=None, help="default WS/cpt-check/<recipe>")
     args = ap.parse_args(argv)
     ws = args.ws.resolve()
@@ -91,12 +102,36 @@ def main(argv: list[str] | None = None) -> int:
     cells = pd.read_csv(cells_path) if cells_path.is_file() else pd.DataFrame(columns=["arm", "seed"])
     done = {(a, int(s)) for a, s in cells[["arm", "seed"]].itertuples(index=False)}
     rows = cells.to_dict("records")
-    recipe_args = ["--model", model, "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size",
-                   str(args.batch_size), "--workers", "1", "--device", "cpu", f"--extra={args.extra}"]  # fmt: skip
+    recipe_args = [
+        "--model",
+        model,
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        f"--extra={args.extra}",
+    ]
     if args.warmup is not None:
         recipe_args += ["--warmup", str(args.warmup)]
-    (out / "recipe.json").write_text(json.dumps({"ws": str(ws), "model": model, "args": vars(args) | {
-        "ws": str(ws), "out": str(out)}, "train_flags": recipe_args}, indent=2, default=str) + "\n")  # fmt: skip
+    (out / "recipe.json").write_text(
+        json.dumps(
+            {
+                "ws": str(ws),
+                "model": model,
+                "args": vars(args) | {"ws": str(ws), "out": str(out)},
+                "train_flags": recipe_args,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     for arm in args.arms:
         for seed in [0] if arm == "none" else args.seeds:
             if (arm, seed) in done:
@@ -122,17 +157,24 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             pd.DataFrame(rows).to_csv(cells_path, index=False)
             shown = [m for m in row if any(m.endswith(k) for k in ("i2t_R@1", "t2i_R@1", "zeroshot_top1"))]
-            print(f"{arm} seed {seed}: " + " ".join(f"{m}={row[m]:.4f}" for m in shown)
-                  + f" ({row['cell_s']} s)", flush=True)  # fmt: skip
+            print(
+                f"{arm} seed {seed}: "
+                + " ".join(f"{m}={row[m]:.4f}" for m in shown)
+                + f" ({row['cell_s']} s)",
+                flush=True,
+            )
     cells = pd.DataFrame(rows)
     metrics = [f"{t}/{m}" if i else m for i, t in enumerate(args.test) for m in METRICS]
     metrics = [m for m in metrics if m in cells.columns]
     table = summary(cells, metrics)
     cols = list(table.columns)
-    md = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                   + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in table.iterrows()])
+    md = "\n".join(
+        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
+    )
     times = cells[cells.arm != "none"].groupby("arm")["cell_s"].mean().round(1).to_dict()
-    text = f"{ws} — recipe {recipe}, test {' '.join(args.test)}\n\n{md}\n\nmean wall s per CPT cell (train + eval): {times}\n"
+    text = f"{ws} — recipe {recipe}, test {' '.join(args.test)}\n\n{md}\n\n"
+    text += f"mean wall s per CPT cell (train + eval): {times}\n"
     (out / "summary.md").write_text(text)
     print(text)
     return 0

@@ -40,7 +40,12 @@ sys.path.insert(0, str(REPO))
 METRICS = ["i2t_R@1", "t2i_R@1", "zeroshot_top1"]
 TARGET = "outlined"
 NEAR = "two-tone"
-RECIPE = {"epochs": "5", "lr": "1e-4", "batch_size": "64", "extra": "--wd 0.1"}  # WS/icons-bench.json "recipe" wins
+RECIPE = {
+    "epochs": "5",
+    "lr": "1e-4",
+    "batch_size": "64",
+    "extra": "--wd 0.1",
+}  # WS/icons-bench.json "recipe" wins
 
 
 def composition(ws_root: Path, selection_id: int, manifest: pd.DataFrame) -> dict[str, float]:
@@ -77,7 +82,9 @@ def table(cells: pd.DataFrame, ws_root: Path, manifest: pd.DataFrame, methods: l
             comp_cache.setdefault(sel, composition(ws_root, sel, manifest))
             for k, v in comp_cache[sel].items():
                 cells.loc[i, f"share_{k}"] = v
-    order = [m for m in methods if m in set(cells["method"])] + [r for r in ("full", "none") if r in set(cells["method"])]
+    order = [m for m in methods if m in set(cells["method"])] + [
+        r for r in ("full", "none") if r in set(cells["method"])
+    ]
     for method in order:
         part = cells[cells["method"] == method]
         for ratio in sorted(part["ratio"].unique()):
@@ -107,18 +114,37 @@ def shares(ranked: pd.DataFrame, manifest: pd.DataFrame, ratio: float) -> dict[s
     top = ranked.sort_values("rank").head(int(np.ceil(ratio * len(ranked))))
     m = top.merge(manifest, left_on="filepath", right_on="abs_path", how="left")
     clean = m["planted"] == "none"
-    return {"mismatch": (m["planted"] == "mismatch").mean(), "off_domain": (m["planted"] == "off_domain").mean(),
-            "target_clean": (clean & (m["style"] == TARGET)).mean(), "near": (clean & (m["style"] == NEAR)).mean()}
+    return {
+        "mismatch": (m["planted"] == "mismatch").mean(),
+        "off_domain": (m["planted"] == "off_domain").mean(),
+        "target_clean": (clean & (m["style"] == TARGET)).mean(),
+        "near": (clean & (m["style"] == NEAR)).mean(),
+    }
 
 
-def scores_only(ws: Path, out: Path, args: argparse.Namespace, passthrough: list[str], manifest: pd.DataFrame) -> int:
+def scores_only(
+    ws: Path, out: Path, args: argparse.Namespace, passthrough: list[str], manifest: pd.DataFrame
+) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", CHIPS_PROGRESS="0")
     rows = []
     for method in [m for m in args.methods if m != "tracin"]:
         f = out / f"scores-{method}.parquet"
-        cmd = [sys.executable, "-m", "chips_core.cli", "score", str(ws), "icons-pool", "--eval", "icons-val",
-               "--method", method, "--out", str(f), *passthrough]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "chips_core.cli",
+            "score",
+            str(ws),
+            "icons-pool",
+            "--eval",
+            "icons-val",
+            "--method",
+            method,
+            "--out",
+            str(f),
+            *passthrough,
+        ]
         print("$ chips " + " ".join(cmd[3:]), flush=True)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -126,11 +152,22 @@ def scores_only(ws: Path, out: Path, args: argparse.Namespace, passthrough: list
         ranked = pd.read_parquet(f)
         for ratio in args.ratios:
             sh = shares(ranked, manifest, float(ratio))
-            rows.append({"method": method, "ratio": float(ratio)} | {f"% {k}": f"{100 * v:.1f}" for k, v in sh.items()})
+            rows.append(
+                {"method": method, "ratio": float(ratio)}
+                | {f"% {k}": f"{100 * v:.1f}" for k, v in sh.items()}
+            )
     df = pd.DataFrame(rows)
-    base = {k: 100 * v for k, v in shares(pd.DataFrame({"filepath": manifest["abs_path"], "rank": range(len(manifest))}), manifest, 1.0).items()}
-    text = (f"{ws} — ground-truth shares (%) of the top r of each ranking (no CPT); flags: {' '.join(passthrough) or '(defaults)'}\n"
-            f"whole pool: " + ", ".join(f"{k} {v:.1f}" for k, v in base.items()) + "\n\n" + to_markdown(df))  # fmt: skip
+    base = {
+        k: 100 * v
+        for k, v in shares(
+            pd.DataFrame({"filepath": manifest["abs_path"], "rank": range(len(manifest))}), manifest, 1.0
+        ).items()
+    }
+    text = (
+        f"{ws} — ground-truth shares (%) of the top r of each ranking (no CPT); "
+        f"flags: {' '.join(passthrough) or '(defaults)'}\n"
+        f"whole pool: " + ", ".join(f"{k} {v:.1f}" for k, v in base.items()) + "\n\n" + to_markdown(df)
+    )
     df.to_csv(out / "scores_shares.csv", index=False)
     (out / "scores_shares.md").write_text(text)
     print(text)
@@ -149,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", default=None)
     ap.add_argument("--lr", default=None)
     ap.add_argument("--batch-size", default=None)
-    ap.add_argument("--extra", default=None, help="open_clip_train flags for every CPT cell (default --wd 0.1)")
+    ap.add_argument(
+        "--extra", default=None, help="open_clip_train flags for every CPT cell (default --wd 0.1)"
+    )
     ap.add_argument("--cache", default=None, help="scoring cache id (default: the one setup_ws.py prepared)")
     ap.add_argument("--out", type=Path, default=None, help="default WS/experiments/bench-<tag>")
     ap.add_argument("--tag", default="default", help="names the default output folder")
@@ -171,12 +210,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.scores_only:
         return scores_only(ws, out, args, passthrough, manifest)
     if not args.table_only:
-        cmd = [sys.executable, "-m", "chips_core.cli", "experiment", str(ws), "icons-pool",
-               "--test", "icons-test", "--cache", str(args.cache or info["cache_id"]),
-               "--methods", *args.methods, "--ratios", *args.ratios, "--seeds", *args.seeds,
-               "--model", info["model"], "--epochs", args.epochs, "--lr", args.lr,
-               "--batch-size", args.batch_size, "--workers", "1", "--device", "cpu",
-               f"--extra={args.extra}", "--primary", "i2t_R@1", "--out", str(out)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "chips_core.cli",
+            "experiment",
+            str(ws),
+            "icons-pool",
+            "--test",
+            "icons-test",
+            "--cache",
+            str(args.cache or info["cache_id"]),
+            "--methods",
+            *args.methods,
+            "--ratios",
+            *args.ratios,
+            "--seeds",
+            *args.seeds,
+            "--model",
+            info["model"],
+            "--epochs",
+            args.epochs,
+            "--lr",
+            args.lr,
+            "--batch-size",
+            args.batch_size,
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+            f"--extra={args.extra}",
+            "--primary",
+            "i2t_R@1",
+            "--out",
+            str(out),
+        ]
         if "tracin" in args.methods:
             cmd += ["--tracin-eval", "icons-val"]
         cmd += passthrough
@@ -184,13 +252,18 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
         rc = subprocess.run(cmd, env=env).returncode
         if rc != 0:
-            print(f"run.py: chips experiment exited {rc}; tables from the cells finished so far", file=sys.stderr)
+            print(
+                f"run.py: chips experiment exited {rc}; tables from the cells finished so far",
+                file=sys.stderr,
+            )
     cells = pd.read_csv(out / "cells.csv")
     df = table(cells, ws, manifest, args.methods)
     cells.to_csv(out / "bench_cells.csv", index=False)
     df.to_csv(out / "bench_table.csv", index=False)
-    head = (f"{ws} — test icons-test; mean ± SE over seeds; shares of the selection in %\n"
-            f"(experiment folder {out})\n\n")  # fmt: skip
+    head = (
+        f"{ws} — test icons-test; mean ± SE over seeds; shares of the selection in %\n"
+        f"(experiment folder {out})\n\n"
+    )
     text = head + to_markdown(df)
     (out / "bench_table.md").write_text(text)
     print(text)

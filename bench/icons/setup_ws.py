@@ -5,8 +5,9 @@
 
 Pools in the workspace: `icons-pool` (the pool), `icons-val` (eval set: the target gradient),
 `icons-test` (eval set: held-out concepts, for evaluation after CPT only), `icons-test-seen` (new
-renders of pool concepts, for evaluation after CPT only). Steps already done are skipped by the CLI. The model is the local-dir bundle
-DATA/models/<model>/ written by build.py. Extra arguments after `--` go to `chips prepare`.
+renders of pool concepts, for evaluation after CPT only). Steps already done are skipped by the CLI.
+The model is the local-dir bundle DATA/models/<model>/ written by build.py. Extra arguments after
+`--` go to `chips prepare`.
 Prints the scoring cache id (also written to WS/icons-bench.json with the model and data paths).
 """
 
@@ -22,10 +23,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # CPT recipes measured in bench/icons/README.md (run.py's defaults for the workspace)
-RECIPES = {"free": {"epochs": "3", "lr": "5e-4", "batch_size": "64", "extra": "--wd 0.1"},
-           "clamped": {"epochs": "5", "lr": "1e-4", "batch_size": "64", "extra": "--wd 0.1"}}
-POOLS = {"icons-pool": ("pool.csv", False), "icons-val": ("val.csv", True), "icons-test": ("test.csv", True),
-         "icons-test-seen": ("test_seen.csv", True)}
+RECIPES = {
+    "free": {"epochs": "3", "lr": "5e-4", "batch_size": "64", "extra": "--wd 0.1"},
+    "clamped": {"epochs": "5", "lr": "1e-4", "batch_size": "64", "extra": "--wd 0.1"},
+}
+POOLS = {
+    "icons-pool": ("pool.csv", False),
+    "icons-val": ("val.csv", True),
+    "icons-test": ("test.csv", True),
+    "icons-test-seen": ("test_seen.csv", True),
+}
 
 
 def chips(*argv: str) -> str:
@@ -59,17 +66,34 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     chips("init", str(ws))
     for name, (manifest, is_eval) in POOLS.items():
-        chips("ingest", str(ws), name, str(data / manifest), "--label-col", "label", "--workers", args.workers,
-              *(["--eval"] if is_eval else []))  # fmt: skip
+        chips(
+            "ingest",
+            str(ws),
+            name,
+            str(data / manifest),
+            "--label-col",
+            "label",
+            "--workers",
+            args.workers,
+            *(["--eval"] if is_eval else []),
+        )
     for name in POOLS:
         chips("featurize", str(ws), name, "--model", model, "--device", "cpu")
     chips("prepare", str(ws), "icons-pool", "--eval", "icons-val", "--device", "cpu", *extra)
     status = json.loads(chips("status", str(ws), "--json"))
-    caches = [c for c in status.get("scoring caches", status.get("scoring_caches", [])) if c.get("status") == "done"]
+    caches = [
+        c for c in status.get("scoring caches", status.get("scoring_caches", [])) if c.get("status") == "done"
+    ]
     cache_id = max(int(c["cache_id"]) for c in caches)
-    info = {"data": str(data), "model": model, "variant": args.model, "cache_id": cache_id,
-            "prepare_args": extra, "seconds": round(time.monotonic() - t0, 1),
-            "recipe": RECIPES.get(args.model, RECIPES["clamped"])}  # fmt: skip
+    info = {
+        "data": str(data),
+        "model": model,
+        "variant": args.model,
+        "cache_id": cache_id,
+        "prepare_args": extra,
+        "seconds": round(time.monotonic() - t0, 1),
+        "recipe": RECIPES.get(args.model, RECIPES["clamped"]),
+    }
     (ws / "icons-bench.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
     return 0
