@@ -563,20 +563,18 @@ def _engine(args: argparse.Namespace) -> dict | None:
     return {"address": args.address, "num_gpus_per_worker": args.num_gpus_per_worker}
 
 
+def _prepare(ws: Workspace, args: argparse.Namespace) -> int:
+    """The scoring cache of `prepare`/`score`'s arguments (built, resumed or reused), with a progress bar."""
+    with progress_bar(f"prepare {args.pool}") as bar:
+        return prepare_workspace(
+            ws, args.pool, args.eval_name, _prepare_config(args), args.model_id, bar, _engine(args), note,
+            args.model,
+        )  # fmt: skip
+
+
 def _run_prepare(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
-    with progress_bar(f"prepare {args.pool}") as bar:
-        cache_id = prepare_workspace(
-            ws,
-            args.pool,
-            args.eval_name,
-            _prepare_config(args),
-            args.model_id,
-            bar,
-            _engine(args),
-            note,
-            args.model,
-        )
+    cache_id = _prepare(ws, args)
     with ws.connect(read_only=True) as con:
         cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE cache_id = ?", [cache_id]).fetchone()[0]
     say(f"scoring cache {cache_id} of {args.pool} against {args.eval_name} ready at {cache_dir}")
@@ -668,18 +666,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from chips_core import selection as sel
     from chips_core.scoring import ScoringCache, rank, rank_exact
 
-    with progress_bar(f"prepare {args.pool}") as bar:
-        cache_id = prepare_workspace(
-            ws,
-            args.pool,
-            args.eval_name,
-            _prepare_config(args),
-            args.model_id,
-            bar,
-            _engine(args),
-            note,
-            args.model,
-        )
+    cache_id = _prepare(ws, args)
     with ws.connect(read_only=True) as con:
         cache_dir, pool_run = con.execute(
             "SELECT dir, pool_run_id FROM scoring_caches WHERE cache_id = ?", [cache_id]

@@ -77,6 +77,19 @@ def write_images(
     return out
 
 
+def write_manifest(folder: Path, n: int, seed: int, captions: list[str] | None = None) -> Path:
+    """folder/manifest.csv (filepath, title, label) over n real images; the first captions replaced by
+    `captions` when given."""
+    items = write_images(folder / "images", n, seed=seed)
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "label"])
+        for i, (p, caption, label) in enumerate(items):
+            w.writerow([p, captions[i] if captions and i < len(captions) else caption, label])
+    return path
+
+
 def make_csv_pool(root: Path, n: int = 12, sep: str = ",", relative: bool = True, fmt: str = "png") -> Path:
     """root/csv/pool.csv (or .tsv for sep='\\t') with columns filepath,title,label and n real images."""
     folder = Path(root) / "csv"

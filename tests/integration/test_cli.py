@@ -20,7 +20,7 @@ from PIL import Image
 from chips_core import cli
 from chips_core import selection as sel
 from chips_core.store import Workspace
-from tests.fixtures_build import write_images
+from tests.fixtures_build import write_manifest
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -49,14 +49,7 @@ def chips(*args, ok=True, timeout=300):
 
 
 def manifest(folder: Path, n: int, seed: int) -> Path:
-    items = write_images(folder / "images", n, seed=seed)
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["filepath", "title", "label"])
-        for i, (p, caption, label) in enumerate(items):
-            w.writerow([p, CAPTIONS[i] if i < len(CAPTIONS) else caption, label])
-    return path
+    return write_manifest(folder, n, seed, CAPTIONS)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ start run verbatim. Real workspaces, real tiny open_clip models, the real `chips
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -14,22 +13,11 @@ import pytest
 
 from chips_core import cli
 from chips_core.store import Workspace
-from tests.fixtures_build import write_images
+from tests.fixtures_build import write_manifest as manifest
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "chips-tiny-vit"
-
-
-def manifest(folder: Path, n: int, seed: int) -> Path:
-    items = write_images(folder / "images", n, seed=seed)
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["filepath", "title", "label"])
-        for p, caption, label in items:
-            w.writerow([p, caption, label])
-    return path
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
