@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from app import context, jobs_view
-from chips_core import store
+from chips_core import presets, store
 
 st.title("Workspace")
 path, is_demo = context.workspace_path()
@@ -88,11 +88,21 @@ with add, st.form("ingest_form"):
     image_col = c1.text_input("Image column", "filepath", key="ing_img")
     caption_col = c2.text_input("Caption column", "title", key="ing_cap")
     label_col = c3.text_input("Label column (optional)", "", key="ing_label")
+    c4, c5 = st.columns(2)
+    encoding = c4.text_input(
+        "Text encoding", "auto", key="ing_encoding", help="auto detects it (and reports it); or e.g. latin-1"
+    )
+    replace = c5.checkbox(
+        "Replace a pool of this name",
+        key="ing_replace",
+        help="Refused while anything depends on the pool (feature runs, caches, selections...).",
+    )
     if st.form_submit_button("Ingest", type="primary"):
         argv = ["ingest", str(ws.root), name, source, "--image-col", image_col, "--caption-col", caption_col]
         argv += (["--eval"] if kind == "eval" else []) + (
             ["--label-col", label_col] if label_col.strip() else []
         )
+        argv += ["--encoding", encoding.strip() or "auto"] + (["--replace"] if replace else [])
         jobs_view.launch(ws, "ingest", argv, required={"Name": name, "Source": source})
 
 pool_names = all_pools["name"].tolist()
@@ -106,9 +116,16 @@ with feat, st.form("featurize_form"):
     )
     pretrained = st.text_input("Pretrained tag or checkpoint (optional)", "", key="feat_pretrained")
     device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="feat_device")
+    random_init = st.checkbox(
+        "Random weights (testing only)",
+        key="feat_random_init",
+        help="A model with published weights needs a pretrained tag or checkpoint; tick this to use random "
+        "weights on purpose.",
+    )
     if st.form_submit_button("Featurize", type="primary"):
         argv = ["featurize", str(ws.root), str(pool), "--model", model, "--device", device]
         argv += ["--pretrained", pretrained] if pretrained.strip() else []
+        argv += ["--random-init"] if random_init else []
         jobs_view.launch(ws, "featurize", argv, required={"Pool": pool or "", "Model": model})
 
 evals = all_pools.loc[all_pools["kind"] == "eval", "name"].tolist() if len(all_pools) else []
@@ -125,9 +142,18 @@ with prep, st.form("prepare_form"):
     k_max = c3.select_slider("k_max", options=[256, 512, 1024, 2048, 4096], value=1024, key="prep_kmax")
     sketch = c4.selectbox("Sketch", ["kronecker", "dense"], key="prep_sketch")
     batch = c5.number_input("InfoNCE batch size", 2, 65536, 1024, key="prep_batch")
+    blocks = st.multiselect(
+        "Parameter blocks scored",
+        list(presets.BLOCKS),
+        default=list(presets.parse_blocks(presets.DEFAULT_BLOCKS)),
+        key="prep_blocks",
+        help="The recommended default leaves the temperature out (docs/SCORING.md); the paper scores all "
+        "three.",
+    )
     if st.form_submit_button("Prepare", type="primary"):
         argv = ["prepare", str(ws.root), str(p_pool), "--eval", str(p_eval), "--k-max", str(k_max)]
         argv += ["--sketch", sketch, "--batch-size", str(batch)]
+        argv += ["--blocks", ",".join(blocks or presets.parse_blocks(presets.DEFAULT_BLOCKS))]
         jobs_view.launch(ws, "prepare", argv, required={"Pool": p_pool or "", "Eval set": p_eval or ""})
 
 st.subheader("Jobs")

@@ -222,6 +222,20 @@ def test_workspace_page_creates_a_workspace_and_ingests_in_a_background_job(tiny
     at.run()
     pools = next(df.value for df in at.dataframe if "rejected" in df.value.columns)
     assert pools.loc[0, "name"] == "uploaded" and pools.loc[0, "pairs"] > 0
+    assert "encoding utf-8 (detected)" in jobs.read_log(ws, job.job_id)  # the form sent --encoding auto
+
+
+def test_workspace_page_prepares_the_parameter_blocks_chosen(tiny_workspace):
+    at = _app("workspace")
+    at.multiselect(key="prep_blocks").select("temperature")
+    at.button(key="FormSubmitter:prepare_form-Prepare").click().run()
+    _ok(at)
+    ws = store.Workspace(tiny_workspace)
+    job = jobs.list_jobs(ws)[0]
+    assert jobs.wait(ws, job.job_id, timeout_s=300).status == "done", jobs.read_log(ws, job.job_id)
+    with ws.connect(read_only=True) as con:
+        rows = con.execute("SELECT config->>'blocks' FROM scoring_caches WHERE status = 'done'").fetchall()
+    assert ("visual,text,temperature",) in rows
 
 
 def test_browse_marks_pairs_the_guard_held_out(tiny_workspace):
