@@ -54,7 +54,10 @@ __all__ = [
 
 METHODS = ("chips", "random", "clipscore", "dot", "tracin", "trak")
 STABILITY_ROWS = 100_000
+# the library's defaults are the default preset's (chips_core/presets.py is their one source)
 DAMPING = PRESETS["default"]["damping"]
+NORMALIZE = PRESETS["default"]["normalize"]
+GUARD = PRESETS["default"]["guard"]
 
 
 class ScoringCache:
@@ -281,7 +284,7 @@ def eval_contributions(
     k: int | None = None,
     top: int | None = 5,
     damping: str = DAMPING,
-    normalize: bool = True,
+    normalize: bool = NORMALIZE,
 ) -> pd.DataFrame:
     """Each eval pair's share of one pool pair's alignment: c_e = g̃_e·M̃⁻¹g̃(z) / n_eval (METHOD.md §4).
 
@@ -437,7 +440,7 @@ def rank(
     rank_normalized: bool = False,
     checkpoints: list[tuple[ScoringCache, float]] | None = None,
     damping: str = DAMPING,
-    normalize: bool = True,
+    normalize: bool = NORMALIZE,
     guard: str | None = None,
     guard_mads: float = GUARD_MADS,
 ) -> RankResult:
@@ -457,7 +460,7 @@ def rank(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
-    guard = ("mad" if method == "chips" else "none") if guard is None else guard
+    guard = (GUARD if method == "chips" else "none") if guard is None else guard
     k = _check_k(cache, k)
     info: dict[str, Any] = {
         "method": method,
@@ -517,8 +520,8 @@ def rank_exact(
     use_relevance: bool = True,
     rank_normalized: bool = False,
     damping: str = DAMPING,
-    normalize: bool = True,
-    guard: str = "mad",
+    normalize: bool = NORMALIZE,
+    guard: str = GUARD,
     guard_mads: float = GUARD_MADS,
     tol: float = 1e-8,
     maxiter: int = 2000,

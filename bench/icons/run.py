@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ws", type=Path)
-    ap.add_argument("--methods", nargs="+", default=["random", "clipscore", "dot", "trak", "tracin", "chips"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["random", "clipscore", "dot", "trak", "tracin", "chips-paper", "chips"],
+    )
     ap.add_argument("--ratios", nargs="+", default=["0.1", "0.3"])
     ap.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
     ap.add_argument("--epochs", default=None)
