@@ -136,7 +136,7 @@ def test_killed_featurize_resumes_from_its_last_checkpoint(tiny, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     args = ["featurize", tiny, "big", "--model", MODEL, "--device", "cpu", "--batch-size", 4]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chips_core.cli", *map(str, args), "--checkpoint-s", "0.3"],
+        [sys.executable, "-m", "chips_core.cli", *map(str, args), "--checkpoint-s", "0.05"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     run_dir = None
