@@ -3,7 +3,7 @@
 Everything here reads the workspace through short-lived `Workspace.connect()` calls (background jobs write
 concurrently) and caches only what is immutable once written: a finished scoring cache (st.cache_resource)
 and a pool's pair table (st.cache_data, keyed by the pool's row count so a growing pool is re-read).
-No math: rankings come from `chips_core.scoring.rank`.
+No math: rankings come from `chips_core.scoring.ranking.rank`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from chips_core import presets, store
+from chips_core.scoring import presets
+from chips_core.workspace import store
 
 # Widget keys whose values must survive page switches (Streamlit drops the state of widgets not drawn).
 PERSISTENT_KEYS = (
@@ -53,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def preset_state(name: str) -> dict[str, Any]:
-    """The Scores page's widget values of a scoring preset (chips_core.presets.PRESETS)."""
+    """The Scores page's widget values of a scoring preset (chips_core.scoring.presets.PRESETS)."""
     p = presets.PRESETS[name]
     return {
         "blocks": list(presets.parse_blocks(p["blocks"])),
@@ -209,7 +210,7 @@ def _cache_blocks(config_json: str) -> str:
 @st.cache_resource(max_entries=4, show_spinner="Loading the scoring cache…")
 def load_cache(cache_dir: str) -> Any:
     """The ScoringCache of a finished prepare (immutable on disk, so one copy per server is enough)."""
-    from chips_core.scoring import ScoringCache
+    from chips_core.scoring.ranking import ScoringCache
 
     return ScoringCache.load(cache_dir)
 
@@ -253,7 +254,7 @@ def rank_params() -> dict[str, Any]:
 @st.cache_resource(max_entries=8, show_spinner=False)
 def _rank_cached(cache_dir: str, params: tuple[tuple[str, Any], ...]) -> Any:
     """One ranking per (cache, parameters): page switches and reruns reuse it instead of re-ranking."""
-    from chips_core.scoring import rank
+    from chips_core.scoring.ranking import rank
 
     return rank(load_cache(cache_dir), **dict(params))
 

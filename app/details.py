@@ -6,7 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from app import context, widgets
-from chips_core import gallery, scoring, selection, store
+from chips_core.curation import gallery, selection
+from chips_core.scoring import ranking as scoring
+from chips_core.workspace import store
 
 WHY = {
     "alignment": "Â: how much one training step on this pair lowers the eval loss, through the "

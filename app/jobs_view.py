@@ -1,6 +1,7 @@
 """Background jobs in the dashboard: launch `chips ...` subprocesses, show progress, CPT runs and results.
 
-Long work never runs in the script thread: `chips_core.jobs.launch` starts a detached process that writes
+Long work never runs in the script thread: `chips_core.workspace.jobs.launch` starts a detached process
+that writes
 its progress to the workspace `jobs` table, so a reload (or a closed tab) loses nothing; these panels only
 read that table (short-lived connections) and refresh themselves while something runs.
 """
@@ -15,7 +16,7 @@ import plotly.express as px
 import streamlit as st
 
 from app import context
-from chips_core import jobs, store
+from chips_core.workspace import jobs, store
 
 
 def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, str]) -> int | None:

@@ -9,7 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from app import context
-from chips_core import gallery, selection, store
+from chips_core.curation import gallery, selection
+from chips_core.workspace import store
 
 COMPONENTS = ("alignment", "learnability", "relevance", "score")
 

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from skimage import data
 
-from chips_core.features import FeatureStore, featurize
-from chips_core.ingest import ingest
-from chips_core.models import load_model, resolve_device
-from chips_core.store import Workspace
+from chips_core.features.featurize import FeatureStore, featurize
+from chips_core.features.models import load_model, resolve_device
+from chips_core.pools.ingest import ingest
+from chips_core.workspace.store import Workspace
 
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "retina", "immunohistochemistry", "cat")
 

@@ -1,4 +1,4 @@
-"""Ingest throughput: records/s of `chips_core.ingest.ingest` on CSV and WebDataset pools of real JPEGs.
+"""Ingest throughput: records/s of `chips_core.pools.ingest.ingest` on CSV and WebDataset pools of real JPEGs.
 
 Builds a pool of N distinct JPEGs (seeded crops of scikit-image's bundled photographs, via
 tests/fixtures_build.py) twice: as image files with a CSV manifest and as WebDataset tars (jpg + txt + cls
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from chips_core.ingest import ingest
-from chips_core.store import Workspace
+from chips_core.pools.ingest import ingest
+from chips_core.workspace.store import Workspace
 from tests.fixtures_build import real_images, write_images
 
 

@@ -6,7 +6,7 @@ writer featurize uses, shard by shard (8,192 rows), into a real workspace, and r
 each requested size has been written. Every smaller size is then registered as its own finished feature
 run over the first whole shards of the same files (sizes are rounded up to whole shards), so each size
 is read back through the real `FeatureStore`.
-(b) For each size, a FRESH child process runs `chips_core.scoring.prepare` on that run against a small
+(b) For each size, a FRESH child process runs `chips_core.scoring.ranking.prepare` on that run against a small
 in-memory eval set, sampling /proc/self/status (RssAnon, RssFile, VmRSS) every 20 ms; VmHWM, the
 kernel's exact peak of the total RSS, is read at the end. RssAnon is the process's own memory; RssFile
 is page cache of the memory-mapped shards (shared, clean, reclaimable by the kernel) and counts in VmRSS.
@@ -99,7 +99,7 @@ def endpoint_params(seed: int):
     logit scale 100."""
     import torch
 
-    from chips_core.endpoint import EndpointParams
+    from chips_core.scoring.endpoint import EndpointParams
 
     rng = np.random.default_rng(seed)
     W_v = rng.standard_normal((D, D_V), dtype=np.float32) / np.sqrt(D_V)
@@ -110,7 +110,7 @@ def endpoint_params(seed: int):
 def synthetic_features(start: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, h, t) of positions [start, start+n): unique ids (a bijective 64-bit mix of the position),
     h = 3·cluster centre + N(0, 1), t = 0.3·h[:, :d_t] + 1.5·N(0, 1), in fp16; seeded by (seed, start)."""
-    from chips_core.batches import mix64
+    from chips_core.scoring.batches import mix64
 
     centres = np.random.default_rng(seed).standard_normal((N_CLUSTERS, D_V), dtype=np.float32)
     rng = np.random.default_rng([seed, start])
@@ -146,9 +146,9 @@ def _register(ws, name: str, model_id: int, run_dir: Path, status: str) -> tuple
 
 def child_write(root: Path, n_total: int, sizes: list[int], seed: int) -> dict:
     """Write the feature run of n_total pairs; register a prefix run per size; peak RSS per size."""
-    from chips_core.features import SHARD_SIZE, RunInfo, finish_run, write_shard
-    from chips_core.models import ModelIdentity, register_model
-    from chips_core.store import Workspace
+    from chips_core.features.featurize import SHARD_SIZE, RunInfo, finish_run, write_shard
+    from chips_core.features.models import ModelIdentity, register_model
+    from chips_core.workspace.store import Workspace
 
     ws = Workspace.init(root / "ws")
     model_id = register_model(ws, ModelIdentity("ViT-B-16", "synthetic-features"))
@@ -196,10 +196,10 @@ def child_write(root: Path, n_total: int, sizes: list[int], seed: int) -> dict:
 
 def child_prepare(root: Path, run_id: int, cfg: dict, seed: int, n_eval: int) -> dict:
     """prepare over one feature run in this (fresh) process; memory before, during and at the end."""
-    from chips_core.features import FeatureStore
-    from chips_core.prepare import ArrayFeatures, PrepareConfig
-    from chips_core.scoring import prepare
-    from chips_core.store import Workspace
+    from chips_core.features.featurize import FeatureStore
+    from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig
+    from chips_core.scoring.ranking import prepare
+    from chips_core.workspace.store import Workspace
 
     store = FeatureStore(Workspace(root / "ws"), run_id)
     eval_set = ArrayFeatures(*synthetic_features(10**15, n_eval, seed + 1))
@@ -273,8 +273,8 @@ def _mb(x: float) -> str:
 
 def chunk_estimate(cfg: dict) -> dict[str, float]:
     """Analytic per-process terms (bytes) of prepare that depend on the config, not on N."""
-    from chips_core.features import _OPEN_SHARDS, SHARD_SIZE
-    from chips_core.prepare import COL_BLOCK
+    from chips_core.features.featurize import _OPEN_SHARDS, SHARD_SIZE
+    from chips_core.scoring.prepare import COL_BLOCK
 
     rows = cfg["chunk_batches"] * cfg["batch_size"]
     kp = -(-cfg["k_max"] // COL_BLOCK) * COL_BLOCK

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from chips_core.curvature import CurvatureAccumulator
-from chips_core.endpoint import EndpointParams, batch_state
-from chips_core.sketch import make_sketch
+from chips_core.scoring.curvature import CurvatureAccumulator
+from chips_core.scoring.endpoint import EndpointParams, batch_state
+from chips_core.scoring.sketch import make_sketch
 
 
 def _sync(device: str) -> None:

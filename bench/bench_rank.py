@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chips_core.prepare import (
+from chips_core.scoring.prepare import (
     AUX_COLUMNS,
     CACHE_VERSION,
     COL_BLOCK,
@@ -27,7 +27,7 @@ from chips_core.prepare import (
     save_npy,
     save_npz,
 )
-from chips_core.scoring import ScoringCache, rank
+from chips_core.scoring.ranking import ScoringCache, rank
 
 
 def build(root: Path, n: int, k_max: int, chunk_rows: int = 65536) -> None:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chips_core.features import FeatureStore, featurize  # noqa: E402
-from chips_core.ingest import ingest  # noqa: E402
-from chips_core.models import load_model  # noqa: E402
-from chips_core.prepare import PrepareConfig, prepare  # noqa: E402
-from chips_core.store import Workspace  # noqa: E402
+from chips_core.features.featurize import FeatureStore, featurize  # noqa: E402
+from chips_core.features.models import load_model  # noqa: E402
+from chips_core.pools.ingest import ingest  # noqa: E402
+from chips_core.scoring.prepare import PrepareConfig, prepare  # noqa: E402
+from chips_core.workspace.store import Workspace  # noqa: E402
 from tests.fixtures_build import make_csv_pool  # noqa: E402
 
 
@@ -52,8 +52,8 @@ def main() -> None:
 
     import ray
 
-    from chips_core.distributed import featurize_ray
-    from chips_core.distributed_prepare import prepare_ray
+    from chips_core.engines.ray_featurize import featurize_ray
+    from chips_core.engines.ray_prepare import prepare_ray
 
     device = "cuda" if args.num_gpus_per_worker > 0 else "cpu"
     rows: list[tuple[str, str, int, float]] = []

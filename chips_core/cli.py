@@ -9,7 +9,8 @@ Built-in commands are registered below. Other modules add theirs without editing
 `run` raises the library's user-facing errors (WorkspaceError and its subclasses, ValueError,
 FileNotFoundError...) for bad input: `main` turns them into ONE line on stderr and exit status 1; any other
 exception is an internal error (exit 2; CHIPS_DEBUG=1 prints the traceback). `progress_bar(desc)` gives a
-tqdm bar (pairs/s, ETA) that also feeds the background-job progress when running under `chips_core.jobs`.
+tqdm bar (pairs/s, ETA) that also feeds the background-job progress when running under
+`chips_core.workspace.jobs`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chips_core import presets
-from chips_core.pipeline import load_run_model, prepare_workspace
-from chips_core.store import Workspace, WorkspaceError
+from chips_core.engines.pipeline import load_run_model, prepare_workspace
+from chips_core.scoring import presets
+from chips_core.workspace.store import Workspace, WorkspaceError
 
-EXTENSION_MODULES = ("chips_core.cpt", "chips_core.evaluate", "chips_core.experiment")
+EXTENSION_MODULES = (
+    "chips_core.training.cpt",
+    "chips_core.training.evaluate",
+    "chips_core.training.experiment",
+)
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,7 @@ def _add_status(p: argparse.ArgumentParser) -> None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from chips_core import jobs
+    from chips_core.workspace import jobs
 
     ws = workspace(args.ws)
     queries = {
@@ -321,7 +326,7 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    from chips_core.ingest import IngestError, ingest
+    from chips_core.pools.ingest import IngestError, ingest
 
     ws = workspace(args.ws)
     try:
@@ -364,7 +369,7 @@ def _add_rm(p: argparse.ArgumentParser) -> None:
 
 
 def _run_rm(args: argparse.Namespace) -> int:
-    from chips_core.remove import remove_pool
+    from chips_core.workspace.remove import remove_pool
 
     say(remove_pool(workspace(args.ws), args.name, force=args.force).format())
     return 0
@@ -424,15 +429,15 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def _run_featurize(args: argparse.Namespace) -> int:
     ws = workspace(args.ws)
-    from chips_core.models import check_weights_choice, pretrained_tags
+    from chips_core.features.models import check_weights_choice, pretrained_tags
 
     check_weights_choice(args.model, args.pretrained, args.random_init)
     if args.engine == "ray":
-        from chips_core.distributed import featurize_ray as run
+        from chips_core.engines.ray_featurize import featurize_ray as run
 
         opts = _engine(args)
     else:
-        from chips_core.features import featurize as run
+        from chips_core.features.featurize import featurize as run
 
         opts = {"device": args.device, "num_workers": args.workers, "checkpoint_s": args.checkpoint_s}
     with progress_bar(f"featurize {args.name}") as bar:
@@ -451,7 +456,7 @@ def _run_featurize(args: argparse.Namespace) -> int:
     return 0
 
 
-#: chips_core.prepare.PrepareConfig's defaults, repeated so that building the parser imports no torch
+#: chips_core.scoring.prepare.PrepareConfig's defaults, repeated so that building the parser imports no torch
 #: (tests/integration/test_cli.py checks that they agree).
 PREPARE_DEFAULTS = {
     "k_max": 1024,
@@ -530,8 +535,8 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare_config(args: argparse.Namespace) -> Any:
-    from chips_core.models import resolve_device
-    from chips_core.prepare import PrepareConfig
+    from chips_core.features.models import resolve_device
+    from chips_core.scoring.prepare import PrepareConfig
 
     return PrepareConfig(
         k_max=args.k_max,
@@ -663,8 +668,8 @@ def _run_score(args: argparse.Namespace) -> int:
         raise CliError(
             "--method tracin needs --tracin-cache CACHE_ID[:ETA] (one per checkpoint), and only it does"
         )
-    from chips_core import selection as sel
-    from chips_core.scoring import ScoringCache, rank, rank_exact
+    from chips_core.curation import selection as sel
+    from chips_core.scoring.ranking import ScoringCache, rank, rank_exact
 
     cache_id = _prepare(ws, args)
     with ws.connect(read_only=True) as con:
@@ -684,7 +689,7 @@ def _run_score(args: argparse.Namespace) -> int:
         **_preset_options(args),
     )
     if args.exact:
-        from chips_core.features import FeatureStore
+        from chips_core.features.featurize import FeatureStore
 
         params = load_run_model(ws, pool_run).adapter.endpoint_params()
         result = rank_exact(cache, FeatureStore(ws, pool_run), params, **opts)
@@ -719,13 +724,13 @@ def _run_score(args: argparse.Namespace) -> int:
             f"agreement) is below {info['guard_threshold']:.4g}, an outlier under the pool's median "
             "(--guard none keeps them)"
         )
-    from chips_core.diagnostics import stability_warning
+    from chips_core.scoring.diagnostics import stability_warning
 
     if (message := stability_warning(info.get("stability"))) is not None:
         warn(message)
     if out is not None:
         table = _score_table(ws, args.pool, result)
-        from chips_core.store import atomic_path
+        from chips_core.workspace.store import atomic_path
 
         with atomic_path(out) as tmp:
             if out.suffix == ".parquet":
@@ -757,7 +762,7 @@ def _preset_options(args: argparse.Namespace) -> dict:
 
 
 def _tracin_cache(ws: Workspace, spec: str) -> tuple[Any, float]:
-    from chips_core.scoring import ScoringCache
+    from chips_core.scoring.ranking import ScoringCache
 
     cid, _, eta = spec.partition(":")
     try:
@@ -775,7 +780,7 @@ def _tracin_cache(ws: Workspace, spec: str) -> tuple[Any, float]:
 
 def _score_table(ws: Workspace, pool: str, result: Any) -> Any:
     """The ranking joined with the pool's pairs: pair_id, filepath, caption, label and every component."""
-    from chips_core.selection import rank_frame, resolve_pool
+    from chips_core.curation.selection import rank_frame, resolve_pool
 
     frame = rank_frame(result)
     pool_id = resolve_pool(ws, pool)
@@ -866,7 +871,7 @@ def _select_target(ws: Workspace, args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _run_select(args: argparse.Namespace) -> int:
-    from chips_core import selection as sel
+    from chips_core.curation import selection as sel
 
     ws = workspace(args.ws)
     pool, name = _select_target(ws, args)
@@ -943,7 +948,7 @@ def _read_ids(path: Path) -> list[int]:
 
 
 def _run_decide(args: argparse.Namespace) -> int:
-    from chips_core import selection as sel
+    from chips_core.curation import selection as sel
 
     ws = workspace(args.ws)
     if isinstance(args.pair_id, int):
@@ -966,7 +971,7 @@ def _add_diff(p: argparse.ArgumentParser) -> None:
 
 
 def _run_diff(args: argparse.Namespace) -> int:
-    from chips_core import selection as sel
+    from chips_core.curation import selection as sel
 
     d = sel.diff_selections(workspace(args.ws), _sel_ref(args.a), _sel_ref(args.b))
     say(d.summary())
@@ -983,7 +988,7 @@ def _sel_ref(text: str) -> str | int:
 
 def selection_id(ws: Workspace, ref: str | int) -> int:
     """The id of the selection `ref` names (id, name or name@version); a SelectionError names a bad one."""
-    from chips_core import selection as sel
+    from chips_core.curation import selection as sel
 
     return sel.get_selection(ws, _sel_ref(str(ref))).selection_id
 
@@ -1003,7 +1008,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from chips_core.export import export_selection
+    from chips_core.curation.export import export_selection
 
     ws = workspace(args.ws)
     with progress_bar("materialise images", unit="image") as bar:
@@ -1047,7 +1052,7 @@ def _add_jobs(p: argparse.ArgumentParser) -> None:
 
 
 def _run_jobs(args: argparse.Namespace) -> int:
-    from chips_core import jobs
+    from chips_core.workspace import jobs
 
     ws = workspace(args.ws)
     if args.cancel is not None:
@@ -1142,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reporter = None
     if args.job_id is not None:
-        from chips_core import jobs
+        from chips_core.workspace import jobs
 
         reporter = jobs.JobReporter(Workspace(args.job_ws), args.job_id)
         reporter.start()
@@ -1155,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
         _end(reporter, "cancelled", "interrupted")
         return 130
     except BaseException as exc:  # noqa: B036 (job cancellation is a BaseException by design)
-        from chips_core.jobs import JobCancelled
+        from chips_core.workspace.jobs import JobCancelled
 
         if isinstance(exc, JobCancelled):
             print(f"{prog}: cancelled", file=sys.stderr)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chips_core.store import Workspace, WorkspaceError, atomic_write_bytes
+from chips_core.workspace.store import Workspace, WorkspaceError, atomic_write_bytes
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 MODEL_DIR = BUNDLE_DIR / "model"
@@ -41,7 +41,7 @@ class DemoError(WorkspaceError):
 
 
 def model_spec() -> str:
-    """The demo model as chips_core.models.load_model names it (an open_clip local-dir bundle)."""
+    """The demo model as chips_core.features.models.load_model names it (an open_clip local-dir bundle)."""
     return f"local-dir:{MODEL_DIR}"
 
 
@@ -74,7 +74,7 @@ def bundle_key() -> str:
 
 def manifest(split: str) -> pd.DataFrame:
     """One split's manifest with absolute file paths and each pair's pair_id (the workspace contract)."""
-    from chips_core.pools import pair_id
+    from chips_core.pools.records import pair_id
 
     if split not in MANIFESTS:
         raise DemoError(f"unknown demo split {split!r}; expected one of {', '.join(MANIFESTS)}")
@@ -155,8 +155,8 @@ def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = 
     Every step is the library's own and skips work already done, so a killed build resumes on re-run.
     Raises DemoError for a folder that holds something else (see `_claim`).
     """
-    from chips_core.features import featurize
-    from chips_core.ingest import ingest
+    from chips_core.features.featurize import featurize
+    from chips_core.pools.ingest import ingest
 
     root = Path(path).expanduser().resolve()
     say = progress or (lambda _msg: None)
@@ -189,9 +189,9 @@ def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = 
 def _prepare(ws: Workspace) -> int:
     """The demo's scoring caches through the CLI's workspace-level prepare: the paper preset's blocks, then
     the default PrepareConfig (CPU), so the dashboard's preset switch needs no job; returns the default's."""
-    from chips_core.pipeline import prepare_workspace
-    from chips_core.prepare import PrepareConfig
-    from chips_core.presets import PRESETS
+    from chips_core.engines.pipeline import prepare_workspace
+    from chips_core.scoring.prepare import PrepareConfig
+    from chips_core.scoring.presets import PRESETS
 
     paper = PrepareConfig(device="cpu", blocks=PRESETS["paper"]["blocks"])
     prepare_workspace(ws, POOL_NAME, EVAL_NAME, paper)

@@ -56,8 +56,9 @@ MANIFEST_COLUMNS = [
     "source_license", "augmentation", "true_caption",
 ]  # fmt: skip
 
-# The tiny CLIP the project trains itself: teammate B's registered config, so chips_core.models.load_model
-# loads the checkpoint by name; the bundle also carries the config (open_clip "local-dir:" format).
+# The tiny CLIP the project trains itself: teammate B's registered config, so
+# chips_core.features.models.load_model loads the checkpoint by name; the bundle also carries the config
+# (open_clip "local-dir:" format).
 MODEL_NAME = "chips-tiny-vit"
 MODEL_CONFIG_FILE = ROOT.parent / "chips_core" / "model_configs" / f"{MODEL_NAME}.json"
 CHECKPOINT_NAME = "open_clip_pytorch_model.bin"
@@ -125,8 +126,8 @@ def dicom_sources() -> tuple[list[Source], dict[str, int]]:
     import pydicom
     import pydicom.data
 
-    from chips_core.pools_dicom import DicomError
-    from chips_core.pools_dicom import decode as decode_dicom
+    from chips_core.pools.dicom import DicomError
+    from chips_core.pools.dicom import decode as decode_dicom
 
     sources: list[Source] = []
     thumbs: list[np.ndarray] = []
@@ -463,7 +464,7 @@ def train_model(out: Path, epochs: int, seed: int) -> dict:
 
 
 def open_clip_config() -> dict:
-    """open_clip's local-dir config (default preprocessing, as chips_core.models.load_model uses)."""
+    """open_clip's local-dir config (default preprocessing, as chips_core.features.models.load_model uses)."""
     return {"model_name": MODEL_NAME, "model_cfg": json.loads(MODEL_CONFIG_FILE.read_text())}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from app import context, jobs_view
-from chips_core import export, selection
+from chips_core.curation import export, selection
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)

@@ -7,8 +7,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import context, widgets
-from chips_core import maps, store
-from chips_core.features import FeatureStore
+from chips_core.curation import maps
+from chips_core.features.featurize import FeatureStore
+from chips_core.workspace import store
 
 
 @st.cache_resource(

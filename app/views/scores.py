@@ -8,9 +8,9 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import context, jobs_view, widgets
-from chips_core import presets
-from chips_core.diagnostics import stability_warning
-from chips_core.scoring import ALPHA_INERT_RATIO, selection_change
+from chips_core.scoring import presets
+from chips_core.scoring.diagnostics import stability_warning
+from chips_core.scoring.ranking import ALPHA_INERT_RATIO, selection_change
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)

@@ -7,7 +7,8 @@ from pathlib import Path
 import streamlit as st
 
 from app import context, jobs_view
-from chips_core import presets, store
+from chips_core.scoring import presets
+from chips_core.workspace import store
 
 st.title("Workspace")
 path, is_demo = context.workspace_path()

@@ -49,8 +49,8 @@ RECIPE = {
 
 
 def composition(ws_root: Path, selection_id: int, manifest: pd.DataFrame) -> dict[str, float]:
-    from chips_core.selection import selection_members
-    from chips_core.store import Workspace
+    from chips_core.curation.selection import selection_members
+    from chips_core.workspace.store import Workspace
 
     members = selection_members(Workspace(ws_root), int(selection_id))
     m = members.merge(manifest, left_on="filepath", right_on="abs_path", how="left")

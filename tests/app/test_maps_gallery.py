@@ -7,7 +7,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from chips_core import gallery, maps, store
+from chips_core.curation import gallery, maps
+from chips_core.workspace import store
 
 pytestmark = [pytest.mark.app, pytest.mark.unit]
 

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from chips_core import gallery, jobs, selection, store
-from chips_core.scoring import ScoringCache, eval_contributions
+from chips_core.curation import gallery, selection
+from chips_core.scoring.ranking import ScoringCache, eval_contributions
+from chips_core.workspace import jobs, store
 from tests.app.workspace_build import EVAL, POOL
 
 pytestmark = pytest.mark.app
@@ -240,7 +241,7 @@ def test_workspace_page_prepares_the_parameter_blocks_chosen(tiny_workspace):
 
 def test_browse_marks_pairs_the_guard_held_out(tiny_workspace):
     """Guarded pairs rank last; the Bottom tab shows each of them with its 'held out' badge."""
-    from chips_core.scoring import rank
+    from chips_core.scoring.ranking import rank
 
     at = _app("browse")
     at.session_state["guard_mads"] = 0.5  # a strict guard, so that this tiny pool has guarded pairs

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from chips_core import jobs, store
+from chips_core.workspace import jobs, store
 
 pytestmark = [pytest.mark.app, pytest.mark.slow]
 

@@ -11,9 +11,13 @@ import csv
 import shutil
 from pathlib import Path
 
-from chips_core import features, ingest, maps, models, store
-from chips_core.pipeline import prepare_workspace
-from chips_core.scoring import PrepareConfig
+from chips_core.curation import maps
+from chips_core.engines.pipeline import prepare_workspace
+from chips_core.features import featurize as features
+from chips_core.features import models
+from chips_core.pools import ingest
+from chips_core.scoring.ranking import PrepareConfig
+from chips_core.workspace import store
 from tests.fixtures_build import write_images
 
 MODEL = "chips-tiny-vit"

@@ -18,8 +18,8 @@ from open_clip_train.data import CsvDataset
 from PIL import Image
 
 from chips_core import cli
-from chips_core import selection as sel
-from chips_core.store import Workspace
+from chips_core.curation import selection as sel
+from chips_core.workspace.store import Workspace
 from tests.fixtures_build import write_manifest
 
 pytestmark = pytest.mark.integration
@@ -245,7 +245,7 @@ def test_argparse_errors_and_help(capsys):
 def test_prepare_defaults_match_the_library():
     from dataclasses import asdict
 
-    from chips_core.prepare import PrepareConfig
+    from chips_core.scoring.prepare import PrepareConfig
 
     lib = asdict(PrepareConfig())
     assert {k: lib[k] for k in cli.PREPARE_DEFAULTS} == cli.PREPARE_DEFAULTS

@@ -9,13 +9,13 @@ import skimage.data
 import torch
 from PIL import Image
 
-from chips_core import cpt
-from chips_core.evaluate import evaluate_run
-from chips_core.store import Workspace
+from chips_core.training import cpt
+from chips_core.training.evaluate import evaluate_run
+from chips_core.workspace.store import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MODEL = "chips-tiny-vit"  # teammate B's tiny config (chips_core/model_configs), random init
+MODEL = "chips-tiny-vit"  # teammate B's tiny config (chips_core/features/model_configs), random init
 
 
 def _make_csv(folder, n_rows, name="train.csv"):
@@ -101,8 +101,9 @@ def test_train_records_progress_checkpoint_and_evaluates(ws_csv):
     # the trained weights moved away from the seeded random init they started from
     start = _state(ck[0])["state_dict"]["visual.proj"]
     assert not torch.equal(start, _state(ck[-1])["state_dict"]["visual.proj"])
-    # every checkpoint loads with its own weights through chips_core.models (TracIn's featurize passes)
-    from chips_core.models import load_model
+    # every checkpoint loads with its own weights through chips_core.features.models (TracIn's
+    # featurize passes)
+    from chips_core.features.models import load_model
 
     for path in ck:
         loaded = load_model(*cpt.checkpoint_model(ws, run_id, path))
@@ -198,11 +199,11 @@ def test_training_failure_is_recorded_with_log_tail(tmp_path):
 
 def test_experiment_end_to_end_with_tracin(tmp_path):
     """ingest → featurize → prepare → (warm-up CPT → TracIn caches) → select, CPT, evaluate per cell."""
-    from chips_core import experiment as ex
-    from chips_core.features import featurize
-    from chips_core.ingest import ingest
-    from chips_core.pipeline import prepare_workspace
-    from chips_core.prepare import PrepareConfig
+    from chips_core.engines.pipeline import prepare_workspace
+    from chips_core.features.featurize import featurize
+    from chips_core.pools.ingest import ingest
+    from chips_core.scoring.prepare import PrepareConfig
+    from chips_core.training import experiment as ex
 
     ws = Workspace.init(tmp_path / "ws")
     pool_csv = _make_csv(tmp_path, 32, "pool.csv")

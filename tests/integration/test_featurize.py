@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from chips_core import features
-from chips_core.features import FeatureStore, FeaturizeError, featurize
-from chips_core.models import load_model
-from chips_core.pools import load_image
-from chips_core.store import Workspace
+from chips_core.features import featurize as features
+from chips_core.features.featurize import FeatureStore, FeaturizeError, featurize
+from chips_core.features.models import load_model
+from chips_core.pools.records import load_image
+from chips_core.workspace.store import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # a deadlocked DataLoader worker fails
 
@@ -165,8 +165,8 @@ _KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from chips_core import features
-    from chips_core.store import Workspace
+    from chips_core.features import featurize as features
+    from chips_core.workspace.store import Workspace
 
     saves = {"n": 0}
     real_save = np.save

@@ -1,7 +1,7 @@
 """Fidelity: the sketched CHIPS score ranks pairs like the exact (no-sketch) score at the same λ.
 
 Real images (random crops/flips of scikit-image's sample images, captions from their names) through a
-small random-init open_clip model (chips-tiny-vit via chips_core.models), then prepare with the dense
+small random-init open_clip model (chips-tiny-vit via chips_core.features.models), then prepare with the dense
 sketch at k = 2048 and rank at the default λ* (d(λ*) = k/4), against CG in the full endpoint space.
 """
 
@@ -68,8 +68,8 @@ def _crops(names: dict[str, str], n: int, rng: np.random.Generator) -> tuple[lis
 
 def build_features(n_pool: int = 1024, n_eval: int = 128, seed: int = 0):
     """(pool ArrayFeatures, eval ArrayFeatures, EndpointParams) from chips-tiny-vit (random init, seeded)."""
-    from chips_core.models import load_model
-    from chips_core.scoring import ArrayFeatures
+    from chips_core.features.models import load_model
+    from chips_core.scoring.ranking import ArrayFeatures
 
     rng = np.random.default_rng(seed)
     model = load_model("chips-tiny-vit", seed=seed)
@@ -98,7 +98,7 @@ def test_sketched_matches_exact_at_default_lambda(tmp_path):
     """The sketched Newton score against the exact one (CG, same absolute λ): at the paper's λ* (d(λ*) =
     k/4, raw gradients, every block) and with the default preset's rank options (λ = 0.1·tr C̃, unit-norm
     gradients) on the same cache."""
-    from chips_core.scoring import PrepareConfig, prepare, rank, rank_exact
+    from chips_core.scoring.ranking import PrepareConfig, prepare, rank, rank_exact
 
     pool, ev, params = build_features()
     cfg = PrepareConfig(

@@ -23,9 +23,9 @@ from fixtures_build import (
     write_images,
 )
 
-from chips_core.ingest import IngestSummary, ingest, pool_summary
-from chips_core.pools import PoolError, pair_id, read_image_bytes
-from chips_core.store import Workspace
+from chips_core.pools.ingest import IngestSummary, ingest, pool_summary
+from chips_core.pools.records import PoolError, pair_id, read_image_bytes
+from chips_core.workspace.store import Workspace
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -182,8 +182,8 @@ def _slow_ingest(ws: Workspace, manifest: Path, name: str, delay: float) -> subp
     code = textwrap.dedent(
         f"""
         import time
-        from chips_core.store import Workspace
-        from chips_core.ingest import ingest
+        from chips_core.workspace.store import Workspace
+        from chips_core.pools.ingest import ingest
         ingest(Workspace({str(ws.root)!r}), {name!r}, {str(manifest)!r}, workers=0, chunk_size=8,
                progress=lambda done, total: time.sleep({delay}))
         """

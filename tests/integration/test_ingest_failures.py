@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures_build import make_dicom_pool, make_wds_pool, real_images, write_images
 
-from chips_core.ingest import IngestError, ingest
-from chips_core.pools import PoolError, pair_id, read_image_bytes
-from chips_core.store import Workspace
+from chips_core.pools.ingest import IngestError, ingest
+from chips_core.pools.records import PoolError, pair_id, read_image_bytes
+from chips_core.workspace.store import Workspace
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -162,7 +162,8 @@ def test_ctrl_c_leaves_a_resumable_interrupted_pool(ws, tmp_path):
     items = write_images(tmp_path / "images", 24)
     manifest = write_manifest(tmp_path / "m.csv", [(f"images/{p.name}", c) for p, c, _ in items])
     code = (
-        "import time\nfrom chips_core.store import Workspace\nfrom chips_core.ingest import ingest\n"
+        "import time\nfrom chips_core.workspace.store import Workspace\nfrom chips_core.pools.ingest import "
+        "ingest\n"
         f"ingest(Workspace({str(ws.root)!r}), 'p', {str(manifest)!r}, workers=0, chunk_size=4,\n"
         "       progress=lambda done, total: (print(done, flush=True), time.sleep(0.5)))\n"
     )
@@ -193,7 +194,7 @@ def test_library_raises_ingest_error_with_the_summary(ws, tmp_path):
 
 
 def test_rm_refuses_with_dependents_and_force_removes_them(ws, tmp_path):
-    from chips_core.features import featurize
+    from chips_core.features.featurize import featurize
 
     pool_m = write_manifest(
         tmp_path / "pool" / "pool.csv",

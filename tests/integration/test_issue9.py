@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chips_core import cli
-from chips_core.store import Workspace
+from chips_core.workspace.store import Workspace
 from tests.fixtures_build import write_manifest as manifest
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ def test_random_weights_need_random_init(tiny, capsys):
 def test_no_random_init_warning_when_a_checkpoint_is_loaded(tmp_path, caplog):
     import torch
 
-    from chips_core.models import load_model
+    from chips_core.features.models import load_model
 
     ckpt = tmp_path / "epoch_1.pt"
     torch.save({"state_dict": load_model(MODEL, seed=3).model.state_dict()}, ckpt)
@@ -128,8 +128,8 @@ def test_killed_featurize_resumes_from_its_last_checkpoint(tiny, tmp_path):
 
     import numpy as np
 
-    from chips_core import features
-    from chips_core.models import load_model
+    from chips_core.features import featurize as features
+    from chips_core.features.models import load_model
 
     n = 400
     assert cli.main(["ingest", str(tiny), "big", str(manifest(tmp_path, n, 3)), "--workers", "0"]) == 0
@@ -171,7 +171,7 @@ def test_killed_featurize_resumes_from_its_last_checkpoint(tiny, tmp_path):
     idx = np.array([0, resumed - 1, resumed, n - 1])
     import torch
 
-    from chips_core.pools import load_image
+    from chips_core.pools.records import load_image
 
     images = torch.stack([loaded.preprocess(load_image(frozen[1][i])) for i in idx])
     h, t = loaded.encode(images, loaded.tokenizer([frozen[2][i] for i in idx]))
@@ -201,7 +201,7 @@ def test_parameter_errors_come_before_torch_is_imported(tiny, flag, value, messa
     imported = {
         line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line
     }
-    assert "chips_core.pipeline" in imported  # the importtime lines were read
+    assert "chips_core.engines.pipeline" in imported  # the importtime lines were read
     assert not {"torch", "open_clip", "scipy"} & imported
 
 
@@ -225,7 +225,7 @@ def test_score_uses_the_named_or_first_model_and_says_which(tiny, tmp_path, caps
 
     import torch
 
-    from chips_core.models import load_model
+    from chips_core.features.models import load_model
 
     ws = tmp_path / "ws"
     shutil.copytree(tiny, ws)
@@ -281,7 +281,7 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     `--model ViT-B-16 --pretrained openai` (no network here: a tiny config with a local checkpoint)."""
     import torch
 
-    from chips_core.models import load_model
+    from chips_core.features.models import load_model
 
     script = _quick_start()
     pool = manifest(tmp_path / "pool", 220, 4)  # ratio 0.3 keeps 66 ≥ train's default batch of 64

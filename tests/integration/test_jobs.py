@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from chips_core import jobs
-from chips_core.store import Workspace
+from chips_core.workspace import jobs
+from chips_core.workspace.store import Workspace
 from tests.fixtures_build import make_csv_pool
 
 pytestmark = pytest.mark.integration
@@ -92,8 +92,8 @@ def test_job_outlives_its_launcher(tmp_path):
     manifest = make_csv_pool(tmp_path, n=12)
     script = textwrap.dedent(
         f"""
-        from chips_core import jobs
-        from chips_core.store import Workspace
+        from chips_core.workspace import jobs
+        from chips_core.workspace.store import Workspace
         print(jobs.launch(Workspace({str(ws.root)!r}), "ingest",
                           ["ingest", {str(ws.root)!r}, "pool", {str(manifest)!r}, "--workers", "0"]))
         """

@@ -5,9 +5,9 @@ and ranking as the local path, on a CSV manifest pool and a WebDataset pool; a d
 resumes, and a run whose encoder worker process is killed mid-run completes, without losing or duplicating
 a row. If Ray cannot start here, the tests fail (never skip).
 
-The suite is self-contained: the cluster is `chips_core.distributed.local_ray` (the private local Ray of
-`--engine ray` without `--address`): token authentication with a random token in the environment of this
-process and its children only (nothing is read from the home folder, so it runs with HOME pointing at an
+The suite is self-contained: the cluster is `chips_core.engines.ray_featurize.local_ray` (the private
+local Ray of `--engine ray` without `--address`): token authentication with a random token in the
+environment of this process and its children only (nothing is read from the home folder, so it runs with HOME pointing at an
 empty folder), listening on 127.0.0.1 only.
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from chips_core.features import FeatureStore, featurize
-from chips_core.ingest import ingest
-from chips_core.models import load_model
-from chips_core.prepare import PrepareConfig, prepare
-from chips_core.scoring import ScoringCache, rank
-from chips_core.store import Workspace
+from chips_core.features.featurize import FeatureStore, featurize
+from chips_core.features.models import load_model
+from chips_core.pools.ingest import ingest
+from chips_core.scoring.prepare import PrepareConfig, prepare
+from chips_core.scoring.ranking import ScoringCache, rank
+from chips_core.workspace.store import Workspace
 from tests.fixtures_build import make_csv_pool, make_wds_pool
 from tests.net_probe import LOOPBACK, descendants, listening
 
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def cluster():
     """A one-node Ray cluster (2 CPUs, 127.0.0.1 only, its own token), connected in-process: the library's
     own `local_ray`; drivers started by the tests inherit RAY_AUTH_TOKEN while it runs."""
-    from chips_core.distributed import local_ray
+    from chips_core.engines.ray_featurize import local_ray
 
     with local_ray(num_cpus=2, object_store_memory=300_000_000) as address:
         yield address
@@ -71,7 +71,7 @@ def _workspace(path: Path, src: dict) -> Workspace:
 @pytest.fixture(scope="module")
 def featurized(cluster, pools_src, tmp_path_factory):
     """Both pools featurized locally and through Ray in two workspaces; one image gone before featurize."""
-    from chips_core.distributed import featurize_ray
+    from chips_core.engines.ray_featurize import featurize_ray
 
     base = tmp_path_factory.mktemp("ws")
     ws_local, ws_ray = _workspace(base / "local", pools_src), _workspace(base / "ray", pools_src)
@@ -123,7 +123,7 @@ def test_private_local_ray_binds_loopback_and_needs_no_home_token(tmp_path):
     home.mkdir()
     code = textwrap.dedent("""
         import json, os
-        from chips_core.distributed import ray_session  # first: it imports ray (single-machine mode)
+        from chips_core.engines.ray_featurize import ray_session  # first: imports ray (single-machine)
         import ray
         from tests.net_probe import descendants, listening
         runs = []
@@ -154,13 +154,13 @@ def test_private_local_ray_binds_loopback_and_needs_no_home_token(tmp_path):
 
 
 def test_private_local_ray_after_a_plain_import_ray_fails_fast(tmp_path):
-    """A process that imported ray before chips_core.distributed, in Ray's default mode, would dial the
-    private Ray's 127.0.0.1 address at the machine's own address (and wait there for minutes): it gets a
-    clear error at once instead (a machine where Ray dials the loopback anyway has nothing to check)."""
+    """A process that imported ray before chips_core.engines.ray_featurize, in Ray's default mode, would
+    dial the private Ray's 127.0.0.1 address at the machine's own address (and wait there for minutes): it
+    gets a clear error at once instead (a machine where Ray dials the loopback anyway has nothing to check)."""
     code = textwrap.dedent("""
         import time, ray
-        from chips_core.distributed import ray_session
-        from chips_core.features import FeaturizeError
+        from chips_core.engines.ray_featurize import ray_session
+        from chips_core.features.featurize import FeaturizeError
         t0 = time.monotonic()
         if ray.util.get_node_ip_address() in ("127.0.0.1", "::1"):
             print("loopback")
@@ -184,8 +184,8 @@ def test_private_local_ray_after_a_plain_import_ray_fails_fast(tmp_path):
 
 @pytest.mark.parametrize(("name", "reader"), [("csv", "ReadFilesParquet"), ("wds", "ReadWebDataset")])
 def test_featurize_ray_matches_local(featurized, name, reader, capsys):
-    from chips_core.distributed import pool_dataset
-    from chips_core.features import open_run
+    from chips_core.engines.ray_featurize import pool_dataset
+    from chips_core.features.featurize import open_run
 
     ws_local, ws_ray, runs, gone = featurized
     loaded = load_model(MODEL)
@@ -210,7 +210,7 @@ def test_featurize_ray_matches_local(featurized, name, reader, capsys):
 
 
 def test_prepare_ray_matches_local_and_ranks_the_same(featurized, tmp_path):
-    from chips_core.distributed_prepare import prepare_ray
+    from chips_core.engines.ray_prepare import prepare_ray
 
     ws_local, ws_ray, runs, _ = featurized
     params = load_model(MODEL).adapter.endpoint_params()
@@ -252,15 +252,15 @@ def _count_shards(ws: Workspace, pool: str) -> int:
 
 
 def test_killed_driver_resumes_without_loss_or_duplicates(cluster, featurized, pools_src):
-    from chips_core.distributed import featurize_ray
+    from chips_core.engines.ray_featurize import featurize_ray
 
     ws_local, ws_ray, _, _ = featurized
     for ws in (ws_local, ws_ray):  # the CSV pool again (23 readable images) under a new name: a fresh run
         ingest(ws, "again", str(pools_src["csv"]))
     n, n_shards = 23, 6
     code = textwrap.dedent(f"""
-        from chips_core.distributed import featurize_ray
-        from chips_core.store import Workspace
+        from chips_core.engines.ray_featurize import featurize_ray
+        from chips_core.workspace.store import Workspace
         featurize_ray(Workspace({str(ws_ray.root)!r}), "again", {MODEL!r}, address={cluster!r},
                       batch_size=4, shard_size=4)
     """)
@@ -347,8 +347,8 @@ def test_killed_encoder_worker_loses_and_duplicates_nothing(cluster, featurized,
     port = int(cluster.rsplit(":", 1)[1])
     code = textwrap.dedent(f"""
         import ray.data
-        from chips_core.distributed import featurize_ray
-        from chips_core.store import Workspace
+        from chips_core.engines.ray_featurize import featurize_ray
+        from chips_core.workspace.store import Workspace
         # blocks of ~5 decoded rows: the rows reach the encoder in many tasks (as a large pool's do), so a
         # shard is written while the encoder still has batches to run
         ray.data.DataContext.get_current().target_max_block_size = 256 * 1024

@@ -2,7 +2,7 @@
 
 (a) normalize(W h) from the adapter's features and EndpointParams equals the model's own normalized
     encode_image / encode_text output;
-(b) the closed-form per-sample gradients of chips_core.endpoint (all negatives and self-only) equal
+(b) the closed-form per-sample gradients of chips_core.scoring.endpoint (all negatives and self-only) equal
     torch.func.jacrev of the per-sample loss vector of the MODEL's forward pass, taken w.r.t. the model's
     real endpoint parameters (functional_call on visual.proj / the Linear weight+bias / logit_scale).
 Unsupported towers are refused with a message naming the model and the reason.
@@ -15,9 +15,9 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from open_clip.tokenizer import HFTokenizer
 from torch.func import functional_call, jacrev
 
-from chips_core import endpoint
-from chips_core.adapters import EndpointAdapter, UnsupportedModelError
-from chips_core.models import FIXTURES_DIR, LoadedModel, ModelIdentity, load_model
+from chips_core.features.adapters import EndpointAdapter, UnsupportedModelError
+from chips_core.features.models import FIXTURES_DIR, LoadedModel, ModelIdentity, load_model
+from chips_core.scoring import endpoint
 
 pytestmark = pytest.mark.unit
 

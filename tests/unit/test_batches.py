@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from chips_core.batches import assign_batches, batch_index, mix64, n_batches
+from chips_core.scoring.batches import assign_batches, batch_index, mix64, n_batches
 
 pytestmark = pytest.mark.unit
 

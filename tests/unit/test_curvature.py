@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from chips_core.curvature import (
+from chips_core.scoring.curvature import (
     CurvatureAccumulator,
     combine,
     curvature_vectors,
@@ -15,8 +15,8 @@ from chips_core.curvature import (
     newton_solve,
     sample_negatives,
 )
-from chips_core.endpoint import EndpointParams, batch_state
-from chips_core.sketch import FullSpace, KroneckerSketch
+from chips_core.scoring.endpoint import EndpointParams, batch_state
+from chips_core.scoring.sketch import FullSpace, KroneckerSketch
 
 pytestmark = pytest.mark.unit
 

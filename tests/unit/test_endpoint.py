@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chips_core.endpoint import (
+from chips_core.scoring.endpoint import (
     EndpointParams,
     augment,
     batch_grad_sum,
@@ -154,7 +154,7 @@ def test_p_and_to():
 
 
 def test_logit_grads_and_weighted_sums_match_autograd():
-    from chips_core.endpoint import batch_state, logit_grads, weighted_logit_sum
+    from chips_core.scoring.endpoint import batch_state, logit_grads, weighted_logit_sum
 
     params = _params(v_bias=True, theta=2.5)
     h, t = _feats(B=6)
@@ -181,7 +181,7 @@ def test_logit_grads_and_weighted_sums_match_autograd():
 
 
 def test_directional_and_combination_match_full_space():
-    from chips_core.endpoint import batch_state, logit_combination, logit_directional, logit_grads
+    from chips_core.scoring.endpoint import batch_state, logit_combination, logit_directional, logit_grads
 
     params = _params(v_bias=True, t_bias=True, theta=2.2)
     h, t = _feats(B=7)

@@ -5,8 +5,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from chips_core import evaluate as ev
-from chips_core.store import Workspace
+from chips_core.training import evaluate as ev
+from chips_core.workspace.store import Workspace
 
 pytestmark = pytest.mark.unit
 
@@ -116,7 +116,7 @@ def test_evaluate_stores_rows_and_matches_own_embeddings(tmp_path):
     m = ev.evaluate(ws, "chips-tiny-vit", csv, templates=("a {label} picture.",))
     assert m["n_pairs"] == 6 and m["n_classes"] == 3
     # the same numbers from embeddings computed here with the same (seeded) model
-    from chips_core.models import load_model
+    from chips_core.features.models import load_model
 
     loaded = load_model("chips-tiny-vit")
     img, txt = ev.embed_pairs(loaded, ev.load_eval_pairs(None, csv))
@@ -147,7 +147,7 @@ def _cells():
 
 
 def test_experiment_summary_and_markdown():
-    from chips_core import experiment as ex
+    from chips_core.training import experiment as ex
 
     s = ex.summarize(_cells()).set_index(["method", "ratio"])
     assert s.loc[("chips", 0.5), "i2t_R@1_mean"] == pytest.approx(0.45)
@@ -161,7 +161,7 @@ def test_experiment_summary_and_markdown():
 
 
 def test_experiment_reports_written(tmp_path):
-    from chips_core import experiment as ex
+    from chips_core.training import experiment as ex
 
     ex.write_reports(_cells(), tmp_path, "i2t_R@1", ["random", "chips"])
     for name in ("cells.csv", "summary.csv", "summary.md", "plot.html", "plot.png", "plotly.min.js"):

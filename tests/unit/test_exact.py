@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from chips_core.curvature import curvature_vectors, sample_negatives
-from chips_core.endpoint import EndpointParams, batch_grad_sum, batch_state, grads_from_state
-from chips_core.exact import ExactSystem, exact_scores
-from chips_core.sketch import FullSpace
+from chips_core.scoring.curvature import curvature_vectors, sample_negatives
+from chips_core.scoring.endpoint import EndpointParams, batch_grad_sum, batch_state, grads_from_state
+from chips_core.scoring.exact import ExactSystem, exact_scores
+from chips_core.scoring.sketch import FullSpace
 
 pytestmark = pytest.mark.unit
 

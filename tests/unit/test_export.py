@@ -16,9 +16,9 @@ import skimage.data
 from open_clip_train.data import CsvDataset
 from PIL import Image
 
-from chips_core import export as ex
-from chips_core import selection as sel
-from chips_core.store import Workspace
+from chips_core.curation import export as ex
+from chips_core.curation import selection as sel
+from chips_core.workspace.store import Workspace
 
 pytestmark = pytest.mark.unit
 
@@ -173,7 +173,7 @@ def test_parquet_and_ids(ws_all, tmp_path):
 def test_dicom_and_tar_members_are_materialised(tmp_path):
     import pydicom.data
 
-    from chips_core.pools import load_image
+    from chips_core.pools.records import load_image
 
     dcm = pydicom.data.get_testdata_file("CT_small.dcm")
     png = write_images(tmp_path / "imgs", 1)[0]

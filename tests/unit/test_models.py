@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from chips_core.models import CONFIG_DIR, ModelLoadError, load_model, resolve_device
+from chips_core.features.models import CONFIG_DIR, ModelLoadError, load_model, resolve_device
 
 pytestmark = pytest.mark.unit
 

@@ -22,10 +22,11 @@ from fixtures_build import (
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from chips_core import pools, pools_dicom
-from chips_core.pools import ImageLoadError, PoolError, Record, check_record, load_image, pair_id
-from chips_core.pools_readers import ReaderOptions, detect_format, iter_records
-from chips_core.pools_wds import wds_shards
+from chips_core.pools import dicom as pools_dicom
+from chips_core.pools import records
+from chips_core.pools.readers import ReaderOptions, detect_format, iter_records
+from chips_core.pools.records import ImageLoadError, PoolError, Record, check_record, load_image, pair_id
+from chips_core.pools.wds import wds_shards
 
 pytestmark = pytest.mark.unit
 
@@ -271,7 +272,7 @@ def test_check_record_valid_pair_id_matches_bytes(tmp_path):
 
 def test_load_truncated_images_flag_is_refused(tmp_path, monkeypatch):
     manifest = make_csv_pool(tmp_path, n=1)
-    monkeypatch.setattr(pools.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(records.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
         check_record(_records(manifest, "csv")[0])
 
@@ -290,7 +291,7 @@ def test_pixel_limit_rejects_between_warning_and_error_thresholds(tmp_path, monk
 
 
 def test_count_records_matches_readers(tmp_path):
-    from chips_core.pools_readers import count_records
+    from chips_core.pools.readers import count_records
 
     manifest, _ = make_bad_pool(tmp_path)
     sources = [

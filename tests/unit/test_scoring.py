@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from chips_core.batches import assign_batches
-from chips_core.curvature import CurvatureAccumulator, combine, eigenvalues, lambda_star
-from chips_core.endpoint import (
+from chips_core.scoring.batches import assign_batches
+from chips_core.scoring.curvature import CurvatureAccumulator, combine, eigenvalues, lambda_star
+from chips_core.scoring.endpoint import (
     EndpointGrads,
     EndpointParams,
     batch_grad_sum,
@@ -18,8 +18,8 @@ from chips_core.endpoint import (
     grads_from_state,
     zeroshot_grad_sum,
 )
-from chips_core.exact import unflat
-from chips_core.scoring import (
+from chips_core.scoring.exact import unflat
+from chips_core.scoring.ranking import (
     ArrayFeatures,
     PrepareConfig,
     PrepareError,
@@ -31,7 +31,7 @@ from chips_core.scoring import (
     rank,
     rank_exact,
 )
-from chips_core.sketch import make_sketch
+from chips_core.scoring.sketch import make_sketch
 
 pytestmark = pytest.mark.unit
 

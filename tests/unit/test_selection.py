@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chips_core import selection as sel
-from chips_core.store import Workspace
+from chips_core.curation import selection as sel
+from chips_core.workspace.store import Workspace
 
 pytestmark = pytest.mark.unit
 

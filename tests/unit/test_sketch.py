@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from chips_core.endpoint import (
+from chips_core.scoring.endpoint import (
     EndpointParams,
     batch_state,
     grads_from_state,
@@ -12,7 +12,7 @@ from chips_core.endpoint import (
     per_sample_losses,
     weighted_logit_sum,
 )
-from chips_core.sketch import DenseGaussianSketch, KroneckerSketch, make_sketch
+from chips_core.scoring.sketch import DenseGaussianSketch, KroneckerSketch, make_sketch
 
 pytestmark = pytest.mark.unit
 KINDS = [DenseGaussianSketch, KroneckerSketch]

@@ -1,6 +1,6 @@
 import pytest
 
-from chips_core.store import Workspace, WorkspaceError, atomic_write_bytes
+from chips_core.workspace.store import Workspace, WorkspaceError, atomic_write_bytes
 
 pytestmark = pytest.mark.unit
 

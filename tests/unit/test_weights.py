@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from chips_core.endpoint import EndpointParams, batch_state
-from chips_core.weights import eval_means, learnability, pair_stats, relevance
+from chips_core.scoring.endpoint import EndpointParams, batch_state
+from chips_core.scoring.weights import eval_means, learnability, pair_stats, relevance
 
 pytestmark = pytest.mark.unit
 

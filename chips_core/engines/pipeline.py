@@ -1,0 +1,225 @@
+"""The workspace-level pipeline steps shared by the CLI, background jobs, the demo builder and experiments.
+
+Each step finds its inputs in the workspace tables (feature runs, models, scoring caches) and records its
+outputs there, so every caller runs the same code path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from chips_core.workspace.store import Workspace, WorkspaceError
+
+
+class PipelineError(WorkspaceError):
+    """A missing or inconsistent pipeline input, with a message naming it and the command that makes it."""
+
+
+def check_name(ws: Workspace, name: str, kind: str) -> None:
+    """Raise PipelineError when the workspace has no pool / eval set `name`, listing the ones it has."""
+    what = "eval set" if kind == "eval" else "pool"
+    with ws.connect(read_only=True) as con:
+        rows = con.execute("SELECT name, kind FROM pools ORDER BY name").fetchall()
+    if any(n == name for n, _ in rows):
+        return
+    same = [n for n, k in rows if k == kind]
+    hint = f"{what}s: {', '.join(same)}" if same else f"it has no {what}s yet; add one with `chips ingest`"
+    raise PipelineError(f"no {what} named {name!r} in {ws.root} ({hint})")
+
+
+def _runs(ws: Workspace, name: str) -> list[tuple]:
+    """(run_id, model_id, model name, pretrained, checkpoint) of the finished feature runs of `name`."""
+    with ws.connect(read_only=True) as con:
+        return con.execute(
+            "SELECT r.run_id, r.model_id, m.name, m.pretrained, m.checkpoint FROM feature_runs r "
+            "JOIN pools p USING (pool_id) JOIN models m USING (model_id) "
+            "WHERE p.name = ? AND r.status = 'done' ORDER BY r.run_id",
+            [name],
+        ).fetchall()
+
+
+def _describe(runs: list[tuple]) -> str:
+    return "; ".join(
+        f"run {r[0]}: model_id {r[1]} {r[2]}"
+        + (f" ({r[3]})" if r[3] else "")
+        + (f" @ {r[4]}" if r[4] else "")
+        for r in runs
+    )
+
+
+def _model_matches(run: tuple, model: str) -> bool:
+    _, model_id, name, pretrained, checkpoint = run
+    if model in (name, str(model_id), f"{name}:{pretrained}"):
+        return True
+    return bool(checkpoint) and str(Path(model).expanduser().resolve()) == checkpoint
+
+
+def feature_runs_for(
+    ws: Workspace,
+    pool: str,
+    eval_name: str,
+    model_id: int | None = None,
+    model: str | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> tuple[int, int]:
+    """(pool run, eval run): the latest finished feature runs of both with the same model.
+
+    The model is `model_id`, else the one `model` names (open_clip name, `NAME:PRETRAINED`, model id or
+    checkpoint file; naming several models is an error listing their runs), else the model the pool was
+    first featurized with, never just the newest run (a CPT checkpoint's features, featurized later for
+    TracIn, must not replace the base model's silently). `notice` gets a line naming the runs chosen.
+    """
+    check_name(ws, pool, "pool")
+    check_name(ws, eval_name, "eval")
+    runs = _runs(ws, pool)
+    if not runs:
+        raise PipelineError(
+            f"pool {pool!r} has no finished feature run; run `chips featurize {ws.root} {pool} --model M`"
+        )
+    if model_id is not None or model is not None:
+        chosen = [r for r in runs if (r[1] == model_id if model_id is not None else _model_matches(r, model))]
+        asked = f"model_id {model_id}" if model_id is not None else f"model {model!r}"
+        if not chosen:
+            raise PipelineError(
+                f"pool {pool!r} has no finished feature run of {asked} (runs: {_describe(runs)})"
+            )
+        if len({r[1] for r in chosen}) > 1:
+            raise PipelineError(
+                f"{asked} matches feature runs of several models of pool {pool!r}: {_describe(chosen)}; "
+                "choose one with --model-id"
+            )
+    else:
+        chosen = [r for r in runs if r[1] == runs[0][1]]
+    pool_run, mid, name = chosen[-1][0], chosen[-1][1], chosen[-1][2]
+    eval_run = next((r[0] for r in reversed(_runs(ws, eval_name)) if r[1] == mid), None)
+    if eval_run is None:
+        others = _describe(_runs(ws, eval_name)) or "none"
+        raise PipelineError(
+            f"eval set {eval_name!r} has no finished feature run with model {name} (model_id {mid}; its "
+            f"runs: {others}); run `chips featurize {ws.root} {eval_name} --model ...` with the pool's model"
+        )
+    if notice is not None:
+        label = _describe([chosen[-1]]).split(": ", 1)[1]
+        extra = f" ({len({r[1] for r in runs})} models featurized)" if len({r[1] for r in runs}) > 1 else ""
+        notice(f"using feature run {pool_run} of {pool} and {eval_run} of {eval_name}: {label}{extra}")
+    return pool_run, eval_run
+
+
+def load_run_model(ws: Workspace, run_id: int, device: str = "cpu") -> Any:
+    """The LoadedModel a feature run was made with, rebuilt from its `models` row (hash checked)."""
+    from chips_core.features.models import load_model
+
+    with ws.connect(read_only=True) as con:
+        name, tag, ckpt, sha = con.execute(
+            "SELECT m.name, m.pretrained, m.checkpoint, m.checkpoint_sha256 FROM feature_runs f "
+            "JOIN models m USING (model_id) WHERE f.run_id = ?",
+            [run_id],
+        ).fetchone()
+    if tag and tag.startswith("random-init:seed="):
+        loaded = load_model(name, None, device=device, seed=int(tag.split("=", 1)[1]))
+    elif ckpt and not name.startswith("local-dir:"):
+        loaded = load_model(name, ckpt, device=device)
+    else:
+        loaded = load_model(name, tag, device=device)
+    if loaded.identity.checkpoint_sha256 != sha:
+        raise PipelineError(
+            f"the weights of model {name} changed since feature run {run_id} (checkpoint {ckpt})"
+        )
+    return loaded
+
+
+def prepare_workspace(
+    ws: Workspace,
+    pool: str,
+    eval_name: str,
+    config: Any,
+    model_id: int | None = None,
+    progress: Any = None,
+    engine: dict | None = None,
+    notice: Callable[[str], None] | None = None,
+    model: str | None = None,
+) -> int:
+    """The scoring cache of (pool, eval set, config) in ws/caches/<id>: reused when finished, resumed when
+    interrupted, else built with `chips_core.scoring.ranking.prepare` (or on Ray when `engine` gives its
+    keyword arguments: address, num_gpus_per_worker); returns its cache_id (`scoring_caches`).
+
+    k_max is capped to the rank the pool's curvature can have (`curvature.rank_bound`); `notice` gets a
+    line saying so, and one naming the feature runs used (`feature_runs_for`: `model_id` or `model`)."""
+    from dataclasses import asdict, replace
+
+    from chips_core.features.featurize import FeatureStore
+    from chips_core.scoring.curvature import rank_bound
+
+    pool_run, eval_run = feature_runs_for(ws, pool, eval_name, model_id, model, notice)
+    pool_src = FeatureStore(ws, pool_run)
+    if len(pool_src) >= 2:
+        bound = rank_bound(len(pool_src), config.batch_size, config.curvature_pairs, config.negatives_per_row)
+        if config.k_max > max(bound, 2):
+            if notice is not None:
+                notice(
+                    f"k_max capped from {config.k_max} to {max(bound, 2)}: the curvature of {len(pool_src)} "
+                    f"pairs (batch size {config.batch_size}, {config.negatives_per_row} negatives per row) "
+                    f"has rank at most {bound}, so a larger sketch has no curvature to solve with"
+                )
+            config = replace(config, k_max=max(bound, 2))
+    key = json.dumps(asdict(config), sort_keys=True)
+    with ws.connect() as con:
+        row = con.execute(
+            "SELECT cache_id, dir, status FROM scoring_caches WHERE pool_run_id = ? AND eval_run_id = ? "
+            "AND config::VARCHAR = ? ORDER BY cache_id DESC LIMIT 1",
+            [pool_run, eval_run, key],
+        ).fetchone()
+        if row is not None and row[2] == "done":
+            return int(row[0])
+        if row is None:
+            cache_id = ws.next_id(con)
+            cache_dir = ws.root / "caches" / str(cache_id)
+            con.execute(
+                "INSERT INTO scoring_caches (cache_id, pool_run_id, eval_run_id, config, dir, status) "
+                "VALUES (?, ?, ?, ?, ?, 'running')",
+                [cache_id, pool_run, eval_run, key, str(cache_dir)],
+            )
+        else:
+            cache_id, cache_dir = int(row[0]), Path(row[1])
+    params = load_run_model(ws, pool_run).adapter.endpoint_params()
+    if engine is None:
+        from chips_core.scoring.ranking import prepare
+    else:
+        from chips_core.engines.ray_prepare import prepare_ray
+
+        prepare = functools.partial(prepare_ray, **engine)
+    prepare(pool_src, FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress)
+    with ws.connect() as con:
+        con.execute(
+            "UPDATE scoring_caches SET status = 'done', finished_at = current_timestamp WHERE cache_id = ?",
+            [cache_id],
+        )
+    return cache_id
+
+
+def cache_with_blocks(ws: Workspace, cache_id: int, blocks: str) -> int:
+    """The scoring cache of the same pool and eval feature runs and config as `cache_id`, but scoring the
+    endpoint `blocks` (prepared now if it does not exist yet): how a preset with other blocks is compared
+    on the same features, batches and sketch seed."""
+    from chips_core.scoring.endpoint import BLOCKS
+    from chips_core.scoring.prepare import PrepareConfig
+
+    with ws.connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT c.config, pp.name, pe.name, fp.model_id FROM scoring_caches c "
+            "JOIN feature_runs fp ON fp.run_id = c.pool_run_id JOIN pools pp ON pp.pool_id = fp.pool_id "
+            "JOIN feature_runs fe ON fe.run_id = c.eval_run_id JOIN pools pe ON pe.pool_id = fe.pool_id "
+            "WHERE c.cache_id = ?",
+            [int(cache_id)],
+        ).fetchone()
+    if row is None:
+        raise PipelineError(f"no scoring cache {cache_id} in workspace {ws.root}")
+    config = {"blocks": ",".join(BLOCKS), **json.loads(row[0])}
+    wanted = PrepareConfig(**{**config, "blocks": blocks})
+    if wanted.blocks == PrepareConfig(**config).blocks:
+        return int(cache_id)
+    return prepare_workspace(ws, row[1], row[2], wanted, model_id=int(row[3]))

@@ -1,0 +1,581 @@
+"""ScoringCache and rank: CHIPS and every baseline/ablation from a prepared cache, no model (METHOD.md §4–7).
+
+rank solves a k×k system (Cholesky), multiplies the memory-mapped fp16 sketch prefix by the solution,
+applies the weights and sorts: milliseconds per 10⁵ pairs. Scaling of the stored unscaled sketch at a
+prefix of k rows: vectors /√k, matrices /k (METHOD.md §5).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from chips_core.scoring.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
+from chips_core.scoring.endpoint import BLOCKS
+from chips_core.scoring.prepare import (
+    AUX_COLUMNS,
+    ArrayFeatures,
+    FeatureSource,
+    PrepareConfig,
+    PrepareError,
+    PrepareProgress,
+    ZeroShotEval,
+    prepare,
+)
+from chips_core.scoring.presets import DAMPING_SCALE, GUARD_MADS, GUARDS, PRESETS
+from chips_core.scoring.weights import learnability, relevance
+
+__all__ = [
+    "ArrayFeatures",
+    "FeatureSource",
+    "METHODS",
+    "PrepareConfig",
+    "PrepareError",
+    "PrepareProgress",
+    "RankResult",
+    "ScoringCache",
+    "ZeroShotEval",
+    "eval_contributions",
+    "selection_change",
+    "prepare",
+    "rank",
+    "rank_exact",
+]
+
+METHODS = ("chips", "random", "clipscore", "dot", "tracin", "trak")
+STABILITY_ROWS = 100_000
+# the library's defaults are the default preset's (chips_core/scoring/presets.py is their one source)
+DAMPING = PRESETS["default"]["damping"]
+NORMALIZE = PRESETS["default"]["normalize"]
+GUARD = PRESETS["default"]["guard"]
+
+
+class ScoringCache:
+    """A finished prepare, memory-mapped: sketched gradients, curvature, ũ and the weights' ingredients."""
+
+    def __init__(self, root: Path, record: dict, meta: dict) -> None:
+        self.root, self.record, self.meta = root, record, meta
+        # caches written before `blocks` existed scored every block
+        self.config = PrepareConfig(**{"blocks": ",".join(BLOCKS), **record["config"]})
+        ev = np.load(root / "eval.npz")
+        self.u = ev["u_sketch"]
+        self.u_full = ev["u_full"]
+        self.n_eval = int(ev["n_eval"])
+        self.G: list[np.ndarray] = []
+        self.scales: list[np.ndarray] = []
+        aux, ids = [], []
+        pos = np.zeros((self.k_max, self.k_max))
+        neg = np.zeros_like(pos)
+        n_curv = 0
+        for c in range(meta["n_chunks"]):
+            d = root / f"chunk-{c:05d}"
+            self.G.append(np.load(d / "G.npy", mmap_mode="c"))
+            self.scales.append(np.load(d / "scale.npy"))
+            aux.append(np.load(d / "aux.npy"))
+            ids.append(np.load(d / "ids.npy"))
+            if (d / "curv.npz").exists():
+                cv = np.load(d / "curv.npz")
+                pos += cv["pos"]
+                neg += cv["neg"]
+                n_curv += int(cv["n"])
+        self.aux = np.concatenate(aux)
+        self.pair_ids = np.concatenate(ids)
+        self.phi_pos, self.phi_neg = pos / n_curv, neg / n_curv
+        self.n_curvature = n_curv
+        self._memo: dict[tuple, np.ndarray] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScoringCache:
+        """Open a finished cache folder (one with meta.json)."""
+        root = Path(path)
+        if not (root / "meta.json").exists():
+            raise PrepareError(
+                f"{root} is not a finished scoring cache (no meta.json); run or resume prepare"
+            )
+        return cls(
+            root, json.loads((root / "config.json").read_text()), json.loads((root / "meta.json").read_text())
+        )
+
+    @cached_property
+    def G_eval(self) -> np.ndarray | None:
+        """(n_eval, k_max) float32 unscaled sketched eval-pair gradients, read on first use; None for
+        zero-shot caches and caches prepared before they were stored."""
+        ev = np.load(self.root / "eval.npz")
+        return ev["G_eval"] if "G_eval" in ev.files else None
+
+    @cached_property
+    def eval_ids(self) -> np.ndarray | None:
+        """Pair ids of the rows of G_eval (None where G_eval is)."""
+        ev = np.load(self.root / "eval.npz")
+        return ev["eval_ids"] if "eval_ids" in ev.files else None
+
+    @property
+    def k_max(self) -> int:
+        return int(self.record["config"]["k_max"])
+
+    @property
+    def n(self) -> int:
+        return int(self.record["n_pairs"])
+
+    def column(self, name: str) -> np.ndarray:
+        """One of AUX_COLUMNS for every pair, in cache order."""
+        return self.aux[:, AUX_COLUMNS.index(name)]
+
+    def project(self, x: np.ndarray, start: int = 0, max_rows: int | None = None) -> np.ndarray:
+        """G[:, start:start+len(x)] @ x over the unscaled stored sketch (float64), first `max_rows` rows."""
+        k = len(x)
+        cb = self.meta["col_block"]
+        out = []
+        rows_left = self.n if max_rows is None else max_rows
+        for G, sc in zip(self.G, self.scales, strict=True):
+            if rows_left <= 0:
+                break
+            n_c = min(G.shape[1], rows_left)
+            acc = np.zeros(n_c, np.float64)
+            for j in range(start // cb, -(-(start + k) // cb)):
+                lo, hi = max(start, j * cb), min(start + k, (j + 1) * cb)
+                xj = x[lo - start : hi - start]
+                m = float(np.abs(xj).max())
+                if m == 0:
+                    continue
+                xt = torch.from_numpy((xj / m).astype(np.float16))
+                blk = torch.from_numpy(G[j, :n_c, lo - j * cb : hi - j * cb])
+                acc += (blk @ xt).numpy().astype(np.float64) * (sc[j, :n_c] * m)
+            out.append(acc)
+            rows_left -= n_c
+        return np.concatenate(out)
+
+    def row_norms(self, k: int, start: int = 0) -> np.ndarray:
+        """‖g̃‖ of every pair over sketch rows [start, start+k), scaled by 1/√k (cached per (k, start))."""
+        key = ("norms", k, start)
+        if key not in self._memo:
+            cb = self.meta["col_block"]
+            out = []
+            for G, sc in zip(self.G, self.scales, strict=True):
+                acc = np.zeros(G.shape[1], np.float64)
+                for j in range(start // cb, -(-(start + k) // cb)):
+                    lo, hi = max(start, j * cb), min(start + k, (j + 1) * cb)
+                    blk = torch.from_numpy(G[j, :, lo - j * cb : hi - j * cb]).float()
+                    acc += (blk * blk).sum(1).numpy().astype(np.float64) * sc[j].astype(np.float64) ** 2
+                out.append(acc)
+            self._memo[key] = np.sqrt(np.concatenate(out) / k)
+        return self._memo[key]
+
+    def row(self, pair_id: int) -> np.ndarray:
+        """The stored (fp16, dequantized) unscaled sketched gradient of one pool pair, float64 (k_max,)."""
+        hit = np.flatnonzero(self.pair_ids == int(pair_id))
+        if not len(hit):
+            raise KeyError(f"pair {pair_id} is not in the scoring cache {self.root}")
+        i = int(hit[0])
+        for G, sc in zip(self.G, self.scales, strict=True):
+            if i < G.shape[1]:
+                g = G[:, i, :].astype(np.float64) * sc[:, i, None]
+                return g.reshape(-1)[: self.k_max]
+            i -= G.shape[1]
+        raise AssertionError("pair_ids and chunk rows disagree")
+
+    def system(self, k: int, alpha: float, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(C̃(α), ũ, eigenvalues of C̃) at sketch rows [start, start+k), scaled."""
+        sl = slice(start, start + k)
+        C = combine(self.phi_pos[sl, sl], self.phi_neg[sl, sl], alpha) / k
+        key = (k, float(alpha), start)
+        if key not in self._memo:
+            self._memo[key] = eigenvalues(C)
+        return C, self.u[sl] / math.sqrt(k), self._memo[key]
+
+
+@dataclass
+class RankResult:
+    """Per-pair table (pair_id, alignment, learnability, relevance, score, rank, selected) and run info."""
+
+    frame: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+
+def _check_k(cache: ScoringCache, k: int | None) -> int:
+    k = cache.k_max // 2 if k is None else int(k)
+    if not 1 <= k <= cache.k_max:
+        raise ValueError(f"k must lie in [1, k_max={cache.k_max}], got {k}")
+    return max(k, 1)
+
+
+def default_lambda(eigs: np.ndarray, k: int, damping: str = DAMPING, scale: float = DAMPING_SCALE) -> float:
+    """The default λ of a sketched curvature with eigenvalues `eigs` at prefix k.
+
+    'trace': λ = scale·tr(C̃). tr(C̃) estimates tr(C) without bias at every k, so λ does not swing with k
+    (METHOD.md §9: λ* fell 15× from k = 256 to 1024 on the demo and lifted mismatches with it).
+    'dimension': λ* with d(λ*) = k/4 (METHOD.md §4, the paper preset): a fidelity choice.
+    """
+    if damping == "trace":
+        return float(scale) * float(np.sum(np.clip(eigs, 0, None)))
+    if damping == "dimension":
+        return lambda_star(eigs, k / 4)
+    raise ValueError(f"damping must be 'trace' or 'dimension', got {damping!r}")
+
+
+def _newton_system(
+    cache: ScoringCache,
+    k: int,
+    alpha: float,
+    lam: float | None,
+    start: int = 0,
+    damping: str = DAMPING,
+    normalize: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(C̃(α), scaled ũ, info with the λ used): the system Â solves; λ = the damping rule's λ unless
+    given. normalize: ũ is scaled to unit norm (LESS-style cosine; the ranking is unchanged by it)."""
+    C, u, eigs = cache.system(k, alpha, start)
+    lam_s = lambda_star(eigs, k / 4)
+    lam_base = default_lambda(eigs, k, damping)
+    lam_used = lam_base if lam is None else float(lam)
+    if lam_used <= 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    if normalize:
+        u = u / max(float(np.linalg.norm(u)), 1e-300)
+    info = {
+        "lam": lam_used,
+        "lam_base": lam_base,
+        "lam_star": lam_s,
+        "d_over_k": effective_dimension(eigs, lam_used) / k,
+        "curvature_ratio": float(np.trace(cache.phi_pos[start : start + k, start : start + k]))
+        / max(float(np.trace(cache.phi_neg[start : start + k, start : start + k])), 1e-300),
+    }
+    return C, u, info
+
+
+def _newton_alignment(
+    cache: ScoringCache,
+    k: int,
+    alpha: float,
+    lam: float | None,
+    start: int = 0,
+    max_rows: int | None = None,
+    damping: str = DAMPING,
+    normalize: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """Â = g̃·M̃⁻¹ũ for every pair (the first max_rows); normalize divides each g̃ by its norm."""
+    C, u, info = _newton_system(cache, k, alpha, lam, start, damping, normalize)
+    x = newton_solve(C, u, info["lam"])
+    A = cache.project(x, start, max_rows) / math.sqrt(k)
+    if normalize:
+        norms = cache.row_norms(k, start)[: len(A)]
+        A = A / np.maximum(norms, 1e-300)
+    return A, info
+
+
+def eval_contributions(
+    cache: ScoringCache,
+    pair_id: int,
+    alpha: float = 0.7,
+    lam: float | None = None,
+    k: int | None = None,
+    top: int | None = 5,
+    damping: str = DAMPING,
+    normalize: bool = NORMALIZE,
+) -> pd.DataFrame:
+    """Each eval pair's share of one pool pair's alignment: c_e = g̃_e·M̃⁻¹g̃(z) / n_eval (METHOD.md §4).
+
+    ũ is the mean of the eval pairs' sketched gradients, so Σ_e c_e = Â(z) exactly (up to the fp16
+    storage of g̃(z)); M̃ = C̃(α) + λI at sketch prefix k, as in `rank` with the same parameters.
+    Returns columns eval_pair_id, contribution, share (c_e / Â(z)), sorted by contribution, highest
+    first: the `top` eval pairs z helps most and the `top` it hurts most (all when top is None).
+    The frame's attrs hold alignment (Σ_e c_e), k, alpha and lam.
+    """
+    if cache.G_eval is None or cache.eval_ids is None:
+        if cache.record.get("zero_shot"):
+            raise PrepareError(
+                f"{cache.root} was prepared against a label-only (zero-shot) eval set: it has no eval "
+                "pairs, so per-eval-pair contributions do not exist"
+            )
+        raise PrepareError(
+            f"{cache.root} holds no per-eval-pair gradients (prepared by an older version); "
+            "re-run prepare into a new folder to see eval-pair contributions"
+        )
+    if top is not None and top < 1:
+        raise ValueError(f"top must be at least 1 (or None for all), got {top}")
+    k = _check_k(cache, k)
+    C, u, info = _newton_system(cache, k, alpha, lam, damping=damping)
+    g = cache.row(pair_id)[:k] / math.sqrt(k)
+    w = newton_solve(C, g, info["lam"])
+    contrib = cache.G_eval[:, :k].astype(np.float64) @ w / (math.sqrt(k) * len(cache.G_eval))
+    if normalize:  # Â = (g̃/‖g̃‖)·M̃⁻¹(ũ/‖ũ‖): the same split, scaled
+        contrib = contrib / max(float(np.linalg.norm(g) * np.linalg.norm(u)), 1e-300)
+    total = float(contrib.sum())
+    frame = pd.DataFrame(
+        {
+            "eval_pair_id": cache.eval_ids.astype(np.int64),
+            "contribution": contrib,
+            "share": contrib / total if total != 0 else np.nan,
+        }
+    ).sort_values("contribution", ascending=False, kind="stable")
+    if top is not None and len(frame) > 2 * top:
+        frame = pd.concat([frame.head(top), frame.tail(top)])
+    frame = frame.reset_index(drop=True)
+    frame.attrs.update(alignment=total, k=k, alpha=float(alpha), **info)
+    return frame
+
+
+def _stability(
+    cache: ScoringCache, A: np.ndarray, k: int, alpha: float, lam: float, normalize: bool
+) -> tuple[float, int]:
+    """Spearman between scores from sketch rows [0, k) and [k, 2k) on the first rows (a random subsample),
+    at the same absolute λ."""
+    if 2 * k > cache.k_max:
+        return float("nan"), 0
+    m = min(cache.n, STABILITY_ROWS)
+    A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m, normalize=normalize)
+    return float(spearmanr(A[:m], A2).statistic), m
+
+
+def selection_change(before: RankResult, after: RankResult) -> dict[str, np.ndarray]:
+    """Pair ids that enter and leave the selection between two rankings of the same pool."""
+    a = before.frame.loc[before.frame["selected"], "pair_id"].to_numpy()
+    b = after.frame.loc[after.frame["selected"], "pair_id"].to_numpy()
+    return {"entering": np.setdiff1d(b, a), "leaving": np.setdiff1d(a, b)}
+
+
+#: below this trace ratio tr Φ_pos / tr Φ_neg, α only rescales λ (METHOD.md §9 "inert α")
+ALPHA_INERT_RATIO = 0.05
+
+
+def guard_mask(
+    clipscore: np.ndarray, guard: str = "mad", mads: float = GUARD_MADS
+) -> tuple[np.ndarray, dict]:
+    """(held-out mask, info): the pairs whose image and caption disagree, by CLIPScore outliers.
+
+    'mad' holds out CLIPScore < median − mads·1.4826·MAD (MAD = median |c − median|): a robust low-tail
+    outlier rule that needs no labels. 'none' holds out nothing.
+    """
+    if guard == "none":
+        return np.zeros(len(clipscore), bool), {"guard": "none", "n_guarded": 0, "guard_threshold": None}
+    if guard != "mad":
+        raise ValueError(f"guard must be one of {', '.join(GUARDS)}, got {guard!r}")
+    if mads <= 0:
+        raise ValueError(f"guard_mads must be positive, got {mads}")
+    med = float(np.median(clipscore))
+    sigma = 1.4826 * float(np.median(np.abs(clipscore - med)))
+    threshold = med - mads * sigma
+    held = clipscore < threshold
+    return held, {"guard": "mad", "guard_mads": float(mads), "guard_threshold": threshold,
+                  "n_guarded": int(held.sum())}  # fmt: skip
+
+
+def _rank_normalize(a: np.ndarray) -> np.ndarray:
+    r = np.empty(len(a))
+    r[np.argsort(a, kind="stable")] = np.arange(1, len(a) + 1)
+    return r / len(a)
+
+
+def _table(
+    ids: np.ndarray,
+    A: np.ndarray,
+    wl: np.ndarray,
+    wr: np.ndarray,
+    score: np.ndarray,
+    ratio: float,
+    guarded: np.ndarray,
+):
+    """The ranking: by score, descending, with guarded pairs after every other pair (their scores kept)."""
+    n = len(ids)
+    order = np.lexsort((-score, guarded))
+    rank_ = np.empty(n, np.int64)
+    rank_[order] = np.arange(1, n + 1)
+    n_sel = int(math.ceil(ratio * n))
+    frame = pd.DataFrame(
+        {
+            "pair_id": ids,
+            "alignment": A,
+            "learnability": wl,
+            "relevance": wr,
+            "score": score,
+            "rank": rank_,
+            "selected": (rank_ <= n_sel) & ~guarded,
+            "guarded": guarded,
+        }
+    )
+    return frame, n_sel
+
+
+def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tuple[np.ndarray, np.ndarray]:
+    one = np.ones(cache.n)
+    wl = learnability(cache.column("one_minus_p"), cache.column("margin")) if use_l else one
+    wr = relevance(cache.column("cos_x"), cache.column("cos_y"), beta) if use_r else one
+    return wl, wr
+
+
+def _finish(cache, A, info, beta, ratio, use_l, use_r, rank_normalized, guard, guard_mads) -> RankResult:
+    wl, wr = _weights(cache, beta, use_l, use_r)
+    base = _rank_normalize(A) if rank_normalized else A
+    guarded, guard_info = guard_mask(cache.column("clipscore"), guard, guard_mads)
+    frame, n_sel = _table(cache.pair_ids, A, wl, wr, base * wl * wr, ratio, guarded)
+    info.update(guard_info)
+    info.update(frac_positive=float(np.mean(A > 0)), n_selected=int(frame["selected"].sum()), n=cache.n)
+    return RankResult(frame, info)
+
+
+def rank(
+    cache: ScoringCache,
+    method: str = "chips",
+    alpha: float = 0.7,
+    lam: float | None = None,
+    k: int | None = None,
+    beta: float = 0.5,
+    ratio: float = 0.3,
+    seed: int = 0,
+    use_learnability: bool = True,
+    use_relevance: bool = True,
+    rank_normalized: bool = False,
+    checkpoints: list[tuple[ScoringCache, float]] | None = None,
+    damping: str = DAMPING,
+    normalize: bool = NORMALIZE,
+    guard: str | None = None,
+    guard_mads: float = GUARD_MADS,
+) -> RankResult:
+    """Rank every pair of the cache's pool by `method`; keep the top ceil(ratio·N) (`selected`).
+
+    chips: Â = g̃·(C̃(α) + λI)⁻¹ũ at sketch prefix k over the cache's parameter blocks, times w_L and w_R
+    (each switchable; rank_normalized replaces Â by its rank in (0, 1]). λ: the `damping` rule's
+    (`default_lambda`) unless given. normalize: unit-norm g̃ and ũ (LESS-style cosine in the Newton
+    metric's numerator), so a pair's gradient size (its loss) does not decide its rank.
+    guard: 'mad' holds CLIPScore outliers out of the selection before ranking (`guard_mask`), 'none'
+    holds out nothing; None means 'mad' for chips and 'none' for the baselines, which stay literal.
+    Baselines on the same features and batches: random (seeded), clipscore, dot (g̃·ũ), tracin
+    (Σ_c η_c g̃_c·ũ_c over the `checkpoints` caches), trak (α = 0, w_L ≡ w_R ≡ 1, literal damping).
+    k defaults to k_max/2 so that the ranking stability (Spearman of rows [0, k) vs [k, 2k)) is reported.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
+    guard = (GUARD if method == "chips" else "none") if guard is None else guard
+    k = _check_k(cache, k)
+    info: dict[str, Any] = {
+        "method": method,
+        "k": k,
+        "k_max": cache.k_max,
+        "blocks": cache.config.blocks,
+        "alpha": alpha,
+        "beta": beta,
+        "ratio": ratio,
+        "lam": None,
+        "lam_star": None,
+        "d_over_k": None,
+        "stability": None,
+    }
+    finish = functools.partial(_finish, cache, beta=beta, ratio=ratio, guard=guard, guard_mads=guard_mads)
+    if method in ("chips", "trak"):
+        a, damp, norm = (alpha, damping, normalize) if method == "chips" else (0.0, "dimension", False)
+        A, sys_info = _newton_alignment(cache, k, a, lam, damping=damp, normalize=norm)
+        info.update(sys_info, alpha=a, damping=damp, normalize=norm)
+        stab, m = _stability(cache, A, k, a, sys_info["lam"], norm)
+        info.update(stability=stab, stability_rows=m)
+        if method == "trak":
+            return finish(A, info, use_l=False, use_r=False, rank_normalized=False)
+        return finish(A, info, use_l=use_learnability, use_r=use_relevance, rank_normalized=rank_normalized)
+    if method == "random":
+        A = np.random.default_rng(seed).random(cache.n)
+    elif method == "clipscore":
+        A = cache.column("clipscore").copy()
+    elif method == "dot":
+        A = cache.project(cache.u[:k], 0) / k
+    else:  # tracin
+        if not checkpoints:
+            raise ValueError(
+                "tracin needs checkpoints: a list of (ScoringCache, eta) from checkpoint feature runs"
+            )
+        A = np.zeros(cache.n)
+        for other, eta in checkpoints:
+            if other.n != cache.n or not np.array_equal(other.pair_ids, cache.pair_ids):
+                raise ValueError(
+                    f"checkpoint cache {other.root} has other pairs or batches than {cache.root}"
+                )
+            kk = min(k, other.k_max)
+            A += float(eta) * other.project(other.u[:kk], 0) / kk
+    return finish(A, info, use_l=False, use_r=False, rank_normalized=False)
+
+
+def rank_exact(
+    cache: ScoringCache,
+    pool: FeatureSource,
+    params: Any,
+    alpha: float = 0.7,
+    lam: float | None = None,
+    k: int | None = None,
+    beta: float = 0.5,
+    ratio: float = 0.3,
+    use_learnability: bool = True,
+    use_relevance: bool = True,
+    rank_normalized: bool = False,
+    damping: str = DAMPING,
+    normalize: bool = NORMALIZE,
+    guard: str = GUARD,
+    guard_mads: float = GUARD_MADS,
+    tol: float = 1e-8,
+    maxiter: int = 2000,
+) -> RankResult:
+    """CHIPS without a sketch (the paper's "w/o JL"): x = M⁻¹u by CG in the full endpoint space.
+
+    Uses the cache's batches, seeds, sampled negatives, parameter blocks and full-space u; λ defaults to
+    the damping rule's λ from the sketched curvature at prefix k, so the two rankings are comparable at
+    the same absolute λ. normalize divides by the exact ‖g_i‖ (forms each batch's per-sample gradients:
+    B·p floats). Reads pool features again (float64), runs no encoder.
+    """
+    from chips_core.scoring.endpoint import grads_from_state, mask_grads, parse_blocks
+    from chips_core.scoring.exact import ExactSystem, exact_scores
+    from chips_core.scoring.prepare import exact_batches
+
+    k = _check_k(cache, k)
+    _, _, eigs = cache.system(k, alpha)
+    lam_s = lambda_star(eigs, k / 4)
+    lam_base = default_lambda(eigs, k, damping)
+    lam_used = lam_base if lam is None else float(lam)
+    p64 = params.to(dtype=torch.float64)
+    cfg = cache.config
+    blocks = parse_blocks(cfg.blocks)
+    curv = list(exact_batches(cache, pool, p64, range(cache.meta["n_curvature_batches"])))
+    system = ExactSystem(p64, curv, alpha, lam_used, cfg.negatives_per_row, cfg.seed, blocks)
+    u = system.mask * torch.from_numpy(cache.u_full)
+    if normalize:
+        u = u / u.norm()
+    x, cg = system.solve(u, tol=tol, maxiter=maxiter)
+    parts = []
+    for _, st in exact_batches(cache, pool, p64):
+        a = exact_scores(st, x, p64, cfg.negatives)
+        if normalize:
+            a = a / mask_grads(grads_from_state(st, cfg.negatives), blocks).flat().norm(dim=1)
+        parts.append(a)
+    A = torch.cat(parts).numpy()
+    info = {
+        "method": "chips",
+        "exact": True,
+        "k": k,
+        "blocks": cfg.blocks,
+        "alpha": alpha,
+        "beta": beta,
+        "ratio": ratio,
+        "lam": lam_used,
+        "lam_base": lam_base,
+        "lam_star": lam_s,
+        "damping": damping,
+        "normalize": normalize,
+        "d_over_k": effective_dimension(eigs, lam_used) / k,
+        "stability": None,
+        "cg_iterations": cg.iterations,
+        "cg_rel_residual": cg.rel_residual,
+    }
+    return _finish(
+        cache, A, info, beta, ratio, use_learnability, use_relevance, rank_normalized, guard, guard_mads
+    )

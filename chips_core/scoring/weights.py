@@ -1,0 +1,51 @@
+"""Learnability, relevance and CLIPScore (METHOD.md §6, §7).
+
+prepare stores the ingredients per pair (1 − p_corr computed stably, margin, cosines to the eval means,
+CLIPScore) so that rank can change β or switch a weight off without touching features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.special import expit
+
+from chips_core.scoring.endpoint import BatchState
+
+
+def pair_stats(st: BatchState) -> dict[str, torch.Tensor]:
+    """Per pair of a batch: p_corr = ½(P_ii + Q_ii), one_minus_p = ½(Σ_{j≠i}P_ij + Σ_{a≠i}Q_ai) (stable),
+    margin m = S_ii − max(max_{j≠i} S_ij, max_{j≠i} S_ji) in logit units, clipscore = cos(x_i, y_i)."""
+    B = st.S.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=st.S.device)
+    off = st.S.masked_fill(eye, float("-inf"))
+    d = st.S.diagonal()
+    margin = d - torch.maximum(off.max(1).values, off.max(0).values)
+    return {
+        "p_corr": 0.5 * (st.P_diag + st.Q_diag),
+        "one_minus_p": 0.5 * (st.p_off + st.q_off),
+        "margin": margin,
+        "clipscore": (st.X * st.Y).sum(1),
+    }
+
+
+def learnability(one_minus_p: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """w_L = (1 − p_corr)(1 + σ(−m)): pairs the model has not learned yet, more so with a negative margin."""
+    return one_minus_p * (1.0 + _sigmoid(-margin))
+
+
+def relevance(cos_x: np.ndarray, cos_y: np.ndarray, beta: float = 0.5) -> np.ndarray:
+    """w_R = σ((1−β)cos(x, μ_x) + β cos(y, μ_y)) ∈ [0.27, 0.73]: a soft weight toward the target domain."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    return _sigmoid((1.0 - beta) * cos_x + beta * cos_y)
+
+
+def eval_means(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit directions of the mean normalised eval image and text embeddings (μ_x/|μ_x|, μ_y/|μ_y|)."""
+    mx, my = X.mean(0), Y.mean(0)
+    return mx / mx.norm(), my / my.norm()
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return expit(np.asarray(z, dtype=np.float64))

@@ -1,0 +1,526 @@
+"""The method comparison: for each method x ratio x seed, select, continually pre-train and evaluate.
+
+Every cell uses the same scoring cache, the same CPT recipe and the same evaluation set (a held-out test
+split, never the validation split the scores were computed against). Seeds set both the CPT seed and the
+random baseline's seed; deterministic methods give the same selection for every seed. A full-pool cell
+(ratio 1) and the starting model without CPT ('none') are the two references. Results: one row per cell
+in `cells.csv`, mean/std per method x ratio in `summary.csv`, the primary metric as `summary.md`, and the
+metric-vs-ratio plot as `plot.html` (plotly, its JavaScript beside it: no network needed to view) and
+`plot.png` (drawn with PIL: kaleido and matplotlib are not installed). A rerun with the same `out_dir`
+skips cells already in `cells.csv`.
+
+TracIn needs scoring caches from checkpoints of a short warm-up CPT run: `tracin_checkpoints` featurizes
+the pool and eval set once PER CHECKPOINT (the encoders change with every checkpoint, so nothing can be
+reused) and prepares one cache each, weighted by that epoch's mean learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chips_core.workspace.store import Workspace, atomic_path, atomic_write_bytes
+
+REFERENCES = ("full", "none")  # full pool (ratio 1) and the starting model without CPT (ratio 0)
+KEY = ["method", "ratio", "seed"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The CPT recipe shared by every cell (cpt.train's arguments; paper defaults)."""
+
+    model: str
+    pretrained: str | None = None
+    epochs: int = 5
+    lr: float = 1e-6
+    batch_size: int = 64
+    warmup: int | None = None
+    precision: str | None = None
+    workers: int = 2
+    device: str = "cpu"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def train_kwargs(self) -> dict[str, Any]:
+        kw = asdict(self)
+        kw["extra_args"] = list(self.extra_args)
+        return kw
+
+
+def _load_cache(ws: Workspace, cache: Any) -> Any:
+    from chips_core.scoring.ranking import ScoringCache
+
+    if isinstance(cache, ScoringCache):
+        return cache
+    if isinstance(cache, int):
+        with ws.connect(read_only=True) as con:
+            row = con.execute("SELECT dir, status FROM scoring_caches WHERE cache_id = ?", [cache]).fetchone()
+        if row is None or row[1] != "done":
+            raise ValueError(f"no finished scoring cache {cache} in workspace {ws.root}")
+        cache = row[0]
+    return ScoringCache.load(cache)
+
+
+def tracin_checkpoints(
+    ws: Workspace, pool: str, eval_name: str, warmup_run_id: int, config: Any, device: str = "cpu"
+) -> list[tuple[Any, float]]:
+    """(ScoringCache, eta) per checkpoint of a warm-up CPT run, for ranking.rank(method='tracin').
+
+    Costs one featurize pass of the pool and of the eval set per checkpoint, plus one prepare each.
+    eta is the mean learning rate of the epoch that ended at the checkpoint (from cpt_progress).
+    """
+    from chips_core.engines.pipeline import prepare_workspace
+    from chips_core.features.featurize import featurize
+    from chips_core.training import cpt
+
+    info = cpt.run_config(ws, warmup_run_id)
+    steps = info["config"]["steps_per_epoch"]
+    out = []
+    for ck in cpt.checkpoints(ws, warmup_run_id):
+        epoch = int(ck.stem.split("_")[1])
+        model, pretrained = cpt.checkpoint_model(ws, warmup_run_id, ck)
+        run = featurize(ws, pool, model, pretrained, device=device)
+        featurize(ws, eval_name, model, pretrained, device=device)
+        with ws.connect(read_only=True) as con:
+            model_id = con.execute("SELECT model_id FROM feature_runs WHERE run_id = ?", [run]).fetchone()[0]
+            eta = con.execute(
+                "SELECT avg(lr) FROM cpt_progress WHERE cpt_run_id = ? AND step >= ? AND step < ?",
+                [warmup_run_id, (epoch - 1) * steps, epoch * steps],
+            ).fetchone()[0]
+        cache_id = prepare_workspace(ws, pool, eval_name, config, model_id=model_id)
+        out.append((_load_cache(ws, cache_id), float(eta)))
+    return out
+
+
+def run_experiment(
+    ws: Workspace,
+    pool: str,
+    eval_source: int | str | os.PathLike,
+    methods: Sequence[str],
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    recipe: Recipe,
+    *,
+    cache: Any,
+    rank_params: dict[str, Any] | None = None,
+    tracin: Sequence[tuple[Any, float]] | None = None,
+    include_full: bool = True,
+    include_baseline: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    primary: str = "i2t_R@1",
+    progress: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Run (or complete) the comparison; returns one row per cell and writes the tables and plots.
+
+    `cache`: the ScoringCache (or its cache_id / folder) of `pool` against the validation eval set.
+    `eval_source`: the held-out test set given to evaluate (pool name/id or CSV). `rank_params`: extra
+    ranking.rank arguments (alpha, k, beta, ...). `tracin`: from `tracin_checkpoints`, needed for 'tracin'.
+    """
+    from chips_core.curation import selection
+    from chips_core.scoring import ranking
+    from chips_core.scoring.presets import PRESETS, rank_options, resolve_method
+    from chips_core.training import cpt
+    from chips_core.training.evaluate import evaluate, evaluate_run
+
+    say = progress or (lambda _msg: None)
+    if "tracin" in methods and not tracin:
+        raise ValueError("method 'tracin' needs `tracin` caches from tracin_checkpoints(...)")
+    for r in ratios:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"ratios must lie in (0, 1); the full pool is its own cell, got {r}")
+    sc = _load_cache(ws, cache)
+    out = Path(out_dir) if out_dir else ws.root / "experiments" / str(ws.new_id())
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"pool": pool, "eval": str(eval_source), "methods": list(methods), "ratios": list(ratios),
+            "seeds": list(seeds), "recipe": recipe.train_kwargs(), "cache": str(sc.root),
+            "rank_params": rank_params or {}, "primary": primary}  # fmt: skip
+    atomic_write_bytes(out / "experiment.json", json.dumps(spec, indent=2, default=str).encode())
+    cells_path = out / "cells.csv"
+    done = pd.read_csv(cells_path) if cells_path.is_file() else pd.DataFrame(columns=KEY)
+    rows = done.to_dict("records")
+    todo = [(m, r, s) for m in methods for r in ratios for s in seeds]
+    todo += [("full", 1.0, s) for s in seeds] if include_full else []
+    todo += [("none", 0.0, 0)] if include_baseline else []
+    finished = {(str(m), float(r), int(s)) for m, r, s in done[KEY].itertuples(index=False)}
+    for method, ratio, seed in todo:
+        if (method, float(ratio), int(seed)) in finished:
+            continue
+        say(f"cell {method} @ {ratio:g}, seed {seed}")
+        row: dict[str, Any] = {"method": method, "ratio": ratio, "seed": seed}
+        if method == "none":
+            row |= evaluate(ws, recipe.model, eval_source, pretrained=recipe.pretrained, device=recipe.device)
+        else:
+            kw = dict(rank_params or {})
+            scoring_method, preset = resolve_method("random" if method == "full" else method)
+            cell_cache = sc
+            if preset is not None:  # a preset fixes its rank options and the cache's parameter blocks
+                kw |= rank_options(preset)
+                cell_cache = _preset_cache(ws, sc, PRESETS[preset]["blocks"])
+            if method == "tracin":
+                kw["checkpoints"] = list(tracin)
+            ranked = ranking.rank(cell_cache, scoring_method, ratio=ratio, seed=seed, **kw)
+            name = f"{out.name}/{method}@{ratio:g}/seed{seed}"
+            sel = selection.save_selection(ws, pool, ranked, ratio, f"experiment-{name}", method=method)
+            run_id = cpt.train(ws, sel, **recipe.train_kwargs(), seed=seed)
+            row |= {"selection_id": sel, "cpt_run_id": run_id, "n_selected": _n_selected(ws, sel)}
+            row |= evaluate_run(ws, run_id, eval_source)
+        rows.append(row)
+        with atomic_path(cells_path) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+    cells = pd.DataFrame(rows)
+    write_reports(cells, out, primary, list(methods))
+    return cells
+
+
+def _preset_cache(ws: Workspace, cache: Any, blocks: str) -> Any:
+    """`cache` itself when it scores `blocks`, else its sibling cache with those blocks (prepared once)."""
+    from chips_core.engines.pipeline import cache_with_blocks
+
+    if cache.config.blocks == blocks:
+        return cache
+    with ws.connect(read_only=True) as con:
+        row = con.execute("SELECT cache_id FROM scoring_caches WHERE dir = ?", [str(cache.root)]).fetchone()
+    if row is None:
+        raise ValueError(f"scoring cache {cache.root} is not recorded in workspace {ws.root}")
+    return _load_cache(ws, cache_with_blocks(ws, int(row[0]), blocks))
+
+
+def _n_selected(ws: Workspace, selection_id: int) -> int:
+    with ws.connect(read_only=True) as con:
+        sql = "SELECT n_selected FROM selections WHERE selection_id = ?"
+        return int(con.execute(sql, [selection_id]).fetchone()[0])
+
+
+def summarize(cells: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and count over seeds of every metric per (method, ratio)."""
+    metrics = [
+        c for c in cells.columns if c not in (*KEY, "selection_id", "cpt_run_id") and _numeric(cells[c])
+    ]
+    g = cells.groupby(["method", "ratio"], sort=False)[metrics]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_std")).join(g.size().rename("n_seeds"))
+    return out.reset_index()
+
+
+def _numeric(col: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(col)
+
+
+def markdown_table(cells: pd.DataFrame, primary: str, methods: Sequence[str]) -> str:
+    """The primary metric as mean ± std over seeds: one row per method, one column per ratio."""
+    s = summarize(cells)
+    ratios = sorted(r for r in s["ratio"].unique() if 0.0 < r < 1.0)
+    head = "| method | " + " | ".join(f"r = {r:.0%}" for r in ratios) + " |"
+    lines = [f"{primary} (mean ± std over seeds; n = seeds)", "", head, "|---" * (len(ratios) + 1) + "|"]
+
+    def cell(method: str, ratio: float) -> str:
+        hit = s[(s["method"] == method) & np.isclose(s["ratio"], ratio)]
+        if hit.empty:
+            return "—"
+        m, sd, n = hit[f"{primary}_mean"].iloc[0], hit[f"{primary}_std"].iloc[0], int(hit["n_seeds"].iloc[0])
+        return f"{m:.4f}" + (f" ± {sd:.4f}" if n > 1 else "") + f" (n={n})"
+
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(cell(m, r) for r in ratios) + " |")
+    lines.append("")
+    for ref, ratio, label in (("full", 1.0, "Full pool"), ("none", 0.0, "No CPT (starting model)")):
+        if (s["method"] == ref).any():
+            lines.append(f"{label}: {cell(ref, ratio)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(cells: pd.DataFrame, out: Path, primary: str, methods: Sequence[str]) -> None:
+    """cells.csv, summary.csv, summary.md, plot.html and plot.png in `out` (atomic writes)."""
+    import plotly.graph_objects as go
+
+    with atomic_path(out / "cells.csv") as tmp:
+        cells.to_csv(tmp, index=False)
+    s = summarize(cells)
+    with atomic_path(out / "summary.csv") as tmp:
+        s.to_csv(tmp, index=False)
+    atomic_write_bytes(out / "summary.md", markdown_table(cells, primary, methods).encode())
+    series = _series(s, primary, methods)
+    fig = go.Figure()
+    for name, (x, y, err) in series.items():
+        fig.add_trace(go.Scatter(x=x, y=y, error_y={"array": err}, mode="lines+markers", name=name))
+    fig.update_layout(xaxis_title="selection ratio", yaxis_title=primary, xaxis_tickformat=".0%")
+    with atomic_path(out / "plot.html") as tmp:
+        fig.write_html(tmp, include_plotlyjs="directory")
+    with atomic_path(out / "plot.png") as tmp:
+        draw_png(series, primary).save(tmp, format="PNG")
+
+
+def _series(s: pd.DataFrame, primary: str, methods: Sequence[str]) -> dict[str, tuple[list, list, list]]:
+    """Per method: ratios, means and stds of the primary metric; the full pool appears at ratio 1."""
+    out = {}
+    full = s[s["method"] == "full"]
+    for m in methods:
+        part = pd.concat([s[s["method"] == m], full]).sort_values("ratio")
+        out[m] = (
+            part["ratio"].tolist(),
+            part[f"{primary}_mean"].tolist(),
+            part[f"{primary}_std"].fillna(0.0).tolist(),
+        )
+    return out
+
+
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def draw_png(series: dict[str, tuple[list, list, list]], ylabel: str, size: tuple[int, int] = (720, 440)):
+    """A plain line chart (metric vs ratio per method) drawn with PIL; returns the image."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 70, 170, 20, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for v in series.values() for x in v[0]] or [0.0, 1.0]
+    ys = [y for v in series.values() for y in v[1] if np.isfinite(y)] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-3
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        fx = left + (x - x0) / (x1 - x0) * (w - left - right)
+        return fx, top + (1 - (y - y0) / (y1 - y0)) * (h - top - bottom)
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for t in np.linspace(0, 1, 5):
+        d.text((5, px(x0, y0 + t * (y1 - y0))[1] - 6), f"{y0 + t * (y1 - y0):.3f}", fill="black")
+        xt = x0 + t * (x1 - x0)
+        d.text((px(xt, y0)[0] - 12, h - bottom + 6), f"{xt:.0%}", fill="black")
+    d.text((left, h - 20), f"selection ratio  (y: {ylabel})", fill="black")
+    for i, (name, (x, y, _)) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        pts = [px(a, b) for a, b in zip(x, y, strict=True)]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        for cx, cy in pts:
+            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+        d.line([w - right + 10, top + 10 + 18 * i, w - right + 30, top + 10 + 18 * i], fill=color, width=3)
+        d.text((w - right + 35, top + 4 + 18 * i), name, fill="black")
+    return img
+
+
+# --- command line: `chips train | cpt-cancel | cpt-resume | evaluate | experiment` (cli.EXTENSION_MODULES) --
+
+
+def _add_recipe(p: Any) -> None:
+    from chips_core.cli import _ranged
+
+    g = p.add_argument_group("CPT recipe (open_clip_train; defaults from the CHIPS paper)")
+    g.add_argument("--model", required=True, help="open_clip name, local-dir:PATH or hf-hub:ID")
+    g.add_argument("--pretrained", default=None, help="pretrained tag or a local checkpoint file")
+    g.add_argument("--epochs", type=_ranged(int, 1), default=5)
+    g.add_argument("--lr", type=_ranged(float, 0, lo_open=True), default=1e-6)
+    g.add_argument("--batch-size", type=_ranged(int, 1), default=64)
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of the steps)")
+    g.add_argument("--precision", default=None, help="default amp on CUDA, fp32 elsewhere")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--extra", default="", help="more open_clip_train flags, one string ('--wd 0.1')")
+
+
+def _recipe(args: Any) -> Recipe:
+    return Recipe(args.model, args.pretrained, args.epochs, args.lr, args.batch_size, args.warmup,
+                  args.precision, args.workers, args.device, tuple(args.extra.split()))  # fmt: skip
+
+
+def _bar(desc: str) -> Any:
+    from chips_core.cli import progress_bar
+
+    bar = progress_bar(desc, unit="step")
+
+    def feed(row: dict) -> None:
+        bar({"done": row["step"] + 1, "total": row["total_steps"], "loss": row["loss"], "lr": row["lr"]})
+
+    return bar, feed
+
+
+def _run_train(args: Any) -> int:
+    from chips_core.cli import say, selection_id, workspace
+    from chips_core.training import cpt
+
+    ws = workspace(args.ws)
+    refs = [r for r in (args.sel, args.selection) if r is not None]
+    if len(refs) + (args.csv is not None) != 1:
+        raise ValueError("give exactly one of SEL (a selection name, id or name@version) or --csv FILE")
+    source = selection_id(ws, refs[0]) if refs else args.csv
+    bar, feed = _bar("cpt")
+    with bar:
+        run_id = cpt.train(ws, source, **_recipe(args).train_kwargs(), seed=args.seed, progress=feed)
+    info = cpt.run_config(ws, run_id)
+    say(f"CPT run {run_id} {info['status']}: {info['checkpoint']}")
+    return 0
+
+
+def _add_train(p: Any) -> None:
+    p.add_argument("ws", metavar="WS")
+    p.add_argument(
+        "sel", metavar="SEL", nargs="?", help="selection: name (latest version), id or name@version"
+    )
+    p.add_argument("--selection", help=argparse.SUPPRESS)  # the older spelling of SEL
+    p.add_argument("--csv", help="an open_clip CSV (filepath,title) instead of a selection")
+    p.add_argument("--seed", type=int, default=0)
+    _add_recipe(p)
+
+
+def _add_run_id(p: Any) -> None:
+    p.add_argument("ws", metavar="WS")
+    p.add_argument("run_id", metavar="RUN", type=int, help="cpt_run_id")
+
+
+def _run_cancel(args: Any) -> int:
+    from chips_core.cli import say, workspace
+    from chips_core.training import cpt
+
+    ok = cpt.cancel(workspace(args.ws), args.run_id)
+    say(f"CPT run {args.run_id} " + ("cancelled" if ok else "was not running"))
+    return 0 if ok else 1
+
+
+def _run_resume(args: Any) -> int:
+    from chips_core.cli import say, workspace
+    from chips_core.training import cpt
+
+    ws = workspace(args.ws)
+    bar, feed = _bar("cpt resume")
+    with bar:
+        cpt.resume(ws, args.run_id, progress=feed)
+    say(f"CPT run {args.run_id} finished: {cpt.run_config(ws, args.run_id)['checkpoint']}")
+    return 0
+
+
+def _add_evaluate(p: Any) -> None:
+    from chips_core.training.evaluate import DEFAULT_TEMPLATES
+
+    p.add_argument("ws", metavar="WS")
+    p.add_argument("eval", metavar="EVAL", help="eval pool name/id in WS, or a CSV (filepath,title[,label])")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--run",
+        help="a finished CPT run: its cpt_run_id, or a selection (name or name@version) for the latest "
+        "finished CPT run trained on it (its final checkpoint)",
+    )
+    who.add_argument("--model", help="open_clip name / local-dir: / hf-hub: / checkpoint file")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file (with --model)")
+    p.add_argument("--random-init", action="store_true", help="random weights on purpose")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--template", action="append", help=f"zero-shot prompt (repeatable; default {DEFAULT_TEMPLATES})"
+    )
+
+
+def _run_evaluate(args: Any) -> int:
+    from chips_core.cli import say, workspace
+    from chips_core.training.evaluate import DEFAULT_TEMPLATES, evaluate, evaluate_run
+
+    ws = workspace(args.ws)
+    kw = {"device": args.device, "templates": tuple(args.template or DEFAULT_TEMPLATES)}
+    if args.run is not None:
+        metrics = evaluate_run(ws, _cpt_run(ws, args.run), args.eval, **kw)
+    else:
+        from chips_core.features.models import check_weights_choice
+
+        check_weights_choice(args.model, args.pretrained, args.random_init)
+        metrics = evaluate(ws, args.model, args.eval, pretrained=args.pretrained, **kw)
+    say(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cpt_run(ws: Workspace, ref: str) -> int:
+    """A CPT run id, or the latest finished CPT run of the selection `ref` (name or name@version)."""
+    if ref.lstrip("-").isdigit():
+        return int(ref)
+    from chips_core.cli import CliError, selection_id
+
+    sid = selection_id(ws, ref)
+    with ws.connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT max(cpt_run_id) FROM cpt_runs WHERE selection_id = ? AND status = 'finished'", [sid]
+        ).fetchone()
+    if row[0] is None:
+        raise CliError(f"selection {ref!r} (id {sid}) has no finished CPT run; run `chips train` first")
+    return int(row[0])
+
+
+def _add_experiment(p: Any) -> None:
+    from chips_core.cli import FRACTION, UNIT, _ranged
+
+    p.add_argument("ws", metavar="WS")
+    p.add_argument("pool", metavar="POOL", help="the pool name (featurized and prepared)")
+    p.add_argument("--test", required=True, help="held-out eval set for evaluation (pool name or CSV)")
+    p.add_argument("--cache", type=int, required=True, help="scoring cache id of POOL vs the validation set")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["random", "clipscore", "dot", "trak", "chips-paper", "chips"],
+        help="chips: the default preset; chips-paper: the paper's literal score (its own cache blocks)",
+    )
+    p.add_argument("--ratios", nargs="+", type=FRACTION, default=[0.1, 0.2, 0.3])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--alpha", type=UNIT, default=0.7)
+    p.add_argument("--k", type=_ranged(int, 1), default=None, help="sketch rows (default k_max/2)")
+    p.add_argument("--tracin-eval", help="validation set name for TracIn's checkpoint caches")
+    p.add_argument(
+        "--tracin-epochs", type=int, default=2, help="epochs of the TracIn warm-up run (full pool)"
+    )
+    p.add_argument("--tracin-run", type=int, help="reuse this finished CPT run as the TracIn warm-up run")
+    p.add_argument("--no-full", action="store_true", help="skip the full-pool cells")
+    p.add_argument("--out", default=None, help="output folder (default WS/experiments/<id>); reruns resume")
+    p.add_argument("--primary", default="zeroshot_top1", help="metric of summary.md and the plot")
+    _add_recipe(p)
+
+
+def _run_experiment(args: Any) -> int:
+    from chips_core.cli import say, workspace
+    from chips_core.curation import selection
+    from chips_core.scoring import ranking
+    from chips_core.training import cpt
+
+    ws = workspace(args.ws)
+    recipe = _recipe(args)
+    tracin = None
+    if "tracin" in args.methods:
+        if not args.tracin_eval:
+            raise ValueError(
+                "method tracin needs --tracin-eval (the validation set the cache was prepared on)"
+            )
+        sc = _load_cache(ws, args.cache)
+        warm = args.tracin_run
+        if warm is None:
+            ranked = ranking.rank(sc, "random", ratio=1.0)
+            name = f"tracin-warmup-{args.pool}"
+            full = selection.save_selection(ws, args.pool, ranked, 1.0, name, method="full")
+            warm = cpt.train(ws, full, **(recipe.train_kwargs() | {"epochs": args.tracin_epochs}))
+        say(f"TracIn warm-up CPT run {warm}: featurize + prepare once per checkpoint (reused when done)")
+        tracin = tracin_checkpoints(ws, args.pool, args.tracin_eval, warm, sc.config, device=args.device)
+    cells = run_experiment(
+        ws, args.pool, args.test, args.methods, args.ratios, args.seeds, recipe, cache=args.cache,
+        rank_params={"alpha": args.alpha, "k": args.k}, tracin=tracin, include_full=not args.no_full,
+        out_dir=args.out, primary=args.primary, progress=say,
+    )  # fmt: skip
+    say(markdown_table(cells, args.primary, args.methods))
+    return 0
+
+
+def register_cli(register: Callable[..., None]) -> None:
+    """Hook read by chips_core.cli: the CPT, evaluation and experiment subcommands."""
+    register("train", "continually pre-train (open_clip_train) on a selection or CSV", _add_train, _run_train)
+    register("cpt-cancel", "stop a running CPT run (its process group)", _add_run_id, _run_cancel)
+    register("cpt-resume", "resume a cancelled/failed CPT run from its last epoch", _add_run_id, _run_resume)
+    register(
+        "evaluate", "retrieval R@K and zero-shot accuracy of a model or CPT run", _add_evaluate, _run_evaluate
+    )
+    register(
+        "experiment",
+        "methods x ratios x seeds: select, CPT, evaluate, tables",
+        _add_experiment,
+        _run_experiment,
+    )

@@ -1,0 +1,267 @@
+"""Background jobs: `chips ...` commands run as detached subprocesses that report into the `jobs` table.
+
+`launch` starts `python -m chips_core.cli --job-id N --job-ws WS <argv>` in its own session (so it has its
+own process group and outlives the dashboard that launched it), with stdout/stderr in ws/logs/job-N.log.
+The child marks itself running, reports progress through `JobReporter` (throttled, short-lived
+connections) and its end state: done, failed (with the one-line reason) or cancelled. A job whose
+process is gone while its row still says queued/running is reported as failed by `job_status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import chips_core
+from chips_core.workspace.store import Workspace, WorkspaceError
+
+ACTIVE = ("queued", "running")
+FINAL = ("done", "failed", "cancelled")
+# Jobs launched by this process, by (workspace root, job id): polled (reaped) on status checks.
+_children: dict[tuple[str, int], subprocess.Popen] = {}
+
+
+class JobError(WorkspaceError):
+    """A job problem with a message meant for the user."""
+
+
+class JobCancelled(BaseException):
+    """Raised inside a job process when it receives SIGTERM (BaseException: not caught as an error)."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One row of `jobs`."""
+
+    job_id: int
+    kind: str
+    args: list[str]
+    status: str
+    pid: int | None
+    progress: float | None
+    message: str | None
+    log_path: str | None
+    started_at: Any
+    updated_at: Any
+    finished_at: Any
+
+    @property
+    def active(self) -> bool:
+        """Queued or running."""
+        return self.status in ACTIVE
+
+
+def launch(ws: Workspace, kind: str, argv: list[str]) -> int:
+    """Start `chips <argv>` in the background for workspace `ws`; returns the job id at once.
+
+    kind is a short label for people ('featurize', 'prepare', 'train', ...). The child is its own session
+    leader: signals to the launching process group do not reach it and it keeps running when the
+    launcher exits.
+    """
+    ws.check()
+    argv = [str(a) for a in argv]
+    if not argv:
+        raise JobError("a job needs a chips command to run")
+    job_id = ws.new_id()
+    log_path = ws.root / "logs" / f"job-{job_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with ws.connect() as con:
+        con.execute(
+            "INSERT INTO jobs (job_id, kind, args, status, progress, message, log_path, updated_at) "
+            "VALUES (?, ?, ?, 'queued', 0, 'starting', ?, current_timestamp)",
+            [job_id, kind, json.dumps(argv), str(log_path)],
+        )
+    env = dict(os.environ)
+    package_root = str(Path(chips_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [sys.executable, "-m", "chips_core.cli", "--job-id", str(job_id), "--job-ws", str(ws.root), *argv]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    _children[(str(ws.root), job_id)] = proc
+    with ws.connect() as con:
+        con.execute("UPDATE jobs SET pid = ? WHERE job_id = ?", [proc.pid, job_id])
+    return job_id
+
+
+def _row(ws: Workspace, job_id: int) -> JobInfo:
+    with ws.connect(read_only=True) as con:
+        r = con.execute(
+            "SELECT job_id, kind, args, status, pid, progress, message, log_path, started_at, updated_at, "
+            "finished_at FROM jobs WHERE job_id = ?",
+            [int(job_id)],
+        ).fetchone()
+    if r is None:
+        raise JobError(f"no job {job_id} in workspace {ws.root}")
+    return JobInfo(int(r[0]), r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10])
+
+
+def _alive(ws: Workspace, pid: int, job_id: int) -> bool:
+    """Whether `pid` is still this job's process (not gone, not a zombie, not a reused pid)."""
+    child = _children.get((str(ws.root), job_id))
+    if child is not None and child.poll() is not None:
+        return False
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").exists():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+        mine = (b"--job-id", str(job_id).encode(), b"--job-ws", str(ws.root).encode())
+        return any(tuple(cmdline[i : i + 4]) == mine for i in range(len(cmdline)))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _log_tail(path: str | None, n: int = 1) -> str:
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()]
+    return " | ".join([ln for ln in lines if ln][-n:])
+
+
+def job_status(ws: Workspace, job_id: int) -> JobInfo:
+    """The job's row; a queued/running job whose process has gone is recorded as failed first."""
+    info = _row(ws, job_id)
+    if info.active and info.pid is not None and not _alive(ws, info.pid, info.job_id):
+        time.sleep(0.05)  # the child may have written its final state just before exiting
+        info = _row(ws, job_id)
+        if info.active:
+            tail = _log_tail(info.log_path)
+            reason = f"process {info.pid} ended without reporting" + (f": {tail}" if tail else "")
+            _finish(ws, job_id, "failed", reason[:500], only_if_active=True)
+            info = _row(ws, job_id)
+    return info
+
+
+def list_jobs(ws: Workspace, active_only: bool = False) -> list[JobInfo]:
+    """All jobs, newest first (dead ones reported as failed)."""
+    ws.check()
+    with ws.connect(read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT job_id FROM jobs ORDER BY job_id DESC").fetchall()]
+    jobs = [job_status(ws, i) for i in ids]
+    return [j for j in jobs if j.active] if active_only else jobs
+
+
+def cancel(ws: Workspace, job_id: int, grace_s: float = 10.0) -> JobInfo:
+    """Stop a job: SIGTERM to its process group, SIGKILL after `grace_s`; its status becomes 'cancelled'."""
+    info = job_status(ws, job_id)
+    if not info.active:
+        return info
+    if info.pid is not None and _alive(ws, info.pid, info.job_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(info.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while _alive(ws, info.pid, info.job_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(ws, info.pid, info.job_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(info.pid, signal.SIGKILL)
+    child = _children.pop((str(ws.root), job_id), None)
+    if child is not None:
+        child.wait(timeout=grace_s)
+    _finish(ws, job_id, "cancelled", "cancelled by the user", only_if_active=True)
+    return _row(ws, job_id)
+
+
+def wait(ws: Workspace, job_id: int, timeout_s: float = 600.0, poll_s: float = 0.2) -> JobInfo:
+    """Block until the job reaches a final state (or raise JobError after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = job_status(ws, job_id)
+        if not info.active:
+            _children.pop((str(ws.root), job_id), None)
+            return info
+        if time.monotonic() > deadline:
+            raise JobError(f"job {job_id} still {info.status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def read_log(ws: Workspace, job_id: int, max_bytes: int = 20000) -> str:
+    """The end of the job's log file (stdout and stderr of the command)."""
+    path = _row(ws, job_id).log_path
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - max_bytes))
+        return f.read().decode("utf-8", "replace")
+
+
+def _finish(ws: Workspace, job_id: int, status: str, message: str | None, only_if_active: bool) -> None:
+    cond = " AND status IN ('queued', 'running')" if only_if_active else ""
+    progress = ", progress = 1" if status == "done" else ""
+    with ws.connect() as con:
+        con.execute(
+            f"UPDATE jobs SET status = ?, message = ?, updated_at = current_timestamp, "
+            f"finished_at = current_timestamp{progress} WHERE job_id = ?{cond}",
+            [status, message, int(job_id)],
+        )
+
+
+class JobReporter:
+    """Used inside a job process: marks it running, writes throttled progress, records how it ended."""
+
+    def __init__(self, ws: Workspace, job_id: int, min_interval_s: float = 0.5) -> None:
+        self.ws, self.job_id, self.min_interval_s = ws, int(job_id), min_interval_s
+        self._last = 0.0
+
+    def start(self) -> None:
+        """Mark the job running with this pid; SIGTERM now raises JobCancelled in the main thread."""
+        with self.ws.connect() as con:
+            con.execute(
+                "UPDATE jobs SET status = 'running', pid = ?, message = 'running', "
+                "updated_at = current_timestamp WHERE job_id = ? AND status = 'queued'",
+                [os.getpid(), self.job_id],
+            )
+
+        def _on_term(signum: int, frame: Any) -> None:
+            raise JobCancelled()
+
+        signal.signal(signal.SIGTERM, _on_term)
+
+    def progress(self, fraction: float | None, message: str, force: bool = False) -> None:
+        """Record progress (0..1, None when unknown) at most every `min_interval_s`; never fails the job."""
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        try:
+            with self.ws.connect(timeout_s=2.0) as con:
+                con.execute(
+                    "UPDATE jobs SET progress = coalesce(?, progress), message = ?, "
+                    "updated_at = current_timestamp WHERE job_id = ? AND status = 'running'",
+                    [fraction, message[:500], self.job_id],
+                )
+        except WorkspaceError:
+            pass  # the workspace is busy: the next update will get through
+
+    def finish(self, status: str, message: str | None = None) -> None:
+        """Record the final state (done | failed | cancelled)."""
+        if status not in FINAL:
+            raise JobError(f"unknown final job status {status!r}")
+        _finish(self.ws, self.job_id, status, message, only_if_active=True)
