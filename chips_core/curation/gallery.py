@@ -13,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from chips_core.errors import ChipsError
 from chips_core.workspace import store
 
 
-class GalleryError(RuntimeError):
+class GalleryError(ChipsError):
     """A thumbnail could not be made; the message names the image."""
 
 

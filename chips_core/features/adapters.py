@@ -24,12 +24,13 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
+from chips_core.errors import ChipsError
 from chips_core.scoring.endpoint import EndpointParams
 
 Encode = Callable[[torch.Tensor], torch.Tensor]  # the model's encode_image / encode_text
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ChipsError, ValueError):
     """The model's architecture has no endpoint the CHIPS math supports; the message says why."""
 
 

@@ -28,6 +28,7 @@ from open_clip.factory import _find_checkpoint_in_dir, load_checkpoint
 from open_clip.pretrained import _clean_tag
 from torch import nn
 
+from chips_core.errors import ChipsError
 from chips_core.features.adapters import EndpointAdapter
 from chips_core.workspace.store import Workspace, atomic_write_bytes
 
@@ -39,7 +40,7 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _registered = False
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ChipsError):
     """A model could not be loaded; the message names the model or file and the cause."""
 
 

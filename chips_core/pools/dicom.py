@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from chips_core.errors import ChipsError
+
 DEFAULT_TEMPLATE = "{Modality} {BodyPartExamined} {StudyDescription}"
 
 
-class DicomError(ValueError):
+class DicomError(ChipsError, ValueError):
     """A DICOM file that cannot be turned into an image; `reason` is a reject reason code."""
 
     def __init__(self, message: str, reason: str = "bad_dicom") -> None:

@@ -21,6 +21,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from chips_core.errors import ChipsError
+
 AUTO = "auto"
 _SCAN_LIMIT = 512 * 2**20  # bytes of a file scanned for UTF-8 validity (the rest is assumed alike)
 _SAMPLE_LIMIT = 256 * 2**10  # bytes of non-ASCII lines handed to charset-normalizer
@@ -36,7 +38,7 @@ _BAD = re.compile("[\udc80-\udcff]")
 _NON_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
 
 
-class EncodingError(ValueError):
+class EncodingError(ChipsError, ValueError):
     """An unknown encoding name; the message names it."""
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
+from chips_core.errors import ChipsError
 from chips_core.scoring.batches import hashed_order, n_batches
 from chips_core.scoring.curvature import CurvatureAccumulator
 from chips_core.scoring.endpoint import (
@@ -138,7 +139,7 @@ class PrepareProgress:
     eta_s: float | None
 
 
-class PrepareError(ValueError):
+class PrepareError(ChipsError, ValueError):
     """A prepare problem with a message naming the folder or parameter."""
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from chips_core.errors import ChipsError
 from chips_core.workspace.store import Workspace, atomic_write_bytes
 
 OC_NAME = "oc"  # open_clip_train --name inside the run folder
@@ -49,7 +50,7 @@ _START_EPOCH = re.compile(r"Start epoch (\d+)")
 ProgressFn = Callable[[dict], None]
 
 
-class CPTError(RuntimeError):
+class CPTError(ChipsError):
     """A CPT problem with a message meant for the user (bad input or a failed training process)."""
 
 

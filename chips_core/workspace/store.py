@@ -17,6 +17,8 @@ from pathlib import Path
 
 import duckdb
 
+from chips_core.errors import ChipsError
+
 SCHEMA_VERSION = 1
 DB_NAME = "chips.duckdb"
 
@@ -88,7 +90,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(ChipsError):
     """A workspace problem with a message meant for the user."""
 
 

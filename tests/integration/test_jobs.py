@@ -118,7 +118,7 @@ def test_progress_bar_feeds_the_job_row(tmp_path, monkeypatch):
         with ws.connect(read_only=True) as con:
             return con.execute("SELECT status, progress, message, pid FROM jobs WHERE job_id = 7").fetchone()
 
-    from chips_core import cli
+    from chips_core.workspace import progress
 
     ws = Workspace.init(tmp_path / "ws")
     with ws.connect() as con:
@@ -127,8 +127,8 @@ def test_progress_bar_feeds_the_job_row(tmp_path, monkeypatch):
     old = signal.getsignal(signal.SIGTERM)
     try:
         reporter.start()
-        monkeypatch.setattr(cli, "_job_reporter", reporter)
-        with cli.progress_bar("featurize pool") as bar:
+        monkeypatch.setattr(progress, "_job_reporter", reporter)
+        with progress.progress_bar("featurize pool") as bar:
             bar(5, 20)
             assert row(ws)[1] == 0.25
             bar({"done": 15, "total": 20, "loss": 0.5})

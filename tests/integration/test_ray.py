@@ -7,8 +7,8 @@ a row. If Ray cannot start here, the tests fail (never skip).
 
 The suite is self-contained: the cluster is `chips_core.engines.ray_featurize.local_ray` (the private
 local Ray of `--engine ray` without `--address`): token authentication with a random token in the
-environment of this process and its children only (nothing is read from the home folder, so it runs with HOME pointing at an
-empty folder), listening on 127.0.0.1 only.
+environment of this process and its children only (nothing is read from the home folder, so it runs
+with HOME pointing at an empty folder), listening on 127.0.0.1 only.
 """
 
 import contextlib
@@ -156,7 +156,8 @@ def test_private_local_ray_binds_loopback_and_needs_no_home_token(tmp_path):
 def test_private_local_ray_after_a_plain_import_ray_fails_fast(tmp_path):
     """A process that imported ray before chips_core.engines.ray_featurize, in Ray's default mode, would
     dial the private Ray's 127.0.0.1 address at the machine's own address (and wait there for minutes): it
-    gets a clear error at once instead (a machine where Ray dials the loopback anyway has nothing to check)."""
+    gets a clear error at once instead (a machine where Ray dials the loopback anyway has nothing to
+    check)."""
     code = textwrap.dedent("""
         import time, ray
         from chips_core.engines.ray_featurize import ray_session

@@ -1,0 +1,226 @@
+"""`chips select | decide | diff | export`: selections, decisions and exports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from chips_core.cli.common import (
+    FRACTION,
+    CliError,
+    open_workspace,
+    register,
+    say,
+    sel_ref,
+)
+from chips_core.workspace.progress import progress_bar
+from chips_core.workspace.store import Workspace
+
+
+def _add_select(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument(
+        "sel", metavar="SEL", help="name of the selection to save (saving it again makes version + 1)"
+    )
+    p.add_argument("--pool", default=None, help="pool name (default: the only pool with score runs)")
+    p.add_argument("--ratio", type=FRACTION, required=True, help="fraction of the pool to keep, in (0, 1]")
+    p.add_argument("--score-run", type=int, default=None, help="score run id (default: the pool's latest)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="the older form `chips select WS POOL --name SEL` (SEL is then the pool); still accepted",
+    )
+
+
+def _select_target(ws: Workspace, args: argparse.Namespace) -> tuple[str, str]:
+    """(pool, selection name) of a `select` call, in the current or the older argument form."""
+    if args.name is not None:
+        return args.sel, args.name
+    name = args.sel
+    if name.lstrip("-").isdigit() or "@" in name:
+        raise CliError(
+            f"selection name {name!r}: use a name that is not a number and has no '@' (selections are "
+            "referred to as NAME, ID or NAME@VERSION)"
+        )
+    if args.pool is not None:
+        return args.pool, name
+    with ws.connect(read_only=True) as con:
+        if args.score_run is not None:
+            row = con.execute(
+                "SELECT p.name FROM score_runs s JOIN pools p USING (pool_id) WHERE s.score_run_id = ?",
+                [args.score_run],
+            ).fetchone()
+            if row is None:
+                raise CliError(f"no score run {args.score_run} in {ws.root}")
+            return row[0], name
+        pools = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT p.name FROM score_runs s JOIN pools p USING (pool_id) ORDER BY 1"
+            ).fetchall()
+        ]
+    if len(pools) == 1:
+        return pools[0], name
+    if not pools:
+        raise CliError("no pool has a score run yet; run `chips score` first")
+    raise CliError(f"several pools have score runs ({', '.join(pools)}); choose one with --pool")
+
+
+def _run_select(args: argparse.Namespace) -> int:
+    from chips_core.curation import selection as sel
+
+    ws = open_workspace(args.ws)
+    pool, name = _select_target(ws, args)
+    run = args.score_run
+    if run is None:
+        pool_id = sel.resolve_pool(ws, pool)
+        with ws.connect(read_only=True) as con:
+            row = con.execute(
+                "SELECT max(score_run_id) FROM score_runs WHERE pool_id = ?", [pool_id]
+            ).fetchone()
+        if row[0] is None:
+            raise CliError(f"pool {pool!r} has no score run yet; run `chips score` first")
+        run = int(row[0])
+    sid = sel.save_selection(ws, pool, run, args.ratio, name)
+    info = sel.get_selection(ws, sid)
+    dec = info.params["decisions"]
+    say(
+        f"selection {info.name} v{info.version} (id {sid}, {info.name}@{info.version}): {info.n_selected} "
+        f"of {info.params['n_ranked']} pairs of {pool} "
+        f"from score run {run} ({info.params['score_run']['method']}); decisions applied: "
+        f"{len(dec['include'])} included, {len(dec['exclude'])} excluded"
+    )
+    return 0
+
+
+def _add_decide(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("pool", metavar="POOL", help="pool name")
+    p.add_argument(
+        "pair_id",
+        metavar="PAIR_ID",
+        type=_pair_ref,
+        help="the pair's id (see `chips score --out`), or @FILE: ids in a .npy file or one per line",
+    )
+    p.add_argument(
+        "action",
+        metavar="ACTION",
+        choices=["include", "exclude", "clear", "note"],
+        help="include | exclude | clear | note",
+    )
+    p.add_argument("--note", default=None, help="free-text note kept with the decision")
+    p.add_argument("--author", default=None, help="who decides (default: $CHIPS_AUTHOR or the login name)")
+    p.add_argument("--score-run", type=int, default=None, help="score run the decision was made on")
+
+
+def _pair_ref(text: str) -> int | str:
+    """A pair id, or '@FILE' kept as text (read when the command runs, so a bad file is a one-line error)."""
+    if text.startswith("@"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid pair id {text!r}: expected an integer or @FILE") from None
+
+
+def _read_ids(path: Path) -> list[int]:
+    """Pair ids from a .npy array or a text file (one per line; blank lines and # comments skipped)."""
+    import numpy as np
+
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype.kind not in "iu":
+            raise CliError(f"{path}: expected an integer array of pair ids, got dtype {arr.dtype}")
+        return [int(x) for x in arr.reshape(-1)]
+    ids = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                ids.append(int(text))
+            except ValueError:
+                raise CliError(f"{path}, line {n}: {text!r} is not a pair id") from None
+    return ids
+
+
+def _run_decide(args: argparse.Namespace) -> int:
+    from chips_core.curation import selection as sel
+
+    ws = open_workspace(args.ws)
+    if isinstance(args.pair_id, int):
+        did = sel.record_decision(
+            ws, args.pool, args.pair_id, args.action, args.note, args.author, args.score_run
+        )
+        say(f"decision {did}: {args.action} pair {args.pair_id} in pool {args.pool}")
+        return 0
+    ids = _read_ids(Path(args.pair_id[1:]).expanduser())
+    sel.record_decisions(ws, args.pool, ids, args.action, args.note, args.author, args.score_run)
+    say(f"{len(set(ids))} decisions: {args.action} pairs from {args.pair_id[1:]} in pool {args.pool}")
+    return 0
+
+
+def _add_diff(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("a", metavar="SEL_A", help="selection id, name (latest version) or name@version")
+    p.add_argument("b", metavar="SEL_B", help="selection id, name (latest version) or name@version")
+    p.add_argument("--list", action="store_true", help="also print the pair ids that differ")
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    from chips_core.curation import selection as sel
+
+    d = sel.diff_selections(open_workspace(args.ws), sel_ref(args.a), sel_ref(args.b))
+    say(d.summary())
+    if args.list:
+        for label, ids in (("only in first", d.only_a), ("only in second", d.only_b)):
+            say(f"{label}: " + " ".join(str(int(x)) for x in ids))
+    return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("selection", metavar="SEL", help="selection id, name (latest version) or name@version")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        default="csv",
+        choices=["csv", "safe-csv", "parquet", "ids"],
+        help="csv: open_clip_train-ready; safe-csv: for spreadsheets; "
+        "parquet: all score components; ids: .npy of pair ids",
+    )
+    p.add_argument("--out", default=None, help="output file or folder (default: WS/exports/NAME-vN.EXT)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from chips_core.curation.export import export_selection
+
+    ws = open_workspace(args.ws)
+    with progress_bar("materialise images", unit="image") as bar:
+        info = export_selection(ws, sel_ref(args.selection), args.fmt, args.out, progress=bar)
+    say(f"wrote {info.n_rows} rows to {info.path} ({info.format}); manifest {info.manifest_path}")
+    if info.materialised:
+        say(f"  {info.materialised} images written as PNG beside it (WebDataset members, DICOM, 16-bit)")
+    for r in info.rejected:
+        say(f"  left out pair {r['pair_id']}: {r['reason']}: {r['detail']}")
+    if info.csv_args:
+        say("  open_clip_train flags: " + " ".join(_shell_quote(a) for a in info.open_clip_flags()))
+    return 0
+
+
+def _shell_quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
+
+
+register("select", "save the top RATIO of the latest scores as selection SEL", _add_select, _run_select)
+register(
+    "decide", "include, exclude, clear or annotate one pair (kept across sessions)", _add_decide, _run_decide
+)
+register("diff", "compare two saved selections", _add_diff, _run_diff)
+register(
+    "export",
+    "export a selection (open_clip CSV, spreadsheet-safe CSV, parquet, ids)",
+    _add_export,
+    _run_export,
+)

@@ -1,0 +1,132 @@
+"""`chips init | status | jobs`: a workspace and its background jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from chips_core.cli.common import (
+    open_workspace,
+    register,
+    say,
+)
+from chips_core.workspace.store import Workspace
+
+
+def _add_init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder (created if missing)")
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    ws = Workspace.init(args.ws)
+    say(f"workspace ready at {ws.root}")
+    return 0
+
+
+def _add_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from chips_core.workspace import jobs
+
+    ws = open_workspace(args.ws)
+    queries = {
+        "pools": "SELECT p.pool_id, p.name, p.kind, p.format, p.status, "
+        "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) AS pairs, "
+        "(SELECT count(*) FROM rejects r WHERE r.pool_id = p.pool_id) AS rejects, p.source, "
+        "json_extract_string(p.options, '$.encoding_detected') AS encoding, "
+        "json_extract_string(p.options, '$.error') AS error "
+        "FROM pools p ORDER BY 1",
+        "feature runs": "SELECT f.run_id, p.name AS pool, m.name AS model, m.pretrained, f.status, f.n_pairs "
+        "FROM feature_runs f LEFT JOIN pools p USING (pool_id) LEFT JOIN models m USING (model_id) "
+        "ORDER BY 1",
+        "scoring caches": "SELECT cache_id, pool_run_id, eval_run_id, status, dir FROM scoring_caches "
+        "ORDER BY 1",
+        "score runs": "SELECT s.score_run_id, p.name AS pool, s.method, s.cache_id, s.created_at "
+        "FROM score_runs s LEFT JOIN pools p USING (pool_id) ORDER BY 1",
+        "selections": "SELECT s.selection_id, s.name, s.version, p.name AS pool, s.ratio, s.n_selected, "
+        "s.score_run_id FROM selections s LEFT JOIN pools p USING (pool_id) ORDER BY 1",
+        "decisions": "SELECT p.name AS pool, d.action, count(*) AS n FROM decisions d "
+        "LEFT JOIN pools p USING (pool_id) GROUP BY ALL ORDER BY 1, 2",
+        "exports": "SELECT export_id, selection_id, format, path FROM exports ORDER BY 1",
+        "cpt runs": "SELECT cpt_run_id, selection_id, status, checkpoint FROM cpt_runs ORDER BY 1",
+    }
+    jobs.list_jobs(ws)  # records dead jobs as failed before they are shown
+    queries["jobs"] = (
+        "SELECT job_id, kind, status, round(progress, 3) AS progress, message FROM jobs ORDER BY 1"
+    )
+    out: dict[str, Any] = {}
+    with ws.connect(read_only=True) as con:
+        for title, sql in queries.items():
+            out[title] = con.execute(sql).df()
+        dirs = dict(con.execute("SELECT run_id, dir FROM feature_runs WHERE status = 'running'").fetchall())
+    runs = out["feature runs"]
+    for i in runs.index[runs["status"] == "running"]:
+        if not _writer_alive(Path(dirs[int(runs.at[i, "run_id"])])):
+            runs.at[i, "status"] = "interrupted"
+    if args.json:
+        say(json.dumps({k: v.to_dict("records") for k, v in out.items()}, default=str))
+        return 0
+    say(f"workspace {ws.root}")
+    for title, df in out.items():
+        say(f"\n{title}: {len(df)}")
+        if len(df):
+            say(df.to_string(index=False, max_colwidth=60))
+    return 0
+
+
+def _writer_alive(run_dir: Path) -> bool:
+    """Whether a process holds the writer's flock of a feature run (features.run_lock); the OS drops the
+    lock of a killed process, so a 'running' run without a holder was interrupted (re-run featurize)."""
+    import fcntl
+
+    lock = run_dir / "lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+register("init", "create a workspace folder (idempotent)", _add_init, _run_init)
+register(
+    "status", "show what a workspace holds (pools, runs, selections, exports, jobs)", _add_status, _run_status
+)
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("--cancel", type=int, default=None, metavar="JOB_ID", help="cancel this job")
+    p.add_argument("--log", type=int, default=None, metavar="JOB_ID", help="print the end of this job's log")
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    from chips_core.workspace import jobs
+
+    ws = open_workspace(args.ws)
+    if args.cancel is not None:
+        info = jobs.cancel(ws, args.cancel)
+        say(f"job {info.job_id}: {info.status}")
+        return 0
+    if args.log is not None:
+        sys.stdout.write(jobs.read_log(ws, args.log))
+        return 0
+    listed = jobs.list_jobs(ws)
+    if not listed:
+        say("no background jobs")
+    for j in listed:
+        pct = "" if j.progress is None else f"{100 * j.progress:5.1f}%"
+        say(f"{j.job_id:>6}  {j.kind:<10} {j.status:<9} {pct:>6}  {j.message or ''}")
+    return 0
+
+
+register("jobs", "list background jobs, show a log, or cancel one", _add_jobs, _run_jobs)
