@@ -1,10 +1,12 @@
 """The bundled demo: turn data/demo/ (images, manifests, the project's own tiny CLIP) into a ready workspace.
 
-`default_demo_workspace()` is what the dashboard opens with no arguments: a workspace in a cache folder
-keyed by a hash of the bundle (~/.cache/chips-studio/demo-<hash>; env CHIPS_DEMO_WS overrides), built on
-first use through the library's real code path -- ingest (pools), featurize (features), prepare (scoring)
--- offline, in seconds, and reused afterwards. Building is idempotent and guarded by a file lock, so two
-processes asking at once build it once.
+`default_path()` is what the dashboard opens with no arguments: a workspace in a cache folder keyed by a
+hash of the bundle (~/.cache/chips-studio/demo-<hash>; env CHIPS_DEMO_WS overrides), built on first use
+through the library's real code path -- ingest (pools), featurize (features), prepare (scoring) -- offline,
+in under a minute, and reused afterwards. Building is idempotent and guarded by a file lock, so two
+processes asking at once build it once. `chips demo [WS]` builds it; the dashboard runs that command as a
+background job recorded in the demo folder itself, which `init_folder` makes a workspace first (claimed
+by the marker, so the folder is never mistaken for a user's workspace).
 
 The bundle's ground truth (`planted`: none | mismatch | off_domain) lives in its manifests, not in the
 workspace schema; `ground_truth()` returns it keyed by pair_id for tests and the UI.
@@ -33,7 +35,7 @@ TEST_NAME = "demo-test"  # held out: evaluation after CPT only
 MARKER = "demo.json"  # written last: its presence means the workspace is complete
 PLANTED = ("none", "mismatch", "off_domain")
 
-ProgressFn = Callable[[str], None]
+ProgressFn = Callable[..., None]  # progress(steps done, steps in all, stage="what runs now")
 
 
 class DemoError(WorkspaceError):
@@ -55,6 +57,7 @@ def bundle_info() -> dict:
 
 #: what the builder makes of the bundle; bump it when that changes (2: default and paper-preset caches)
 WORKSPACE_LAYOUT = 2
+_STEPS = 8  # build steps reported to `progress`: ingest and featurize three splits, prepare two caches
 
 
 def bundle_key() -> str:
@@ -95,23 +98,42 @@ def ground_truth(split: str = "pool") -> pd.DataFrame:
     return manifest(split)[cols].rename(columns={"title": "caption"})
 
 
-def default_demo_workspace(progress: ProgressFn | None = None) -> Path:
-    """The demo workspace folder, built on first use (env CHIPS_DEMO_WS overrides the cache location)."""
+def default_path() -> Path:
+    """Where the demo workspace lives (built or not): env CHIPS_DEMO_WS, else a cache folder per bundle."""
     override = os.environ.get("CHIPS_DEMO_WS")
     if override:
-        path = Path(override).expanduser()
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chips-studio"
-        path = cache / f"demo-{bundle_key()}"
+        return Path(override).expanduser().resolve()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chips-studio"
+    return (cache / f"demo-{bundle_key()}").resolve()
+
+
+def default_demo_workspace(progress: ProgressFn | None = None) -> Path:
+    """The demo workspace folder, built on first use (env CHIPS_DEMO_WS overrides the cache location)."""
+    path = default_path()
     build_demo_workspace(path, progress=progress)
-    return path.resolve()
+    return path
+
+
+def init_folder(path: str | os.PathLike) -> Workspace:
+    """Make `path` the (not yet built) demo workspace: claimed by the marker, with an empty schema, so a
+    background `chips demo` job can be recorded in its `jobs` table before the build starts. Idempotent;
+    raises DemoError for a folder that holds something else (see `_claim`)."""
+    root = Path(path).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if not is_complete(root):
+        _claim(root, bundle_key())
+    return Workspace.init(root)
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def _locked(root: Path, say: ProgressFn) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.demo.lock", "w") as f:  # beside it: never litter a workspace
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(0, _STEPS, stage="waiting for another process that builds the demo")
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -153,40 +175,40 @@ def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = 
     """Build (or reuse) the demo workspace at `path` through ingest -> featurize -> prepare; idempotent.
 
     Every step is the library's own and skips work already done, so a killed build resumes on re-run.
+    progress(done, total, stage=text) is called before each of the build's steps and at the end.
     Raises DemoError for a folder that holds something else (see `_claim`).
     """
     from chips_core.features.featurize import featurize
     from chips_core.pools.ingest import ingest
 
     root = Path(path).expanduser().resolve()
-    say = progress or (lambda _msg: None)
-    with _locked(root):
+    say = progress or (lambda *_a, **_k: None)
+    with _locked(root, say):
         if is_complete(root):
+            say(_STEPS, _STEPS, stage="already built")
             return Workspace(root)
         key = bundle_key()
         _claim(root, key)
         ws = Workspace.init(root)
         runs = {}
-        for name, split, kind in (
-            (POOL_NAME, "pool", "pool"),
-            (EVAL_NAME, "val", "eval"),
-            (TEST_NAME, "test", "eval"),
+        for i, (name, split, kind) in enumerate(
+            ((POOL_NAME, "pool", "pool"), (EVAL_NAME, "val", "eval"), (TEST_NAME, "test", "eval"))
         ):
-            say(f"ingesting {split} split as {name!r}")
+            say(2 * i, _STEPS, stage=f"ingesting the {split} split as {name!r}")
             summary = ingest(ws, name, BUNDLE_DIR / MANIFESTS[split], kind=kind, label_col="label", workers=0)
             if summary.n_rejects:
                 raise DemoError(f"demo {split} split: {summary.n_rejects} rejected pairs\n{summary.format()}")
-            say(f"featurizing {name!r}")
+            say(2 * i + 1, _STEPS, stage=f"featurizing {name!r}")
             runs[name] = featurize(ws, name, model_spec(), device="cpu", batch_size=256)
-        say("preparing the scoring cache")
-        cache_id = _prepare(ws)
+        cache_id = _prepare(ws, say)
         info = {"bundle_key": key, "complete": True, "pool": POOL_NAME, "eval": EVAL_NAME, "test": TEST_NAME,
                 "model": model_spec(), "feature_runs": runs, "cache_id": cache_id}  # fmt: skip
         atomic_write_bytes(root / MARKER, (json.dumps(info, indent=2) + "\n").encode())
+        say(_STEPS, _STEPS, stage="ready")
         return ws
 
 
-def _prepare(ws: Workspace) -> int:
+def _prepare(ws: Workspace, say: ProgressFn) -> int:
     """The demo's scoring caches through the CLI's workspace-level prepare: the paper preset's blocks, then
     the default PrepareConfig (CPU), so the dashboard's preset switch needs no job; returns the default's."""
     from chips_core.engines.pipeline import prepare_workspace
@@ -194,5 +216,7 @@ def _prepare(ws: Workspace) -> int:
     from chips_core.scoring.presets import PRESETS
 
     paper = PrepareConfig(device="cpu", blocks=PRESETS["paper"]["blocks"])
+    say(_STEPS - 2, _STEPS, stage="preparing the scoring cache of the paper preset")
     prepare_workspace(ws, POOL_NAME, EVAL_NAME, paper)
+    say(_STEPS - 1, _STEPS, stage="preparing the default scoring cache")
     return prepare_workspace(ws, POOL_NAME, EVAL_NAME, PrepareConfig(device="cpu"))

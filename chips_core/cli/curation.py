@@ -1,4 +1,4 @@
-"""`chips select | decide | diff | export`: selections, decisions and exports."""
+"""`chips select | decide | diff | export | map`: selections, decisions, exports and the pool's map."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from chips_core.cli.common import (
     FRACTION,
     CliError,
     open_workspace,
+    ranged,
     register,
     say,
     sel_ref,
@@ -223,4 +224,76 @@ register(
     "export a selection (open_clip CSV, spreadsheet-safe CSV, parquet, ids)",
     _add_export,
     _run_export,
+)
+
+
+def _add_map(p: argparse.ArgumentParser) -> None:
+    from chips_core.curation import maps
+
+    p.add_argument("ws", metavar="WS", help="workspace folder")
+    p.add_argument("pool", metavar="POOL", help="pool name")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model",
+        default=None,
+        help="map the pool's features of this model (open_clip name, NAME:PRETRAINED, model id or checkpoint "
+        "file; default: the model the pool was first featurized with)",
+    )
+    which.add_argument("--model-id", type=int, default=None, help="the model by its id in the workspace")
+    which.add_argument("--run", type=int, default=None, help="the feature run by its id")
+    p.add_argument("--seed", type=int, default=0, help="UMAP seed and sample seed (default 0)")
+    p.add_argument(
+        "--max-points",
+        type=ranged(int, 4),
+        default=maps.MAX_POINTS,
+        help=f"pairs mapped when the run is sampled (default {maps.MAX_POINTS:,})",
+    )
+    p.add_argument(
+        "--full-threshold",
+        type=ranged(int, 0),
+        default=maps.FULL_THRESHOLD,
+        help="runs up to this many pairs are mapped whole, larger ones as a sample "
+        f"(default {maps.FULL_THRESHOLD:,})",
+    )
+    p.add_argument(
+        "--n-neighbors", type=ranged(int, 2), default=15, help="UMAP neighbourhood size (default 15)"
+    )
+    p.add_argument("--force", action="store_true", help="compute again even when the map is cached")
+
+
+def _run_map(args: argparse.Namespace) -> int:
+    from chips_core.curation import maps
+    from chips_core.curation.selection import resolve_pool
+    from chips_core.engines.pipeline import check_name, pool_feature_run
+    from chips_core.features.featurize import FeatureStore
+
+    ws = open_workspace(args.ws)
+    if args.run is None:
+        run_id = pool_feature_run(ws, args.pool, args.model_id, args.model)
+    else:
+        check_name(ws, args.pool, "pool")
+        run_id = args.run
+    source = FeatureStore(ws, run_id)
+    if source.pool_id != resolve_pool(ws, args.pool):
+        raise CliError(f"feature run {run_id} is not a feature run of pool {args.pool!r}")
+    options = {
+        "seed": args.seed,
+        "max_points": args.max_points,
+        "full_threshold": args.full_threshold,
+        "n_neighbors": args.n_neighbors,
+    }
+    cached = None if args.force else maps.current_map(ws, run_id, source)
+    with progress_bar("map", unit="step") as bar:
+        fmap = cached or maps.compute_map(ws, run_id, source, progress=bar, **options)
+    how = "cached" if cached is not None else "computed"
+    part = f"a sample of {len(fmap.pair_ids):,} of {fmap.n_total:,}" if fmap.sampled else f"{fmap.n_total:,}"
+    say(f"map of feature run {run_id} ({args.pool}): {part} pairs, {how} in {maps.map_dir(ws, run_id)}")
+    return 0
+
+
+register(
+    "map",
+    "compute the 2-D UMAP map of a pool's image and text features (cached in the workspace)",
+    _add_map,
+    _run_map,
 )

@@ -1,4 +1,4 @@
-"""`chips init | status | jobs`: a workspace and its background jobs."""
+"""`chips init | status | jobs | demo`: a workspace, its background jobs, and the bundled demo workspace."""
 
 from __future__ import annotations
 
@@ -130,3 +130,33 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
 
 register("jobs", "list background jobs, show a log, or cancel one", _add_jobs, _run_jobs)
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "ws",
+        metavar="WS",
+        nargs="?",
+        default=None,
+        help="folder of the demo workspace (default: where the dashboard opens it, env CHIPS_DEMO_WS or "
+        "~/.cache/chips-studio/demo-<bundle hash>)",
+    )
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from chips_core import demo
+    from chips_core.workspace.progress import progress_bar
+
+    path = demo.default_path() if args.ws is None else args.ws
+    with progress_bar("demo", unit="step") as bar:
+        ws = demo.build_demo_workspace(path, progress=bar)
+    say(f"demo workspace ready at {ws.root}")
+    return 0
+
+
+register(
+    "demo",
+    "build the bundled demo workspace from data/demo (idempotent; what the dashboard opens by default)",
+    _add_demo,
+    _run_demo,
+)

@@ -89,9 +89,11 @@ def compute_map(
     max_points: int = MAX_POINTS,
     full_threshold: int = FULL_THRESHOLD,
     n_neighbors: int = 15,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> FeatureMap:
-    """Compute and cache the image and text maps of feature run `run_id` (see the module docstring)."""
+    """Compute and cache the image and text maps of feature run `run_id` (see the module docstring).
+
+    progress(done, total, stage=text) is called before each of the two embeddings and once at the end."""
     n = len(source)
     if n < 4:
         raise ValueError(f"feature run {run_id} has {n} pairs; a map needs at least 4")
@@ -106,10 +108,10 @@ def compute_map(
         idx = np.arange(n)
     h, t = source.rows(idx)
     if progress:
-        progress(f"mapping {len(idx):,} image embeddings")
+        progress(0, 2, stage=f"mapping {len(idx):,} image embeddings")
     image_xy = _embed(np.asarray(h), seed, n_neighbors)
     if progress:
-        progress(f"mapping {len(idx):,} text embeddings")
+        progress(1, 2, stage=f"mapping {len(idx):,} text embeddings")
     text_xy = _embed(np.asarray(t), seed, n_neighbors)
     fmap = FeatureMap(ids[idx], image_xy, text_xy, n, sampled)
     d = map_dir(ws, run_id)
@@ -128,12 +130,20 @@ def compute_map(
         "features": "pre-projection h and t, L2-normalised",
     }
     store.atomic_write_bytes(d / "meta.json", json.dumps(meta, indent=1).encode())
+    if progress:
+        progress(2, 2, stage="written")
     return fmap
+
+
+def current_map(ws: store.Workspace, run_id: int, source: FeatureSource) -> FeatureMap | None:
+    """The cached map of a feature run when it maps the run as it is now (same size), else None."""
+    fmap = load_map(ws, run_id)
+    return fmap if fmap is not None and fmap.n_total == len(source) else None
 
 
 def get_map(ws: store.Workspace, run_id: int, source: FeatureSource, **kwargs: object) -> FeatureMap:
     """The cached map of a feature run, computed first when missing or when the run has changed size."""
-    fmap = load_map(ws, run_id)
-    if fmap is None or fmap.n_total != len(source):
+    fmap = current_map(ws, run_id, source)
+    if fmap is None:
         fmap = compute_map(ws, run_id, source, **kwargs)  # type: ignore[arg-type]
     return fmap

@@ -75,6 +75,26 @@ def feature_runs_for(
     """
     check_name(ws, pool, "pool")
     check_name(ws, eval_name, "eval")
+    runs, chosen = _pool_runs(ws, pool, model_id, model)
+    pool_run, mid, name = chosen[-1][0], chosen[-1][1], chosen[-1][2]
+    eval_run = next((r[0] for r in reversed(_runs(ws, eval_name)) if r[1] == mid), None)
+    if eval_run is None:
+        others = _describe(_runs(ws, eval_name)) or "none"
+        raise PipelineError(
+            f"eval set {eval_name!r} has no finished feature run with model {name} (model_id {mid}; its "
+            f"runs: {others}); run `chips featurize {ws.root} {eval_name} --model ...` with the pool's model"
+        )
+    if notice is not None:
+        label = _describe([chosen[-1]]).split(": ", 1)[1]
+        extra = f" ({len({r[1] for r in runs})} models featurized)" if len({r[1] for r in runs}) > 1 else ""
+        notice(f"using feature run {pool_run} of {pool} and {eval_run} of {eval_name}: {label}{extra}")
+    return pool_run, eval_run
+
+
+def _pool_runs(
+    ws: Workspace, pool: str, model_id: int | None, model: str | None
+) -> tuple[list[tuple], list[tuple]]:
+    """(every finished feature run of `pool`, those of the chosen model: see `feature_runs_for`)."""
     runs = _runs(ws, pool)
     if not runs:
         raise PipelineError(
@@ -94,19 +114,14 @@ def feature_runs_for(
             )
     else:
         chosen = [r for r in runs if r[1] == runs[0][1]]
-    pool_run, mid, name = chosen[-1][0], chosen[-1][1], chosen[-1][2]
-    eval_run = next((r[0] for r in reversed(_runs(ws, eval_name)) if r[1] == mid), None)
-    if eval_run is None:
-        others = _describe(_runs(ws, eval_name)) or "none"
-        raise PipelineError(
-            f"eval set {eval_name!r} has no finished feature run with model {name} (model_id {mid}; its "
-            f"runs: {others}); run `chips featurize {ws.root} {eval_name} --model ...` with the pool's model"
-        )
-    if notice is not None:
-        label = _describe([chosen[-1]]).split(": ", 1)[1]
-        extra = f" ({len({r[1] for r in runs})} models featurized)" if len({r[1] for r in runs}) > 1 else ""
-        notice(f"using feature run {pool_run} of {pool} and {eval_run} of {eval_name}: {label}{extra}")
-    return pool_run, eval_run
+    return runs, chosen
+
+
+def pool_feature_run(ws: Workspace, pool: str, model_id: int | None = None, model: str | None = None) -> int:
+    """The latest finished feature run of `pool` with the model chosen as in `feature_runs_for` (without an
+    eval set: for steps of the pool alone, e.g. its map)."""
+    check_name(ws, pool, "pool")
+    return int(_pool_runs(ws, pool, model_id, model)[1][-1][0])
 
 
 def load_run_model(ws: Workspace, run_id: int, device: str = "cpu") -> Any:

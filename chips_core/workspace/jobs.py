@@ -10,6 +10,7 @@ process is gone while its row still says queued/running is reported as failed by
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -97,6 +98,31 @@ def launch(ws: Workspace, kind: str, argv: list[str]) -> int:
     with ws.connect() as con:
         con.execute("UPDATE jobs SET pid = ? WHERE job_id = ?", [proc.pid, job_id])
     return job_id
+
+
+def latest(ws: Workspace, argv: list[str]) -> JobInfo | None:
+    """The newest job that runs `chips <argv>` in `ws` (a dead one reported as failed), or None."""
+    argv = [str(a) for a in argv]
+    return next((j for j in list_jobs(ws) if j.args == argv), None)
+
+
+def launch_once(ws: Workspace, kind: str, argv: list[str]) -> int:
+    """The id of the active job running `chips <argv>` in `ws`, else of one started now.
+
+    The check and the launch hold a lock (ws/logs/launch.lock), so two dashboard sessions that ask for the
+    same step at once start one job and both follow it.
+    """
+    ws.check()
+    lock_path = ws.root / "logs" / "launch.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            argv = [str(a) for a in argv]
+            running = [j.job_id for j in list_jobs(ws, active_only=True) if j.args == argv]
+            return running[0] if running else launch(ws, kind, argv)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _row(ws: Workspace, job_id: int) -> JobInfo:

@@ -20,7 +20,8 @@ class progress_bar:  # noqa: N801 (used like a function: `with progress_bar("fea
     """A tqdm bar usable as a library progress callback, forwarding to the job table when in a job.
 
     Accepts `cb(done, total)`, `cb(done, total, **extra)`, `cb(dict)` (done/total or step/total_steps) and
-    `cb(obj)` with `.done`/`.total`. Bars show only on a terminal unless CHIPS_PROGRESS=1.
+    `cb(obj)` with `.done`/`.total`; an extra `stage="text"` names the current step in the job's message.
+    Bars show only on a terminal unless CHIPS_PROGRESS=1.
     """
 
     def __init__(self, desc: str, unit: str = "pair") -> None:
@@ -29,6 +30,7 @@ class progress_bar:  # noqa: N801 (used like a function: `with progress_bar("fea
         force = os.environ.get("CHIPS_PROGRESS")
         disable = None if force is None else force in ("0", "")
         self.desc = desc
+        self._stage: Any = None
         self.bar = tqdm(
             desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, disable=disable, file=sys.stderr
         )
@@ -52,13 +54,17 @@ class progress_bar:  # noqa: N801 (used like a function: `with progress_bar("fea
             total = args[1] if len(args) > 1 else None
         if total is not None and self.bar.total != total:
             self.bar.total = total
-        if done is not None:
-            self.bar.update(max(0, int(done) - self.bar.n))
-        if extra:
+        if extra:  # before the update, which redraws the bar
             self.bar.set_postfix(
                 {k: v for k, v in extra.items() if isinstance(v, int | float | str)}, refresh=False
             )
+        if done is not None:
+            self.bar.update(max(0, int(done) - self.bar.n))
         if _job_reporter is not None:
             fraction = float(done) / total if done is not None and total else None
             msg = f"{self.desc}: {done}" + (f"/{total}" if total else "")
-            _job_reporter.progress(fraction, msg)
+            stage = extra.get("stage")
+            if isinstance(stage, str) and done is not None:  # a step-wise job names its step
+                msg = f"{self.desc}: {stage} ({done}" + (f"/{total})" if total else ")")
+            new_stage, self._stage = stage != self._stage, stage  # a new step is recorded at once
+            _job_reporter.progress(fraction, msg, force=new_stage)

@@ -6,6 +6,7 @@ random-init open_clip model, exit codes and one-line errors.
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -344,3 +345,35 @@ def test_user_errors_share_one_root_and_anything_else_is_internal(tmp_path, monk
     monkeypatch.setitem(COMMANDS, "boom", boom(KeyError("oops")))
     assert cli.main(["boom"]) == 2
     assert capsys.readouterr().err.startswith("chips boom: internal error: KeyError")
+
+
+@pytest.mark.slow
+def test_map_computes_once_then_reads_the_cache(scored):
+    from chips_core.curation import maps
+    from chips_core.engines.pipeline import feature_runs_for
+
+    ws, _, _ = scored
+    pool_run, eval_run = feature_runs_for(ws, "pool", "target")
+    out = chips("map", ws.root, "pool", "--n-neighbors", 5)
+    assert f"map of feature run {pool_run} (pool): 24 pairs, computed in {maps.map_dir(ws, pool_run)}" in (
+        out.stdout
+    )
+    fmap = maps.load_map(ws, pool_run)
+    assert fmap.n_total == 24 and fmap.image_xy.shape == fmap.text_xy.shape == (24, 2) and not fmap.sampled
+    meta = json.loads((maps.map_dir(ws, pool_run) / "meta.json").read_text())
+    assert meta["n_neighbors"] == 5
+    # the same run named by model or id: read from the cache, not computed again
+    before = (maps.map_dir(ws, pool_run) / "meta.json").stat().st_mtime_ns
+    for how in (["--model", "chips-tiny-vit"], ["--run", pool_run]):
+        assert "24 pairs, cached in" in chips("map", ws.root, "pool", *how).stdout
+    assert (maps.map_dir(ws, pool_run) / "meta.json").stat().st_mtime_ns == before
+    for args, needle in (
+        (["pool", "--run", eval_run], f"feature run {eval_run} is not a feature run of pool 'pool'"),
+        (["pool", "--run", 987654], "no feature run 987654"),
+        (["nopool"], "no pool named 'nopool'"),
+        (["pool", "--model", "other-model"], "no finished feature run of model 'other-model'"),
+    ):
+        proc = chips("map", ws.root, *args, ok=False)
+        assert proc.returncode == 1 and needle in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("chips map: ")
+    assert chips("map", ws.root, "pool", "--max-points", 2, ok=False).returncode == 2  # argparse

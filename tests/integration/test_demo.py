@@ -228,3 +228,42 @@ def test_default_top_ranks_hold_no_planted_mismatch(built):
     assert (top("default", 10) == "mismatch").sum() == 0
     assert (top("default", len(truth) // 10) == "mismatch").mean() <= pool_rate / 2
     assert (top("paper", 10) == "mismatch").sum() >= 3  # measured: 8 of 10 at k = 512
+
+
+@pytest.mark.slow
+def test_chips_demo_command_builds_where_the_dashboard_looks(built, tmp_path):
+    """`chips demo [WS]`: reuses a complete demo (no new rows), defaults to the dashboard's location
+    (CHIPS_DEMO_WS here), and refuses a user's workspace with one line."""
+    env = {**os.environ, "PYTHONPATH": str(Path(demo.__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+
+    def chips(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "chips_core.cli", "demo", *args]
+        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=300)
+
+    counts = "SELECT count(*), (SELECT max(run_id) FROM feature_runs) FROM pairs"
+    with built.connect(read_only=True) as con:
+        before = con.execute(counts).fetchone()
+    for out in (chips(str(built.root)), chips(CHIPS_DEMO_WS=str(built.root))):
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"demo workspace ready at {built.root}"
+    with built.connect(read_only=True) as con:
+        assert con.execute(counts).fetchone() == before
+    own = Workspace.init(tmp_path / "mine")
+    out = chips(str(own.root))
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"chips demo: {own.root} is a CHIPS workspace but not the demo's; choose another folder for the demo"
+    ]
+
+
+def test_init_folder_claims_an_empty_demo_workspace(tmp_path):
+    """What the dashboard does before it launches `chips demo` as a job there: a claimed, empty workspace
+    (so the job has a `jobs` table), never a user's workspace."""
+    ws = demo.init_folder(tmp_path / "demo")
+    assert ws.db_path.is_file() and not demo.is_complete(ws.root)
+    assert json.loads((ws.root / demo.MARKER).read_text()) == {
+        "bundle_key": demo.bundle_key(),
+        "complete": False,
+    }
+    assert demo.init_folder(ws.root).root == ws.root  # idempotent
+    with pytest.raises(demo.DemoError, match="not the demo's"):
+        demo.init_folder(Workspace.init(tmp_path / "mine").root)

@@ -137,3 +137,44 @@ def test_progress_bar_feeds_the_job_row(tmp_path, monkeypatch):
         assert row(ws)[0] == "done"
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_launch_once_starts_one_job_for_concurrent_callers(tmp_path):
+    """Two dashboard sessions asking for the same step at once follow one job; once it ended, a new one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ws = Workspace.init(tmp_path / "ws")
+    fifo = tmp_path / "stream.csv"
+    os.mkfifo(fifo)
+    argv = ["ingest", str(ws.root), "stream", str(fifo), "--format", "csv"]
+    assert jobs.latest(ws, argv) is None
+    with ThreadPoolExecutor(6) as pool:
+        ids = set(pool.map(lambda _: jobs.launch_once(ws, "ingest", argv), range(6)))
+    assert len(ids) == 1 and [j.job_id for j in jobs.list_jobs(ws)] == list(ids)
+    [job] = ids
+    assert jobs.latest(ws, argv).job_id == job and jobs.latest(ws, [*argv, "--replace"]) is None
+    jobs.cancel(ws, job)
+    again = jobs.launch_once(ws, "ingest", argv)
+    assert again != job and jobs.latest(ws, argv).job_id == again
+    jobs.cancel(ws, again)
+
+
+def test_progress_stages_name_the_step_in_the_job_row(tmp_path, monkeypatch):
+    from chips_core.workspace import progress
+
+    ws = Workspace.init(tmp_path / "ws")
+    with ws.connect() as con:
+        con.execute("INSERT INTO jobs (job_id, kind, args, status) VALUES (8, 'demo', '[]', 'queued')")
+    reporter = jobs.JobReporter(ws, 8, min_interval_s=60.0)  # throttled: only a new stage gets through
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        reporter.start()
+        monkeypatch.setattr(progress, "_job_reporter", reporter)
+        with progress.progress_bar("demo", unit="step") as bar:
+            bar(0, 8, stage="ingesting")
+            bar(3, 8, stage="featurizing")
+            with ws.connect(read_only=True) as con:
+                row = con.execute("SELECT progress, message FROM jobs WHERE job_id = 8").fetchone()
+        assert row == (3 / 8, "demo: featurizing (3/8)")
+    finally:
+        signal.signal(signal.SIGTERM, old)
