@@ -78,16 +78,37 @@ def keep_widget_state() -> None:
         st.session_state.setdefault(key, value)
 
 
-@st.cache_resource(show_spinner="Building the bundled demo workspace (first start only)…")
-def demo_workspace_path() -> str:
-    """The bundled demo workspace, built once per server from data/demo through the library's real path."""
+@st.cache_resource(show_spinner=False)
+def _demo_path(override: str) -> str:
+    """Where the demo workspace lives (keyed by env CHIPS_DEMO_WS; the bundle is hashed once per server)."""
     from chips_core import demo
 
-    return str(demo.default_demo_workspace())
+    return str(demo.default_path())
+
+
+def demo_workspace_path() -> str:
+    """The bundled demo workspace once it is built; until then this page follows its build, a background
+    `chips demo` job recorded in the demo folder (one job for every session), and stops."""
+    from app import jobs_view
+    from chips_core import demo
+
+    path = _demo_path(os.environ.get("CHIPS_DEMO_WS", ""))
+    if st.session_state.get("demo_ready") == path or demo.is_complete(path):
+        st.session_state["demo_ready"] = path
+        return path
+    ws = demo.init_folder(path)
+    st.title("Preparing the demo workspace")
+    st.markdown(
+        "First start: the bundled demo (images, captions with planted mistakes, a tiny CLIP) is ingested, "
+        "featurized and prepared by the library's real pipeline, in about a minute. It opens by itself "
+        "when done. To curate your own data instead, type a workspace folder in the sidebar."
+    )
+    jobs_view.background_step(ws, "demo", ["demo", path], "Building the demo workspace")
 
 
 def workspace_path() -> tuple[str, bool]:
-    """(path, is_demo): the sidebar's choice, else env CHIPS_WORKSPACE, else the bundled demo."""
+    """(path, is_demo): the sidebar's choice, else env CHIPS_WORKSPACE, else the bundled demo (while it is
+    being built, the build's progress is shown and the page stops)."""
     chosen = st.session_state.get("ws_path") or os.environ.get("CHIPS_WORKSPACE", "")
     if chosen.strip():
         return str(Path(chosen.strip()).expanduser().resolve()), False

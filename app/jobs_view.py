@@ -9,7 +9,7 @@ read that table (short-lived connections) and refresh themselves while something
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 import plotly.express as px
@@ -70,6 +70,47 @@ def jobs_panel(ws: store.Workspace) -> None:
         if "job_flash" in st.session_state:
             st.success(st.session_state.pop("job_flash"))
         _render_jobs(ws, listed)
+
+    _panel()
+
+
+def background_step(ws: store.Workspace, kind: str, argv: list[str], what: str) -> NoReturn:
+    """Follow the background job `chips <argv>` whose result the page needs, starting it when none runs;
+    stops the page (the caller draws the result once it exists).
+
+    One job for every session: a reload or a second tab finds the running job (`jobs.launch_once`) and shows
+    its progress. A failed or cancelled last run is shown with its log and a button to run it again.
+    """
+    last = jobs.latest(ws, argv)
+    if last is not None and last.status in ("failed", "cancelled"):
+        st.error(f"{what}: job {last.job_id} {last.status}: {last.message or 'no message'}")
+        with st.expander(f"Log of job {last.job_id}"):
+            st.code(jobs.read_log(ws, last.job_id)[-5000:] or "(empty)", language=None)
+        if st.button("Run it again", key=f"rerun-{kind}", type="primary"):
+            jobs.launch_once(ws, kind, argv)
+            st.rerun()
+        st.stop()
+    job_id = last.job_id if last is not None and last.active else jobs.launch_once(ws, kind, argv)
+    job_progress(ws, job_id, what)
+    st.stop()
+
+
+def job_progress(ws: store.Workspace, job_id: int, what: str) -> None:
+    """One job's progress bar and row (cancel button, log), refreshed every 2 s by a fragment; the whole
+    page reruns when the job ends."""
+
+    @st.fragment(run_every=2)
+    def _panel() -> None:
+        info = jobs.job_status(ws, job_id)
+        if not info.active:
+            st.rerun()
+        fraction = min(max(float(info.progress or 0.0), 0.0), 1.0)
+        st.progress(fraction, text=f"{what}: {info.message or info.status}")
+        st.caption(
+            f"Background job {job_id}: `chips {' '.join(info.args)}`. It keeps running when this tab is "
+            "closed or reloaded; another tab shows the same job."
+        )
+        _render_jobs(ws, [info])
 
     _panel()
 

@@ -37,7 +37,9 @@ with st.sidebar:
         placeholder="empty = bundled demo",
         help="A folder made by `chips init` (or on the Workspace page); env CHIPS_WORKSPACE sets the default",
     )
-    path, is_demo = context.workspace_path()
+# outside the sidebar: while the demo is first built, its progress shows in the main area
+path, is_demo = context.workspace_path()
+with st.sidebar:
     if is_demo:
         st.info(
             "**Demo workspace**: a few hundred bundled medical-looking images with planted caption mistakes "

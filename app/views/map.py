@@ -1,4 +1,8 @@
-"""Map: UMAP of the pool's image and text embeddings (WebGL); lasso → those pairs, bulk decisions."""
+"""Map: UMAP of the pool's image and text embeddings (WebGL); lasso → those pairs, bulk decisions.
+
+The map is cached per feature run in the workspace (chips_core.curation.maps); when it is missing, the page
+runs `chips map` as a background job, shows its progress, and draws the map once the job is done.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,25 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import context, widgets
+from app import context, jobs_view, widgets
 from chips_core.curation import maps
 from chips_core.features.featurize import FeatureStore
-from chips_core.workspace import store
-
-
-@st.cache_resource(
-    max_entries=4, show_spinner="Computing the UMAP map once for this feature run (cached in the workspace)…"
-)
-def feature_map(ws_root: str, run_id: int) -> maps.FeatureMap:
-    """The run's map: read from ws/maps when cached, else computed once and stored there."""
-    ws = store.Workspace(ws_root)
-    return maps.get_map(ws, run_id, FeatureStore(ws, run_id))
-
 
 GREEN, RED, GREY = ("#2e7d32", "green"), ("#c62828", "red"), ("#b0bec5", "gray")  # (plotly, st markdown)
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
-table = widgets.ranking_frame(context.current_rank(ctx)).set_index("pair_id")
-fmap = feature_map(ctx.ws_root, ctx.pool_run_id)
-
 st.title("Map")
+fmap = maps.current_map(ws, ctx.pool_run_id, FeatureStore(ws, ctx.pool_run_id))
+if fmap is None:
+    st.caption(
+        f"The UMAP map of **{ctx.pool_name}** (feature run {ctx.pool_run_id}) is computed once per feature "
+        "run and kept in the workspace; from then on it opens at once."
+    )
+    argv = ["map", ctx.ws_root, ctx.pool_name, "--run", str(ctx.pool_run_id)]
+    jobs_view.background_step(ws, "map", argv, "Computing the map")
+table = widgets.ranking_frame(context.current_rank(ctx)).set_index("pair_id")
+
 st.caption(
     f"UMAP of the cached image and text features of **{ctx.pool_name}** "
     + (

@@ -1,4 +1,5 @@
-"""With no workspace given, the dashboard opens the bundled demo (built through the library) and says so."""
+"""With no workspace given, the dashboard builds the bundled demo as a background `chips demo` job (one for
+every session), shows its progress, and opens the demo when the build is done."""
 
 from __future__ import annotations
 
@@ -7,21 +8,50 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from chips_core import demo
+from chips_core.workspace import jobs, store
+
 pytestmark = [pytest.mark.app, pytest.mark.slow]
 
 MAIN = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 
 
-def test_no_arguments_opens_the_demo(tmp_path, monkeypatch):
-    monkeypatch.delenv("CHIPS_WORKSPACE", raising=False)
-    monkeypatch.setenv("CHIPS_DEMO_WS", str(tmp_path / "demo"))
+def _session() -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=900)
     at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_no_arguments_builds_the_demo_in_a_job_then_opens_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHIPS_WORKSPACE", raising=False)
+    monkeypatch.setenv("CHIPS_DEMO_WS", str(tmp_path / "demo"))
+    at = _session()
+    assert at.title[0].value == "Preparing the demo workspace"
+    assert any("Building the demo workspace" in p.proto.text for p in at.get("progress"))
+    # the job is recorded in the demo folder itself, made a (claimed, empty) workspace first
+    ws = store.Workspace(tmp_path / "demo")
+    [job] = jobs.list_jobs(ws)
+    assert job.kind == "demo" and job.args == ["demo", str(ws.root)]
+    assert not demo.is_complete(ws.root)
+
+    # a second browser session opened meanwhile follows the same build instead of starting another
+    other = _session()
+    assert other.title[0].value == "Preparing the demo workspace"
+    assert [j.job_id for j in jobs.list_jobs(ws)] == [job.job_id]
+
+    info = jobs.wait(ws, job.job_id, timeout_s=900)
+    assert info.status == "done", jobs.read_log(ws, job.job_id)
+    assert demo.is_complete(ws.root)
+    assert "demo workspace ready at" in jobs.read_log(ws, job.job_id)
+
+    at.run()  # the page now opens the built demo
     assert not at.exception, [e.value for e in at.exception]
     assert any("Demo workspace" in i.value and "CHIPS_WORKSPACE" in i.value for i in at.sidebar.info)
     assert at.selectbox(key="pool_name").value == "demo-pool"
     assert at.title[0].value == "Scores"
-    assert (tmp_path / "demo" / "chips.duckdb").exists()
+    assert len(jobs.list_jobs(ws)) == 1
 
     at.switch_page("views/browse.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -1,0 +1,56 @@
+"""The Map page computes a missing map as a background `chips map` job (real subprocess, real DuckDB):
+it shows the job's progress, a second session follows the same job, and the map is drawn once it is done."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from chips_core.curation import maps
+from chips_core.workspace import jobs, store
+from tests.app.workspace_build import POOL
+
+pytestmark = [pytest.mark.app, pytest.mark.slow]
+
+MAIN = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
+
+
+def _map_page() -> AppTest:
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    at.run()
+    at.switch_page("views/map.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_missing_map_runs_as_a_job_and_is_drawn_when_done(tiny_workspace):
+    shutil.rmtree(tiny_workspace / "maps")
+    ws = store.Workspace(tiny_workspace)
+    at = _map_page()
+    assert at.title[0].value == "Map"
+    assert not at.get("plotly_chart"), "no map is drawn before the job has computed it"
+    [job] = jobs.list_jobs(ws)
+    assert job.kind == "map" and job.args[:3] == ["map", ws.root.as_posix(), POOL]
+    run_id = int(job.args[job.args.index("--run") + 1])
+    assert any("Computing the map" in p.proto.text for p in at.get("progress"))
+
+    # another tab (or a reload) while it runs: it shows the same job and starts none
+    other = _map_page()
+    assert [j.job_id for j in jobs.list_jobs(ws)] == [job.job_id]
+    assert any(f"Background job {job.job_id}" in c.value for c in other.caption)
+
+    info = jobs.wait(ws, job.job_id, timeout_s=600)
+    assert info.status == "done", jobs.read_log(ws, job.job_id)
+    assert (maps.map_dir(ws, run_id) / "meta.json").is_file()
+    assert "computed in" in jobs.read_log(ws, job.job_id)
+
+    at.run()  # the page now reads the cached map
+    assert not at.exception, [e.value for e in at.exception]
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert spec["data"][0]["type"] == "scattergl" and len(spec["data"][0]["customdata"]) == 48
+    assert len(jobs.list_jobs(ws)) == 1, "a cached map starts no job"
