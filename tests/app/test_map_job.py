@@ -1,5 +1,6 @@
 """The Map page computes a missing map as a background `chips map` job (real subprocess, real DuckDB):
-it shows the job's progress, a second session follows the same job, and the map is drawn once it is done."""
+it shows the job's progress, offers to run a cancelled job again, a second session follows the same job,
+and the map is drawn once it is done."""
 
 from __future__ import annotations
 
@@ -39,9 +40,18 @@ def test_missing_map_runs_as_a_job_and_is_drawn_when_done(tiny_workspace):
     run_id = int(job.args[job.args.index("--run") + 1])
     assert any("Computing the map" in p.proto.text for p in at.get("progress"))
 
+    # cancelled from the page: it says so (no new job by itself) and offers to run it again
+    at.button(key=f"cancel-{job.job_id}").click().run()
+    assert jobs.job_status(ws, job.job_id).status == "cancelled"
+    assert any("cancelled" in e.value for e in at.error) and len(jobs.list_jobs(ws)) == 1
+    at.button(key="rerun-map").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    job = jobs.list_jobs(ws)[0]
+    assert job.active and job.args == jobs.list_jobs(ws)[1].args
+
     # another tab (or a reload) while it runs: it shows the same job and starts none
     other = _map_page()
-    assert [j.job_id for j in jobs.list_jobs(ws)] == [job.job_id]
+    assert len(jobs.list_jobs(ws, active_only=True)) == 1 and len(jobs.list_jobs(ws)) == 2
     assert any(f"Background job {job.job_id}" in c.value for c in other.caption)
 
     info = jobs.wait(ws, job.job_id, timeout_s=600)
@@ -53,4 +63,4 @@ def test_missing_map_runs_as_a_job_and_is_drawn_when_done(tiny_workspace):
     assert not at.exception, [e.value for e in at.exception]
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert spec["data"][0]["type"] == "scattergl" and len(spec["data"][0]["customdata"]) == 48
-    assert len(jobs.list_jobs(ws)) == 1, "a cached map starts no job"
+    assert len(jobs.list_jobs(ws)) == 2, "a cached map starts no job"
