@@ -25,7 +25,6 @@ import torch
 
 from chips_core.scoring.batches import hashed_order, n_batches
 from chips_core.scoring.cache import (
-    AUX_COLUMNS,
     CACHE_VERSION,
     COL_BLOCK,
     CONFIG_FILE,
@@ -60,11 +59,9 @@ from chips_core.scoring.sketch import Sketch, make_sketch
 from chips_core.scoring.weights import eval_means, pair_stats
 
 __all__ = [
-    "AUX_COLUMNS",
     "ArrayFeatures",
     "FeatureSource",
     "PrepareConfig",
-    "PrepareError",
     "PrepareProgress",
     "Scorer",
     "ZeroShotEval",
