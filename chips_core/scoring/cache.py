@@ -33,7 +33,6 @@ import numpy as np
 
 from chips_core.errors import ChipsError
 from chips_core.scoring.batches import hashed_order, n_batches
-from chips_core.scoring.presets import BLOCKS
 from chips_core.workspace.store import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -43,6 +42,8 @@ COL_BLOCK = 256
 AUX_COLUMNS = ("p_corr", "one_minus_p", "margin", "clipscore", "cos_x", "cos_y")
 CACHE_VERSION = 1
 CONFIG_FILE, EVAL_FILE, META_FILE, DONE_FILE = "config.json", "eval.npz", "meta.json", "done.json"
+#: the parameter blocks of caches written before config.json recorded `blocks`: they scored all of these
+LEGACY_BLOCKS = "visual,text,temperature"
 
 
 class PrepareError(ChipsError, ValueError):
@@ -229,7 +230,7 @@ class ScoringCache:
         # exists; until then this one import reaches prepare (and torch) on first use.
         from chips_core.scoring.prepare import PrepareConfig
 
-        return PrepareConfig(**{"blocks": ",".join(BLOCKS), **self.record["config"]})
+        return PrepareConfig(**{"blocks": LEGACY_BLOCKS, **self.record["config"]})
 
     @cached_property
     def G_eval(self) -> np.ndarray | None:
