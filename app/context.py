@@ -231,7 +231,7 @@ def _cache_blocks(config_json: str) -> str:
 @st.cache_resource(max_entries=4, show_spinner="Loading the scoring cache…")
 def load_cache(cache_dir: str) -> Any:
     """The ScoringCache of a finished prepare (immutable on disk, so one copy per server is enough)."""
-    from chips_core.scoring.ranking import ScoringCache
+    from chips_core.scoring.cache import ScoringCache
 
     return ScoringCache.load(cache_dir)
 

@@ -8,6 +8,7 @@ import streamlit as st
 from app import context, widgets
 from chips_core.curation import gallery, selection
 from chips_core.scoring import ranking as scoring
+from chips_core.scoring.cache import PrepareError
 from chips_core.workspace import store
 
 WHY = {
@@ -72,7 +73,7 @@ def _eval_pair_contributions(ctx: context.ScoringContext, pair_id: int, top: int
     cache = context.load_cache(ctx.cache_dir)
     try:
         frame = scoring.eval_contributions(cache, pair_id, top=top, **_contribution_params(ctx))
-    except (scoring.PrepareError, KeyError) as exc:
+    except (PrepareError, KeyError) as exc:
         st.info(f"Eval-pair contributions are not available: {exc}")
         return
     n = int(

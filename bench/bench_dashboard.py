@@ -1,7 +1,7 @@
 """Dashboard speed: a slider change on a 100,000-pair workspace redraws the ranking and the score charts.
 
 Measured in the real browser: `streamlit run app/main.py` on a synthetic workspace (random features with
-structure, a real scoring cache made by chips_core.scoring.ranking.prepare, real pairs rows pointing at a
+structure, a real scoring cache made by chips_core.scoring.prepare.prepare, real pairs rows pointing at a
 few real
 images) driven by headless Debian Chromium through Playwright. For each slider (α, λ, ratio) the script
 presses one arrow key and times, from the key press:
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chips_core.scoring.endpoint import EndpointParams  # noqa: E402
-from chips_core.scoring.ranking import ArrayFeatures, PrepareConfig, prepare, rank  # noqa: E402
+from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig, prepare  # noqa: E402
+from chips_core.scoring.ranking import rank  # noqa: E402
 from chips_core.workspace import store  # noqa: E402
 from tests.browser.harness import chromium_page, streamlit_server, wait_idle  # noqa: E402
 from tests.fixtures_build import write_images  # noqa: E402
@@ -155,7 +156,7 @@ def main() -> None:
 
     shutil.rmtree(args.out, ignore_errors=True)
     ws, cache_dir = build_workspace(args.out, args.pairs, args.eval_pairs, args.k_max)
-    from chips_core.scoring.ranking import ScoringCache
+    from chips_core.scoring.cache import ScoringCache
 
     cache = ScoringCache.load(cache_dir)
     rank_s = []

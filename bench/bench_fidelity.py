@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from chips_core.scoring.ranking import PrepareConfig, prepare, rank, rank_exact
+from chips_core.scoring.prepare import PrepareConfig, prepare
+from chips_core.scoring.ranking import rank, rank_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 

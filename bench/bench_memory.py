@@ -6,7 +6,7 @@ writer featurize uses, shard by shard (8,192 rows), into a real workspace, and r
 each requested size has been written. Every smaller size is then registered as its own finished feature
 run over the first whole shards of the same files (sizes are rounded up to whole shards), so each size
 is read back through the real `FeatureStore`.
-(b) For each size, a FRESH child process runs `chips_core.scoring.ranking.prepare` on that run against a small
+(b) For each size, a FRESH child process runs `chips_core.scoring.prepare.prepare` on that run against a small
 in-memory eval set, sampling /proc/self/status (RssAnon, RssFile, VmRSS) every 20 ms; VmHWM, the
 kernel's exact peak of the total RSS, is read at the end. RssAnon is the process's own memory; RssFile
 is page cache of the memory-mapped shards (shared, clean, reclaimable by the kernel) and counts in VmRSS.
@@ -197,8 +197,7 @@ def child_write(root: Path, n_total: int, sizes: list[int], seed: int) -> dict:
 def child_prepare(root: Path, run_id: int, cfg: dict, seed: int, n_eval: int) -> dict:
     """prepare over one feature run in this (fresh) process; memory before, during and at the end."""
     from chips_core.features.featurize import FeatureStore
-    from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig
-    from chips_core.scoring.ranking import prepare
+    from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig, prepare
     from chips_core.workspace.store import Workspace
 
     store = FeatureStore(Workspace(root / "ws"), run_id)
@@ -274,7 +273,7 @@ def _mb(x: float) -> str:
 def chunk_estimate(cfg: dict) -> dict[str, float]:
     """Analytic per-process terms (bytes) of prepare that depend on the config, not on N."""
     from chips_core.features.featurize import _OPEN_SHARDS, SHARD_SIZE
-    from chips_core.scoring.prepare import COL_BLOCK
+    from chips_core.scoring.cache import COL_BLOCK
 
     rows = cfg["chunk_batches"] * cfg["batch_size"]
     kp = -(-cfg["k_max"] // COL_BLOCK) * COL_BLOCK

@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chips_core.scoring.prepare import (
+from chips_core.scoring.cache import (
     AUX_COLUMNS,
     CACHE_VERSION,
     COL_BLOCK,
-    PrepareConfig,
-    quantize_blocks,
+    ScoringCache,
     save_json,
     save_npy,
     save_npz,
 )
-from chips_core.scoring.ranking import ScoringCache, rank
+from chips_core.scoring.prepare import PrepareConfig, quantize_blocks
+from chips_core.scoring.ranking import project, rank
 
 
 def build(root: Path, n: int, k_max: int, chunk_rows: int = 65536) -> None:
@@ -144,7 +144,7 @@ def main() -> None:
         ("chips, β=0.8, ratio 0.1 (weights only)", lambda: rank(cache, k=a.k, beta=0.8, ratio=0.1)),
         ("dot", lambda: rank(cache, "dot", k=a.k)),
         ("clipscore", lambda: rank(cache, "clipscore")),
-        ("matvec only (cache.project)", lambda: cache.project(np.ones(a.k))),
+        ("matvec only (cache.project)", lambda: project(cache, np.ones(a.k))),
     ]
     print(f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"\n| rank call ({a.n:,} pairs, k = {a.k}) | best wall s | median wall s | median CPU s |")

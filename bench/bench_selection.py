@@ -24,9 +24,10 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chips_core.engines.pipeline import cache_with_blocks, prepare_workspace  # noqa: E402
+from chips_core.scoring.cache import ScoringCache  # noqa: E402
 from chips_core.scoring.prepare import PrepareConfig  # noqa: E402
 from chips_core.scoring.presets import PRESETS  # noqa: E402
-from chips_core.scoring.ranking import ScoringCache, rank  # noqa: E402
+from chips_core.scoring.ranking import rank  # noqa: E402
 from chips_core.workspace.store import Workspace  # noqa: E402
 
 ALL = PRESETS["paper"]["blocks"]

@@ -311,7 +311,8 @@ def _run_score(args: argparse.Namespace) -> int:
             "--method tracin needs --tracin-cache CACHE_ID[:ETA] (one per checkpoint), and only it does"
         )
     from chips_core.curation import selection as sel
-    from chips_core.scoring.ranking import ScoringCache, rank, rank_exact
+    from chips_core.scoring.cache import ScoringCache
+    from chips_core.scoring.ranking import rank, rank_exact
 
     cache_id = _prepare(ws, args)
     with ws.connect(read_only=True) as con:
@@ -404,7 +405,7 @@ def _preset_options(args: argparse.Namespace) -> dict:
 
 
 def _tracin_cache(ws: Workspace, spec: str) -> tuple[Any, float]:
-    from chips_core.scoring.ranking import ScoringCache
+    from chips_core.scoring.cache import ScoringCache
 
     cid, _, eta = spec.partition(":")
     try:

@@ -159,7 +159,7 @@ def prepare_workspace(
     model: str | None = None,
 ) -> int:
     """The scoring cache of (pool, eval set, config) in ws/caches/<id>: reused when finished, resumed when
-    interrupted, else built with `chips_core.scoring.ranking.prepare` (or on Ray when `engine` gives its
+    interrupted, else built with `chips_core.scoring.prepare.prepare` (or on Ray when `engine` gives its
     keyword arguments: address, num_gpus_per_worker); returns its cache_id (`scoring_caches`).
 
     k_max is capped to the rank the pool's curvature can have (`curvature.rank_bound`); `notice` gets a
@@ -202,7 +202,7 @@ def prepare_workspace(
             cache_id, cache_dir = int(row[0]), Path(row[1])
     params = load_run_model(ws, pool_run).adapter.endpoint_params()
     if engine is None:
-        from chips_core.scoring.ranking import prepare
+        from chips_core.scoring.prepare import prepare
     else:
         from chips_core.engines.ray_prepare import prepare_ray
 

@@ -241,7 +241,7 @@ class ModelSpec:
 
 
 class _Encoder:
-    """An actor holding the model; encodes batches of preprocessed rows (features._encode's numerics)."""
+    """An actor holding the model; encodes batches of preprocessed rows (features.encode_batch)."""
 
     def __init__(self, spec: ModelSpec, device: str) -> None:
         dev = resolve_device(device)
@@ -264,7 +264,7 @@ class _Encoder:
             tokens = torch.from_numpy(np.stack([np.asarray(batch["tokens"][k]) for k in keep]))
             part = {"ids": batch["pair_id"][keep], "images": images, "jpegs": [], "tokens": tokens,
                     "rejects": []}  # fmt: skip
-            enc = features._encode(part, self.loaded, self.dev, raw_jpeg=False)
+            enc = features.encode_batch(part, self.loaded, self.dev, raw_jpeg=False)
             h[keep], t[keep] = enc["h"], enc["t"]
         out = {k: batch[k] for k in ("pos", "pair_id", "ok", "ref", "reason", "detail")}
         out.update(h=h, t=t)
@@ -311,7 +311,7 @@ def _image_from_bytes(data: bytes, ref: str) -> Any:
             return dicom.to_pil_rgb(dicom.decode(data).pixels)
         except dicom.DicomError as exc:
             raise pools.ImageLoadError(exc.reason, f"{ref}: {exc}") from None
-    return pools.to_rgb(pools._decode_pil(data, ref))
+    return pools.to_rgb(pools.decode_pil(data, ref))
 
 
 def _manifest_batch(batch: dict[str, np.ndarray], **kw: Any) -> dict[str, np.ndarray]:

@@ -1,17 +1,15 @@
 """The Ray engine for prepare (`--engine ray`): the pool's chunks computed by actors, same cache on disk.
 
-The eval pass, the cache's config and its completion record come from `prepare.prepare` itself; the
-pool's chunks (whole hashed batches, `batches.py`) are computed by actors with prepare's own chunk
-function, and the driver writes each chunk's files (completion record last). Φ̃_pos/Φ̃_neg stay per-chunk
-sums that `ScoringCache` reduces, exactly as for the local prepare. Imported only for the Ray engine.
+The driver runs prepare's public steps as the local `prepare.prepare` does (`open_cache`, `write_eval`,
+`plan_chunks`, `write_chunk`, `finish`); only the chunks are computed elsewhere, by actors that each hold a
+`prepare.Scorer` built from the same arguments (so the same sketch) and return `ChunkData`, which the driver
+writes (completion record last). Φ̃_pos/Φ̃_neg stay per-chunk sums that `ScoringCache` reduces, exactly as
+for the local prepare. Imported only for the Ray engine.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,56 +18,23 @@ import numpy as np
 from chips_core.engines.ray_featurize import actor_count, ray, ray_session  # ray: imported as it needs
 
 
-class _RowsRequestedError(Exception):
-    """Raised by _StopAtRows: prepare reached the pool chunks (config, eval pass and checks are done)."""
-
-
-class _StopAtRows:
-    """A FeatureSource that lets prepare do its bookkeeping and eval pass, and stops it at the first pool
-    read, so the chunks can be computed on the cluster."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-
-    def pair_ids(self) -> np.ndarray:
-        return self.pool.pair_ids()
-
-    def __len__(self) -> int:
-        return len(self.pool)
-
-    def rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise _RowsRequestedError
-
-    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        raise _RowsRequestedError
-
-
 class _ChunkWorker:
-    """An actor that computes whole chunks of a scoring cache with prepare's own chunk function."""
+    """An actor that computes whole chunks of a scoring cache with prepare's `Scorer.chunk`."""
 
     def __init__(self, params: Any, config: Any, mu_x: np.ndarray, mu_y: np.ndarray, n_curv: int) -> None:
-        from chips_core.scoring import prepare as prep
-        from chips_core.scoring.endpoint import parse_blocks
-        from chips_core.scoring.sketch import make_sketch
+        from chips_core.scoring.prepare import Scorer
 
-        self.prep, self.config, self.n_curv = prep, config, n_curv
-        self.dp = prep._dev_params(params, config)
-        self.sk = make_sketch(config.sketch, self.dp, config.k_max, config.seed, parse_blocks(config.blocks))
-        self.mu_x, self.mu_y = prep._tensor(mu_x, self.dp.W_v), prep._tensor(mu_y, self.dp.W_v)
+        self.scorer = Scorer(params, config)
+        self.mu_x, self.mu_y, self.n_curv = mu_x, mu_y, n_curv
 
     def chunk(self, c: int, bs: list[int], sizes: list[int], ids: np.ndarray, h: np.ndarray, t: np.ndarray):
-        """Files (name, bytes) of chunk c, whose batches bs hold the rows given, in batch order."""
-        local = [None] * (max(bs) + 1)
-        start = 0
-        for b, n in zip(bs, sizes, strict=True):
-            local[b], start = np.arange(start, start + n), start + n
-        src = self.prep.ArrayFeatures(ids, h, t)
-        with tempfile.TemporaryDirectory(prefix="chips-chunk-") as tmp:
-            self.prep._write_chunk(Path(tmp), c, src, bs, local, self.sk, self.dp, self.config,
-                                   self.mu_x, self.mu_y, ids, self.n_curv)  # fmt: skip
-            d = Path(tmp) / f"chunk-{c:05d}"
-            names = sorted(os.listdir(d), key=lambda x: x == "done.json")  # completion record last
-            return c, [(x, (d / x).read_bytes()) for x in names]
+        """The ChunkData of chunk c, whose batches bs hold the rows given (ids, h, t), in batch order."""
+        from chips_core.scoring.prepare import ArrayFeatures
+
+        bounds = np.cumsum([0, *sizes])
+        rows = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(bs))]
+        src = ArrayFeatures(ids, h, t)
+        return self.scorer.chunk(c, src, ids, bs, rows, self.mu_x, self.mu_y, self.n_curv)
 
 
 def prepare_ray(
@@ -92,44 +57,59 @@ def prepare_ray(
     The driver reads each chunk's feature rows and ships them to a worker (no shared filesystem needed),
     and writes the returned chunk files atomically, completion record last, so a killed run resumes.
     """
-    from chips_core.scoring.prepare import PrepareProgress, pool_batches, prepare
-    from chips_core.workspace.store import atomic_write_bytes
+    from chips_core.scoring.cache import (
+        ScoringCache,
+        has_eval,
+        is_finished,
+        plan_chunks,
+        read_eval_means,
+        write_chunk,
+    )
+    from chips_core.scoring.prepare import PrepareProgress, Scorer, finish, open_cache, write_eval
 
     if (num_workers is not None and num_workers < 1) or num_gpus_per_worker < 0:
         raise ValueError(f"num_workers ({num_workers}) must be >= 1, num_gpus_per_worker >= 0")
     if num_gpus_per_worker > 0 and config.device != "cuda":
         raise ValueError(f"num_gpus_per_worker={num_gpus_per_worker} needs config.device 'cuda'")
-    out = Path(out_dir)
-    try:
-        return prepare(_StopAtRows(pool), eval_set, params, config, out, progress)
-    except _RowsRequestedError:
-        pass
-    batches = pool_batches(pool, config)
-    n_curv = -(-min(config.curvature_pairs, len(pool)) // len(batches[0]))
-    step = config.chunk_batches
-    chunks = [list(range(s, min(s + step, len(batches)))) for s in range(0, len(batches), step)]
-    todo = [c for c in range(len(chunks)) if not (out / f"chunk-{c:05d}" / "done.json").exists()]
+    out = open_cache(out_dir, pool, eval_set, params, config)
+    if is_finished(out):
+        return ScoringCache.load(out)
     ids_all = np.asarray(pool.pair_ids(), dtype=np.int64)
-    ev = np.load(out / "eval.npz")
-    t0, n_rows = time.monotonic(), 0
-    with ray_session(address, num_cpus):
-        num_workers = actor_count(num_workers, num_gpus_per_worker, "prepare")
-        opts = {"num_cpus": 1, "num_gpus": num_gpus_per_worker, "max_restarts": 2, "max_task_retries": 2}
-        args = (params.to(device="cpu"), config, ev["mu_x"], ev["mu_y"], n_curv)
-        pool_ = ray.util.ActorPool(
-            [ray.remote(**opts)(_ChunkWorker).remote(*args) for _ in range(num_workers)]
-        )
+    N = len(ids_all)
+    scorer = Scorer(params, config)  # the driver's: the eval pass, and the sketch kind for meta.json
+    t0 = time.monotonic()
+    if not has_eval(out):
+        if progress:
+            progress(PrepareProgress("eval", 0, N, 0.0, None))
+        write_eval(out, scorer, eval_set)
+    mu_x, mu_y = read_eval_means(out)
+    plan = plan_chunks(ids_all, config)
+    todo = plan.pending(out)
+    done = N - sum(plan.n_rows(c) for c in todo)
+    fresh = 0
+    if todo:
+        with ray_session(address, num_cpus):
+            num_workers = actor_count(num_workers, num_gpus_per_worker, "prepare")
+            opts = {"num_cpus": 1, "num_gpus": num_gpus_per_worker, "max_restarts": 2, "max_task_retries": 2}
+            args = (params.to(device="cpu"), config, mu_x, mu_y, plan.n_curv)
+            actors = ray.util.ActorPool(
+                [ray.remote(**opts)(_ChunkWorker).remote(*args) for _ in range(num_workers)]
+            )
 
-        def submit(actor: Any, c: int) -> Any:
-            rows = np.concatenate([batches[b] for b in chunks[c]])
-            h, t = pool.rows(rows)
-            return actor.chunk.remote(c, chunks[c], [len(batches[b]) for b in chunks[c]], ids_all[rows], h, t)
+            def submit(actor: Any, c: int) -> Any:
+                rows = plan.rows(c)
+                h, t = pool.rows(rows)
+                sizes = [len(plan.batches[b]) for b in plan.chunks[c]]
+                return actor.chunk.remote(c, plan.chunks[c], sizes, ids_all[rows], h, t)
 
-        for c, files in pool_.map_unordered(submit, todo):
-            for name, data in files:
-                atomic_write_bytes(out / f"chunk-{c:05d}" / name, data)
-            n_rows += sum(len(batches[b]) for b in chunks[c])
-            if progress:
-                rate = n_rows / max(time.monotonic() - t0, 1e-9)
-                progress(PrepareProgress("pool", n_rows, len(pool), rate, None))
-    return prepare(pool, eval_set, params, config, out, progress)
+            for data in actors.map_unordered(submit, todo):
+                write_chunk(out, data)
+                done += plan.n_rows(data.chunk)
+                fresh += plan.n_rows(data.chunk)
+                if progress:
+                    rate = fresh / max(time.monotonic() - t0, 1e-9)
+                    progress(PrepareProgress("pool", done, N, rate, (N - done) / rate if rate > 0 else None))
+    cache = finish(out, plan, scorer)
+    if progress:
+        progress(PrepareProgress("done", N, N, fresh / max(time.monotonic() - t0, 1e-9), 0.0))
+    return cache

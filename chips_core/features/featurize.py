@@ -458,7 +458,7 @@ def _featurize_run(
     pending: list[dict] = []
     last_checkpoint = time.monotonic()
     for batch in loader:
-        pending.append(_encode(batch, loaded, dev, raw_jpeg))
+        pending.append(encode_batch(batch, loaded, dev, raw_jpeg))
         s = batch["shard"]
         remaining[s] -= 1
         if remaining[s] == 0:
@@ -472,7 +472,15 @@ def _featurize_run(
     finish_run(ws, info)
 
 
-def _encode(batch: dict, loaded: LoadedModel, dev: torch.device, raw_jpeg: bool) -> dict:
+def encode_batch(batch: dict, loaded: LoadedModel, dev: torch.device, raw_jpeg: bool) -> dict:
+    """Encode one batch of preprocessed rows into fp16 features: {"ids", "h", "t", "rejects"}.
+
+    `batch` holds "ids" (pair ids), "images" ((row, preprocessed CHW tensor) pairs), "jpegs" ((row, raw
+    JPEG bytes) pairs, decoded on the GPU; only read when `raw_jpeg`), "tokens" and "rejects" (passed
+    through). Runs the encoders in
+    inference mode (bf16 autocast on CUDA); raises FeaturizeError on non-finite features. The local
+    featurize and the Ray encoder actors both encode with it, so their features are the same.
+    """
     ids = batch["ids"]
     if len(ids) == 0:
         return {"ids": ids, "h": None, "t": None, "rejects": batch["rejects"]}

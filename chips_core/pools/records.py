@@ -248,8 +248,11 @@ def read_image_bytes(ref: str, byte_range: tuple[int, int] | None = None) -> byt
 # --- decoding ---------------------------------------------------------------------------------------------
 
 
-def _decode_pil(data: bytes, ref: str) -> Image.Image:
-    """Fully decode image bytes with PIL (verify + load), mapping every failure to a reason code."""
+def decode_pil(data: bytes, ref: str) -> Image.Image:
+    """Fully decode image bytes with PIL (verify + load), mapping every failure to a reason code.
+
+    Raises ImageLoadError (with its reason code) for bytes PIL cannot decode or images over the pixel
+    limit. `load_image` decodes files with it; the Ray engine decodes streamed WebDataset members."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images would pass validation"
@@ -304,7 +307,7 @@ def load_image(ref: str) -> Image.Image:
             return dicom.to_pil_rgb(dicom.decode(data).pixels)
         except dicom.DicomError as exc:
             raise ImageLoadError(exc.reason, f"{ref}: {exc}") from None
-    return to_rgb(_decode_pil(data, ref))
+    return to_rgb(decode_pil(data, ref))
 
 
 def check_record(rec: Record) -> Checked:
@@ -331,7 +334,7 @@ def check_record(rec: Record) -> Checked:
             if caption is None:
                 caption = dcm.caption
         else:
-            with _decode_pil(data, rec.image_ref) as im:
+            with decode_pil(data, rec.image_ref) as im:
                 width, height = im.size
     except ImageLoadError as exc:
         return reject(exc.reason, f"{rec.source_ref}: {exc}")

@@ -1,4 +1,4 @@
-"""ScoringCache and rank: CHIPS and every baseline/ablation from a prepared cache, no model (METHOD.md §4–7).
+"""rank: CHIPS and every baseline/ablation from a prepared ScoringCache (cache.py), no model (METHOD.md §4–7).
 
 rank solves a k×k system (Cholesky), multiplies the memory-mapped fp16 sketch prefix by the solution,
 applies the weights and sorts: milliseconds per 10⁵ pairs. Scaling of the stored unscaled sketch at a
@@ -8,48 +8,33 @@ prefix of k rows: vectors /√k, matrices /k (METHOD.md §5).
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
+from chips_core.scoring.cache import PrepareError, ScoringCache
 from chips_core.scoring.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
-from chips_core.scoring.endpoint import BLOCKS
-from chips_core.scoring.prepare import (
-    AUX_COLUMNS,
-    ArrayFeatures,
-    FeatureSource,
-    PrepareConfig,
-    PrepareError,
-    PrepareProgress,
-    ZeroShotEval,
-    prepare,
-)
 from chips_core.scoring.presets import DAMPING_SCALE, GUARD_MADS, GUARDS, PRESETS
 from chips_core.scoring.weights import learnability, relevance
 
+if TYPE_CHECKING:
+    from chips_core.scoring.prepare import FeatureSource
+
 __all__ = [
-    "ArrayFeatures",
-    "FeatureSource",
     "METHODS",
-    "PrepareConfig",
-    "PrepareError",
-    "PrepareProgress",
     "RankResult",
-    "ScoringCache",
-    "ZeroShotEval",
     "eval_contributions",
-    "selection_change",
-    "prepare",
+    "project",
     "rank",
     "rank_exact",
+    "row_norms",
+    "selection_change",
+    "sketched_system",
 ]
 
 METHODS = ("chips", "random", "clipscore", "dot", "tracin", "trak")
@@ -60,138 +45,58 @@ NORMALIZE = PRESETS["default"]["normalize"]
 GUARD = PRESETS["default"]["guard"]
 
 
-class ScoringCache:
-    """A finished prepare, memory-mapped: sketched gradients, curvature, ũ and the weights' ingredients."""
+def project(cache: ScoringCache, x: np.ndarray, start: int = 0, max_rows: int | None = None) -> np.ndarray:
+    """G[:, start:start+len(x)] @ x over the cache's unscaled stored sketch (float64), first max_rows rows."""
+    k = len(x)
+    cb = cache.meta["col_block"]
+    out = []
+    rows_left = cache.n if max_rows is None else max_rows
+    for G, sc in zip(cache.G, cache.scales, strict=True):
+        if rows_left <= 0:
+            break
+        n_c = min(G.shape[1], rows_left)
+        acc = np.zeros(n_c, np.float64)
+        for j in range(start // cb, -(-(start + k) // cb)):
+            lo, hi = max(start, j * cb), min(start + k, (j + 1) * cb)
+            xj = x[lo - start : hi - start]
+            m = float(np.abs(xj).max())
+            if m == 0:
+                continue
+            xt = torch.from_numpy((xj / m).astype(np.float16))
+            blk = torch.from_numpy(G[j, :n_c, lo - j * cb : hi - j * cb])
+            acc += (blk @ xt).numpy().astype(np.float64) * (sc[j, :n_c] * m)
+        out.append(acc)
+        rows_left -= n_c
+    return np.concatenate(out)
 
-    def __init__(self, root: Path, record: dict, meta: dict) -> None:
-        self.root, self.record, self.meta = root, record, meta
-        # caches written before `blocks` existed scored every block
-        self.config = PrepareConfig(**{"blocks": ",".join(BLOCKS), **record["config"]})
-        ev = np.load(root / "eval.npz")
-        self.u = ev["u_sketch"]
-        self.u_full = ev["u_full"]
-        self.n_eval = int(ev["n_eval"])
-        self.G: list[np.ndarray] = []
-        self.scales: list[np.ndarray] = []
-        aux, ids = [], []
-        pos = np.zeros((self.k_max, self.k_max))
-        neg = np.zeros_like(pos)
-        n_curv = 0
-        for c in range(meta["n_chunks"]):
-            d = root / f"chunk-{c:05d}"
-            self.G.append(np.load(d / "G.npy", mmap_mode="c"))
-            self.scales.append(np.load(d / "scale.npy"))
-            aux.append(np.load(d / "aux.npy"))
-            ids.append(np.load(d / "ids.npy"))
-            if (d / "curv.npz").exists():
-                cv = np.load(d / "curv.npz")
-                pos += cv["pos"]
-                neg += cv["neg"]
-                n_curv += int(cv["n"])
-        self.aux = np.concatenate(aux)
-        self.pair_ids = np.concatenate(ids)
-        self.phi_pos, self.phi_neg = pos / n_curv, neg / n_curv
-        self.n_curvature = n_curv
-        self._memo: dict[tuple, np.ndarray] = {}
 
-    @classmethod
-    def load(cls, path: str | Path) -> ScoringCache:
-        """Open a finished cache folder (one with meta.json)."""
-        root = Path(path)
-        if not (root / "meta.json").exists():
-            raise PrepareError(
-                f"{root} is not a finished scoring cache (no meta.json); run or resume prepare"
-            )
-        return cls(
-            root, json.loads((root / "config.json").read_text()), json.loads((root / "meta.json").read_text())
-        )
-
-    @cached_property
-    def G_eval(self) -> np.ndarray | None:
-        """(n_eval, k_max) float32 unscaled sketched eval-pair gradients, read on first use; None for
-        zero-shot caches and caches prepared before they were stored."""
-        ev = np.load(self.root / "eval.npz")
-        return ev["G_eval"] if "G_eval" in ev.files else None
-
-    @cached_property
-    def eval_ids(self) -> np.ndarray | None:
-        """Pair ids of the rows of G_eval (None where G_eval is)."""
-        ev = np.load(self.root / "eval.npz")
-        return ev["eval_ids"] if "eval_ids" in ev.files else None
-
-    @property
-    def k_max(self) -> int:
-        return int(self.record["config"]["k_max"])
-
-    @property
-    def n(self) -> int:
-        return int(self.record["n_pairs"])
-
-    def column(self, name: str) -> np.ndarray:
-        """One of AUX_COLUMNS for every pair, in cache order."""
-        return self.aux[:, AUX_COLUMNS.index(name)]
-
-    def project(self, x: np.ndarray, start: int = 0, max_rows: int | None = None) -> np.ndarray:
-        """G[:, start:start+len(x)] @ x over the unscaled stored sketch (float64), first `max_rows` rows."""
-        k = len(x)
-        cb = self.meta["col_block"]
+def row_norms(cache: ScoringCache, k: int, start: int = 0) -> np.ndarray:
+    """‖g̃‖ of every pair over sketch rows [start, start+k), scaled by 1/√k (kept in cache.memo)."""
+    key = ("norms", k, start)
+    if key not in cache.memo:
+        cb = cache.meta["col_block"]
         out = []
-        rows_left = self.n if max_rows is None else max_rows
-        for G, sc in zip(self.G, self.scales, strict=True):
-            if rows_left <= 0:
-                break
-            n_c = min(G.shape[1], rows_left)
-            acc = np.zeros(n_c, np.float64)
+        for G, sc in zip(cache.G, cache.scales, strict=True):
+            acc = np.zeros(G.shape[1], np.float64)
             for j in range(start // cb, -(-(start + k) // cb)):
                 lo, hi = max(start, j * cb), min(start + k, (j + 1) * cb)
-                xj = x[lo - start : hi - start]
-                m = float(np.abs(xj).max())
-                if m == 0:
-                    continue
-                xt = torch.from_numpy((xj / m).astype(np.float16))
-                blk = torch.from_numpy(G[j, :n_c, lo - j * cb : hi - j * cb])
-                acc += (blk @ xt).numpy().astype(np.float64) * (sc[j, :n_c] * m)
+                blk = torch.from_numpy(G[j, :, lo - j * cb : hi - j * cb]).float()
+                acc += (blk * blk).sum(1).numpy().astype(np.float64) * sc[j].astype(np.float64) ** 2
             out.append(acc)
-            rows_left -= n_c
-        return np.concatenate(out)
+        cache.memo[key] = np.sqrt(np.concatenate(out) / k)
+    return cache.memo[key]
 
-    def row_norms(self, k: int, start: int = 0) -> np.ndarray:
-        """‖g̃‖ of every pair over sketch rows [start, start+k), scaled by 1/√k (cached per (k, start))."""
-        key = ("norms", k, start)
-        if key not in self._memo:
-            cb = self.meta["col_block"]
-            out = []
-            for G, sc in zip(self.G, self.scales, strict=True):
-                acc = np.zeros(G.shape[1], np.float64)
-                for j in range(start // cb, -(-(start + k) // cb)):
-                    lo, hi = max(start, j * cb), min(start + k, (j + 1) * cb)
-                    blk = torch.from_numpy(G[j, :, lo - j * cb : hi - j * cb]).float()
-                    acc += (blk * blk).sum(1).numpy().astype(np.float64) * sc[j].astype(np.float64) ** 2
-                out.append(acc)
-            self._memo[key] = np.sqrt(np.concatenate(out) / k)
-        return self._memo[key]
 
-    def row(self, pair_id: int) -> np.ndarray:
-        """The stored (fp16, dequantized) unscaled sketched gradient of one pool pair, float64 (k_max,)."""
-        hit = np.flatnonzero(self.pair_ids == int(pair_id))
-        if not len(hit):
-            raise KeyError(f"pair {pair_id} is not in the scoring cache {self.root}")
-        i = int(hit[0])
-        for G, sc in zip(self.G, self.scales, strict=True):
-            if i < G.shape[1]:
-                g = G[:, i, :].astype(np.float64) * sc[:, i, None]
-                return g.reshape(-1)[: self.k_max]
-            i -= G.shape[1]
-        raise AssertionError("pair_ids and chunk rows disagree")
-
-    def system(self, k: int, alpha: float, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(C̃(α), ũ, eigenvalues of C̃) at sketch rows [start, start+k), scaled."""
-        sl = slice(start, start + k)
-        C = combine(self.phi_pos[sl, sl], self.phi_neg[sl, sl], alpha) / k
-        key = (k, float(alpha), start)
-        if key not in self._memo:
-            self._memo[key] = eigenvalues(C)
-        return C, self.u[sl] / math.sqrt(k), self._memo[key]
+def sketched_system(
+    cache: ScoringCache, k: int, alpha: float, start: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(C̃(α), ũ, eigenvalues of C̃) at sketch rows [start, start+k) of the cache, scaled."""
+    sl = slice(start, start + k)
+    C = combine(cache.phi_pos[sl, sl], cache.phi_neg[sl, sl], alpha) / k
+    key = (k, float(alpha), start)
+    if key not in cache.memo:
+        cache.memo[key] = eigenvalues(C)
+    return C, cache.u[sl] / math.sqrt(k), cache.memo[key]
 
 
 @dataclass
@@ -237,7 +142,7 @@ def _newton_system(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(C̃(α), scaled ũ, info with the λ used): the system Â solves; λ = the damping rule's λ unless
     given. normalize: ũ is scaled to unit norm (LESS-style cosine; the ranking is unchanged by it)."""
-    C, u, eigs = cache.system(k, alpha, start)
+    C, u, eigs = sketched_system(cache, k, alpha, start)
     lam_s = lambda_star(eigs, k / 4)
     lam_base = default_lambda(eigs, k, damping)
     lam_used = lam_base if lam is None else float(lam)
@@ -269,9 +174,9 @@ def _newton_alignment(
     """Â = g̃·M̃⁻¹ũ for every pair (the first max_rows); normalize divides each g̃ by its norm."""
     C, u, info = _newton_system(cache, k, alpha, lam, start, damping, normalize)
     x = newton_solve(C, u, info["lam"])
-    A = cache.project(x, start, max_rows) / math.sqrt(k)
+    A = project(cache, x, start, max_rows) / math.sqrt(k)
     if normalize:
-        norms = cache.row_norms(k, start)[: len(A)]
+        norms = row_norms(cache, k, start)[: len(A)]
         A = A / np.maximum(norms, 1e-300)
     return A, info
 
@@ -490,7 +395,7 @@ def rank(
     elif method == "clipscore":
         A = cache.column("clipscore").copy()
     elif method == "dot":
-        A = cache.project(cache.u[:k], 0) / k
+        A = project(cache, cache.u[:k], 0) / k
     else:  # tracin
         if not checkpoints:
             raise ValueError(
@@ -503,7 +408,7 @@ def rank(
                     f"checkpoint cache {other.root} has other pairs or batches than {cache.root}"
                 )
             kk = min(k, other.k_max)
-            A += float(eta) * other.project(other.u[:kk], 0) / kk
+            A += float(eta) * project(other, other.u[:kk], 0) / kk
     return finish(A, info, use_l=False, use_r=False, rank_normalized=False)
 
 
@@ -538,7 +443,7 @@ def rank_exact(
     from chips_core.scoring.prepare import exact_batches
 
     k = _check_k(cache, k)
-    _, _, eigs = cache.system(k, alpha)
+    _, _, eigs = sketched_system(cache, k, alpha)
     lam_s = lambda_star(eigs, k / 4)
     lam_base = default_lambda(eigs, k, damping)
     lam_used = lam_base if lam is None else float(lam)

@@ -54,7 +54,7 @@ class Recipe:
 
 
 def load_cache(ws: Workspace, cache: Any) -> Any:
-    from chips_core.scoring.ranking import ScoringCache
+    from chips_core.scoring.cache import ScoringCache
 
     if isinstance(cache, ScoringCache):
         return cache

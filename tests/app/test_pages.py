@@ -10,7 +10,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from chips_core.curation import gallery, selection
-from chips_core.scoring.ranking import ScoringCache, eval_contributions
+from chips_core.scoring.cache import ScoringCache
+from chips_core.scoring.ranking import eval_contributions
 from chips_core.workspace import jobs, store
 from tests.app.workspace_build import EVAL, POOL
 

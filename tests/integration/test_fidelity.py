@@ -69,7 +69,7 @@ def _crops(names: dict[str, str], n: int, rng: np.random.Generator) -> tuple[lis
 def build_features(n_pool: int = 1024, n_eval: int = 128, seed: int = 0):
     """(pool ArrayFeatures, eval ArrayFeatures, EndpointParams) from chips-tiny-vit (random init, seeded)."""
     from chips_core.features.models import load_model
-    from chips_core.scoring.ranking import ArrayFeatures
+    from chips_core.scoring.prepare import ArrayFeatures
 
     rng = np.random.default_rng(seed)
     model = load_model("chips-tiny-vit", seed=seed)
@@ -98,7 +98,8 @@ def test_sketched_matches_exact_at_default_lambda(tmp_path):
     """The sketched Newton score against the exact one (CG, same absolute λ): at the paper's λ* (d(λ*) =
     k/4, raw gradients, every block) and with the default preset's rank options (λ = 0.1·tr C̃, unit-norm
     gradients) on the same cache."""
-    from chips_core.scoring.ranking import PrepareConfig, prepare, rank, rank_exact
+    from chips_core.scoring.prepare import PrepareConfig, prepare
+    from chips_core.scoring.ranking import rank, rank_exact
 
     pool, ev, params = build_features()
     cfg = PrepareConfig(

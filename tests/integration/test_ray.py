@@ -28,8 +28,9 @@ import torch
 from chips_core.features.featurize import FeatureStore, featurize
 from chips_core.features.models import load_model
 from chips_core.pools.ingest import ingest
+from chips_core.scoring.cache import ScoringCache
 from chips_core.scoring.prepare import PrepareConfig, prepare
-from chips_core.scoring.ranking import ScoringCache, rank
+from chips_core.scoring.ranking import rank
 from chips_core.workspace.store import Workspace
 from tests.fixtures_build import make_csv_pool, make_wds_pool
 from tests.net_probe import LOOPBACK, descendants, listening

@@ -9,6 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from chips_core.scoring.batches import assign_batches
+from chips_core.scoring.cache import PrepareError, ScoringCache
 from chips_core.scoring.curvature import CurvatureAccumulator, combine, eigenvalues, lambda_star
 from chips_core.scoring.endpoint import (
     EndpointGrads,
@@ -19,18 +20,8 @@ from chips_core.scoring.endpoint import (
     zeroshot_grad_sum,
 )
 from chips_core.scoring.exact import unflat
-from chips_core.scoring.ranking import (
-    ArrayFeatures,
-    PrepareConfig,
-    PrepareError,
-    ScoringCache,
-    ZeroShotEval,
-    eval_contributions,
-    guard_mask,
-    prepare,
-    rank,
-    rank_exact,
-)
+from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig, ZeroShotEval, prepare
+from chips_core.scoring.ranking import eval_contributions, guard_mask, project, rank, rank_exact
 from chips_core.scoring.sketch import make_sketch
 
 pytestmark = pytest.mark.unit
@@ -125,7 +116,7 @@ def test_cache_matches_direct_computation(built):
     assert (cache.u_full[-1] == 0) == ("temperature" not in cache.config.blocks)
     # fp16 storage with per-row, per-block scales keeps every row to ~1e-3 relative
     x = np.random.default_rng(0).standard_normal(64)
-    got, ref = cache.project(x), G @ x
+    got, ref = project(cache, x), G @ x
     assert np.max(np.abs(got - ref)) < 3e-3 * np.abs(G).max(1).mean() * np.abs(x).sum()
     assert spearmanr(got, ref).statistic > 0.9999
 
@@ -313,7 +304,7 @@ def test_self_only_and_zero_shot(built, tmp_path):
     )
     zcfg = PrepareConfig(**{**CFG.__dict__, "blocks": cache.config.blocks})
     selfo = prepare(pool, ev, params, cfg, tmp_path / "self")
-    assert not np.allclose(selfo.project(np.ones(64)), cache.project(np.ones(64)))
+    assert not np.allclose(project(selfo, np.ones(64)), project(cache, np.ones(64)))
     rng = np.random.default_rng(4)
     zs = ZeroShotEval(rng.standard_normal((40, DV)), rng.integers(0, 3, 40), rng.standard_normal((3, DT)))
     z = prepare(pool, zs, params, zcfg, tmp_path / "zs")
