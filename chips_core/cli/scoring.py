@@ -149,7 +149,7 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _prepare_config(args: argparse.Namespace) -> Any:
+def _prepare_config(args: argparse.Namespace) -> PrepareConfig:
     from chips_core.features.models import resolve_device
 
     return PrepareConfig(

@@ -47,6 +47,7 @@ def _add_recipe(p: Any) -> None:
         "extra_args",
         "more open_clip_train flags, one string ('--wd 0.1')",
         flag="--extra",
+        metavar="FLAGS",
         type=str.split,
         show=False,
     )
