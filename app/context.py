@@ -9,14 +9,14 @@ No math: rankings come from `chips_core.scoring.ranking.rank`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from chips_core.scoring import presets
+from chips_core.scoring.params import BLOCKS, DEFAULT_BLOCKS, RankParams, parse_blocks
 from chips_core.workspace import store
 
 # Widget keys whose values must survive page switches (Streamlit drops the state of widgets not drawn).
@@ -39,28 +39,25 @@ PERSISTENT_KEYS = (
     "guard_on",
     "guard_mads",
 )
+# the widgets' defaults are RankParams' (chips_core/scoring/params.py; the preset's widgets are set by
+# preset_state, k by the Scores page from the cache's k_max); λ is a multiple of the default λ
+_RANK_WIDGETS = ("method", "alpha", "beta", "ratio", "use_learnability", "use_relevance", "rank_normalized",
+                 "guard_mads")  # fmt: skip
 DEFAULTS: dict[str, Any] = {
-    "method": "chips",
-    "alpha": 0.7,
+    **{key: value for key, value in asdict(RankParams()).items() if key in _RANK_WIDGETS},
     "lam_factor": 1.0,
-    "beta": 0.5,
-    "ratio": 0.3,
-    "use_learnability": True,
-    "use_relevance": True,
-    "rank_normalized": False,
     "preset": "default",
-    "guard_mads": presets.GUARD_MADS,
 }
 
 
 def preset_state(name: str) -> dict[str, Any]:
-    """The Scores page's widget values of a scoring preset (chips_core.scoring.presets.PRESETS)."""
-    p = presets.PRESETS[name]
+    """The Scores page's widget values of a scoring preset (chips_core.scoring.params.PRESETS)."""
+    p = RankParams.preset(name)
     return {
-        "blocks": list(presets.parse_blocks(p["blocks"])),
-        "damping": p["damping"],
-        "normalize": p["normalize"],
-        "guard_on": p["guard"] != "none",
+        "blocks": list(parse_blocks(p.blocks)),
+        "damping": p.damping,
+        "normalize": p.normalize,
+        "guard_on": p.guard != "none",
     }
 
 
@@ -204,7 +201,7 @@ def scoring_context(ws: store.Workspace) -> ScoringContext:
         )
         st.stop()
     df = df.assign(blocks=[_cache_blocks(c) for c in df["config"]])
-    wanted = ",".join(presets.parse_blocks(st.session_state.get("blocks") or presets.DEFAULT_BLOCKS))
+    wanted = ",".join(parse_blocks(st.session_state.get("blocks") or DEFAULT_BLOCKS))
     hit = df[df["blocks"] == wanted]
     r = (hit if len(hit) else df).iloc[0]
     return ScoringContext(
@@ -225,7 +222,7 @@ def _cache_blocks(config_json: str) -> str:
     """The parameter blocks a cache scores (caches made before blocks existed scored all of them)."""
     import json
 
-    return ",".join(presets.parse_blocks(json.loads(config_json).get("blocks", ",".join(presets.BLOCKS))))
+    return ",".join(parse_blocks(json.loads(config_json).get("blocks", ",".join(BLOCKS))))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the scoring cache…")
@@ -277,32 +274,40 @@ def _rank_cached(cache_dir: str, params: tuple[tuple[str, Any], ...]) -> Any:
     """One ranking per (cache, parameters): page switches and reruns reuse it instead of re-ranking."""
     from chips_core.scoring.ranking import rank
 
-    return rank(load_cache(cache_dir), **dict(params))
+    return rank(load_cache(cache_dir), RankParams(**dict(params)))
+
+
+def page_params(ctx: ScoringContext, **changes: Any) -> RankParams:
+    """The RankParams of the Scores page's choices with `changes`, at the default λ (lam_factor aside)."""
+    p = rank_params() | changes
+    chips = p["method"] == "chips"
+    return RankParams(
+        method=p["method"],
+        alpha=p["alpha"],
+        k=p["k"],
+        beta=p["beta"],
+        ratio=p["ratio"],
+        use_learnability=p["use_learnability"],
+        use_relevance=p["use_relevance"],
+        rank_normalized=p["rank_normalized"],
+        blocks=ctx.blocks,
+        damping=p["damping"],
+        normalize=p["normalize"],
+        guard=p["guard"] if chips else "none",
+        guard_mads=p["guard_mads"],
+    )
 
 
 def current_rank(ctx: ScoringContext, **changes: Any) -> Any:
     """The RankResult for the Scores page's parameters with `changes` (λ = lam_factor × the damping rule's
-    default λ; no model is run)."""
-    p = rank_params() | changes
-    kwargs = {
-        "method": p["method"],
-        "alpha": p["alpha"],
-        "k": p["k"],
-        "beta": p["beta"],
-        "ratio": p["ratio"],
-        "use_learnability": p["use_learnability"],
-        "use_relevance": p["use_relevance"],
-        "rank_normalized": p["rank_normalized"],
-        "guard": p["guard"] if p["method"] == "chips" else "none",
-        "guard_mads": p["guard_mads"],
-    }
-    if p["method"] == "chips":
-        kwargs |= {"damping": p["damping"], "normalize": p["normalize"]}
-    base = _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": None}.items())))
-    if p["lam_factor"] == 1.0 or base.info.get("lam_base") is None:  # λ only exists for chips / trak
+    default λ; no model is run). Its `params` are the RankParams it was ranked with."""
+    params = page_params(ctx, **changes)
+    base = _rank_cached(ctx.cache_dir, tuple(sorted(asdict(params).items())))
+    lam_factor = (rank_params() | changes)["lam_factor"]
+    if lam_factor == 1.0 or base.info.get("lam_base") is None:  # λ only exists for chips / trak
         return base
-    lam = float(base.info["lam_base"]) * p["lam_factor"]
-    return _rank_cached(ctx.cache_dir, tuple(sorted({**kwargs, "lam": lam}.items())))
+    lam = float(base.info["lam_base"]) * lam_factor
+    return _rank_cached(ctx.cache_dir, tuple(sorted(asdict(params.replace(lam=lam)).items())))
 
 
 @st.cache_data(show_spinner=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import streamlit as st
 
@@ -57,14 +59,10 @@ def pair_detail(ctx: context.ScoringContext, table: pd.DataFrame, pair_id: int) 
         _eval_pair_contributions(ctx, pair_id)
 
 
-def _contribution_params(ctx: context.ScoringContext) -> dict:
-    """α, λ, k of the Scores page's ranking when it is a Newton solve (chips / trak); else its α, k and λ*."""
-    info = context.current_rank(ctx).info
-    if info.get("lam") is not None:
-        return {"alpha": float(info["alpha"]), "lam": float(info["lam"]), "k": int(info["k"]),
-                "normalize": bool(info.get("normalize", False))}  # fmt: skip
-    p = context.rank_params()
-    return {"alpha": p["alpha"], "lam": None, "k": p["k"]}
+def _contribution_params(ctx: context.ScoringContext) -> Any:
+    """The RankParams of the Scores page's ranking: its Newton solve for chips / trak, else CHIPS's at the
+    page's α, k, damping and normalisation."""
+    return context.current_rank(ctx).params
 
 
 def _eval_pair_contributions(ctx: context.ScoringContext, pair_id: int, top: int = 5) -> None:
@@ -72,7 +70,7 @@ def _eval_pair_contributions(ctx: context.ScoringContext, pair_id: int, top: int
     ws = store.Workspace(ctx.ws_root)
     cache = context.load_cache(ctx.cache_dir)
     try:
-        frame = scoring.eval_contributions(cache, pair_id, top=top, **_contribution_params(ctx))
+        frame = scoring.eval_contributions(cache, pair_id, _contribution_params(ctx), top=top)
     except (PrepareError, KeyError) as exc:
         st.info(f"Eval-pair contributions are not available: {exc}")
         return

@@ -16,6 +16,8 @@ import plotly.express as px
 import streamlit as st
 
 from app import context
+from chips_core.training import cpt
+from chips_core.training.cpt import Recipe
 from chips_core.workspace import jobs, store
 
 
@@ -139,17 +141,20 @@ def train_form(
 ) -> None:
     """Launch CPT of the pool's model on a saved selection (open_clip_train in a background job)."""
     model_flags = _model_flags(ws, ctx.pool_run_id)
+    d = {f.name: f.default for f in dataclasses.fields(Recipe)}  # the form's defaults are the recipe's
     with st.form("train_form"):
         st.caption(
-            "Continual pre-training with open_clip_train (AdamW β=(0.9, 0.98), ε=1e-6, cosine schedule), "
+            f"Continual pre-training with open_clip_train (AdamW β={cpt.ADAM_BETAS}, ε={cpt.ADAM_EPS:g}, "
+            "cosine schedule), "
             f"starting from the model the pool was featurized with (`{' '.join(model_flags[1:]) or '?'}`)."
         )
         sel = st.selectbox("Selection", ids, format_func=labels.get, key="train_sel")
         c1, c2, c3, c4 = st.columns(4)
-        epochs = c1.number_input("Epochs", 1, 100, 5, key="train_epochs")
-        lr = c2.number_input("Learning rate", 1e-8, 1e-2, 1e-6, format="%.1e", key="train_lr")
-        batch = c3.number_input("Batch size", 2, 4096, 64, key="train_batch")
-        device = c4.selectbox("Device", ["cpu", "cuda"], key="train_device")
+        epochs = c1.number_input("Epochs", 1, 100, d["epochs"], key="train_epochs")
+        lr = c2.number_input("Learning rate", 1e-8, 1e-2, d["lr"], format="%.1e", key="train_lr")
+        batch = c3.number_input("Batch size", 2, 4096, d["batch_size"], key="train_batch")
+        devices = ["cpu", "cuda"]
+        device = c4.selectbox("Device", devices, index=devices.index(d["device"]), key="train_device")
         if st.form_submit_button("Train", type="primary"):
             argv = ["train", str(ws.root), "--selection", str(sel), *model_flags, "--epochs", str(epochs)]
             argv += ["--lr", repr(float(lr)), "--batch-size", str(batch), "--device", device]

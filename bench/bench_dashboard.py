@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chips_core.scoring.endpoint import EndpointParams  # noqa: E402
-from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig, prepare  # noqa: E402
+from chips_core.scoring.params import PrepareConfig, RankParams  # noqa: E402
+from chips_core.scoring.prepare import ArrayFeatures, prepare  # noqa: E402
 from chips_core.scoring.ranking import rank  # noqa: E402
 from chips_core.workspace import store  # noqa: E402
 from tests.browser.harness import chromium_page, streamlit_server, wait_idle  # noqa: E402
@@ -162,7 +163,7 @@ def main() -> None:
     rank_s = []
     for alpha in (0.7, 0.65, 0.6, 0.55, 0.5):
         t0 = time.perf_counter()
-        rank(cache, alpha=alpha, k=args.k_max // 2)
+        rank(cache, RankParams(alpha=alpha, k=args.k_max // 2))
         rank_s.append(time.perf_counter() - t0)
 
     rows = [("rank() in-process, chips, k=k_max/2", "—", statistics.median(rank_s), max(rank_s))]

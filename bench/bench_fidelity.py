@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from chips_core.scoring.prepare import PrepareConfig, prepare
+from chips_core.scoring.params import PrepareConfig, RankParams
+from chips_core.scoring.prepare import prepare
 from chips_core.scoring.ranking import rank, rank_exact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +64,15 @@ def main() -> None:
             cache = prepare(pool, ev, params, cfg, Path(tmp) / kind)
             prep_s = time.perf_counter() - t1
             for k in ks:
-                base = rank(cache, k=k, alpha=a.alpha)
-                dot = rank(cache, "dot", k=k).frame["score"]
+                base = rank(cache, RankParams(k=k, alpha=a.alpha))
+                dot = rank(cache, RankParams(method="dot", k=k)).frame["score"]
                 for f in factors:
                     lam = base.info["lam_star"] * f
-                    sk = rank(cache, k=k, alpha=a.alpha, lam=lam)
+                    sk = rank(cache, RankParams(k=k, alpha=a.alpha, lam=lam))
                     key = round(lam, 15)
                     if key not in exact_cache:
                         exact_cache[key] = rank_exact(
-                            cache, pool, params, alpha=a.alpha, k=k, lam=lam, tol=1e-6
+                            cache, pool, params, RankParams(alpha=a.alpha, k=k, lam=lam), tol=1e-6
                         )
                     ex = exact_cache[key]
                     r_ex = spearmanr(sk.frame["alignment"], ex.frame["alignment"]).statistic

@@ -197,7 +197,8 @@ def child_write(root: Path, n_total: int, sizes: list[int], seed: int) -> dict:
 def child_prepare(root: Path, run_id: int, cfg: dict, seed: int, n_eval: int) -> dict:
     """prepare over one feature run in this (fresh) process; memory before, during and at the end."""
     from chips_core.features.featurize import FeatureStore
-    from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig, prepare
+    from chips_core.scoring.params import PrepareConfig
+    from chips_core.scoring.prepare import ArrayFeatures, prepare
     from chips_core.workspace.store import Workspace
 
     store = FeatureStore(Workspace(root / "ws"), run_id)

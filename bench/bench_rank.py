@@ -26,7 +26,8 @@ from chips_core.scoring.cache import (
     save_npy,
     save_npz,
 )
-from chips_core.scoring.prepare import PrepareConfig, quantize_blocks
+from chips_core.scoring.params import PrepareConfig, RankParams
+from chips_core.scoring.prepare import quantize_blocks
 from chips_core.scoring.ranking import project, rank
 
 
@@ -133,18 +134,26 @@ def main() -> None:
         f"ScoringCache.load: {time.perf_counter() - t0:.3f} s; torch threads {torch.get_num_threads()}, "
         f"cpus {os.cpu_count()}"
     )
-    lam0 = rank(cache, k=a.k).info["lam"]  # warms the page cache and the eigenvalue cache of (k, α)
+    lam0 = rank(cache, RankParams(k=a.k)).info[
+        "lam"
+    ]  # warms the page cache and the eigenvalue cache of (k, α)
     rows = [
-        ("chips, default preset, α=0.7 (incl. stability)", lambda: rank(cache, k=a.k)),
-        ("chips, λ = 10 × the default λ (slider move)", lambda: rank(cache, k=a.k, lam=10 * lam0)),
+        ("chips, default preset, α=0.7 (incl. stability)", lambda: rank(cache, RankParams(k=a.k))),
+        (
+            "chips, λ = 10 × the default λ (slider move)",
+            lambda: rank(cache, RankParams(k=a.k, lam=10 * lam0)),
+        ),
         (
             "chips, paper preset (λ*, raw gradients)",
-            lambda: rank(cache, k=a.k, damping="dimension", normalize=False, guard="none"),
+            lambda: rank(cache, RankParams(k=a.k, damping="dimension", normalize=False, guard="none")),
         ),
-        ("chips, β=0.8, ratio 0.1 (weights only)", lambda: rank(cache, k=a.k, beta=0.8, ratio=0.1)),
-        ("dot", lambda: rank(cache, "dot", k=a.k)),
-        ("clipscore", lambda: rank(cache, "clipscore")),
-        ("matvec only (cache.project)", lambda: project(cache, np.ones(a.k))),
+        (
+            "chips, β=0.8, ratio 0.1 (weights only)",
+            lambda: rank(cache, RankParams(k=a.k, beta=0.8, ratio=0.1)),
+        ),
+        ("dot", lambda: rank(cache, RankParams(method="dot", k=a.k))),
+        ("clipscore", lambda: rank(cache, RankParams(method="clipscore"))),
+        ("matvec only (project)", lambda: project(cache, np.ones(a.k))),
     ]
     print(f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"\n| rank call ({a.n:,} pairs, k = {a.k}) | best wall s | median wall s | median CPU s |")
@@ -154,7 +163,7 @@ def main() -> None:
         print(f"| {name} | {best:.3f} | {med:.3f} | {cpu:.3f} |")
     print(f"load average {os.getloadavg()[0]:.1f} at end")
     t0 = time.perf_counter()
-    rank(cache, k=a.k, alpha=0.3)
+    rank(cache, RankParams(k=a.k, alpha=0.3))
     print(f"\nfirst call at a new α (k×k eigenvalues, then cached): {time.perf_counter() - t0:.3f} s")
 
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chips_core.features.featurize import FeatureStore, featurize  # noqa: E402
 from chips_core.features.models import load_model  # noqa: E402
 from chips_core.pools.ingest import ingest  # noqa: E402
-from chips_core.scoring.prepare import PrepareConfig, prepare  # noqa: E402
+from chips_core.scoring.params import PrepareConfig  # noqa: E402
+from chips_core.scoring.prepare import prepare  # noqa: E402
 from chips_core.workspace.store import Workspace  # noqa: E402
 from tests.fixtures_build import make_csv_pool  # noqa: E402
 

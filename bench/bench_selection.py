@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chips_core.engines.pipeline import cache_with_blocks, prepare_workspace  # noqa: E402
 from chips_core.scoring.cache import ScoringCache  # noqa: E402
-from chips_core.scoring.prepare import PrepareConfig  # noqa: E402
-from chips_core.scoring.presets import PRESETS  # noqa: E402
+from chips_core.scoring.params import PRESETS, PrepareConfig, RankParams  # noqa: E402
 from chips_core.scoring.ranking import rank  # noqa: E402
 from chips_core.workspace.store import Workspace  # noqa: E402
 
@@ -107,20 +106,22 @@ def main() -> None:
                      "stability": info.get("stability"), "guarded": info.get("n_guarded")})  # fmt: skip
 
     for label, blocks, opts in LADDER:
-        add(label, rank(caches[blocks], k=a.k, **opts))
+        add(label, rank(caches[blocks], RankParams(k=a.k, **opts)))
     cache = caches[VT]
-    lam0 = rank(cache, k=a.k).info["lam"]
+    lam0 = rank(cache, RankParams(k=a.k)).info["lam"]
     for scale in (0.01, 1.0):
-        add(f"default, λ = {scale:g}·tr C̃", rank(cache, k=a.k, lam=lam0 * scale / 0.1))
+        add(f"default, λ = {scale:g}·tr C̃", rank(cache, RankParams(k=a.k, lam=lam0 * scale / 0.1)))
     for k in sorted({a.k // 4, a.k // 2, a.k}):
-        add(f"default, k = {k}", rank(cache, k=k))
-        add(f"paper, k = {k}", rank(caches[ALL], k=k, **{kk: v for kk, v in LADDER[0][2].items()}))
-    random = [shares(rank(cache, "random", seed=s).frame, truth) for s in range(10)]
+        add(f"default, k = {k}", rank(cache, RankParams(k=k)))
+        add(
+            f"paper, k = {k}", rank(caches[ALL], RankParams(k=k, **{kk: v for kk, v in LADDER[0][2].items()}))
+        )
+    random = [shares(rank(cache, RankParams(method="random", seed=s)).frame, truth) for s in range(10)]
     rows.append({"variant": "random (mean of 10 seeds)", **pd.DataFrame(random).mean().to_dict()})
-    add("clipscore", rank(cache, "clipscore"))
-    add("dot (projections)", rank(cache, "dot", k=a.k))
-    add("dot (with temperature)", rank(caches[ALL], "dot", k=a.k))
-    add("trak-style", rank(caches[ALL], "trak", k=a.k))
+    add("clipscore", rank(cache, RankParams(method="clipscore")))
+    add("dot (projections)", rank(cache, RankParams(method="dot", k=a.k)))
+    add("dot (with temperature)", rank(caches[ALL], RankParams(method="dot", k=a.k)))
+    add("trak-style", rank(caches[ALL], RankParams(method="trak", k=a.k)))
     df = pd.DataFrame(rows)
     cols = list(df.columns)
     print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")

@@ -212,8 +212,7 @@ def _prepare(ws: Workspace, say: ProgressFn) -> int:
     """The demo's scoring caches through the CLI's workspace-level prepare: the paper preset's blocks, then
     the default PrepareConfig (CPU), so the dashboard's preset switch needs no job; returns the default's."""
     from chips_core.engines.pipeline import prepare_workspace
-    from chips_core.scoring.prepare import PrepareConfig
-    from chips_core.scoring.presets import PRESETS
+    from chips_core.scoring.params import PRESETS, PrepareConfig
 
     paper = PrepareConfig(device="cpu", blocks=PRESETS["paper"]["blocks"])
     say(_STEPS - 2, _STEPS, stage="preparing the scoring cache of the paper preset")

@@ -8,7 +8,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import context, jobs_view, widgets
-from chips_core.scoring import presets
+from chips_core.scoring import params as sp
 from chips_core.scoring.diagnostics import stability_warning
 from chips_core.scoring.ranking import ALPHA_INERT_RATIO, selection_change
 
@@ -36,13 +36,15 @@ if ctx.blocks_missing:
             required={"Pool": ctx.pool_name, "Eval set": ctx.eval_name},
         )
 
-METHODS = {
+LABELS = {
     "chips": "CHIPS",
     "dot": "Dot (gradient alignment)",
     "trak": "TRAK-style (α = 0, no weights, literal damping)",
     "clipscore": "CLIPScore",
     "random": "Random",
 }
+METHODS = [m for m in sp.METHODS if m not in sp.NEEDS_CHECKPOINTS]  # TracIn needs checkpoint caches (CLI)
+DEFAULT_ALPHA = sp.default_of(sp.RankParams, "alpha")
 k_max = int(cache.k_max)
 k_choices = [k for k in (2**i for i in range(3, 20)) if k <= k_max]
 if k_max not in k_choices:
@@ -57,15 +59,15 @@ left, right = st.columns([1, 2.4], gap="large")
 with left:
     st.selectbox(
         "Method",
-        list(METHODS),
-        format_func=METHODS.get,
+        METHODS,
+        format_func=lambda m: LABELS.get(m, m),
         key="method",
         help="CHIPS = curvature-aware influence × learnability × relevance; the others are the paper's "
         "baselines on the same features and batches. TracIn needs checkpoint caches (CLI).",
     )
     st.selectbox(
         "Scoring preset",
-        list(presets.PRESETS),
+        list(sp.PRESETS),
         key="preset",
         on_change=context.apply_preset,
         format_func={"default": "Recommended (default)", "paper": "CHIPS paper, literal"}.get,
@@ -92,7 +94,7 @@ with left:
     with st.expander("How a pair is compared with the target (for ML engineers)"):
         st.multiselect(
             "Parameter blocks scored",
-            list(presets.BLOCKS),
+            list(sp.BLOCKS),
             key="blocks",
             help="visual / text: the two projection heads; temperature: the logit scale. open_clip clamps "
             "the logit scale at ln 100 and public CLIPs sit there, so a step along it is often not one CPT "
@@ -105,10 +107,13 @@ with left:
         )
         st.radio(
             "Default λ",
-            list(presets.DAMPINGS),
+            list(sp.DAMPINGS),
             key="damping",
             horizontal=True,
-            format_func={"trace": "0.1 × trace (same at every k)", "dimension": "d(λ*) = k/4 (paper)"}.get,
+            format_func={
+                "trace": f"{sp.DAMPING_SCALE:g} × trace (same at every k)",
+                "dimension": "d(λ*) = k/4 (paper)",
+            }.get,
         )
     st.slider(
         "α — weight of the negative curvature",
@@ -162,10 +167,10 @@ with left:
             f"Across its whole range (α = 0 → 1), α swaps {len(moved['entering'])} of the {n_sel:,} "
             "selected pairs."
         )
-        if abs(float(st.session_state["alpha"]) - 0.7) > 1e-9:
-            now = selection_change(context.current_rank(ctx, alpha=0.7), result)
+        if abs(float(st.session_state["alpha"]) - DEFAULT_ALPHA) > 1e-9:
+            now = selection_change(context.current_rank(ctx, alpha=DEFAULT_ALPHA), result)
             st.caption(
-                f"Compared with α = 0.7: {len(now['entering'])} pairs enter the selection and "
+                f"Compared with α = {DEFAULT_ALPHA:g}: {len(now['entering'])} pairs enter the selection and "
                 f"{len(now['leaving'])} leave it."
             )
     if info.get("n_guarded"):

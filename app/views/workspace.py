@@ -7,7 +7,8 @@ from pathlib import Path
 import streamlit as st
 
 from app import context, jobs_view
-from chips_core.scoring import presets
+from chips_core.scoring import params as sp
+from chips_core.scoring.params import PrepareConfig
 from chips_core.workspace import store
 
 st.title("Workspace")
@@ -140,13 +141,15 @@ with prep, st.form("prepare_form"):
     p_pool = c1.selectbox("Pool", train_pools, key="prep_pool")
     p_eval = c2.selectbox("Eval set", evals, key="prep_eval")
     c3, c4, c5 = st.columns(3)
-    k_max = c3.select_slider("k_max", options=[256, 512, 1024, 2048, 4096], value=1024, key="prep_kmax")
-    sketch = c4.selectbox("Sketch", ["kronecker", "dense"], key="prep_sketch")
-    batch = c5.number_input("InfoNCE batch size", 2, 65536, 1024, key="prep_batch")
+    d = PrepareConfig()  # the form's defaults are the library's
+    k_options = sorted({256, 512, 1024, 2048, 4096, d.k_max})
+    k_max = c3.select_slider("k_max", options=k_options, value=d.k_max, key="prep_kmax")
+    sketch = c4.selectbox("Sketch", sp.SKETCHES, index=sp.SKETCHES.index(d.sketch), key="prep_sketch")
+    batch = c5.number_input("InfoNCE batch size", 2, 65536, d.batch_size, key="prep_batch")
     blocks = st.multiselect(
         "Parameter blocks scored",
-        list(presets.BLOCKS),
-        default=list(presets.parse_blocks(presets.DEFAULT_BLOCKS)),
+        list(sp.BLOCKS),
+        default=list(sp.parse_blocks(d.blocks)),
         key="prep_blocks",
         help="The recommended default leaves the temperature out (docs/SCORING.md); the paper scores all "
         "three.",
@@ -154,7 +157,7 @@ with prep, st.form("prepare_form"):
     if st.form_submit_button("Prepare", type="primary"):
         argv = ["prepare", str(ws.root), str(p_pool), "--eval", str(p_eval), "--k-max", str(k_max)]
         argv += ["--sketch", sketch, "--batch-size", str(batch)]
-        argv += ["--blocks", ",".join(blocks or presets.parse_blocks(presets.DEFAULT_BLOCKS))]
+        argv += ["--blocks", ",".join(blocks or sp.parse_blocks(d.blocks))]
         jobs_view.launch(ws, "prepare", argv, required={"Pool": p_pool or "", "Eval set": p_eval or ""})
 
 st.subheader("Jobs")

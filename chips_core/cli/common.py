@@ -82,6 +82,24 @@ UNIT = ranged(float, 0, 1)  # α, β
 FRACTION = ranged(float, 0, 1, lo_open=True)  # a selection ratio
 
 
+def field_flag(
+    group: Any, cls: type, name: str, help: str, flag: str | None = None, show: bool = True, **kwargs: Any
+) -> None:
+    """Add the flag of field `name` of dataclass `cls` (`--name-with-dashes` unless `flag`), its default
+    read from the dataclass (the one place it is written) and shown in the help unless show=False."""
+    from chips_core.scoring.params import default_of
+
+    default = default_of(cls, name)
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    kwargs.setdefault("dest", name)
+    group.add_argument(
+        flag or "--" + name.replace("_", "-"),
+        default=default,
+        help=f"{help} (default {shown})" if show else help,
+        **kwargs,
+    )
+
+
 # --- helpers shared by commands -------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from chips_core.cli.common import (
     FRACTION,
     UNIT,
     CliError,
+    field_flag,
     note,
     open_workspace,
     positive,
@@ -19,7 +20,8 @@ from chips_core.cli.common import (
     warn,
 )
 from chips_core.engines.pipeline import load_run_model, prepare_workspace
-from chips_core.scoring import presets
+from chips_core.scoring import params as sp
+from chips_core.scoring.params import PrepareConfig, RankParams
 from chips_core.workspace.progress import progress_bar
 from chips_core.workspace.store import Workspace
 
@@ -98,63 +100,34 @@ def _run_featurize(args: argparse.Namespace) -> int:
     return 0
 
 
-#: chips_core.scoring.prepare.PrepareConfig's defaults, repeated so that building the parser imports no torch
-#: (tests/integration/test_cli.py checks that they agree).
-PREPARE_DEFAULTS = {
-    "k_max": 1024,
-    "sketch": "kronecker",
-    "batch_size": 1024,
-    "seed": 0,
-    "negatives": "all",
-    "curvature_pairs": 100_000,
-    "negatives_per_row": 8,
-    "dtype": "float32",
-    "blocks": presets.DEFAULT_BLOCKS,
-}
-
-
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
-    d = PREPARE_DEFAULTS
+    """The PrepareConfig flags; their defaults are PrepareConfig's."""
     g = p.add_argument_group("prepare (the scoring cache; a different value makes a new cache)")
-    g.add_argument(
-        "--k-max", type=ranged(int, 2), default=d["k_max"], help=f"sketch rows stored (default {d['k_max']})"
+    field_flag(g, PrepareConfig, "k_max", "sketch rows stored", type=ranged(int, 2))
+    field_flag(g, PrepareConfig, "sketch", "JL sketch", choices=sp.SKETCHES)
+    field_flag(g, PrepareConfig, "batch_size", "InfoNCE batch size", type=ranged(int, 2))
+    field_flag(g, PrepareConfig, "seed", "seed of batches, sketch and negatives", type=int)
+    field_flag(
+        g,
+        PrepareConfig,
+        "negatives",
+        "per-sample gradients with all in-batch negatives or self-only (ablation)",
+        choices=sp.NEGATIVES,
     )
-    g.add_argument(
-        "--sketch", default=d["sketch"], choices=["kronecker", "dense"], help="JL sketch (default kronecker)"
+    field_flag(
+        g, PrepareConfig, "curvature_pairs", "pool pairs used to estimate the curvature", type=ranged(int, 2)
     )
-    g.add_argument(
-        "--batch-size",
-        type=ranged(int, 2),
-        default=d["batch_size"],
-        help=f"InfoNCE batch size (default {d['batch_size']})",
-    )
-    g.add_argument(
-        "--seed", type=int, default=d["seed"], help="seed of batches, sketch and negatives (default 0)"
-    )
-    g.add_argument(
-        "--negatives",
-        default=d["negatives"],
-        choices=["all", "self"],
-        help="per-sample gradients with all in-batch negatives (default) or self-only (ablation)",
-    )
-    g.add_argument(
-        "--curvature-pairs",
-        type=ranged(int, 2),
-        default=d["curvature_pairs"],
-        help=f"pool pairs used to estimate the curvature (default {d['curvature_pairs']})",
-    )
-    g.add_argument(
-        "--negatives-per-row",
+    field_flag(
+        g,
+        PrepareConfig,
+        "negatives_per_row",
+        "sampled negatives per row for the curvature",
         type=ranged(int, 1),
-        default=d["negatives_per_row"],
-        help=f"sampled negatives per row for the curvature (default {d['negatives_per_row']})",
     )
     g.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present"
     )
-    g.add_argument(
-        "--dtype", default=d["dtype"], choices=["float32", "float64"], help="math precision (default float32)"
-    )
+    field_flag(g, PrepareConfig, "dtype", "math precision", choices=sp.DTYPES)
     g.add_argument(
         "--model",
         default=None,
@@ -172,13 +145,12 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
         type=_blocks_arg,
         default=None,
         help="endpoint parameter blocks scored, comma-separated from visual, text, temperature "
-        f"(default: the preset's; {d['blocks']} for the default preset)",
+        f"(default: the preset's; {sp.DEFAULT_BLOCKS} for the default preset)",
     )
 
 
-def _prepare_config(args: argparse.Namespace) -> Any:
+def _prepare_config(args: argparse.Namespace) -> PrepareConfig:
     from chips_core.features.models import resolve_device
-    from chips_core.scoring.prepare import PrepareConfig
 
     return PrepareConfig(
         k_max=args.k_max,
@@ -190,7 +162,7 @@ def _prepare_config(args: argparse.Namespace) -> Any:
         negatives_per_row=args.negatives_per_row,
         device=resolve_device(args.device).type,
         dtype=args.dtype,
-        blocks=args.blocks or presets.PRESETS[getattr(args, "preset", "default")]["blocks"],
+        blocks=args.blocks or sp.PRESETS[getattr(args, "preset", "default")]["blocks"],
     )
 
 
@@ -234,22 +206,28 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval", dest="eval_name", required=True, help="eval set name (featurized with the same model)"
     )
-    p.add_argument(
-        "--method",
-        default="chips",
-        choices=["chips", "random", "clipscore", "dot", "tracin", "trak"],
-        help="CHIPS (default) or a baseline on the same features and batches (METHOD.md §7)",
+    field_flag(
+        p,
+        RankParams,
+        "method",
+        "CHIPS or a baseline on the same features and batches (METHOD.md §7)",
+        choices=sp.METHODS,
     )
-    p.add_argument("--alpha", type=UNIT, default=0.7, help="weight of the negative curvature (default 0.7)")
+    field_flag(p, RankParams, "alpha", "weight of the negative curvature", type=UNIT)
     p.add_argument(
-        "--lam", type=positive(float), default=None, help="damping λ (default λ* with d(λ*) = k/4)"
+        "--lam",
+        type=positive(float),
+        default=RankParams().lam,
+        help="damping λ (default: the --damping rule's)",
     )
     p.add_argument(
-        "--k", type=ranged(int, 1), default=None, help="sketch rows used, ≤ k-max (default k-max/2)"
+        "--k", type=ranged(int, 1), default=RankParams().k, help="sketch rows used, ≤ k-max (default k-max/2)"
     )
-    p.add_argument("--beta", type=UNIT, default=0.5, help="image/text balance of the relevance weight")
-    p.add_argument("--ratio", type=FRACTION, default=0.3, help="fraction marked selected (default 0.3)")
-    p.add_argument("--rank-seed", type=int, default=0, help="seed of the random baseline (default 0)")
+    field_flag(p, RankParams, "beta", "image/text balance of the relevance weight", type=UNIT)
+    field_flag(p, RankParams, "ratio", "fraction marked selected", type=FRACTION)
+    field_flag(
+        p, RankParams, "seed", "seed of the random baseline", flag="--rank-seed", dest="rank_seed", type=int
+    )
     p.add_argument(
         "--exact", action="store_true", help="CHIPS without the sketch (conjugate gradients; slow)"
     )
@@ -262,11 +240,11 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--preset",
         default="default",
-        choices=list(presets.PRESETS),
+        choices=list(sp.PRESETS),
         help="default: projections only, unit-norm gradients, λ = 0.1·tr C̃, CLIPScore guard; "
         "paper: the CHIPS paper's literal score (every block, raw gradients, d(λ*) = k/4, no guard)",
     )
-    g.add_argument("--damping", choices=presets.DAMPINGS, default=None, help="λ rule: trace | dimension")
+    g.add_argument("--damping", choices=sp.DAMPINGS, default=None, help="λ rule: trace | dimension")
     g.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,
@@ -275,15 +253,13 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--guard",
-        choices=presets.GUARDS,
+        choices=sp.GUARDS,
         default=None,
-        help="mad: hold pairs whose CLIPScore is an outlier below the median out of the selection; none",
+        help="mad: hold pairs whose CLIPScore is an outlier below the median out of the selection; none "
+        "(default: the preset's; chips only, the baselines stay literal)",
     )
-    g.add_argument(
-        "--guard-mads",
-        type=float,
-        default=presets.GUARD_MADS,
-        help=f"guard threshold in robust standard deviations (default {presets.GUARD_MADS})",
+    field_flag(
+        g, RankParams, "guard_mads", "guard threshold in robust standard deviations", type=positive(float)
     )
     p.add_argument(
         "--tracin-cache",
@@ -320,37 +296,18 @@ def _run_score(args: argparse.Namespace) -> int:
             "SELECT dir, pool_run_id FROM scoring_caches WHERE cache_id = ?", [cache_id]
         ).fetchone()
     cache = ScoringCache.load(cache_dir)
-    opts = dict(
-        alpha=args.alpha,
-        lam=args.lam,
-        k=args.k,
-        beta=args.beta,
-        ratio=args.ratio,
-        use_learnability=not args.no_learnability,
-        use_relevance=not args.no_relevance,
-        rank_normalized=args.rank_normalized,
-        **_preset_options(args),
-    )
+    params = rank_params(args).replace(blocks=cache.config.blocks)
     if args.exact:
         from chips_core.features.featurize import FeatureStore
 
-        params = load_run_model(ws, pool_run).adapter.endpoint_params()
-        result = rank_exact(cache, FeatureStore(ws, pool_run), params, **opts)
+        endpoint = load_run_model(ws, pool_run).adapter.endpoint_params()
+        result = rank_exact(cache, FeatureStore(ws, pool_run), endpoint, params)
     else:
         checkpoints = [_tracin_cache(ws, spec) for spec in args.tracin_cache] or None
-        result = rank(cache, args.method, seed=args.rank_seed, checkpoints=checkpoints, **opts)
+        result = rank(cache, params, checkpoints=checkpoints)
     method = "chips-exact" if args.exact else args.method
-    params = {
-        "method": method,
-        "preset": args.preset,
-        "blocks": cache.config.blocks,
-        "eval": args.eval_name,
-        "rank_seed": args.rank_seed,
-        "tracin": args.tracin_cache,
-        **opts,
-        "info": result.info,
-    }
-    run_id = sel.record_score_run(ws, args.pool, result, method, params, cache_id=cache_id)
+    extra = {"preset": args.preset, "eval": args.eval_name, "tracin": args.tracin_cache}
+    run_id = sel.record_score_run(ws, args.pool, result, method, extra, cache_id=cache_id)
     info = result.info
     say(
         f"score run {run_id}: {method} on {args.pool} ({info.get('n', len(result.frame))} pairs) against "
@@ -387,21 +344,34 @@ def _run_score(args: argparse.Namespace) -> int:
 def _blocks_arg(text: str) -> str:
     """argparse type of --blocks: a canonical comma-separated block list."""
     try:
-        return ",".join(presets.parse_blocks(text))
+        return ",".join(sp.parse_blocks(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _preset_options(args: argparse.Namespace) -> dict:
-    """rank() options of --preset with the flags that override it; the baselines stay literal unless a
-    guard is asked for."""
-    if args.method != "chips":
-        return {"guard": args.guard or "none", "guard_mads": args.guard_mads}
-    opts = presets.rank_options(args.preset) | {"guard_mads": args.guard_mads}
-    for name in ("damping", "normalize", "guard"):
-        if getattr(args, name) is not None:
-            opts[name] = getattr(args, name)
-    return opts
+def rank_params(args: argparse.Namespace) -> RankParams:
+    """The RankParams of `score`'s flags: --preset's values with the flags that override it (the
+    baselines stay literal unless a guard is asked for). The cache's blocks are set by the caller."""
+    overrides = {name: getattr(args, name) for name in ("damping", "normalize", "guard")}
+    try:
+        return RankParams.preset(
+            args.preset,
+            blocks=None,
+            method=args.method,
+            alpha=args.alpha,
+            lam=args.lam,
+            k=args.k,
+            beta=args.beta,
+            ratio=args.ratio,
+            seed=args.rank_seed,
+            use_learnability=not args.no_learnability,
+            use_relevance=not args.no_relevance,
+            rank_normalized=args.rank_normalized,
+            guard_mads=args.guard_mads,
+            **{name: value for name, value in overrides.items() if value is not None},
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _tracin_cache(ws: Workspace, spec: str) -> tuple[Any, float]:

@@ -10,14 +10,16 @@ from chips_core.cli.common import (
     FRACTION,
     UNIT,
     CliError,
+    field_flag,
     open_workspace,
     ranged,
     register,
     say,
     selection_id,
 )
+from chips_core.scoring.params import EXPERIMENT_METHODS, RankParams
+from chips_core.training.cpt import Recipe
 from chips_core.training.experiment import (
-    Recipe,
     load_cache,
     markdown_table,
     run_experiment,
@@ -28,23 +30,34 @@ from chips_core.workspace.store import Workspace
 
 
 def _add_recipe(p: Any) -> None:
-
+    """The Recipe flags; their defaults are Recipe's (CHIPS paper, METHOD.md §8)."""
     g = p.add_argument_group("CPT recipe (open_clip_train; defaults from the CHIPS paper)")
     g.add_argument("--model", required=True, help="open_clip name, local-dir:PATH or hf-hub:ID")
-    g.add_argument("--pretrained", default=None, help="pretrained tag or a local checkpoint file")
-    g.add_argument("--epochs", type=ranged(int, 1), default=5)
-    g.add_argument("--lr", type=ranged(float, 0, lo_open=True), default=1e-6)
-    g.add_argument("--batch-size", type=ranged(int, 1), default=64)
-    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of the steps)")
-    g.add_argument("--precision", default=None, help="default amp on CUDA, fp32 elsewhere")
-    g.add_argument("--workers", type=int, default=2)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--extra", default="", help="more open_clip_train flags, one string ('--wd 0.1')")
+    field_flag(g, Recipe, "pretrained", "pretrained tag or a local checkpoint file", show=False)
+    field_flag(g, Recipe, "epochs", "epochs", type=ranged(int, 1))
+    field_flag(g, Recipe, "lr", "peak learning rate (cosine schedule)", type=ranged(float, 0, lo_open=True))
+    field_flag(g, Recipe, "batch_size", "batch size per process", type=ranged(int, 1))
+    field_flag(g, Recipe, "warmup", "warm-up steps (default 10%% of the steps)", type=int, show=False)
+    field_flag(g, Recipe, "precision", "default amp on CUDA, fp32 elsewhere", show=False)
+    field_flag(g, Recipe, "workers", "data loader workers", type=ranged(int, 0))
+    field_flag(g, Recipe, "device", "training device")
+    field_flag(
+        g,
+        Recipe,
+        "extra_args",
+        "more open_clip_train flags, one string ('--wd 0.1')",
+        flag="--extra",
+        metavar="FLAGS",
+        type=str.split,
+        show=False,
+    )
 
 
 def _recipe(args: Any) -> Recipe:
-    return Recipe(args.model, args.pretrained, args.epochs, args.lr, args.batch_size, args.warmup,
-                  args.precision, args.workers, args.device, tuple(args.extra.split()))  # fmt: skip
+    """The Recipe of the recipe flags (every Recipe field has a flag of its name)."""
+    from dataclasses import fields
+
+    return Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
 
 
 def _bar(desc: str) -> Any:
@@ -67,7 +80,7 @@ def _run_train(args: Any) -> int:
     source = selection_id(ws, refs[0]) if refs else args.csv
     bar, feed = _bar("cpt")
     with bar:
-        run_id = cpt.train(ws, source, **_recipe(args).train_kwargs(), seed=args.seed, progress=feed)
+        run_id = cpt.train(ws, source, _recipe(args), seed=args.seed, progress=feed)
     info = cpt.run_config(ws, run_id)
     say(f"CPT run {run_id} {info['status']}: {info['checkpoint']}")
     return 0
@@ -168,13 +181,14 @@ def _add_experiment(p: Any) -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["random", "clipscore", "dot", "trak", "chips-paper", "chips"],
-        help="chips: the default preset; chips-paper: the paper's literal score (its own cache blocks)",
+        default=list(EXPERIMENT_METHODS),
+        help="chips: the default preset; chips-paper: the paper's literal score (its own cache blocks); "
+        f"tracin needs --tracin-eval (default: {' '.join(EXPERIMENT_METHODS)})",
     )
     p.add_argument("--ratios", nargs="+", type=FRACTION, default=[0.1, 0.2, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--alpha", type=UNIT, default=0.7)
-    p.add_argument("--k", type=ranged(int, 1), default=None, help="sketch rows (default k_max/2)")
+    field_flag(p, RankParams, "alpha", "weight of the negative curvature", type=UNIT)
+    p.add_argument("--k", type=ranged(int, 1), default=RankParams().k, help="sketch rows (default k_max/2)")
     p.add_argument("--tracin-eval", help="validation set name for TracIn's checkpoint caches")
     p.add_argument(
         "--tracin-epochs", type=int, default=2, help="epochs of the TracIn warm-up run (full pool)"
@@ -202,15 +216,15 @@ def _run_experiment(args: Any) -> int:
         sc = load_cache(ws, args.cache)
         warm = args.tracin_run
         if warm is None:
-            ranked = ranking.rank(sc, "random", ratio=1.0)
+            ranked = ranking.rank(sc, RankParams(method="random", ratio=1.0))
             name = f"tracin-warmup-{args.pool}"
             full = selection.save_selection(ws, args.pool, ranked, 1.0, name, method="full")
-            warm = cpt.train(ws, full, **(recipe.train_kwargs() | {"epochs": args.tracin_epochs}))
+            warm = cpt.train(ws, full, recipe.replace(epochs=args.tracin_epochs))
         say(f"TracIn warm-up CPT run {warm}: featurize + prepare once per checkpoint (reused when done)")
         tracin = tracin_checkpoints(ws, args.pool, args.tracin_eval, warm, sc.config, device=args.device)
     cells = run_experiment(
         ws, args.pool, args.test, args.methods, args.ratios, args.seeds, recipe, cache=args.cache,
-        rank_params={"alpha": args.alpha, "k": args.k}, tracin=tracin, include_full=not args.no_full,
+        rank_params=RankParams(alpha=args.alpha, k=args.k), tracin=tracin, include_full=not args.no_full,
         out_dir=args.out, primary=args.primary, progress=say,
     )  # fmt: skip
     say(markdown_table(cells, args.primary, args.methods))

@@ -8,6 +8,7 @@ an export can always say exactly what produced it.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import math
@@ -257,13 +258,17 @@ def record_score_run(
 ) -> int:
     """Store a ranking as ws/scores/score-run-<id>.parquet (atomic) plus a `score_runs` row; returns its id.
 
-    `params` should hold everything needed to reproduce it (alpha, lam, k, beta, seed, ...) and the
-    ranking's info (lam*, d(lam)/k, fraction with positive alignment).
+    A RankResult's RankParams are stored as `rank_params` (`dataclasses.asdict`: `RankParams(**stored)`
+    ranks the same cache the same way again) and its info (lam*, d(lam)/k, fraction with positive
+    alignment) as `info`; `params` adds what else belongs to the run (preset, eval set, ...).
     """
     pool_id = resolve_pool(ws, pool)
     df = rank_frame(rank_result)
     info = getattr(rank_result, "info", None)
     full = dict(params or {})
+    rank_params = getattr(rank_result, "params", None)
+    if dataclasses.is_dataclass(rank_params) and "rank_params" not in full:
+        full["rank_params"] = dataclasses.asdict(rank_params)
     if isinstance(info, dict) and "info" not in full:
         full["info"] = info
     score_run_id = ws.new_id()

@@ -220,8 +220,7 @@ def cache_with_blocks(ws: Workspace, cache_id: int, blocks: str) -> int:
     """The scoring cache of the same pool and eval feature runs and config as `cache_id`, but scoring the
     endpoint `blocks` (prepared now if it does not exist yet): how a preset with other blocks is compared
     on the same features, batches and sketch seed."""
-    from chips_core.scoring.endpoint import BLOCKS
-    from chips_core.scoring.prepare import PrepareConfig
+    from chips_core.scoring.params import BLOCKS, PrepareConfig
 
     with ws.connect(read_only=True) as con:
         row = con.execute(

@@ -27,16 +27,14 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from chips_core.errors import ChipsError
 from chips_core.scoring.batches import hashed_order, n_batches
+from chips_core.scoring.params import PrepareConfig
 from chips_core.workspace.store import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from chips_core.scoring.prepare import PrepareConfig
 
 COL_BLOCK = 256
 AUX_COLUMNS = ("p_corr", "one_minus_p", "margin", "clipscore", "cos_x", "cos_y")
@@ -226,10 +224,6 @@ class ScoringCache:
     def config(self) -> PrepareConfig:
         """The PrepareConfig the cache was made with (caches written before `blocks` existed scored every
         block)."""
-        # TODO(params): import PrepareConfig at the top from the torch-free `scoring/params.py` once it
-        # exists; until then this one import reaches prepare (and torch) on first use.
-        from chips_core.scoring.prepare import PrepareConfig
-
         return PrepareConfig(**{"blocks": LEGACY_BLOCKS, **self.record["config"]})
 
     @cached_property

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chips_core.scoring.presets import BLOCKS, DEFAULT_BLOCKS, parse_blocks  # noqa: F401  (re-exported)
-
-NEGATIVES = ("all", "self")
+from chips_core.scoring.params import BLOCKS, DEFAULT_BLOCKS, NEGATIVES, parse_blocks  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,6 @@ from chips_core.scoring.cache import (
 )
 from chips_core.scoring.curvature import CurvatureAccumulator
 from chips_core.scoring.endpoint import (
-    DEFAULT_BLOCKS,
     EndpointGrads,
     EndpointParams,
     batch_grad_sum,
@@ -55,6 +54,7 @@ from chips_core.scoring.endpoint import (
     parse_blocks,
     zeroshot_grad_sum,
 )
+from chips_core.scoring.params import PrepareConfig
 from chips_core.scoring.sketch import Sketch, make_sketch
 from chips_core.scoring.weights import eval_means, pair_stats
 
@@ -117,38 +117,6 @@ class ZeroShotEval:
     h: np.ndarray
     labels: np.ndarray
     class_t: np.ndarray
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Everything that fixes a scoring cache; a different value needs a new cache folder."""
-
-    k_max: int = 1024
-    sketch: str = "kronecker"
-    batch_size: int = 1024
-    seed: int = 0
-    negatives: str = "all"  # "all" in-batch negatives | "self" (ablation: negatives frozen)
-    curvature_pairs: int = 100_000
-    negatives_per_row: int = 8
-    chunk_batches: int = 32
-    device: str = "cpu"
-    dtype: str = "float32"
-    #: scored endpoint blocks, comma-separated in BLOCKS order (METHOD.md §9: the temperature is left out
-    #: by default; "visual,text,temperature" is the paper's literal endpoint subspace)
-    blocks: str = DEFAULT_BLOCKS
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "blocks", ",".join(parse_blocks(self.blocks)))  # frozen: canonical form
-
-    def validate(self) -> None:
-        if self.k_max < 2:
-            raise ValueError(f"k_max must be at least 2, got {self.k_max}")
-        if self.negatives not in ("all", "self"):
-            raise ValueError(f"negatives must be 'all' or 'self', got {self.negatives!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64 (never fp16), got {self.dtype!r}")
-        if self.curvature_pairs < 2 or self.chunk_batches < 1 or self.negatives_per_row < 1:
-            raise ValueError("curvature_pairs ≥ 2, chunk_batches ≥ 1 and negatives_per_row ≥ 1 are required")
 
 
 @dataclass(frozen=True)

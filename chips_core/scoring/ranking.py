@@ -7,7 +7,6 @@ prefix of k rows: vectors /√k, matrices /k (METHOD.md §5).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from scipy.stats import spearmanr
 
 from chips_core.scoring.cache import PrepareError, ScoringCache
 from chips_core.scoring.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
-from chips_core.scoring.presets import DAMPING_SCALE, GUARD_MADS, GUARDS, PRESETS
+from chips_core.scoring.params import DAMPING_SCALE, GUARDS, METHODS, RankParams
 from chips_core.scoring.weights import learnability, relevance
 
 if TYPE_CHECKING:
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METHODS",
+    "RankParams",
     "RankResult",
     "eval_contributions",
     "project",
@@ -37,12 +37,7 @@ __all__ = [
     "sketched_system",
 ]
 
-METHODS = ("chips", "random", "clipscore", "dot", "tracin", "trak")
 STABILITY_ROWS = 100_000
-# the library's defaults are the default preset's (chips_core/scoring/presets.py is their one source)
-DAMPING = PRESETS["default"]["damping"]
-NORMALIZE = PRESETS["default"]["normalize"]
-GUARD = PRESETS["default"]["guard"]
 
 
 def project(cache: ScoringCache, x: np.ndarray, start: int = 0, max_rows: int | None = None) -> np.ndarray:
@@ -101,10 +96,12 @@ def sketched_system(
 
 @dataclass
 class RankResult:
-    """Per-pair table (pair_id, alignment, learnability, relevance, score, rank, selected) and run info."""
+    """Per-pair table (pair_id, alignment, learnability, relevance, score, rank, selected), run info and
+    the parameters that made it (with the cache's blocks), which a score run stores."""
 
     frame: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
+    params: RankParams | None = None
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame
@@ -117,7 +114,7 @@ def _check_k(cache: ScoringCache, k: int | None) -> int:
     return max(k, 1)
 
 
-def default_lambda(eigs: np.ndarray, k: int, damping: str = DAMPING, scale: float = DAMPING_SCALE) -> float:
+def default_lambda(eigs: np.ndarray, k: int, damping: str, scale: float = DAMPING_SCALE) -> float:
     """The default λ of a sketched curvature with eigenvalues `eigs` at prefix k.
 
     'trace': λ = scale·tr(C̃). tr(C̃) estimates tr(C) without bias at every k, so λ does not swing with k
@@ -137,7 +134,8 @@ def _newton_system(
     alpha: float,
     lam: float | None,
     start: int = 0,
-    damping: str = DAMPING,
+    *,
+    damping: str,
     normalize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(C̃(α), scaled ũ, info with the λ used): the system Â solves; λ = the damping rule's λ unless
@@ -168,11 +166,12 @@ def _newton_alignment(
     lam: float | None,
     start: int = 0,
     max_rows: int | None = None,
-    damping: str = DAMPING,
+    *,
+    damping: str,
     normalize: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Â = g̃·M̃⁻¹ũ for every pair (the first max_rows); normalize divides each g̃ by its norm."""
-    C, u, info = _newton_system(cache, k, alpha, lam, start, damping, normalize)
+    C, u, info = _newton_system(cache, k, alpha, lam, start, damping=damping, normalize=normalize)
     x = newton_solve(C, u, info["lam"])
     A = project(cache, x, start, max_rows) / math.sqrt(k)
     if normalize:
@@ -181,20 +180,22 @@ def _newton_alignment(
     return A, info
 
 
+def _newton_settings(params: RankParams) -> tuple[float, str, bool]:
+    """(α, damping, normalize) of the Newton solve of `params`: trak's are fixed (α = 0, literal damping,
+    raw gradients); every other method's are the parameters' own."""
+    if params.method == "trak":
+        return 0.0, "dimension", False
+    return params.alpha, params.damping, params.normalize
+
+
 def eval_contributions(
-    cache: ScoringCache,
-    pair_id: int,
-    alpha: float = 0.7,
-    lam: float | None = None,
-    k: int | None = None,
-    top: int | None = 5,
-    damping: str = DAMPING,
-    normalize: bool = NORMALIZE,
+    cache: ScoringCache, pair_id: int, params: RankParams | None = None, top: int | None = 5
 ) -> pd.DataFrame:
     """Each eval pair's share of one pool pair's alignment: c_e = g̃_e·M̃⁻¹g̃(z) / n_eval (METHOD.md §4).
 
     ũ is the mean of the eval pairs' sketched gradients, so Σ_e c_e = Â(z) exactly (up to the fp16
-    storage of g̃(z)); M̃ = C̃(α) + λI at sketch prefix k, as in `rank` with the same parameters.
+    storage of g̃(z)); M̃ = C̃(α) + λI at sketch prefix k, as in `rank` with the same parameters (trak's
+    solve for method 'trak', CHIPS's at `params` for any other method).
     Returns columns eval_pair_id, contribution, share (c_e / Â(z)), sorted by contribution, highest
     first: the `top` eval pairs z helps most and the `top` it hurts most (all when top is None).
     The frame's attrs hold alignment (Σ_e c_e), k, alpha and lam.
@@ -211,8 +212,10 @@ def eval_contributions(
         )
     if top is not None and top < 1:
         raise ValueError(f"top must be at least 1 (or None for all), got {top}")
-    k = _check_k(cache, k)
-    C, u, info = _newton_system(cache, k, alpha, lam, damping=damping)
+    params = RankParams() if params is None else params
+    alpha, damping, normalize = _newton_settings(params)
+    k = _check_k(cache, params.k)
+    C, u, info = _newton_system(cache, k, alpha, params.lam, damping=damping)
     g = cache.row(pair_id)[:k] / math.sqrt(k)
     w = newton_solve(C, g, info["lam"])
     contrib = cache.G_eval[:, :k].astype(np.float64) @ w / (math.sqrt(k) * len(cache.G_eval))
@@ -234,14 +237,14 @@ def eval_contributions(
 
 
 def _stability(
-    cache: ScoringCache, A: np.ndarray, k: int, alpha: float, lam: float, normalize: bool
+    cache: ScoringCache, A: np.ndarray, k: int, alpha: float, lam: float, damping: str, normalize: bool
 ) -> tuple[float, int]:
     """Spearman between scores from sketch rows [0, k) and [k, 2k) on the first rows (a random subsample),
     at the same absolute λ."""
     if 2 * k > cache.k_max:
         return float("nan"), 0
     m = min(cache.n, STABILITY_ROWS)
-    A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m, normalize=normalize)
+    A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m, damping=damping, normalize=normalize)
     return float(spearmanr(A[:m], A2).statistic), m
 
 
@@ -256,9 +259,7 @@ def selection_change(before: RankResult, after: RankResult) -> dict[str, np.ndar
 ALPHA_INERT_RATIO = 0.05
 
 
-def guard_mask(
-    clipscore: np.ndarray, guard: str = "mad", mads: float = GUARD_MADS
-) -> tuple[np.ndarray, dict]:
+def guard_mask(clipscore: np.ndarray, guard: str, mads: float) -> tuple[np.ndarray, dict]:
     """(held-out mask, info): the pairs whose image and caption disagree, by CLIPScore outliers.
 
     'mad' holds out CLIPScore < median − mads·1.4826·MAD (MAD = median |c − median|): a robust low-tail
@@ -321,35 +322,35 @@ def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tupl
     return wl, wr
 
 
-def _finish(cache, A, info, beta, ratio, use_l, use_r, rank_normalized, guard, guard_mads) -> RankResult:
-    wl, wr = _weights(cache, beta, use_l, use_r)
-    base = _rank_normalize(A) if rank_normalized else A
-    guarded, guard_info = guard_mask(cache.column("clipscore"), guard, guard_mads)
-    frame, n_sel = _table(cache.pair_ids, A, wl, wr, base * wl * wr, ratio, guarded)
+def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, weighted: bool) -> RankResult:
+    """The ranking of alignments A under `params`: weights (unless not `weighted`: the baselines stay
+    literal), the guard and the selection."""
+    p = params
+    use_l, use_r = (p.use_learnability, p.use_relevance) if weighted else (False, False)
+    wl, wr = _weights(cache, p.beta, use_l, use_r)
+    base = _rank_normalize(A) if p.rank_normalized and weighted else A
+    guarded, guard_info = guard_mask(cache.column("clipscore"), p.guard_rule, p.guard_mads)
+    frame, n_sel = _table(cache.pair_ids, A, wl, wr, base * wl * wr, p.ratio, guarded)
     info.update(guard_info)
     info.update(frac_positive=float(np.mean(A > 0)), n_selected=int(frame["selected"].sum()), n=cache.n)
-    return RankResult(frame, info)
+    return RankResult(frame, info, params.replace(blocks=cache.config.blocks))
+
+
+def _check_blocks(cache: ScoringCache, params: RankParams) -> None:
+    if params.blocks is not None and params.blocks != cache.config.blocks:
+        raise ValueError(
+            f"blocks={params.blocks} asks for a scoring cache of those endpoint blocks, but {cache.root} "
+            f"scores {cache.config.blocks}; prepare one with PrepareConfig(blocks={params.blocks!r}) "
+            "(or leave blocks None)"
+        )
 
 
 def rank(
     cache: ScoringCache,
-    method: str = "chips",
-    alpha: float = 0.7,
-    lam: float | None = None,
-    k: int | None = None,
-    beta: float = 0.5,
-    ratio: float = 0.3,
-    seed: int = 0,
-    use_learnability: bool = True,
-    use_relevance: bool = True,
-    rank_normalized: bool = False,
+    params: RankParams | None = None,
     checkpoints: list[tuple[ScoringCache, float]] | None = None,
-    damping: str = DAMPING,
-    normalize: bool = NORMALIZE,
-    guard: str | None = None,
-    guard_mads: float = GUARD_MADS,
 ) -> RankResult:
-    """Rank every pair of the cache's pool by `method`; keep the top ceil(ratio·N) (`selected`).
+    """Rank every pair of the cache's pool by `params.method`; keep the top ceil(ratio·N) (`selected`).
 
     chips: Â = g̃·(C̃(α) + λI)⁻¹ũ at sketch prefix k over the cache's parameter blocks, times w_L and w_R
     (each switchable; rank_normalized replaces Â by its rank in (0, 1]). λ: the `damping` rule's
@@ -360,38 +361,36 @@ def rank(
     Baselines on the same features and batches: random (seeded), clipscore, dot (g̃·ũ), tracin
     (Σ_c η_c g̃_c·ũ_c over the `checkpoints` caches), trak (α = 0, w_L ≡ w_R ≡ 1, literal damping).
     k defaults to k_max/2 so that the ranking stability (Spearman of rows [0, k) vs [k, 2k)) is reported.
+    `params` defaults to RankParams() (the default preset); RankParams validates every value.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
-    guard = (GUARD if method == "chips" else "none") if guard is None else guard
-    k = _check_k(cache, k)
+    p = RankParams() if params is None else params
+    if not isinstance(p, RankParams):
+        raise TypeError(f"rank takes a RankParams, got {type(p).__name__}")
+    _check_blocks(cache, p)
+    method = p.method
+    k = _check_k(cache, p.k)
     info: dict[str, Any] = {
         "method": method,
         "k": k,
         "k_max": cache.k_max,
         "blocks": cache.config.blocks,
-        "alpha": alpha,
-        "beta": beta,
-        "ratio": ratio,
+        "alpha": p.alpha,
+        "beta": p.beta,
+        "ratio": p.ratio,
         "lam": None,
         "lam_star": None,
         "d_over_k": None,
         "stability": None,
     }
-    finish = functools.partial(_finish, cache, beta=beta, ratio=ratio, guard=guard, guard_mads=guard_mads)
     if method in ("chips", "trak"):
-        a, damp, norm = (alpha, damping, normalize) if method == "chips" else (0.0, "dimension", False)
-        A, sys_info = _newton_alignment(cache, k, a, lam, damping=damp, normalize=norm)
+        a, damp, norm = _newton_settings(p)
+        A, sys_info = _newton_alignment(cache, k, a, p.lam, damping=damp, normalize=norm)
         info.update(sys_info, alpha=a, damping=damp, normalize=norm)
-        stab, m = _stability(cache, A, k, a, sys_info["lam"], norm)
+        stab, m = _stability(cache, A, k, a, sys_info["lam"], damp, norm)
         info.update(stability=stab, stability_rows=m)
-        if method == "trak":
-            return finish(A, info, use_l=False, use_r=False, rank_normalized=False)
-        return finish(A, info, use_l=use_learnability, use_r=use_relevance, rank_normalized=rank_normalized)
+        return _finish(cache, A, info, p, weighted=method == "chips")
     if method == "random":
-        A = np.random.default_rng(seed).random(cache.n)
+        A = np.random.default_rng(p.seed).random(cache.n)
     elif method == "clipscore":
         A = cache.column("clipscore").copy()
     elif method == "dot":
@@ -409,25 +408,14 @@ def rank(
                 )
             kk = min(k, other.k_max)
             A += float(eta) * project(other, other.u[:kk], 0) / kk
-    return finish(A, info, use_l=False, use_r=False, rank_normalized=False)
+    return _finish(cache, A, info, p, weighted=False)
 
 
 def rank_exact(
     cache: ScoringCache,
     pool: FeatureSource,
-    params: Any,
-    alpha: float = 0.7,
-    lam: float | None = None,
-    k: int | None = None,
-    beta: float = 0.5,
-    ratio: float = 0.3,
-    use_learnability: bool = True,
-    use_relevance: bool = True,
-    rank_normalized: bool = False,
-    damping: str = DAMPING,
-    normalize: bool = NORMALIZE,
-    guard: str = GUARD,
-    guard_mads: float = GUARD_MADS,
+    endpoint: Any,
+    params: RankParams | None = None,
     tol: float = 1e-8,
     maxiter: int = 2000,
 ) -> RankResult:
@@ -436,18 +424,24 @@ def rank_exact(
     Uses the cache's batches, seeds, sampled negatives, parameter blocks and full-space u; λ defaults to
     the damping rule's λ from the sketched curvature at prefix k, so the two rankings are comparable at
     the same absolute λ. normalize divides by the exact ‖g_i‖ (forms each batch's per-sample gradients:
-    B·p floats). Reads pool features again (float64), runs no encoder.
+    B·p floats). Reads pool features again (float64), runs no encoder. `endpoint`: the model's
+    EndpointParams; `params.method` must be chips.
     """
     from chips_core.scoring.endpoint import grads_from_state, mask_grads, parse_blocks
     from chips_core.scoring.exact import ExactSystem, exact_scores
     from chips_core.scoring.prepare import exact_batches
 
-    k = _check_k(cache, k)
+    p = RankParams() if params is None else params
+    if p.method != "chips":
+        raise ValueError(f"rank_exact computes CHIPS only (method 'chips'), got method {p.method!r}")
+    _check_blocks(cache, p)
+    alpha, damping, normalize = p.alpha, p.damping, p.normalize
+    k = _check_k(cache, p.k)
     _, _, eigs = sketched_system(cache, k, alpha)
     lam_s = lambda_star(eigs, k / 4)
     lam_base = default_lambda(eigs, k, damping)
-    lam_used = lam_base if lam is None else float(lam)
-    p64 = params.to(dtype=torch.float64)
+    lam_used = lam_base if p.lam is None else float(p.lam)
+    p64 = endpoint.to(dtype=torch.float64)
     cfg = cache.config
     blocks = parse_blocks(cfg.blocks)
     curv = list(exact_batches(cache, pool, p64, range(cache.meta["n_curvature_batches"])))
@@ -469,8 +463,8 @@ def rank_exact(
         "k": k,
         "blocks": cfg.blocks,
         "alpha": alpha,
-        "beta": beta,
-        "ratio": ratio,
+        "beta": p.beta,
+        "ratio": p.ratio,
         "lam": lam_used,
         "lam_base": lam_base,
         "lam_star": lam_s,
@@ -481,6 +475,4 @@ def rank_exact(
         "cg_iterations": cg.iterations,
         "cg_rel_residual": cg.rel_residual,
     }
-    return _finish(
-        cache, A, info, beta, ratio, use_learnability, use_relevance, rank_normalized, guard, guard_mads
-    )
+    return _finish(cache, A, info, p, weighted=True)

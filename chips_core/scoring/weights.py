@@ -11,6 +11,7 @@ import torch
 from scipy.special import expit
 
 from chips_core.scoring.endpoint import BatchState
+from chips_core.scoring.params import RankParams
 
 
 def pair_stats(st: BatchState) -> dict[str, torch.Tensor]:
@@ -34,7 +35,7 @@ def learnability(one_minus_p: np.ndarray, margin: np.ndarray) -> np.ndarray:
     return one_minus_p * (1.0 + _sigmoid(-margin))
 
 
-def relevance(cos_x: np.ndarray, cos_y: np.ndarray, beta: float = 0.5) -> np.ndarray:
+def relevance(cos_x: np.ndarray, cos_y: np.ndarray, beta: float = RankParams.beta) -> np.ndarray:
     """w_R = σ((1−β)cos(x, μ_x) + β cos(y, μ_y)) ∈ [0.27, 0.73]: a soft weight toward the target domain."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")

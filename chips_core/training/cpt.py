@@ -27,9 +27,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -38,8 +40,43 @@ from chips_core.workspace.store import Workspace, atomic_write_bytes
 
 OC_NAME = "oc"  # open_clip_train --name inside the run folder
 ACTIVE = "running"
-# CPT defaults (CHIPS paper, METHOD.md section 8): AdamW (0.9, 0.98), eps 1e-6, lr 1e-6, cosine, 5 epochs.
-DEFAULTS = {"epochs": 5, "lr": 1e-6, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6, "batch_size": 64}
+# CPT optimizer (CHIPS paper, METHOD.md section 8): AdamW (0.9, 0.98), eps 1e-6, cosine schedule; the
+# recipe's own defaults (lr 1e-6, 5 epochs, batch 64, ...) are Recipe's (below)
+ADAM_BETAS = (0.9, 0.98)
+ADAM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The CPT recipe: cpt.train's one parameter object, shared by every cell of an experiment. Its
+    defaults (the CHIPS paper's, METHOD.md §8) are the CLI's and the dashboard's."""
+
+    model: str  # open_clip name, local-dir:PATH or hf-hub:ID
+    pretrained: str | None = None  # pretrained tag or a local checkpoint file
+    epochs: int = 5
+    lr: float = 1e-6
+    batch_size: int = 64
+    warmup: int | None = None  # warm-up steps; None: 10% of the steps
+    precision: str | None = None  # None: amp on CUDA, fp32 elsewhere
+    workers: int = 2  # data loader workers
+    device: str = "cpu"
+    extra_args: tuple[str, ...] = ()  # more open_clip_train flags
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        if not str(self.model).strip():
+            raise ValueError("model must name a model (open_clip name, local-dir:PATH or hf-hub:ID)")
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError(
+                f"epochs ≥ 1, batch_size ≥ 1 and workers ≥ 0 are required, got epochs={self.epochs}, "
+                f"batch_size={self.batch_size}, workers={self.workers}"
+            )
+        if not self.lr >= 0:  # 0 leaves the weights as they are (a check of the starting weights)
+            raise ValueError(f"lr must not be negative, got {self.lr}")
+
+    def replace(self, **changes: Any) -> Recipe:
+        return replace(self, **changes)
+
 
 _LINE = re.compile(
     r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<total>\d+) .*?"
@@ -204,18 +241,9 @@ def parse_progress(line: str, steps_per_epoch: int, batch_size: int, world: int,
 def train(
     ws: Workspace,
     source: int | str | os.PathLike,
-    model: str,
-    pretrained: str | None = None,
+    recipe: Recipe,
     *,
-    epochs: int = DEFAULTS["epochs"],
-    lr: float = DEFAULTS["lr"],
-    batch_size: int = DEFAULTS["batch_size"],
-    precision: str | None = None,
-    warmup: int | None = None,
-    workers: int = 2,
     seed: int = 0,
-    device: str = "cpu",
-    extra_args: Sequence[str] = (),
     progress: ProgressFn | None = None,
     csv_separator: str | None = None,
     csv_img_key: str = "filepath",
@@ -223,13 +251,18 @@ def train(
     save_frequency: int = 1,
     nproc_per_node: int | None = None,
 ) -> int:
-    """Continually pre-train `model` on a saved selection (its id) or an open_clip CSV; return cpt_run_id.
+    """Continually pre-train `recipe.model` on a saved selection (its id) or an open_clip CSV with the
+    CPT `recipe` (Recipe); return cpt_run_id.
 
     Blocks until the subprocess ends. Progress rows go to `cpt_progress` (and to `progress(row)`); the
     run ends 'finished' (checkpoint recorded), 'failed' (CPTError with the log tail) or 'cancelled'.
-    `warmup` defaults to 10% of the steps; `precision` to 'amp' on CUDA, 'fp32' elsewhere.
+    `recipe.warmup` defaults to 10% of the steps; `recipe.precision` to 'amp' on CUDA, 'fp32' elsewhere.
     """
     from open_clip_train.params import parse_args
+
+    model, pretrained, epochs, lr = recipe.model, recipe.pretrained, recipe.epochs, recipe.lr
+    batch_size, precision, warmup = recipe.batch_size, recipe.precision, recipe.warmup
+    workers, device, extra_args = recipe.workers, recipe.device, list(recipe.extra_args)
 
     ws.check()
     selection_id = source if isinstance(source, int) and not isinstance(source, bool) else None
@@ -265,8 +298,8 @@ def train(
             "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", sep,
             "--csv-img-key", csv_img_key, "--csv-caption-key", csv_caption_key,
             *model_flags, "--logs", str(rdir), "--name", OC_NAME,
-            "--epochs", str(epochs), "--lr", repr(lr), "--beta1", repr(DEFAULTS["beta1"]),
-            "--beta2", repr(DEFAULTS["beta2"]), "--eps", repr(DEFAULTS["eps"]), "--lr-scheduler", "cosine",
+            "--epochs", str(epochs), "--lr", repr(lr), "--beta1", repr(ADAM_BETAS[0]),
+            "--beta2", repr(ADAM_BETAS[1]), "--eps", repr(ADAM_EPS), "--lr-scheduler", "cosine",
             "--batch-size", str(batch_size), "--precision", precision, "--workers", str(workers),
             "--seed", str(seed), "--device", device, "--save-frequency", str(save_frequency),
             "--log-every-n-steps", "1", "--report-to", "",

@@ -19,38 +19,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from chips_core.scoring.params import RankParams
+from chips_core.training.cpt import Recipe
 from chips_core.workspace.store import Workspace, atomic_path, atomic_write_bytes
 
 REFERENCES = ("full", "none")  # full pool (ratio 1) and the starting model without CPT (ratio 0)
 KEY = ["method", "ratio", "seed"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The CPT recipe shared by every cell (cpt.train's arguments; paper defaults)."""
-
-    model: str
-    pretrained: str | None = None
-    epochs: int = 5
-    lr: float = 1e-6
-    batch_size: int = 64
-    warmup: int | None = None
-    precision: str | None = None
-    workers: int = 2
-    device: str = "cpu"
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
-
-    def train_kwargs(self) -> dict[str, Any]:
-        kw = asdict(self)
-        kw["extra_args"] = list(self.extra_args)
-        return kw
 
 
 def load_cache(ws: Workspace, cache: Any) -> Any:
@@ -108,7 +89,7 @@ def run_experiment(
     recipe: Recipe,
     *,
     cache: Any,
-    rank_params: dict[str, Any] | None = None,
+    rank_params: RankParams | None = None,
     tracin: Sequence[tuple[Any, float]] | None = None,
     include_full: bool = True,
     include_baseline: bool = True,
@@ -119,12 +100,14 @@ def run_experiment(
     """Run (or complete) the comparison; returns one row per cell and writes the tables and plots.
 
     `cache`: the ScoringCache (or its cache_id / folder) of `pool` against the validation eval set.
-    `eval_source`: the held-out test set given to evaluate (pool name/id or CSV). `rank_params`: extra
-    ranking.rank arguments (alpha, k, beta, ...). `tracin`: from `tracin_checkpoints`, needed for 'tracin'.
+    `eval_source`: the held-out test set given to evaluate (pool name/id or CSV). `rank_params`: the
+    RankParams every cell starts from (alpha, k, beta, ...; default RankParams()); each cell sets its
+    method, ratio and seed, and a preset method ('chips', 'chips-paper') its preset's values.
+    `tracin`: from `tracin_checkpoints`, needed for 'tracin'.
     """
     from chips_core.curation import selection
     from chips_core.scoring import ranking
-    from chips_core.scoring.presets import PRESETS, rank_options, resolve_method
+    from chips_core.scoring.params import PRESETS, resolve_method
     from chips_core.training import cpt
     from chips_core.training.evaluate import evaluate, evaluate_run
 
@@ -135,11 +118,12 @@ def run_experiment(
         if not 0.0 < r < 1.0:
             raise ValueError(f"ratios must lie in (0, 1); the full pool is its own cell, got {r}")
     sc = load_cache(ws, cache)
+    base = RankParams() if rank_params is None else rank_params
     out = Path(out_dir) if out_dir else ws.root / "experiments" / str(ws.new_id())
     out.mkdir(parents=True, exist_ok=True)
     spec = {"pool": pool, "eval": str(eval_source), "methods": list(methods), "ratios": list(ratios),
-            "seeds": list(seeds), "recipe": recipe.train_kwargs(), "cache": str(sc.root),
-            "rank_params": rank_params or {}, "primary": primary}  # fmt: skip
+            "seeds": list(seeds), "recipe": asdict(recipe), "cache": str(sc.root),
+            "rank_params": asdict(base), "primary": primary}  # fmt: skip
     atomic_write_bytes(out / "experiment.json", json.dumps(spec, indent=2, default=str).encode())
     cells_path = out / "cells.csv"
     done = pd.read_csv(cells_path) if cells_path.is_file() else pd.DataFrame(columns=KEY)
@@ -156,18 +140,17 @@ def run_experiment(
         if method == "none":
             row |= evaluate(ws, recipe.model, eval_source, pretrained=recipe.pretrained, device=recipe.device)
         else:
-            kw = dict(rank_params or {})
             scoring_method, preset = resolve_method("random" if method == "full" else method)
+            params = base.replace(method=scoring_method, ratio=ratio, seed=seed)
             cell_cache = sc
             if preset is not None:  # a preset fixes its rank options and the cache's parameter blocks
-                kw |= rank_options(preset)
-                cell_cache = _preset_cache(ws, sc, PRESETS[preset]["blocks"])
-            if method == "tracin":
-                kw["checkpoints"] = list(tracin)
-            ranked = ranking.rank(cell_cache, scoring_method, ratio=ratio, seed=seed, **kw)
+                params = params.replace(**PRESETS[preset])
+                cell_cache = _preset_cache(ws, sc, params.blocks)
+            checkpoints = list(tracin) if method == "tracin" else None
+            ranked = ranking.rank(cell_cache, params, checkpoints=checkpoints)
             name = f"{out.name}/{method}@{ratio:g}/seed{seed}"
             sel = selection.save_selection(ws, pool, ranked, ratio, f"experiment-{name}", method=method)
-            run_id = cpt.train(ws, sel, **recipe.train_kwargs(), seed=seed)
+            run_id = cpt.train(ws, sel, recipe, seed=seed)
             row |= {"selection_id": sel, "cpt_run_id": run_id, "n_selected": _n_selected(ws, sel)}
             row |= evaluate_run(ws, run_id, eval_source)
         rows.append(row)

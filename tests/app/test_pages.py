@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from chips_core.curation import gallery, selection
 from chips_core.scoring.cache import ScoringCache
+from chips_core.scoring.params import RankParams
 from chips_core.scoring.ranking import eval_contributions
 from chips_core.workspace import jobs, store
 from tests.app.workspace_build import EVAL, POOL
@@ -138,8 +139,11 @@ def _check_eval_contributions(at: AppTest, ws_root: Path, pid: int, alignment: f
             "SELECT pair_id, caption FROM pairs JOIN pools USING (pool_id) WHERE pools.name = ?", [EVAL]
         ).df()
     cache, alpha, k = ScoringCache.load(cache_dir), float(at.session_state["alpha"]), at.session_state["k"]
-    lam = eval_contributions(cache, pid, alpha=alpha, k=k).attrs["lam_base"] * at.session_state["lam_factor"]
-    full = eval_contributions(cache, pid, alpha=alpha, lam=lam, k=k, top=None)
+    lam = (
+        eval_contributions(cache, pid, RankParams(alpha=alpha, k=k)).attrs["lam_base"]
+        * at.session_state["lam_factor"]
+    )
+    full = eval_contributions(cache, pid, RankParams(alpha=alpha, lam=lam, k=k), top=None)
     assert full["contribution"].sum() == pytest.approx(alignment, rel=1e-2, abs=1e-6)  # they sum to Â
     expect = full.iloc[[0, 1, 2, 3, 4, -5, -4, -3, -2, -1]]
     assert shown["eval_pair_id"].tolist() == expect["eval_pair_id"].tolist()
@@ -248,7 +252,7 @@ def test_browse_marks_pairs_the_guard_held_out(tiny_workspace):
     at.session_state["guard_mads"] = 0.5  # a strict guard, so that this tiny pool has guarded pairs
     at.run()
     _ok(at)
-    frame = rank(_only_cache(tiny_workspace), k=at.session_state["k"], guard_mads=0.5).frame
+    frame = rank(_only_cache(tiny_workspace), RankParams(k=at.session_state["k"], guard_mads=0.5)).frame
     bottom = frame.sort_values("rank").tail(12)
     n_guarded = int(bottom["guarded"].sum())
     assert n_guarded > 0

@@ -16,7 +16,7 @@ from chips_core.engines.pipeline import prepare_workspace
 from chips_core.features import featurize as features
 from chips_core.features import models
 from chips_core.pools import ingest
-from chips_core.scoring.prepare import PrepareConfig
+from chips_core.scoring.params import PrepareConfig
 from chips_core.workspace import store
 from tests.fixtures_build import write_images
 

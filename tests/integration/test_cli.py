@@ -244,15 +244,53 @@ def test_argparse_errors_and_help(capsys):
     assert "invalid pair id" in capsys.readouterr().err
 
 
-def test_prepare_defaults_match_the_library():
-    from dataclasses import asdict
+# flags whose default is not the dataclass's on purpose: device 'auto' (cuda if present), blocks and the
+# rank options a preset sets (None: the --preset's value), model (required)
+NOT_FROM_DATACLASS = {"device", "blocks", "damping", "normalize", "guard", "model"}
 
-    from chips_core.scoring.prepare import PrepareConfig
 
-    lib = asdict(PrepareConfig())
-    from chips_core.cli.scoring import PREPARE_DEFAULTS
+@pytest.mark.parametrize(
+    ("command", "cls", "argv", "renamed"),
+    [
+        ("prepare", "PrepareConfig", ["ws", "pool", "--eval", "e"], {}),
+        ("score", "PrepareConfig", ["ws", "pool", "--eval", "e"], {}),
+        ("score", "RankParams", ["ws", "pool", "--eval", "e"], {"seed": "rank_seed"}),
+        ("train", "Recipe", ["ws", "--model", "m"], {}),
+        ("experiment", "Recipe", ["ws", "p", "--test", "t", "--cache", "1", "--model", "m"], {}),
+        ("experiment", "RankParams", ["ws", "p", "--test", "t", "--cache", "1", "--model", "m"], {}),
+    ],
+)
+def test_flag_defaults_are_the_dataclasses(command, cls, argv, renamed):
+    """Every flag named after a field of PrepareConfig / RankParams / Recipe defaults to that field's
+    default (read from `dataclasses.fields`): a flag default written by hand would differ some day."""
+    import argparse
+    from dataclasses import MISSING, fields
 
-    assert {k: lib[k] for k in PREPARE_DEFAULTS} == PREPARE_DEFAULTS
+    from chips_core.cli.common import COMMANDS
+    from chips_core.scoring import params
+    from chips_core.training import cpt
+
+    dc = getattr(params, cls, None) or getattr(cpt, cls)
+    p = argparse.ArgumentParser()
+    COMMANDS[command].add_arguments(p)
+    args = vars(p.parse_args(argv))
+    checked = []
+    for f in fields(dc):
+        dest = renamed.get(f.name, f.name)
+        if f.name in NOT_FROM_DATACLASS or dest not in args or f.default is MISSING:
+            continue
+        assert args[dest] == f.default, f"--{dest.replace('_', '-')}: {args[dest]!r} != {f.default!r}"
+        checked.append(f.name)
+    assert len(checked) >= (2 if command == "experiment" and cls == "RankParams" else 5), checked
+    if command == "score" and cls == "RankParams":  # and the flags build exactly the default RankParams
+        from chips_core.cli.scoring import rank_params
+
+        assert rank_params(argparse.Namespace(**args)) == params.RankParams()
+    if cls == "Recipe":
+        assert command == "train" or args["methods"] == list(params.EXPERIMENT_METHODS)
+        from chips_core.cli.training import _recipe
+
+        assert _recipe(argparse.Namespace(**args)) == cpt.Recipe("m")
 
 
 def test_negative_pair_ids_parse():

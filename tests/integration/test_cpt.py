@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from chips_core.training import cpt
+from chips_core.training.cpt import Recipe
 from chips_core.training.evaluate import evaluate_run
 from chips_core.workspace.store import Workspace
 
@@ -65,12 +66,7 @@ def test_train_records_progress_checkpoint_and_evaluates(ws_csv):
     run_id = cpt.train(
         ws,
         train_csv,
-        MODEL,
-        epochs=2,
-        lr=1e-3,
-        batch_size=8,
-        warmup=2,
-        workers=0,
+        Recipe(MODEL, epochs=2, lr=1e-3, batch_size=8, warmup=2, workers=0),
         seed=0,
         progress=seen.append,
     )
@@ -122,8 +118,8 @@ def test_start_from_checkpoint_loads_its_weights(ws_csv):
     with ws.connect(read_only=True) as con:
         start = con.execute("SELECT min(checkpoint) FROM cpt_runs WHERE status = 'finished'").fetchone()[0]
     assert start is not None, "runs after test_train_records_progress_checkpoint_and_evaluates"
-    kw = {"epochs": 1, "lr": 0.0, "batch_size": 8, "warmup": 1, "workers": 0, "seed": 2}
-    second = cpt.train(ws, train_csv, MODEL, start, **kw)
+    recipe = Recipe(MODEL, start, epochs=1, lr=0.0, batch_size=8, warmup=1, workers=0)
+    second = cpt.train(ws, train_csv, recipe, seed=2)
     end = _state(cpt.run_config(ws, second)["checkpoint"])
     assert end["epoch"] == 1  # a fresh schedule and optimizer, not a resumed one
     before = _state(start)["state_dict"]
@@ -142,9 +138,8 @@ def test_cancel_then_resume_finishes(tmp_path):
                 run_id = con.execute("SELECT max(cpt_run_id) FROM cpt_runs").fetchone()[0]
             cancelled.append(cpt.cancel(ws, run_id, grace_s=5))
 
-    run_id = cpt.train(
-        ws, train_csv, MODEL, epochs=3, lr=1e-3, batch_size=4, warmup=2, workers=0, progress=stop_in_epoch_two
-    )
+    recipe = Recipe(MODEL, epochs=3, lr=1e-3, batch_size=4, warmup=2, workers=0)
+    run_id = cpt.train(ws, train_csv, recipe, progress=stop_in_epoch_two)
     assert cancelled == [True]
     assert cpt.status(ws, run_id) == "cancelled"
     assert [p.name for p in cpt.checkpoints(ws, run_id)] == ["epoch_1.pt"]
@@ -171,15 +166,15 @@ def test_bad_inputs_are_named(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("image,title\nx.png,a caption\n")
     with pytest.raises(cpt.CPTError, match="bad.csv has no column 'filepath'"):
-        cpt.train(ws, bad, MODEL)
+        cpt.train(ws, bad, Recipe(MODEL))
     missing = tmp_path / "missing.csv"
     missing.write_text(f"filepath,title\n{tmp_path / 'nope.png'},a caption\n")
     with pytest.raises(cpt.CPTError, match="row 2: image file not found"):
-        cpt.train(ws, missing, MODEL)
+        cpt.train(ws, missing, Recipe(MODEL))
     with pytest.raises(cpt.CPTError, match="fewer than one batch"):
-        cpt.train(ws, good, MODEL, batch_size=16)
+        cpt.train(ws, good, Recipe(MODEL, batch_size=16))
     with pytest.raises(cpt.CPTError, match="unknown open_clip model"):
-        cpt.train(ws, good, "no-such-model", batch_size=4)
+        cpt.train(ws, good, Recipe("no-such-model", batch_size=4))
     with ws.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM cpt_runs").fetchone()[0] == 0
     assert list((ws.root / "cpt").iterdir()) == []
@@ -191,7 +186,7 @@ def test_training_failure_is_recorded_with_log_tail(tmp_path):
     broken = tmp_path / "imgs" / "retina_0.png"
     broken.write_bytes(b"")  # exists (passes the up-front check) but PIL cannot open it
     with pytest.raises(cpt.CPTError, match="failed .exit code 1.*\n.*") as err:
-        cpt.train(ws, train_csv, MODEL, epochs=1, batch_size=4, workers=0)
+        cpt.train(ws, train_csv, Recipe(MODEL, epochs=1, batch_size=4, workers=0))
     assert "UnidentifiedImageError" in str(err.value)
     with ws.connect(read_only=True) as con:
         assert con.execute("SELECT status FROM cpt_runs").fetchone()[0] == "failed"
@@ -202,7 +197,7 @@ def test_experiment_end_to_end_with_tracin(tmp_path):
     from chips_core.engines.pipeline import prepare_workspace
     from chips_core.features.featurize import featurize
     from chips_core.pools.ingest import ingest
-    from chips_core.scoring.prepare import PrepareConfig
+    from chips_core.scoring.params import PrepareConfig
     from chips_core.training import experiment as ex
 
     ws = Workspace.init(tmp_path / "ws")
@@ -214,12 +209,12 @@ def test_experiment_end_to_end_with_tracin(tmp_path):
         featurize(ws, name, MODEL, device="cpu")
     cfg = PrepareConfig(k_max=16, batch_size=8, curvature_pairs=32, chunk_batches=2)
     cache_id = prepare_workspace(ws, "pool", "val", cfg)
-    warm = cpt.train(ws, pool_csv, MODEL, epochs=2, lr=1e-3, batch_size=8, warmup=1, workers=0)
+    warm = cpt.train(ws, pool_csv, Recipe(MODEL, epochs=2, lr=1e-3, batch_size=8, warmup=1, workers=0))
     tracin = ex.tracin_checkpoints(ws, "pool", "val", warm, cfg)
     assert len(tracin) == 2 and all(eta > 0 for _, eta in tracin)
     assert tracin[0][0].root != tracin[1][0].root  # one featurize + prepare per checkpoint
 
-    recipe = ex.Recipe(MODEL, epochs=1, lr=1e-3, batch_size=4, warmup=1, workers=0)
+    recipe = Recipe(MODEL, epochs=1, lr=1e-3, batch_size=4, warmup=1, workers=0)
     out = tmp_path / "exp"
     run = ex.run_experiment(
         ws, "pool", "val", ["random", "tracin"], [0.5], [0], recipe, cache=cache_id, tracin=tracin,

@@ -151,6 +151,7 @@ def _bottom_half_share(frame: pd.DataFrame, truth: pd.DataFrame, kind: str) -> f
 @pytest.mark.slow
 def test_chips_pushes_planted_pairs_down(built):
     from chips_core.scoring.cache import ScoringCache
+    from chips_core.scoring.params import RankParams
     from chips_core.scoring.ranking import rank
 
     info = json.loads((built.root / demo.MARKER).read_text())
@@ -162,12 +163,13 @@ def test_chips_pushes_planted_pairs_down(built):
     truth = demo.ground_truth("pool")
     planted = truth.assign(planted=truth["planted"].replace({"mismatch": "planted", "off_domain": "planted"}))
     random_shares = [
-        _bottom_half_share(rank(cache, method="random", seed=s).frame, planted, "planted") for s in range(20)
+        _bottom_half_share(rank(cache, RankParams(method="random", seed=s)).frame, planted, "planted")
+        for s in range(20)
     ]
     # a random ranking puts about half of the planted pairs in the bottom half; CHIPS clearly more
     assert abs(np.mean(random_shares) - 0.5) < 0.05
     margin = 3 * max(np.std(random_shares), 0.5 / np.sqrt((planted["planted"] == "planted").sum()))
-    chips = rank(cache, method="chips").frame
+    chips = rank(cache, RankParams(method="chips")).frame
     share = _bottom_half_share(chips, planted, "planted")
     assert share >= 0.5 + margin and share >= 0.6, (
         f"CHIPS put {share:.0%} of planted pairs in the bottom half"
@@ -179,7 +181,9 @@ def test_chips_pushes_planted_pairs_down(built):
     assert (top30 == "off_domain").mean() <= 0.0625
     # with raw gradients (the paper preset) off-domain pairs get Â near 0 and only the soft relevance weight;
     # the rank-normalised option (METHOD.md §6) pushes them down (measured: 97 %)
-    ranked_norm = rank(cache, "chips", rank_normalized=True, normalize=False, damping="dimension").frame
+    ranked_norm = rank(
+        cache, RankParams(method="chips", rank_normalized=True, normalize=False, damping="dimension")
+    ).frame
     assert _bottom_half_share(ranked_norm, truth, "off_domain") >= 0.8
 
 
@@ -213,7 +217,7 @@ def test_default_top_ranks_hold_no_planted_mismatch(built):
     mistake, and its top 10 % at most half the pool's rate; the paper's literal score (kept as a preset)
     lifts them there on this demo, which is what the default fixes (docs/SCORING.md)."""
     from chips_core.scoring.cache import ScoringCache
-    from chips_core.scoring.presets import PRESETS, rank_options
+    from chips_core.scoring.params import PRESETS, RankParams
     from chips_core.scoring.ranking import rank
 
     truth = demo.ground_truth("pool").set_index("pair_id")["planted"]
@@ -223,7 +227,7 @@ def test_default_top_ranks_hold_no_planted_mismatch(built):
 
     def top(preset: str, n: int) -> pd.Series:
         cache = ScoringCache.load(dirs[PRESETS[preset]["blocks"]])
-        frame = rank(cache, "chips", **rank_options(preset)).frame
+        frame = rank(cache, RankParams.preset(preset)).frame
         return truth.reindex(frame.nsmallest(n, "rank")["pair_id"].to_numpy())
 
     pool_rate = float((truth == "mismatch").mean())

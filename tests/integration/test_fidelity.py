@@ -98,7 +98,8 @@ def test_sketched_matches_exact_at_default_lambda(tmp_path):
     """The sketched Newton score against the exact one (CG, same absolute λ): at the paper's λ* (d(λ*) =
     k/4, raw gradients, every block) and with the default preset's rank options (λ = 0.1·tr C̃, unit-norm
     gradients) on the same cache."""
-    from chips_core.scoring.prepare import PrepareConfig, prepare
+    from chips_core.scoring.params import PrepareConfig, RankParams
+    from chips_core.scoring.prepare import prepare
     from chips_core.scoring.ranking import rank, rank_exact
 
     pool, ev, params = build_features()
@@ -108,19 +109,21 @@ def test_sketched_matches_exact_at_default_lambda(tmp_path):
     )  # fmt: skip
     cache = prepare(pool, ev, params, cfg, tmp_path / "cache")
     paper = dict(damping="dimension", normalize=False, guard="none")
-    sk = rank(cache, k=2048, **paper)
+    sk = rank(cache, RankParams(k=2048, **paper))
     assert sk.info["d_over_k"] == pytest.approx(0.25, abs=1e-3)
-    ex = rank_exact(cache, pool, params, k=2048, lam=sk.info["lam"], tol=1e-6, **paper)
+    ex = rank_exact(cache, pool, params, RankParams(k=2048, lam=sk.info["lam"], **paper), tol=1e-6)
     assert ex.info["cg_rel_residual"] <= 1e-6
     rho = spearmanr(sk.frame["alignment"], ex.frame["alignment"]).statistic
-    dot = spearmanr(sk.frame["alignment"], rank(cache, "dot", k=2048).frame["score"]).statistic
+    dot = spearmanr(
+        sk.frame["alignment"], rank(cache, RankParams(method="dot", k=2048)).frame["score"]
+    ).statistic
     print(f"Spearman(sketched, exact) {rho:.3f}, (sketched, Dot) {dot:.3f}, λ* {sk.info['lam']:.3g}")
     assert rho >= 0.9
     # the final scores (same weights on both) agree at least as well
     assert spearmanr(sk.frame["score"], ex.frame["score"]).statistic >= 0.9
     # the default preset's options: larger λ, unit-norm gradients
-    sk_d = rank(cache, k=2048, guard="none")
-    ex_d = rank_exact(cache, pool, params, k=2048, lam=sk_d.info["lam"], tol=1e-6, guard="none")
+    sk_d = rank(cache, RankParams(k=2048, guard="none"))
+    ex_d = rank_exact(cache, pool, params, RankParams(k=2048, lam=sk_d.info["lam"], guard="none"), tol=1e-6)
     rho_d = spearmanr(sk_d.frame["alignment"], ex_d.frame["alignment"]).statistic
     print(f"default options: Spearman(sketched, exact) {rho_d:.3f}, λ {sk_d.info['lam']:.3g}")
     assert rho_d >= 0.9

@@ -29,7 +29,8 @@ from chips_core.features.featurize import FeatureStore, featurize
 from chips_core.features.models import load_model
 from chips_core.pools.ingest import ingest
 from chips_core.scoring.cache import ScoringCache
-from chips_core.scoring.prepare import PrepareConfig, prepare
+from chips_core.scoring.params import PrepareConfig, RankParams
+from chips_core.scoring.prepare import prepare
 from chips_core.scoring.ranking import rank
 from chips_core.workspace.store import Workspace
 from tests.fixtures_build import make_csv_pool, make_wds_pool
@@ -239,7 +240,7 @@ def test_prepare_ray_matches_local_and_ranks_the_same(featurized, tmp_path):
     for ga, gb, sa, sb in zip(a.G, b.G, a.scales, b.scales, strict=True):
         ua, ub = ga.astype(np.float32) * sa[:, :, None], gb.astype(np.float32) * sb[:, :, None]
         np.testing.assert_allclose(ua, ub, rtol=1e-3, atol=1e-6)
-    ra, rb = rank(a, ratio=0.3).frame, rank(b, ratio=0.3).frame
+    ra, rb = rank(a, RankParams(ratio=0.3)).frame, rank(b, RankParams(ratio=0.3)).frame
     np.testing.assert_allclose(ra["score"], rb["score"], rtol=1e-5)
     assert ra.sort_values("rank")["pair_id"].tolist() == rb.sort_values("rank")["pair_id"].tolist()
     assert ra["selected"].sum() == rb["selected"].sum() > 0

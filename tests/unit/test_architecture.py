@@ -17,15 +17,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TREES = ("chips_core", "app")
 
-#: import edges waiting for another change, each with the change that removes it. A listed edge that no
-#: longer exists fails `test_pending_edges_still_exist`, so the list cannot go stale.
-PENDING_EDGES = {
-    # ScoringCache.config builds a PrepareConfig with a function-level import from prepare (torch) until
-    # PrepareConfig moves to the torch-free scoring/params.py (the RankParams change): then import it
-    # from params at the top of cache.py and drop this entry.
-    ("chips_core.scoring.cache", "chips_core.scoring.prepare"),
-}
-
 
 def _is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
@@ -227,12 +218,7 @@ def test_the_scan_sees_the_trees():
 
 
 def _graph() -> dict[str, set[str]]:
-    return {m: {e for e in s.edges if (m, e) not in PENDING_EDGES} for m, s in SCANS.items()}
-
-
-def test_pending_edges_still_exist():
-    stale = sorted((a, b) for a, b in PENDING_EDGES if b not in SCANS[a].edges)
-    assert not stale, f"remove these from PENDING_EDGES, they are gone: {stale}"
+    return {m: set(s.edges) for m, s in SCANS.items()}
 
 
 def test_no_import_cycles():

@@ -20,7 +20,8 @@ from chips_core.scoring.endpoint import (
     zeroshot_grad_sum,
 )
 from chips_core.scoring.exact import unflat
-from chips_core.scoring.prepare import ArrayFeatures, PrepareConfig, ZeroShotEval, prepare
+from chips_core.scoring.params import PrepareConfig, RankParams
+from chips_core.scoring.prepare import ArrayFeatures, ZeroShotEval, prepare
 from chips_core.scoring.ranking import eval_contributions, guard_mask, project, rank, rank_exact
 from chips_core.scoring.sketch import make_sketch
 
@@ -136,7 +137,9 @@ def test_rank_chips_paper_preset_against_reference(built):
     pool, ev, params, cache = built
     G, _, _ = _reference_G(pool, params, cache.config)
     k, alpha = 32, 0.7
-    res = rank(cache, alpha=alpha, k=k, ratio=0.25, damping="dimension", normalize=False, guard="none")
+    res = rank(
+        cache, RankParams(alpha=alpha, k=k, ratio=0.25, damping="dimension", normalize=False, guard="none")
+    )
     C = combine(cache.phi_pos[:k, :k], cache.phi_neg[:k, :k], alpha) / k
     lam = lambda_star(eigenvalues(C), k / 4)
     A = _reference_alignment(cache, G, k, alpha, lam, False)
@@ -172,11 +175,13 @@ def test_rank_chips_paper_preset_against_reference(built):
     x2 = np.linalg.solve(C2 + lam * np.eye(k), cache.u[k:] / math.sqrt(k))
     assert res.info["stability"] == pytest.approx(spearmanr(A, G[:, k:] @ x2).statistic, abs=0.01)
     # λ is honoured, k defaults to k_max/2, stability needs 2k ≤ k_max
-    assert rank(cache, lam=10 * lam, k=k).info["d_over_k"] < 0.25
+    assert rank(cache, RankParams(lam=10 * lam, k=k)).info["d_over_k"] < 0.25
     assert rank(cache).info["k"] == 32
-    assert rank(cache, k=64).info["stability"] != rank(cache, k=64).info["stability"]  # NaN: no second half
+    assert (
+        rank(cache, RankParams(k=64)).info["stability"] != rank(cache, RankParams(k=64)).info["stability"]
+    )  # NaN: no second half
     with pytest.raises(ValueError, match="k must lie"):
-        rank(cache, k=65)
+        rank(cache, RankParams(k=65))
 
 
 @pytest.mark.parametrize("k", [16, 32, 64])
@@ -184,7 +189,7 @@ def test_rank_chips_default_against_reference(built, k):
     """The default: λ = 0.1·tr C̃ (the same at every k in expectation), unit-norm g̃ and ũ, MAD guard."""
     pool, ev, params, cache = built
     G, _, _ = _reference_G(pool, params, cache.config)
-    res = rank(cache, k=k, ratio=0.2)
+    res = rank(cache, RankParams(k=k, ratio=0.2))
     C = combine(cache.phi_pos[:k, :k], cache.phi_neg[:k, :k], 0.7) / k
     lam = 0.1 * np.trace(C)
     assert res.info["lam"] == pytest.approx(lam, rel=1e-9) and res.info["damping"] == "trace"
@@ -208,66 +213,74 @@ def test_rank_chips_default_against_reference(built, k):
 def test_guard_catches_planted_outliers_and_switches_off(built):
     pool, ev, params, cache = built
     cs = cache.column("clipscore")
-    held, info = guard_mask(np.concatenate([cs, [cs.min() - 5.0]]))
+    mads = RankParams().guard_mads
+    held, info = guard_mask(np.concatenate([cs, [cs.min() - 5.0]]), "mad", mads)
     assert held[-1] and info["guard"] == "mad" and info["guard_threshold"] < np.median(cs)
-    assert not guard_mask(cs, "none")[0].any()
+    assert not guard_mask(cs, "none", mads)[0].any()
     with pytest.raises(ValueError, match="guard"):
-        guard_mask(cs, "median")
-    off = rank(cache, k=16, guard="none")
+        guard_mask(cs, "median", mads)
+    with pytest.raises(ValueError, match="guard"):
+        RankParams(guard="median")
+    off = rank(cache, RankParams(k=16, guard="none"))
     assert not off.frame["guarded"].any() and off.info["n_guarded"] == 0
-    assert not rank(cache, "dot", k=16).frame["guarded"].any()  # baselines stay literal
+    assert not rank(cache, RankParams(method="dot", k=16)).frame["guarded"].any()  # baselines stay literal
 
 
 def test_damping_rules_and_normalisation_change_the_ranking(built):
     pool, ev, params, cache = built
-    trace = rank(cache, k=32, guard="none", normalize=False)
-    dim = rank(cache, k=32, guard="none", normalize=False, damping="dimension")
+    trace = rank(cache, RankParams(k=32, guard="none", normalize=False))
+    dim = rank(cache, RankParams(k=32, guard="none", normalize=False, damping="dimension"))
     assert trace.info["lam"] != pytest.approx(dim.info["lam"])
     assert dim.info["lam"] == pytest.approx(trace.info["lam_star"])
-    unit = rank(cache, k=32, guard="none", normalize=True)
+    unit = rank(cache, RankParams(k=32, guard="none", normalize=True))
     G, _, _ = _reference_G(pool, params, cache.config)
     norms = np.linalg.norm(G[:, :32], axis=1)
     # normalising divides each Â by ‖g̃‖ (and by a constant ‖ũ‖): the rank order changes with the norms
     ratio = trace.frame["alignment"] / unit.frame["alignment"]
     assert spearmanr(ratio, norms).statistic > 0.999
     with pytest.raises(ValueError, match="damping"):
-        rank(cache, damping="k/4")
+        rank(cache, RankParams(damping="k/4"))
 
 
 def test_flags_and_baselines(built):
     pool, ev, params, cache = built
-    off = rank(cache, use_learnability=False, use_relevance=False, k=16, guard="none")
+    off = rank(cache, RankParams(use_learnability=False, use_relevance=False, k=16, guard="none"))
     assert (off.frame["learnability"] == 1).all() and np.allclose(off.frame["score"], off.frame["alignment"])
-    rn = rank(cache, rank_normalized=True, k=16, guard="none").frame
+    rn = rank(cache, RankParams(rank_normalized=True, k=16, guard="none")).frame
     assert (rn["score"] > 0).all()
     ranks_a = rn["alignment"].rank(method="first").to_numpy() / len(rn)
     assert np.allclose(rn["score"], ranks_a * rn["learnability"] * rn["relevance"])
-    r1, r2 = rank(cache, "random", seed=1), rank(cache, "random", seed=1)
+    r1, r2 = (
+        rank(cache, RankParams(method="random", seed=1)),
+        rank(cache, RankParams(method="random", seed=1)),
+    )
     assert np.array_equal(r1.frame["rank"], r2.frame["rank"])
-    assert not np.array_equal(r1.frame["rank"], rank(cache, "random", seed=2).frame["rank"])
-    cs = rank(cache, "clipscore").frame
+    assert not np.array_equal(
+        r1.frame["rank"], rank(cache, RankParams(method="random", seed=2)).frame["rank"]
+    )
+    cs = rank(cache, RankParams(method="clipscore")).frame
     assert np.allclose(cs["score"], cache.column("clipscore"))
     G, _, _ = _reference_G(pool, params, cache.config)
-    dot = rank(cache, "dot", k=16).frame
+    dot = rank(cache, RankParams(method="dot", k=16)).frame
     assert spearmanr(dot["score"], G[:, :16] @ cache.u[:16]).statistic > 0.999
-    trak = rank(cache, "trak", k=16)
+    trak = rank(cache, RankParams(method="trak", k=16))
     assert trak.info["alpha"] == 0.0 and (trak.frame["relevance"] == 1).all()
     assert (trak.frame["learnability"] == 1).all() and trak.info["damping"] == "dimension"
     C = cache.phi_pos[:16, :16] / 16
     x = np.linalg.solve(C + trak.info["lam"] * np.eye(16), cache.u[:16] / 4)
     assert spearmanr(trak.frame["score"], G[:, :16] @ x).statistic > 0.999
     with pytest.raises(ValueError, match="unknown method"):
-        rank(cache, "influence")
+        rank(cache, RankParams(method="influence"))
     with pytest.raises(ValueError, match="checkpoints"):
-        rank(cache, "tracin")
+        rank(cache, RankParams(method="tracin"))
 
 
 def test_tracin_sums_checkpoint_dots(built, tmp_path):
     pool, ev, params, cache = built
     other = prepare(pool, ev, _params(seed=9), CFG, tmp_path / "ckpt")
-    res = rank(cache, "tracin", k=16, checkpoints=[(cache, 0.5), (other, 2.0)])
-    d1 = rank(cache, "dot", k=16).frame["score"].to_numpy()
-    d2 = rank(other, "dot", k=16).frame["score"].to_numpy()
+    res = rank(cache, RankParams(method="tracin", k=16), checkpoints=[(cache, 0.5), (other, 2.0)])
+    d1 = rank(cache, RankParams(method="dot", k=16)).frame["score"].to_numpy()
+    d2 = rank(other, RankParams(method="dot", k=16)).frame["score"].to_numpy()
     assert np.allclose(res.frame["score"], 0.5 * d1 + 2.0 * d2)
 
 
@@ -312,7 +325,7 @@ def test_self_only_and_zero_shot(built, tmp_path):
         torch.from_numpy(zs.h), torch.from_numpy(zs.labels), torch.from_numpy(zs.class_t), params
     )
     assert np.allclose(z.u_full, _zero_blocks(u, cache.config.blocks).flat()[0].numpy() / 40)
-    assert z.record["zero_shot"] and len(rank(z, k=16).frame) == 230
+    assert z.record["zero_shot"] and len(rank(z, RankParams(k=16)).frame) == 230
     with pytest.raises(PrepareError, match="zero-shot"):
         eval_contributions(z, int(z.pair_ids[0]))
 
@@ -326,22 +339,22 @@ def test_eval_contributions_sum_to_alignment(built, tmp_path):
         cache.G_eval.astype(np.float64).mean(0), cache.u, rtol=1e-5, atol=1e-6 * np.abs(cache.u).max()
     )
     k, alpha = 32, 0.5
-    res = rank(cache, alpha=alpha, k=k)
+    res = rank(cache, RankParams(alpha=alpha, k=k))
     lam = res.info["lam"] * 3
-    res = rank(cache, alpha=alpha, k=k, lam=lam).frame.set_index("pair_id")
+    res = rank(cache, RankParams(alpha=alpha, k=k, lam=lam)).frame.set_index("pair_id")
     A = res["alignment"]
     scale = np.abs(A).max()
     for pid in (A.idxmax(), A.idxmin(), int(cache.pair_ids[100])):
-        full = eval_contributions(cache, pid, alpha=alpha, lam=lam, k=k, top=None)
+        full = eval_contributions(cache, pid, RankParams(alpha=alpha, lam=lam, k=k), top=None)
         assert len(full) == 60 and set(full["eval_pair_id"]) == set(ev.pair_ids())
         assert full["contribution"].is_monotonic_decreasing
         assert full["contribution"].sum() == pytest.approx(full.attrs["alignment"])
         assert full.attrs["alignment"] == pytest.approx(A[pid], abs=3e-3 * scale)
         assert full["share"].sum() == pytest.approx(1.0)
-        top = eval_contributions(cache, pid, alpha=alpha, lam=lam, k=k, top=3)
+        top = eval_contributions(cache, pid, RankParams(alpha=alpha, lam=lam, k=k), top=3)
         assert list(top["eval_pair_id"]) == list(full["eval_pair_id"].iloc[[0, 1, 2, -3, -2, -1]])
     # a different α changes the solve, so the contributions change
-    other = eval_contributions(cache, pid, alpha=0.0, lam=lam, k=k, top=None)
+    other = eval_contributions(cache, pid, RankParams(alpha=0.0, lam=lam, k=k), top=None)
     assert not np.allclose(np.sort(other["contribution"]), np.sort(full["contribution"]))
     with pytest.raises(KeyError, match="not in the scoring cache"):
         eval_contributions(cache, 12345)
@@ -356,7 +369,9 @@ def test_eval_contributions_sum_to_alignment(built, tmp_path):
     e = np.load(cache.root / "eval.npz")
     np.savez(old / "eval.npz", **{n: e[n] for n in e.files if n not in ("G_eval", "eval_ids")})
     legacy = ScoringCache.load(old)
-    assert np.allclose(rank(legacy, k=k).frame["alignment"], rank(cache, k=k).frame["alignment"])
+    assert np.allclose(
+        rank(legacy, RankParams(k=k)).frame["alignment"], rank(cache, RankParams(k=k)).frame["alignment"]
+    )
     with pytest.raises(PrepareError, match="re-run prepare"):
         eval_contributions(legacy, pid)
 
@@ -364,8 +379,8 @@ def test_eval_contributions_sum_to_alignment(built, tmp_path):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_exact_rank_runs_and_agrees_at_large_lambda(built, normalize):
     pool, ev, params, cache = built
-    sk = rank(cache, k=64, lam=1e3, normalize=normalize)
-    ex = rank_exact(cache, pool, params, k=64, lam=1e3, normalize=normalize)
+    sk = rank(cache, RankParams(k=64, lam=1e3, normalize=normalize))
+    ex = rank_exact(cache, pool, params, RankParams(k=64, lam=1e3, normalize=normalize))
     assert ex.info["exact"] and ex.info["cg_rel_residual"] < 1e-8
     # at large λ both approach g·u/λ (the sketch of a dot product is unbiased): clearly positive agreement
     assert spearmanr(sk.frame["alignment"], ex.frame["alignment"]).statistic > 0.5
@@ -388,3 +403,86 @@ def test_bad_inputs_named(tmp_path):
         PrepareConfig(dtype="float16").validate()
     with pytest.raises(ValueError, match="differ in length"):
         ArrayFeatures(np.arange(3), np.zeros((2, 4)), np.zeros((3, 4)))
+
+
+def test_rank_params_validate_and_presets():
+    """RankParams checks every value in one place, naming the parameter; presets are RankParams."""
+    assert RankParams() == RankParams.preset("default", blocks=None)
+    paper = RankParams.preset("paper", alpha=0.5)
+    assert (paper.blocks, paper.damping, paper.normalize, paper.guard, paper.alpha) == (
+        ALL_BLOCKS,
+        "dimension",
+        False,
+        "none",
+        0.5,
+    )
+    assert RankParams().guard_rule == "mad" and RankParams(method="dot").guard_rule == "none"
+    assert RankParams(blocks="text, visual").blocks == "visual,text"
+    for bad, name in (
+        ({"alpha": 1.5}, "alpha"),
+        ({"beta": -0.1}, "beta"),
+        ({"ratio": 0.0}, "ratio"),
+        ({"lam": -1.0}, "lam"),
+        ({"k": 0}, "k"),
+        ({"guard_mads": 0.0}, "guard_mads"),
+        ({"damping": "k/4"}, "damping"),
+        ({"guard": "median"}, "guard"),
+        ({"method": "influence"}, "method"),
+        ({"blocks": "logit"}, "blocks"),
+        ({"alpha": "0.7"}, "alpha"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            RankParams(**bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        RankParams.preset("fast")
+
+
+def test_params_module_imports_no_torch():
+    """The CLI builds and checks its flags from chips_core.scoring.params before any heavy import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys, chips_core.scoring.params, chips_core.cli; "
+        "from chips_core.cli.common import COMMANDS; "
+        "[COMMANDS[c].add_arguments(argparse.ArgumentParser()) for c in ('prepare', 'score', 'train')]; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rank_refuses_a_cache_of_other_blocks(built):
+    pool, ev, params, cache = built
+    other = "visual" if cache.config.blocks != "visual" else "text"
+    with pytest.raises(ValueError, match="blocks"):
+        rank(cache, RankParams(blocks=other))
+    assert rank(cache, RankParams(k=16)).params.blocks == cache.config.blocks
+
+
+def test_score_run_stores_its_rank_params(built, tmp_path):
+    """A score run stores asdict(RankParams); RankParams(**stored) ranks the cache the same way again."""
+    from dataclasses import asdict
+
+    from chips_core.curation import selection as sel
+    from chips_core.workspace.store import Workspace
+
+    pool, ev, params, cache = built
+    ws = Workspace.init(tmp_path / "ws")
+    with ws.connect() as con:
+        con.execute(
+            "INSERT INTO pools (pool_id, name, kind, source, format, status) "
+            "VALUES (?, 'pool', 'pool', 'x', 'csv', 'ready')",
+            [ws.next_id(con)],
+        )
+    wanted = RankParams(alpha=0.4, k=16, beta=0.8, ratio=0.2, damping="dimension", guard_mads=1.5)
+    result = rank(cache, wanted)
+    run_id = sel.record_score_run(ws, "pool", result, "chips", {"preset": "default"})
+    stored = sel.score_run_info(ws, run_id)["params"]
+    assert stored["rank_params"] == asdict(wanted.replace(blocks=cache.config.blocks))
+    assert stored["preset"] == "default" and stored["info"]["k"] == 16
+    again = rank(cache, RankParams(**stored["rank_params"]))
+    assert again.frame.equals(result.frame)
+    assert (
+        sel.load_score_run(ws, run_id)["pair_id"].tolist()
+        == again.frame.sort_values("rank")["pair_id"].tolist()
+    )
