@@ -82,9 +82,8 @@ def _model_flags(ws: store.Workspace, run_id: int) -> list[str]:
     flags = ["--model", spec.name]
     if spec.random_init:  # unpretrained weights: open_clip_train starts from its own init
         return flags
-    _, pretrained, _ = (
-        spec.load_args()
-    )  # a local checkpoint file (a local-dir bundle holds one), else the tag
+    # a local checkpoint file (a local-dir bundle holds one), else the tag
+    _, pretrained, _ = spec.load_args()
     return [*flags, "--pretrained", pretrained] if pretrained else flags
 
 

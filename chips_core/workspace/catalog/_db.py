@@ -38,3 +38,10 @@ def writing(db: Db) -> Iterator[Con]:
 def in_list(ids: list[int]) -> str:
     """An SQL `IN` list of integers (`(NULL)` when empty, which matches nothing)."""
     return "(" + ",".join(str(int(i)) for i in ids) + ")" if ids else "(NULL)"
+
+
+def first(result: Con) -> tuple | None:
+    """The first row of a query result, or None, reading the result to its end (DuckDB refuses some work
+    on a connection, e.g. `register`, while a result is unfinished)."""
+    rows = result.fetchall()
+    return rows[0] if rows else None

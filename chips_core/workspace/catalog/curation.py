@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from chips_core.workspace.catalog._db import Con, Db, reading, writing
+from chips_core.workspace.catalog._db import Con, Db, first, reading, writing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,9 +104,7 @@ def decision_history(db: Db, pool_id: int, pair_id: int | None = None) -> pd.Dat
 def next_selection_version(con: Con, name: str) -> int:
     """The version the next selection named `name` gets (1 for a new name)."""
     return int(
-        con.execute("SELECT coalesce(max(version), 0) + 1 FROM selections WHERE name = ?", [name]).fetchone()[
-            0
-        ]
+        first(con.execute("SELECT coalesce(max(version), 0) + 1 FROM selections WHERE name = ?", [name]))[0]
     )
 
 
@@ -183,7 +181,7 @@ def selection_n_selected(db: Db, selection_id: int) -> int:
     """The number of members of a selection."""
     with reading(db) as con:
         sql = "SELECT n_selected FROM selections WHERE selection_id = ?"
-        return int(con.execute(sql, [int(selection_id)]).fetchone()[0])
+        return int(first(con.execute(sql, [int(selection_id)]))[0])
 
 
 def insert_export(db: Db, export_id: int, selection_id: int, fmt: str, path: str, manifest: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from chips_core.workspace.catalog._db import Db, reading, writing
+from chips_core.workspace.catalog._db import Db, first, reading, writing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,11 +41,13 @@ def job_row(db: Db, job_id: int) -> tuple | None:
     """(job_id, kind, args JSON, status, pid, progress, message, log_path, started_at, updated_at,
     finished_at) of a job, or None."""
     with reading(db) as con:
-        return con.execute(
-            "SELECT job_id, kind, args, status, pid, progress, message, log_path, started_at, updated_at, "
-            "finished_at FROM jobs WHERE job_id = ?",
-            [int(job_id)],
-        ).fetchone()
+        return first(
+            con.execute(
+                "SELECT job_id, kind, args, status, pid, progress, message, log_path, started_at, "
+                "updated_at, finished_at FROM jobs WHERE job_id = ?",
+                [int(job_id)],
+            )
+        )
 
 
 def job_ids(db: Db) -> list[int]:

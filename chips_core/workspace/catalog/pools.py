@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chips_core.workspace.catalog._db import Con, Db, in_list, reading, writing
+from chips_core.workspace.catalog._db import Con, Db, first, in_list, reading, writing
 from chips_core.workspace.store import Workspace, WorkspaceError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def pool_names(db: Db) -> list[tuple[str, str]]:
 def find_pool_id(db: Db, name: str) -> int | None:
     """The pool_id of pool `name`, or None."""
     with reading(db) as con:
-        row = con.execute("SELECT pool_id FROM pools WHERE name = ?", [str(name)]).fetchone()
+        row = first(con.execute("SELECT pool_id FROM pools WHERE name = ?", [str(name)]))
     return None if row is None else int(row[0])
 
 
@@ -76,7 +76,7 @@ def pool_id(db: Db, pool: str | int) -> int:
     with reading(db) as con:
         found = find_pool_id(con, str(pool))
         if found is None and isinstance(pool, int):
-            row = con.execute("SELECT pool_id FROM pools WHERE pool_id = ?", [int(pool)]).fetchone()
+            row = first(con.execute("SELECT pool_id FROM pools WHERE pool_id = ?", [int(pool)]))
             found = None if row is None else int(row[0])
         if found is None:
             names = ", ".join(n for n, _ in pool_names(con)) or "none"
@@ -89,20 +89,22 @@ def pool_id(db: Db, pool: str | int) -> int:
 def pool_record(db: Db, name: str) -> PoolRecord | None:
     """Pool `name`'s row and pair count, or None."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT pool_id, name, kind, source, format, options, status, "
-            "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) FROM pools p WHERE name = ?",
-            [name],
-        ).fetchone()
+        row = first(
+            con.execute(
+                "SELECT pool_id, name, kind, source, format, options, status, "
+                "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) FROM pools p WHERE name = ?",
+                [name],
+            )
+        )
     return None if row is None else PoolRecord(int(row[0]), *row[1:7], int(row[7]))
 
 
 def pool_row(db: Db, pool_id: int) -> tuple[str, str, str, str] | None:
     """(name, source, format, status) of pool `pool_id`, or None."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT name, source, format, status FROM pools WHERE pool_id = ?", [int(pool_id)]
-        ).fetchone()
+        row = first(
+            con.execute("SELECT name, source, format, status FROM pools WHERE pool_id = ?", [int(pool_id)])
+        )
     return None if row is None else tuple(row)
 
 
@@ -120,7 +122,7 @@ def insert_pool(
 def pool_options(db: Db, pool_id: int) -> tuple[str | None] | None:
     """(options JSON,) of pool `pool_id`, or None when there is no such pool."""
     with reading(db) as con:
-        row = con.execute("SELECT options FROM pools WHERE pool_id = ?", [int(pool_id)]).fetchone()
+        row = first(con.execute("SELECT options FROM pools WHERE pool_id = ?", [int(pool_id)]))
     return None if row is None else (row[0],)
 
 
@@ -164,15 +166,13 @@ def rejects_overview(db: Db) -> pd.DataFrame:
 def count_pairs(db: Db, pool_id: int) -> int:
     """The number of pairs of pool `pool_id`."""
     with reading(db) as con:
-        return int(con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [int(pool_id)]).fetchone()[0])
+        return int(first(con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [int(pool_id)]))[0])
 
 
 def count_rejects(db: Db, pool_id: int) -> int:
     """The number of rejected inputs of pool `pool_id`."""
     with reading(db) as con:
-        return int(
-            con.execute("SELECT count(*) FROM rejects WHERE pool_id = ?", [int(pool_id)]).fetchone()[0]
-        )
+        return int(first(con.execute("SELECT count(*) FROM rejects WHERE pool_id = ?", [int(pool_id)]))[0])
 
 
 def reject_counts(db: Db, pool_id: int) -> dict[str, int]:
@@ -271,11 +271,9 @@ def pool_dependents(ws: Workspace, con: Con, pool_id: int) -> dict:
     sels = in_list(d["selection_ids"])
     d["exports"] = _ids(con, f"SELECT export_id FROM exports WHERE selection_id IN {sels} ORDER BY 1", [])
     d["cpt_runs"] = _ids(con, f"SELECT cpt_run_id FROM cpt_runs WHERE selection_id IN {sels} ORDER BY 1", [])
-    d["decisions"] = int(
-        con.execute("SELECT count(*) FROM decisions WHERE pool_id = ?", [pool_id]).fetchone()[0]
-    )
+    d["decisions"] = int(first(con.execute("SELECT count(*) FROM decisions WHERE pool_id = ?", [pool_id]))[0])
     d["eval_results"] = int(
-        con.execute("SELECT count(*) FROM eval_results WHERE eval_pool_id = ?", [pool_id]).fetchone()[0]
+        first(con.execute("SELECT count(*) FROM eval_results WHERE eval_pool_id = ?", [pool_id]))[0]
     )
     files = [r[0] for r in con.execute(f"SELECT dir FROM feature_runs WHERE run_id IN {runs}").fetchall()]
     files += [str(ws.root / "maps" / f"run-{r}") for r in d["feature_runs"]]

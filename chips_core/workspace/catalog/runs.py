@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import numpy as np
 
-from chips_core.workspace.catalog._db import Con, Db, reading, writing
+from chips_core.workspace.catalog._db import Con, Db, first, reading, writing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,11 +92,13 @@ def model_spec(db: Db, model_id: int) -> ModelSpec | None:
     """The ModelSpec of `models` row `model_id`, or None."""
     with reading(db) as con:
         return _spec(
-            con.execute(
-                "SELECT model_id, name, pretrained, checkpoint, checkpoint_sha256 FROM models "
-                "WHERE model_id = ?",
-                [int(model_id)],
-            ).fetchone()
+            first(
+                con.execute(
+                    "SELECT model_id, name, pretrained, checkpoint, checkpoint_sha256 FROM models "
+                    "WHERE model_id = ?",
+                    [int(model_id)],
+                )
+            )
         )
 
 
@@ -104,22 +106,26 @@ def run_model_spec(db: Db, run_id: int) -> ModelSpec | None:
     """The ModelSpec of the model feature run `run_id` was made with, or None (no such run)."""
     with reading(db) as con:
         return _spec(
-            con.execute(
-                "SELECT m.model_id, m.name, m.pretrained, m.checkpoint, m.checkpoint_sha256 "
-                "FROM feature_runs f JOIN models m USING (model_id) WHERE f.run_id = ?",
-                [int(run_id)],
-            ).fetchone()
+            first(
+                con.execute(
+                    "SELECT m.model_id, m.name, m.pretrained, m.checkpoint, m.checkpoint_sha256 "
+                    "FROM feature_runs f JOIN models m USING (model_id) WHERE f.run_id = ?",
+                    [int(run_id)],
+                )
+            )
         )
 
 
 def find_model_id(db: Db, name: str, pretrained: str | None, checkpoint_sha256: str | None) -> int | None:
     """The first `models` row with this name, tag and checkpoint hash, or None."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT model_id FROM models WHERE name = ? AND pretrained IS NOT DISTINCT FROM ? "
-            "AND checkpoint_sha256 IS NOT DISTINCT FROM ? ORDER BY model_id LIMIT 1",
-            [name, pretrained, checkpoint_sha256],
-        ).fetchone()
+        row = first(
+            con.execute(
+                "SELECT model_id FROM models WHERE name = ? AND pretrained IS NOT DISTINCT FROM ? "
+                "AND checkpoint_sha256 IS NOT DISTINCT FROM ? ORDER BY model_id LIMIT 1",
+                [name, pretrained, checkpoint_sha256],
+            )
+        )
     return None if row is None else int(row[0])
 
 
@@ -156,11 +162,13 @@ def feature_runs_of_pool(db: Db, pool_name: str) -> list[tuple]:
 def find_feature_run(db: Db, pool_id: int, model_id: int) -> tuple[int, str] | None:
     """(run_id, dir) of the newest feature run of (pool, model), finished or not, or None."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT run_id, dir FROM feature_runs WHERE pool_id = ? AND model_id = ? "
-            "ORDER BY run_id DESC LIMIT 1",
-            [int(pool_id), int(model_id)],
-        ).fetchone()
+        row = first(
+            con.execute(
+                "SELECT run_id, dir FROM feature_runs WHERE pool_id = ? AND model_id = ? "
+                "ORDER BY run_id DESC LIMIT 1",
+                [int(pool_id), int(model_id)],
+            )
+        )
     return None if row is None else (int(row[0]), str(row[1]))
 
 
@@ -178,16 +186,18 @@ def insert_feature_run(
 def feature_run_row(db: Db, run_id: int) -> tuple | None:
     """(pool_id, model_id, status, dir, d_v, d_t) of feature run `run_id`, or None."""
     with reading(db) as con:
-        return con.execute(
-            "SELECT pool_id, model_id, status, dir, d_v, d_t FROM feature_runs WHERE run_id = ?",
-            [int(run_id)],
-        ).fetchone()
+        return first(
+            con.execute(
+                "SELECT pool_id, model_id, status, dir, d_v, d_t FROM feature_runs WHERE run_id = ?",
+                [int(run_id)],
+            )
+        )
 
 
 def run_model_id(db: Db, run_id: int) -> int:
     """The model_id of feature run `run_id`."""
     with reading(db) as con:
-        return con.execute("SELECT model_id FROM feature_runs WHERE run_id = ?", [int(run_id)]).fetchone()[0]
+        return first(con.execute("SELECT model_id FROM feature_runs WHERE run_id = ?", [int(run_id)]))[0]
 
 
 def running_feature_run_dirs(db: Db) -> dict[int, str]:
@@ -229,9 +239,9 @@ def done_shard_indexes(db: Db, run_id: int) -> set[int]:
 def shard_rows_done(db: Db, run_id: int) -> int:
     """The number of rows in a feature run's completed shards."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [int(run_id)]
-        ).fetchone()
+        row = first(
+            con.execute("SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [int(run_id)])
+        )
     return int(row[0])
 
 
@@ -282,21 +292,25 @@ def manifest_rows(
 def scoring_cache(db: Db, cache_id: int) -> tuple[str, str, int, int] | None:
     """(dir, status, pool_run_id, eval_run_id) of scoring cache `cache_id`, or None."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT dir, status, pool_run_id, eval_run_id FROM scoring_caches WHERE cache_id = ?",
-            [int(cache_id)],
-        ).fetchone()
+        row = first(
+            con.execute(
+                "SELECT dir, status, pool_run_id, eval_run_id FROM scoring_caches WHERE cache_id = ?",
+                [int(cache_id)],
+            )
+        )
     return None if row is None else tuple(row)
 
 
 def find_scoring_cache(db: Db, pool_run: int, eval_run: int, config: str) -> tuple[int, str, str] | None:
     """(cache_id, dir, status) of the newest scoring cache of these feature runs and config JSON, or None."""
     with reading(db) as con:
-        return con.execute(
-            "SELECT cache_id, dir, status FROM scoring_caches WHERE pool_run_id = ? AND eval_run_id = ? "
-            "AND config::VARCHAR = ? ORDER BY cache_id DESC LIMIT 1",
-            [pool_run, eval_run, config],
-        ).fetchone()
+        return first(
+            con.execute(
+                "SELECT cache_id, dir, status FROM scoring_caches WHERE pool_run_id = ? AND eval_run_id = ? "
+                "AND config::VARCHAR = ? ORDER BY cache_id DESC LIMIT 1",
+                [pool_run, eval_run, config],
+            )
+        )
 
 
 def insert_scoring_cache(
@@ -322,33 +336,37 @@ def finish_scoring_cache(db: Db, cache_id: int) -> None:
 def cache_id_by_dir(db: Db, cache_dir: str) -> int | None:
     """The cache_id of the scoring cache in folder `cache_dir`, or None."""
     with reading(db) as con:
-        row = con.execute("SELECT cache_id FROM scoring_caches WHERE dir = ?", [str(cache_dir)]).fetchone()
+        row = first(con.execute("SELECT cache_id FROM scoring_caches WHERE dir = ?", [str(cache_dir)]))
     return None if row is None else int(row[0])
 
 
 def scoring_cache_origin(db: Db, cache_id: int) -> tuple[str, str, str, int] | None:
     """(config JSON, pool name, eval set name, pool run's model_id) of a scoring cache, or None."""
     with reading(db) as con:
-        return con.execute(
-            "SELECT c.config, pp.name, pe.name, fp.model_id FROM scoring_caches c "
-            "JOIN feature_runs fp ON fp.run_id = c.pool_run_id JOIN pools pp ON pp.pool_id = fp.pool_id "
-            "JOIN feature_runs fe ON fe.run_id = c.eval_run_id JOIN pools pe ON pe.pool_id = fe.pool_id "
-            "WHERE c.cache_id = ?",
-            [int(cache_id)],
-        ).fetchone()
+        return first(
+            con.execute(
+                "SELECT c.config, pp.name, pe.name, fp.model_id FROM scoring_caches c "
+                "JOIN feature_runs fp ON fp.run_id = c.pool_run_id JOIN pools pp ON pp.pool_id = fp.pool_id "
+                "JOIN feature_runs fe ON fe.run_id = c.eval_run_id JOIN pools pe ON pe.pool_id = fe.pool_id "
+                "WHERE c.cache_id = ?",
+                [int(cache_id)],
+            )
+        )
 
 
 def cache_manifest_info(db: Db, cache_id: int) -> tuple | None:
     """(cache_id, config JSON, dir, model name, pretrained, checkpoint, checkpoint_sha256, pool feature
     run_id) of a scoring cache, for export manifests; None when there is no such cache."""
     with reading(db) as con:
-        return con.execute(
-            "SELECT c.cache_id, c.config, c.dir, m.name, m.pretrained, m.checkpoint, "
-            "m.checkpoint_sha256, f.run_id FROM scoring_caches c "
-            "LEFT JOIN feature_runs f ON f.run_id = c.pool_run_id "
-            "LEFT JOIN models m ON m.model_id = f.model_id WHERE c.cache_id = ?",
-            [int(cache_id)],
-        ).fetchone()
+        return first(
+            con.execute(
+                "SELECT c.cache_id, c.config, c.dir, m.name, m.pretrained, m.checkpoint, "
+                "m.checkpoint_sha256, f.run_id FROM scoring_caches c "
+                "LEFT JOIN feature_runs f ON f.run_id = c.pool_run_id "
+                "LEFT JOIN models m ON m.model_id = f.model_id WHERE c.cache_id = ?",
+                [int(cache_id)],
+            )
+        )
 
 
 def finished_caches(db: Db) -> pd.DataFrame:
@@ -392,28 +410,28 @@ def score_run_row(db: Db, score_run_id: int) -> pd.DataFrame:
 def score_run_result_path(db: Db, score_run_id: int) -> tuple[str | None] | None:
     """(result_path,) of a score run, or None when there is no such score run."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT result_path FROM score_runs WHERE score_run_id = ?", [int(score_run_id)]
-        ).fetchone()
+        row = first(
+            con.execute("SELECT result_path FROM score_runs WHERE score_run_id = ?", [int(score_run_id)])
+        )
     return None if row is None else (row[0],)
 
 
 def score_run_pool_id(db: Db, score_run_id: int) -> int | None:
     """The pool_id of a score run, or None when there is no such score run."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT pool_id FROM score_runs WHERE score_run_id = ?", [int(score_run_id)]
-        ).fetchone()
+        row = first(con.execute("SELECT pool_id FROM score_runs WHERE score_run_id = ?", [int(score_run_id)]))
     return None if row is None else int(row[0])
 
 
 def score_run_pool(db: Db, score_run_id: int) -> str | None:
     """The name of a score run's pool, or None when there is no such score run."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT p.name FROM score_runs s JOIN pools p USING (pool_id) WHERE s.score_run_id = ?",
-            [int(score_run_id)],
-        ).fetchone()
+        row = first(
+            con.execute(
+                "SELECT p.name FROM score_runs s JOIN pools p USING (pool_id) WHERE s.score_run_id = ?",
+                [int(score_run_id)],
+            )
+        )
     return None if row is None else str(row[0])
 
 
@@ -431,7 +449,5 @@ def score_run_pool_names(db: Db) -> list[str]:
 def latest_score_run(db: Db, pool_id: int) -> int | None:
     """The newest score run of pool `pool_id`, or None."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT max(score_run_id) FROM score_runs WHERE pool_id = ?", [int(pool_id)]
-        ).fetchone()
+        row = first(con.execute("SELECT max(score_run_id) FROM score_runs WHERE pool_id = ?", [int(pool_id)]))
     return None if row[0] is None else int(row[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from chips_core.workspace.catalog._db import Con, Db, reading, writing
+from chips_core.workspace.catalog._db import Con, Db, first, reading, writing
 from chips_core.workspace.store import Workspace
 
 if TYPE_CHECKING:
@@ -53,10 +53,12 @@ def set_cpt_config(db: Db, cpt_run_id: int, config: str, status: str) -> None:
 def cpt_run_row(db: Db, cpt_run_id: int) -> tuple | None:
     """(config JSON, status, checkpoint, log_dir, selection_id) of a CPT run, or None."""
     with reading(db) as con:
-        return con.execute(
-            "SELECT config, status, checkpoint, log_dir, selection_id FROM cpt_runs WHERE cpt_run_id = ?",
-            [int(cpt_run_id)],
-        ).fetchone()
+        return first(
+            con.execute(
+                "SELECT config, status, checkpoint, log_dir, selection_id FROM cpt_runs WHERE cpt_run_id = ?",
+                [int(cpt_run_id)],
+            )
+        )
 
 
 def set_cpt_status(
@@ -92,7 +94,7 @@ def set_cpt_checkpoint(db: Db, cpt_run_id: int, checkpoint: str) -> None:
 def cpt_run_status(db: Db, cpt_run_id: int) -> str:
     """A CPT run's recorded status."""
     with reading(db) as con:
-        return con.execute("SELECT status FROM cpt_runs WHERE cpt_run_id = ?", [cpt_run_id]).fetchone()[0]
+        return first(con.execute("SELECT status FROM cpt_runs WHERE cpt_run_id = ?", [cpt_run_id]))[0]
 
 
 def insert_cpt_progress(db: Db, rows: list[list]) -> None:
@@ -115,19 +117,23 @@ def cpt_progress(db: Db, cpt_run_id: int) -> pd.DataFrame:
 def mean_lr(db: Db, cpt_run_id: int, start_step: int, end_step: int) -> float | None:
     """The mean learning rate of a CPT run's steps [start_step, end_step)."""
     with reading(db) as con:
-        return con.execute(
-            "SELECT avg(lr) FROM cpt_progress WHERE cpt_run_id = ? AND step >= ? AND step < ?",
-            [cpt_run_id, start_step, end_step],
-        ).fetchone()[0]
+        return first(
+            con.execute(
+                "SELECT avg(lr) FROM cpt_progress WHERE cpt_run_id = ? AND step >= ? AND step < ?",
+                [cpt_run_id, start_step, end_step],
+            )
+        )[0]
 
 
 def latest_finished_cpt_run(db: Db, selection_id: int) -> int | None:
     """The newest finished CPT run of a selection, or None."""
     with reading(db) as con:
-        row = con.execute(
-            "SELECT max(cpt_run_id) FROM cpt_runs WHERE selection_id = ? AND status = 'finished'",
-            [selection_id],
-        ).fetchone()
+        row = first(
+            con.execute(
+                "SELECT max(cpt_run_id) FROM cpt_runs WHERE selection_id = ? AND status = 'finished'",
+                [selection_id],
+            )
+        )
     return None if row[0] is None else int(row[0])
 
 
