@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from chips_core.scoring.params import BLOCKS, DEFAULT_BLOCKS, RankParams, parse_blocks
-from chips_core.workspace import store
+from chips_core.workspace import catalog, store
 
 # Widget keys whose values must survive page switches (Streamlit drops the state of widgets not drawn).
 PERSISTENT_KEYS = (
@@ -131,21 +131,10 @@ def workspace() -> store.Workspace:
     return ws
 
 
-def query(ws: store.Workspace, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
-    """A read-only query through a short-lived connection."""
-    with ws.connect(read_only=True) as con:
-        return con.execute(sql, params or []).df()
-
-
 def pools(ws: store.Workspace, kind: str) -> pd.DataFrame:
     """Pools of one kind ('pool' | 'eval') with their pair counts, oldest first."""
-    return query(
-        ws,
-        "SELECT p.pool_id, p.name, p.source, p.format, p.status, count(x.pair_id) AS n_pairs "
-        "FROM pools p LEFT JOIN pairs x USING (pool_id) WHERE p.kind = ? "
-        "GROUP BY ALL ORDER BY p.pool_id",
-        [kind],
-    )
+    df = catalog.pools_overview(ws, kind).rename(columns={"pairs": "n_pairs"})
+    return df[["pool_id", "name", "source", "format", "status", "n_pairs"]]
 
 
 @dataclass(frozen=True)
@@ -167,17 +156,7 @@ class ScoringContext:
 def caches(ws: store.Workspace) -> pd.DataFrame:
     """Finished scoring caches with their pool and eval set names: those of the model each pool was first
     featurized with (not a later CPT checkpoint's features, e.g. TracIn's) first, then newest first."""
-    return query(
-        ws,
-        "SELECT c.cache_id, c.dir, c.status, c.pool_run_id, c.eval_run_id, fp.pool_id, pp.name AS pool_name, "
-        "fe.pool_id AS eval_id, pe.name AS eval_name, c.created_at, c.config::VARCHAR AS config, "
-        "fp.model_id = (SELECT f2.model_id FROM feature_runs f2 WHERE f2.pool_id = fp.pool_id "
-        "AND f2.status = 'done' ORDER BY f2.run_id LIMIT 1) AS base_model "
-        "FROM scoring_caches c JOIN feature_runs fp ON fp.run_id = c.pool_run_id "
-        "JOIN pools pp ON pp.pool_id = fp.pool_id JOIN feature_runs fe ON fe.run_id = c.eval_run_id "
-        "JOIN pools pe ON pe.pool_id = fe.pool_id WHERE c.status = 'done' "
-        "ORDER BY base_model DESC, c.cache_id DESC",
-    )
+    return catalog.finished_caches(ws)
 
 
 def scoring_context(ws: store.Workspace) -> ScoringContext:
@@ -237,14 +216,14 @@ def load_cache(cache_dir: str) -> Any:
 def pairs_table(ws_root: str, pool_id: int, n_rows: int) -> pd.DataFrame:
     """pair_id, filepath, caption, label of a pool, indexed by pair_id (`n_rows` keys the cache)."""
     ws = store.Workspace(ws_root)
-    df = query(ws, "SELECT pair_id, filepath, caption, label FROM pairs WHERE pool_id = ?", [pool_id])
+    df = catalog.pairs_frame(ws, pool_id)
     return df.set_index("pair_id")
 
 
 def pool_pairs(ctx: ScoringContext) -> pd.DataFrame:
     """The pool's pairs (cached while the pool's row count is unchanged)."""
     ws = store.Workspace(ctx.ws_root)
-    n = int(query(ws, "SELECT count(*) AS n FROM pairs WHERE pool_id = ?", [ctx.pool_id])["n"].iloc[0])
+    n = catalog.count_pairs(ws, ctx.pool_id)
     return pairs_table(ctx.ws_root, ctx.pool_id, n)
 
 

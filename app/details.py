@@ -11,7 +11,7 @@ from app import context, widgets
 from chips_core.curation import gallery, selection
 from chips_core.scoring import ranking as scoring
 from chips_core.scoring.cache import PrepareError
-from chips_core.workspace import store
+from chips_core.workspace import catalog, store
 
 WHY = {
     "alignment": "Â: how much one training step on this pair lowers the eval loss, through the "
@@ -74,9 +74,7 @@ def _eval_pair_contributions(ctx: context.ScoringContext, pair_id: int, top: int
     except (PrepareError, KeyError) as exc:
         st.info(f"Eval-pair contributions are not available: {exc}")
         return
-    n = int(
-        context.query(ws, "SELECT count(*) AS n FROM pairs WHERE pool_id = ?", [ctx.eval_id])["n"].iloc[0]
-    )
+    n = catalog.count_pairs(ws, ctx.eval_id)
     eval_pairs = context.pairs_table(ctx.ws_root, ctx.eval_id, n)
     a = dict(frame.attrs)
     frame = frame.join(eval_pairs[["filepath", "caption"]], on="eval_pair_id")

@@ -18,7 +18,7 @@ import streamlit as st
 from app import context
 from chips_core.training import cpt
 from chips_core.training.cpt import Recipe
-from chips_core.workspace import jobs, store
+from chips_core.workspace import catalog, jobs, store
 
 
 def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, str]) -> int | None:
@@ -119,21 +119,15 @@ def job_progress(ws: store.Workspace, job_id: int, what: str) -> None:
 
 def _model_flags(ws: store.Workspace, run_id: int) -> list[str]:
     """`--model NAME [--pretrained TAG_OR_CHECKPOINT]` of the model a feature run was made with."""
-    m = context.query(
-        ws,
-        "SELECT m.name, m.pretrained, m.checkpoint FROM feature_runs f JOIN models m USING (model_id) "
-        "WHERE f.run_id = ?",
-        [run_id],
-    )
-    if m.empty:
+    spec = catalog.run_model_spec(ws, run_id)
+    if spec is None:
         return []
-    name, tag, ckpt = (m[c].iloc[0] if isinstance(m[c].iloc[0], str) else "" for c in m.columns)
-    flags = ["--model", name]
-    if tag.startswith("random-init:"):  # unpretrained weights: open_clip_train starts from its own init
+    flags = ["--model", spec.name]
+    if spec.random_init:  # unpretrained weights: open_clip_train starts from its own init
         return flags
-    if ckpt and not name.startswith("local-dir:"):  # a local checkpoint file (a local-dir bundle holds one)
-        return [*flags, "--pretrained", ckpt]
-    return [*flags, "--pretrained", tag] if tag else flags
+    # a local checkpoint file (a local-dir bundle holds one), else the tag
+    _, pretrained, _ = spec.load_args()
+    return [*flags, "--pretrained", pretrained] if pretrained else flags
 
 
 def train_form(
@@ -168,12 +162,7 @@ def train_form(
 
 def cpt_runs(ws: store.Workspace, ctx: context.ScoringContext) -> None:
     """CPT runs with their loss curve and evaluation results (refreshing while one trains)."""
-    runs = context.query(
-        ws,
-        "SELECT r.cpt_run_id, s.name AS selection, s.version, r.status, r.checkpoint, r.created_at, "
-        "r.finished_at FROM cpt_runs r LEFT JOIN selections s USING (selection_id) "
-        "ORDER BY r.cpt_run_id DESC",
-    )
+    runs = catalog.cpt_runs_overview(ws)
     if runs.empty:
         st.caption("No training run yet.")
         return
@@ -183,7 +172,7 @@ def cpt_runs(ws: store.Workspace, ctx: context.ScoringContext) -> None:
 
     @st.fragment(run_every=3 if row["status"] == "running" else None)
     def _progress() -> None:
-        prog = context.query(ws, "SELECT * FROM cpt_progress WHERE cpt_run_id = ? ORDER BY step", [run_id])
+        prog = catalog.cpt_progress(ws, run_id)
         if prog.empty:
             st.caption("No progress logged yet.")
         else:
@@ -205,10 +194,5 @@ def cpt_runs(ws: store.Workspace, ctx: context.ScoringContext) -> None:
 
 def _eval_results(ws: store.Workspace, run_id: Any) -> pd.DataFrame:
     """Evaluation metrics of a CPT run, one column per metric."""
-    df = context.query(
-        ws,
-        "SELECT e.metric, e.value, p.name AS eval_set FROM eval_results e "
-        "JOIN pools p ON p.pool_id = e.eval_pool_id WHERE e.cpt_run_id = ? ORDER BY e.result_id",
-        [int(run_id)],
-    )
+    df = catalog.eval_results_of_run(ws, run_id)
     return df.pivot_table(index="eval_set", columns="metric", values="value").reset_index() if len(df) else df

@@ -9,7 +9,7 @@ import streamlit as st
 from app import context, jobs_view
 from chips_core.scoring import params as sp
 from chips_core.scoring.params import PrepareConfig
-from chips_core.workspace import store
+from chips_core.workspace import catalog, store
 
 st.title("Workspace")
 path, is_demo = context.workspace_path()
@@ -50,22 +50,13 @@ with st.container(border=True):
 ws = context.workspace()
 
 st.subheader("Pools and eval sets")
-all_pools = context.query(
-    ws,
-    "SELECT p.name, p.kind, p.format, p.status, p.source, "
-    "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) AS pairs, "
-    "(SELECT count(*) FROM rejects r WHERE r.pool_id = p.pool_id) AS rejected "
-    "FROM pools p ORDER BY p.pool_id",
-)
+all_pools = catalog.pools_overview(ws).rename(columns={"rejects": "rejected"})
+all_pools = all_pools[["name", "kind", "format", "status", "source", "pairs", "rejected"]]
 if all_pools.empty:
     st.info("No pool yet: add a training pool and a target eval set below.")
 else:
     st.dataframe(all_pools, hide_index=True, key="pools_table")
-    rejects = context.query(
-        ws,
-        "SELECT p.name AS pool, r.reason, count(*) AS n FROM rejects r JOIN pools p USING (pool_id) "
-        "GROUP BY ALL ORDER BY n DESC",
-    )
+    rejects = catalog.rejects_overview(ws)
     if not rejects.empty:
         with st.expander(f"Rejected inputs by reason ({int(rejects['n'].sum())})"):
             st.dataframe(rejects, hide_index=True)
@@ -108,7 +99,7 @@ with add, st.form("ingest_form"):
         jobs_view.launch(ws, "ingest", argv, required={"Name": name, "Source": source})
 
 pool_names = all_pools["name"].tolist()
-models = context.query(ws, "SELECT DISTINCT name, pretrained, checkpoint FROM models ORDER BY name")
+models = catalog.models_overview(ws)
 with feat, st.form("featurize_form"):
     st.caption("Runs the image and text encoders once per pair and caches the features (resumable).")
     pool = st.selectbox("Pool or eval set", pool_names, key="feat_pool")

@@ -14,6 +14,7 @@ from chips_core.cli.common import (
     say,
     sel_ref,
 )
+from chips_core.workspace import catalog
 from chips_core.workspace.progress import progress_bar
 from chips_core.workspace.store import Workspace
 
@@ -45,21 +46,12 @@ def _select_target(ws: Workspace, args: argparse.Namespace) -> tuple[str, str]:
         )
     if args.pool is not None:
         return args.pool, name
-    with ws.connect(read_only=True) as con:
-        if args.score_run is not None:
-            row = con.execute(
-                "SELECT p.name FROM score_runs s JOIN pools p USING (pool_id) WHERE s.score_run_id = ?",
-                [args.score_run],
-            ).fetchone()
-            if row is None:
-                raise CliError(f"no score run {args.score_run} in {ws.root}")
-            return row[0], name
-        pools = [
-            r[0]
-            for r in con.execute(
-                "SELECT DISTINCT p.name FROM score_runs s JOIN pools p USING (pool_id) ORDER BY 1"
-            ).fetchall()
-        ]
+    if args.score_run is not None:
+        pool = catalog.score_run_pool(ws, args.score_run)
+        if pool is None:
+            raise CliError(f"no score run {args.score_run} in {ws.root}")
+        return pool, name
+    pools = catalog.score_run_pool_names(ws)
     if len(pools) == 1:
         return pools[0], name
     if not pools:
@@ -75,13 +67,9 @@ def _run_select(args: argparse.Namespace) -> int:
     run = args.score_run
     if run is None:
         pool_id = sel.resolve_pool(ws, pool)
-        with ws.connect(read_only=True) as con:
-            row = con.execute(
-                "SELECT max(score_run_id) FROM score_runs WHERE pool_id = ?", [pool_id]
-            ).fetchone()
-        if row[0] is None:
+        run = catalog.latest_score_run(ws, pool_id)
+        if run is None:
             raise CliError(f"pool {pool!r} has no score run yet; run `chips score` first")
-        run = int(row[0])
     sid = sel.save_selection(ws, pool, run, args.ratio, name)
     info = sel.get_selection(ws, sid)
     dec = info.params["decisions"]

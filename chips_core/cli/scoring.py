@@ -22,6 +22,7 @@ from chips_core.cli.common import (
 from chips_core.engines.pipeline import load_run_model, prepare_workspace
 from chips_core.scoring import params as sp
 from chips_core.scoring.params import PrepareConfig, RankParams
+from chips_core.workspace import catalog
 from chips_core.workspace.progress import progress_bar
 from chips_core.workspace.store import Workspace
 
@@ -88,11 +89,8 @@ def _run_featurize(args: argparse.Namespace) -> int:
         run_id = run(
             ws, args.name, args.model, args.pretrained, batch_size=args.batch_size, progress=bar, **opts
         )
-    with ws.connect(read_only=True) as con:
-        n = con.execute(
-            "SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?", [run_id]
-        ).fetchone()
-    say(f"feature run {run_id}: {int(n[0])} pairs of {args.name} featurized with {args.model}")
+    n = catalog.shard_rows_done(ws, run_id)
+    say(f"feature run {run_id}: {n} pairs of {args.name} featurized with {args.model}")
     weights_elsewhere = args.model.startswith(("hf-hub:", "local-dir:")) or Path(args.model).is_file()
     random = args.pretrained is None and not weights_elsewhere
     if random and (args.random_init or not pretrained_tags(args.model)):
@@ -194,8 +192,7 @@ def _prepare(ws: Workspace, args: argparse.Namespace) -> int:
 def _run_prepare(args: argparse.Namespace) -> int:
     ws = open_workspace(args.ws)
     cache_id = _prepare(ws, args)
-    with ws.connect(read_only=True) as con:
-        cache_dir = con.execute("SELECT dir FROM scoring_caches WHERE cache_id = ?", [cache_id]).fetchone()[0]
+    cache_dir = catalog.scoring_cache(ws, cache_id)[0]
     say(f"scoring cache {cache_id} of {args.pool} against {args.eval_name} ready at {cache_dir}")
     return 0
 
@@ -291,10 +288,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from chips_core.scoring.ranking import rank, rank_exact
 
     cache_id = _prepare(ws, args)
-    with ws.connect(read_only=True) as con:
-        cache_dir, pool_run = con.execute(
-            "SELECT dir, pool_run_id FROM scoring_caches WHERE cache_id = ?", [cache_id]
-        ).fetchone()
+    cache_dir, _, pool_run, _ = catalog.scoring_cache(ws, cache_id)
     cache = ScoringCache.load(cache_dir)
     params = rank_params(args).replace(blocks=cache.config.blocks)
     if args.exact:
@@ -382,11 +376,8 @@ def _tracin_cache(ws: Workspace, spec: str) -> tuple[Any, float]:
         cache_id, lr = int(cid), float(eta) if eta else 1.0
     except ValueError:
         raise CliError(f"--tracin-cache {spec!r}: expected CACHE_ID or CACHE_ID:ETA") from None
-    with ws.connect(read_only=True) as con:
-        row = con.execute(
-            "SELECT dir FROM scoring_caches WHERE cache_id = ? AND status = 'done'", [cache_id]
-        ).fetchone()
-    if row is None:
+    row = catalog.scoring_cache(ws, cache_id)
+    if row is None or row[1] != "done":
         raise CliError(f"--tracin-cache: no finished scoring cache {cache_id}")
     return ScoringCache.load(row[0]), lr
 
@@ -397,10 +388,7 @@ def _score_table(ws: Workspace, pool: str, result: Any) -> Any:
 
     frame = rank_frame(result)
     pool_id = resolve_pool(ws, pool)
-    with ws.connect(read_only=True) as con:
-        pairs = con.execute(
-            "SELECT pair_id, filepath, caption, label FROM pairs WHERE pool_id = ?", [pool_id]
-        ).df()
+    pairs = catalog.pairs_frame(ws, pool_id)
     table = frame.merge(pairs, on="pair_id", how="left")
     first = [
         "pair_id",

@@ -25,6 +25,7 @@ from chips_core.training.experiment import (
     run_experiment,
     tracin_checkpoints,
 )
+from chips_core.workspace import catalog
 from chips_core.workspace.progress import progress_bar
 from chips_core.workspace.store import Workspace
 
@@ -163,13 +164,10 @@ def _cpt_run(ws: Workspace, ref: str) -> int:
         return int(ref)
 
     sid = selection_id(ws, ref)
-    with ws.connect(read_only=True) as con:
-        row = con.execute(
-            "SELECT max(cpt_run_id) FROM cpt_runs WHERE selection_id = ? AND status = 'finished'", [sid]
-        ).fetchone()
-    if row[0] is None:
+    run = catalog.latest_finished_cpt_run(ws, sid)
+    if run is None:
         raise CliError(f"selection {ref!r} (id {sid}) has no finished CPT run; run `chips train` first")
-    return int(row[0])
+    return run
 
 
 def _add_experiment(p: Any) -> None:

@@ -13,6 +13,7 @@ from chips_core.cli.common import (
     register,
     say,
 )
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace
 
 
@@ -35,36 +36,23 @@ def _run_status(args: argparse.Namespace) -> int:
     from chips_core.workspace import jobs
 
     ws = open_workspace(args.ws)
-    queries = {
-        "pools": "SELECT p.pool_id, p.name, p.kind, p.format, p.status, "
-        "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) AS pairs, "
-        "(SELECT count(*) FROM rejects r WHERE r.pool_id = p.pool_id) AS rejects, p.source, "
-        "json_extract_string(p.options, '$.encoding_detected') AS encoding, "
-        "json_extract_string(p.options, '$.error') AS error "
-        "FROM pools p ORDER BY 1",
-        "feature runs": "SELECT f.run_id, p.name AS pool, m.name AS model, m.pretrained, f.status, f.n_pairs "
-        "FROM feature_runs f LEFT JOIN pools p USING (pool_id) LEFT JOIN models m USING (model_id) "
-        "ORDER BY 1",
-        "scoring caches": "SELECT cache_id, pool_run_id, eval_run_id, status, dir FROM scoring_caches "
-        "ORDER BY 1",
-        "score runs": "SELECT s.score_run_id, p.name AS pool, s.method, s.cache_id, s.created_at "
-        "FROM score_runs s LEFT JOIN pools p USING (pool_id) ORDER BY 1",
-        "selections": "SELECT s.selection_id, s.name, s.version, p.name AS pool, s.ratio, s.n_selected, "
-        "s.score_run_id FROM selections s LEFT JOIN pools p USING (pool_id) ORDER BY 1",
-        "decisions": "SELECT p.name AS pool, d.action, count(*) AS n FROM decisions d "
-        "LEFT JOIN pools p USING (pool_id) GROUP BY ALL ORDER BY 1, 2",
-        "exports": "SELECT export_id, selection_id, format, path FROM exports ORDER BY 1",
-        "cpt runs": "SELECT cpt_run_id, selection_id, status, checkpoint FROM cpt_runs ORDER BY 1",
-    }
     jobs.list_jobs(ws)  # records dead jobs as failed before they are shown
-    queries["jobs"] = (
-        "SELECT job_id, kind, status, round(progress, 3) AS progress, message FROM jobs ORDER BY 1"
-    )
-    out: dict[str, Any] = {}
     with ws.connect(read_only=True) as con:
-        for title, sql in queries.items():
-            out[title] = con.execute(sql).df()
-        dirs = dict(con.execute("SELECT run_id, dir FROM feature_runs WHERE status = 'running'").fetchall())
+        pools = catalog.pools_overview(con)
+        cols = [
+            "pool_id",
+            "name",
+            "kind",
+            "format",
+            "status",
+            "pairs",
+            "rejects",
+            "source",
+            "encoding",
+            "error",
+        ]
+        out: dict[str, Any] = {"pools": pools[cols], **catalog.status_overview(con)}
+        dirs = catalog.running_feature_run_dirs(con)
     runs = out["feature runs"]
     for i in runs.index[runs["status"] == "running"]:
         if not _writer_alive(Path(dirs[int(runs.at[i, "run_id"])])):

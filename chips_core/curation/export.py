@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from chips_core.curation import selection as sel
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError, atomic_path
 
 FORMATS = ("csv", "safe_csv", "parquet", "ids")
@@ -122,11 +123,7 @@ def export_selection(
         manifest = _manifest(ws, info, result, tmp)
         with atomic_path(result.manifest_path) as mtmp:
             mtmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    with ws.connect() as con:
-        con.execute(
-            "INSERT INTO exports (export_id, selection_id, format, path, manifest) VALUES (?, ?, ?, ?, ?)",
-            [export_id, info.selection_id, fmt, str(path), json.dumps(manifest, default=str)],
-        )
+    catalog.insert_export(ws, export_id, info.selection_id, fmt, str(path), json.dumps(manifest, default=str))
     return result
 
 
@@ -270,15 +267,9 @@ def _manifest(ws: Workspace, info: sel.SelectionInfo, result: ExportInfo, writte
     cache: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
     with ws.connect(read_only=True) as con:
-        pool = con.execute("SELECT name, source FROM pools WHERE pool_id = ?", [info.pool_id]).fetchone()
+        pool = catalog.pool_row(con, info.pool_id)
         if run is not None and run.get("cache_id") is not None and not pd.isna(run["cache_id"]):
-            c = con.execute(
-                "SELECT c.cache_id, c.config, c.dir, m.name, m.pretrained, m.checkpoint, "
-                "m.checkpoint_sha256, f.run_id FROM scoring_caches c "
-                "LEFT JOIN feature_runs f ON f.run_id = c.pool_run_id "
-                "LEFT JOIN models m ON m.model_id = f.model_id WHERE c.cache_id = ?",
-                [int(run["cache_id"])],
-            ).fetchone()
+            c = catalog.cache_manifest_info(con, int(run["cache_id"]))
             if c is not None:
                 cache = {"cache_id": c[0], "config": json.loads(c[1]) if c[1] else None, "dir": c[2]}
                 model = {

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chips_core.workspace import catalog, store
 from chips_core.workspace.store import Workspace, WorkspaceError, atomic_path
 
 ACTIONS = ("include", "exclude", "clear", "note")
@@ -78,13 +79,10 @@ def default_author() -> str:
 def resolve_pool(ws: Workspace, pool: str | int) -> int:
     """The pool_id of a pool given by name or id; a SelectionError names it when it does not exist."""
     ws.check()
-    with ws.connect(read_only=True) as con:
-        row = con.execute("SELECT pool_id FROM pools WHERE name = ?", [str(pool)]).fetchone()
-        if row is None and isinstance(pool, int | np.integer):
-            row = con.execute("SELECT pool_id FROM pools WHERE pool_id = ?", [int(pool)]).fetchone()
-    if row is None:
-        raise SelectionError(f"no pool named {pool!r} in workspace {ws.root}")
-    return int(row[0])
+    try:
+        return catalog.pool_id(ws, int(pool) if isinstance(pool, np.integer) else pool)
+    except catalog.UnknownPoolError:
+        raise SelectionError(f"no pool named {pool!r} in workspace {ws.root}") from None
 
 
 def record_decisions(
@@ -111,20 +109,13 @@ def record_decisions(
     pool_id = resolve_pool(ws, pool)
     author = author or default_author()
     with ws.connect() as con:
-        con.register("_ids", pd.DataFrame({"pair_id": ids}))
-        missing = con.execute(
-            "SELECT i.pair_id FROM _ids i ANTI JOIN pairs p ON p.pool_id = ? AND p.pair_id = i.pair_id "
-            "ORDER BY 1 LIMIT 5",
-            [pool_id],
-        ).fetchall()
+        missing = catalog.missing_pairs(con, pool_id, ids)
         if missing:
-            shown = ", ".join(str(r[0]) for r in missing)
+            shown = ", ".join(str(r) for r in missing)
             raise SelectionError(f"pair id(s) {shown} not in pool {pool!r}; no decision recorded")
         if score_run_id is not None:
             _check_score_run(con, score_run_id, pool_id)
-        decision_ids = [
-            int(r[0]) for r in con.execute("SELECT nextval('id_seq') FROM range(?)", [len(ids)]).fetchall()
-        ]
+        decision_ids = catalog.next_ids(con, len(ids))
         rows = pd.DataFrame(
             {
                 "decision_id": np.asarray(decision_ids, dtype=np.int64),
@@ -136,11 +127,7 @@ def record_decisions(
                 "score_run_id": score_run_id,
             }
         )
-        con.register("_rows", rows)
-        con.execute(
-            "INSERT INTO decisions (decision_id, pool_id, pair_id, action, note, author, score_run_id) "
-            "SELECT decision_id, pool_id, pair_id, action, note, author, score_run_id FROM _rows"
-        )
+        catalog.insert_decisions(con, rows)
     return decision_ids
 
 
@@ -164,30 +151,7 @@ def current_decisions(ws: Workspace, pool: str | int) -> pd.DataFrame:
     decided_at of the latest row, score_run_id of the latest state row.
     """
     pool_id = resolve_pool(ws, pool)
-    with ws.connect(read_only=True) as con:
-        df = con.execute(
-            """
-            WITH d AS (SELECT * FROM decisions WHERE pool_id = ?),
-            state AS (
-                SELECT pair_id, arg_max(action, decision_id) AS action,
-                       arg_max(score_run_id, decision_id) AS score_run_id
-                FROM d WHERE action IN ('include', 'exclude', 'clear') GROUP BY pair_id),
-            notes AS (
-                SELECT pair_id, arg_max(note, decision_id) AS note
-                FROM d WHERE note IS NOT NULL AND trim(note) <> '' GROUP BY pair_id),
-            latest AS (
-                SELECT pair_id, arg_max(author, decision_id) AS author,
-                       arg_max(created_at, decision_id) AS decided_at
-                FROM d GROUP BY pair_id)
-            SELECT l.pair_id,
-                   CASE WHEN s.action IN ('include', 'exclude') THEN s.action END AS state,
-                   n.note, l.author, l.decided_at, s.score_run_id
-            FROM latest l LEFT JOIN state s USING (pair_id) LEFT JOIN notes n USING (pair_id)
-            WHERE s.action IN ('include', 'exclude') OR n.note IS NOT NULL
-            ORDER BY l.pair_id
-            """,
-            [pool_id],
-        ).df()
+    df = catalog.current_decisions(ws, pool_id)
     for col in ("state", "note", "author"):
         df[col] = df[col].astype(object).where(df[col].notna(), None)
     return df
@@ -196,21 +160,15 @@ def current_decisions(ws: Workspace, pool: str | int) -> pd.DataFrame:
 def decision_history(ws: Workspace, pool: str | int, pair_id: int | None = None) -> pd.DataFrame:
     """Every decision row of a pool (or of one pair), oldest first: the audit trail."""
     pool_id = resolve_pool(ws, pool)
-    sql = "SELECT * FROM decisions WHERE pool_id = ?"
-    params: list[Any] = [pool_id]
-    if pair_id is not None:
-        sql += " AND pair_id = ?"
-        params.append(int(pair_id))
-    with ws.connect(read_only=True) as con:
-        return con.execute(sql + " ORDER BY decision_id", params).df()
+    return catalog.decision_history(ws, pool_id, pair_id)
 
 
 def _check_score_run(con: Any, score_run_id: int, pool_id: int) -> None:
-    row = con.execute("SELECT pool_id FROM score_runs WHERE score_run_id = ?", [int(score_run_id)]).fetchone()
-    if row is None:
+    owner = catalog.score_run_pool_id(con, score_run_id)
+    if owner is None:
         raise SelectionError(f"no score run {score_run_id}")
-    if int(row[0]) != pool_id:
-        raise SelectionError(f"score run {score_run_id} belongs to another pool (pool_id {row[0]})")
+    if owner != pool_id:
+        raise SelectionError(f"score run {score_run_id} belongs to another pool (pool_id {owner})")
 
 
 def rank_frame(rank_result: Any) -> pd.DataFrame:
@@ -275,21 +233,15 @@ def record_score_run(
     path = ws.root / "scores" / f"score-run-{score_run_id}.parquet"
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-    with ws.connect() as con:
-        con.execute(
-            "INSERT INTO score_runs (score_run_id, cache_id, pool_id, method, params, result_path) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [score_run_id, cache_id, pool_id, method, json.dumps(full, default=_json_default), str(path)],
-        )
+    catalog.insert_score_run(
+        ws, score_run_id, cache_id, pool_id, method, json.dumps(full, default=_json_default), str(path)
+    )
     return score_run_id
 
 
 def load_score_run(ws: Workspace, score_run_id: int) -> pd.DataFrame:
     """The stored per-pair ranking of a score run, best first."""
-    with ws.connect(read_only=True) as con:
-        row = con.execute(
-            "SELECT result_path FROM score_runs WHERE score_run_id = ?", [int(score_run_id)]
-        ).fetchone()
+    row = catalog.score_run_result_path(ws, score_run_id)
     if row is None:
         raise SelectionError(f"no score run {score_run_id} in workspace {ws.root}")
     if not row[0] or not os.path.exists(row[0]):
@@ -299,8 +251,7 @@ def load_score_run(ws: Workspace, score_run_id: int) -> pd.DataFrame:
 
 def score_run_info(ws: Workspace, score_run_id: int) -> dict[str, Any]:
     """The `score_runs` row of a score run as a dict (params decoded)."""
-    with ws.connect(read_only=True) as con:
-        df = con.execute("SELECT * FROM score_runs WHERE score_run_id = ?", [int(score_run_id)]).df()
+    df = catalog.score_run_row(ws, score_run_id)
     if df.empty:
         raise SelectionError(f"no score run {score_run_id} in workspace {ws.root}")
     out = df.iloc[0].to_dict()
@@ -390,55 +341,39 @@ def save_selection(
     }
     with ws.connect() as con:
         selection_id = ws.next_id(con)
-        con.execute("BEGIN TRANSACTION")
-        version = int(
-            con.execute(
-                "SELECT coalesce(max(version), 0) + 1 FROM selections WHERE name = ?", [name]
-            ).fetchone()[0]
+        store.begin(con)
+        version = catalog.next_selection_version(con, name)
+        catalog.insert_selection(
+            con,
+            selection_id,
+            name,
+            version,
+            pool_id,
+            score_run_id,
+            float(ratio),
+            json.dumps(stored, default=_json_default),
+            members,
         )
-        con.execute(
-            "INSERT INTO selections (selection_id, name, version, pool_id, score_run_id, ratio, params, "
-            "n_selected) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                selection_id,
-                name,
-                version,
-                pool_id,
-                score_run_id,
-                float(ratio),
-                json.dumps(stored, default=_json_default),
-                len(members),
-            ],
-        )
-        con.register("_m", members.assign(selection_id=selection_id))
-        con.execute(
-            "INSERT INTO selection_members (selection_id, pair_id, rank, source) "
-            "SELECT selection_id, pair_id, rank, source FROM _m"
-        )
-        con.execute("COMMIT")
+        store.commit(con)
     return selection_id
 
 
 def get_selection(ws: Workspace, selection: str | int, version: int | None = None) -> SelectionInfo:
     """A selection by id, or by name (latest version unless `version`); 'name@3' also selects version 3."""
     ws.check()
-    sql, args = None, []
+    by_id, name = None, None
     if isinstance(selection, int | np.integer):
-        sql, args = "SELECT * FROM selections WHERE selection_id = ?", [int(selection)]
+        by_id = int(selection)
     else:
         name = str(selection)
         if version is None and "@" in name:
             base, _, v = name.rpartition("@")
             if v.isdigit():
                 name, version = base, int(v)
-        if version is None:
-            sql, args = "SELECT * FROM selections WHERE name = ? ORDER BY version DESC LIMIT 1", [name]
-        else:
-            sql, args = "SELECT * FROM selections WHERE name = ? AND version = ?", [name, int(version)]
     with ws.connect(read_only=True) as con:
-        df = con.execute(sql, args).df()
+        df = catalog.selection_rows(con, by_id, name, version)
         if df.empty and isinstance(selection, str) and selection.isdigit():
-            df = con.execute("SELECT * FROM selections WHERE selection_id = ?", [int(selection)]).df()
+            df = catalog.selection_rows(con, int(selection))
     if df.empty:
         what = f"{selection!r}" + (f" version {version}" if version is not None else "")
         raise SelectionError(f"no selection {what} in workspace {ws.root}")
@@ -458,30 +393,15 @@ def get_selection(ws: Workspace, selection: str | int, version: int | None = Non
 
 def list_selections(ws: Workspace, pool: str | int | None = None) -> pd.DataFrame:
     """All saved selections (newest first), optionally of one pool."""
-    sql = (
-        "SELECT selection_id, name, version, pool_id, score_run_id, ratio, n_selected, created_at "
-        "FROM selections"
-    )
-    args: list[Any] = []
-    if pool is not None:
-        sql += " WHERE pool_id = ?"
-        args.append(resolve_pool(ws, pool))
+    pool_id = resolve_pool(ws, pool) if pool is not None else None
     ws.check()
-    with ws.connect(read_only=True) as con:
-        return con.execute(sql + " ORDER BY selection_id DESC", args).df()
+    return catalog.list_selections(ws, pool_id)
 
 
 def selection_members(ws: Workspace, selection: str | int, with_pairs: bool = True) -> pd.DataFrame:
     """Members of a selection, best rank first: pair_id, rank, source (+ filepath, caption, label)."""
     info = get_selection(ws, selection)
-    cols = ", p.filepath, p.caption, p.label" if with_pairs else ""
-    with ws.connect(read_only=True) as con:
-        df = con.execute(
-            f"SELECT m.pair_id, m.rank, m.source{cols} FROM selection_members m "
-            "LEFT JOIN pairs p ON p.pool_id = ? AND p.pair_id = m.pair_id "
-            "WHERE m.selection_id = ? ORDER BY m.rank NULLS LAST, m.pair_id",
-            [info.pool_id, info.selection_id],
-        ).df()
+    df = catalog.selection_members(ws, info.selection_id, info.pool_id, with_pairs)
     df["rank"] = df["rank"].astype("Int64")
     return df
 

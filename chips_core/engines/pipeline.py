@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError
 
 
@@ -22,8 +23,7 @@ class PipelineError(WorkspaceError):
 def check_name(ws: Workspace, name: str, kind: str) -> None:
     """Raise PipelineError when the workspace has no pool / eval set `name`, listing the ones it has."""
     what = "eval set" if kind == "eval" else "pool"
-    with ws.connect(read_only=True) as con:
-        rows = con.execute("SELECT name, kind FROM pools ORDER BY name").fetchall()
+    rows = catalog.pool_names(ws)
     if any(n == name for n, _ in rows):
         return
     same = [n for n, k in rows if k == kind]
@@ -33,13 +33,7 @@ def check_name(ws: Workspace, name: str, kind: str) -> None:
 
 def _runs(ws: Workspace, name: str) -> list[tuple]:
     """(run_id, model_id, model name, pretrained, checkpoint) of the finished feature runs of `name`."""
-    with ws.connect(read_only=True) as con:
-        return con.execute(
-            "SELECT r.run_id, r.model_id, m.name, m.pretrained, m.checkpoint FROM feature_runs r "
-            "JOIN pools p USING (pool_id) JOIN models m USING (model_id) "
-            "WHERE p.name = ? AND r.status = 'done' ORDER BY r.run_id",
-            [name],
-        ).fetchall()
+    return catalog.feature_runs_of_pool(ws, name)
 
 
 def _describe(runs: list[tuple]) -> str:
@@ -128,21 +122,17 @@ def load_run_model(ws: Workspace, run_id: int, device: str = "cpu") -> Any:
     """The LoadedModel a feature run was made with, rebuilt from its `models` row (hash checked)."""
     from chips_core.features.models import load_model
 
-    with ws.connect(read_only=True) as con:
-        name, tag, ckpt, sha = con.execute(
-            "SELECT m.name, m.pretrained, m.checkpoint, m.checkpoint_sha256 FROM feature_runs f "
-            "JOIN models m USING (model_id) WHERE f.run_id = ?",
-            [run_id],
-        ).fetchone()
-    if tag and tag.startswith("random-init:seed="):
-        loaded = load_model(name, None, device=device, seed=int(tag.split("=", 1)[1]))
-    elif ckpt and not name.startswith("local-dir:"):
-        loaded = load_model(name, ckpt, device=device)
+    spec = catalog.run_model_spec(ws, run_id)
+    if spec is None:
+        raise PipelineError(f"no feature run {run_id} in workspace {ws.root}")
+    name, pretrained, seed = spec.load_args()
+    if seed is not None:
+        loaded = load_model(name, None, device=device, seed=seed)
     else:
-        loaded = load_model(name, tag, device=device)
-    if loaded.identity.checkpoint_sha256 != sha:
+        loaded = load_model(name, pretrained, device=device)
+    if loaded.identity.checkpoint_sha256 != spec.checkpoint_sha256:
         raise PipelineError(
-            f"the weights of model {name} changed since feature run {run_id} (checkpoint {ckpt})"
+            f"the weights of model {name} changed since feature run {run_id} (checkpoint {spec.checkpoint})"
         )
     return loaded
 
@@ -183,21 +173,13 @@ def prepare_workspace(
             config = replace(config, k_max=max(bound, 2))
     key = json.dumps(asdict(config), sort_keys=True)
     with ws.connect() as con:
-        row = con.execute(
-            "SELECT cache_id, dir, status FROM scoring_caches WHERE pool_run_id = ? AND eval_run_id = ? "
-            "AND config::VARCHAR = ? ORDER BY cache_id DESC LIMIT 1",
-            [pool_run, eval_run, key],
-        ).fetchone()
+        row = catalog.find_scoring_cache(con, pool_run, eval_run, key)
         if row is not None and row[2] == "done":
             return int(row[0])
         if row is None:
             cache_id = ws.next_id(con)
             cache_dir = ws.root / "caches" / str(cache_id)
-            con.execute(
-                "INSERT INTO scoring_caches (cache_id, pool_run_id, eval_run_id, config, dir, status) "
-                "VALUES (?, ?, ?, ?, ?, 'running')",
-                [cache_id, pool_run, eval_run, key, str(cache_dir)],
-            )
+            catalog.insert_scoring_cache(con, cache_id, pool_run, eval_run, key, str(cache_dir))
         else:
             cache_id, cache_dir = int(row[0]), Path(row[1])
     params = load_run_model(ws, pool_run).adapter.endpoint_params()
@@ -208,11 +190,7 @@ def prepare_workspace(
 
         prepare = functools.partial(prepare_ray, **engine)
     prepare(pool_src, FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress)
-    with ws.connect() as con:
-        con.execute(
-            "UPDATE scoring_caches SET status = 'done', finished_at = current_timestamp WHERE cache_id = ?",
-            [cache_id],
-        )
+    catalog.finish_scoring_cache(ws, cache_id)
     return cache_id
 
 
@@ -222,14 +200,7 @@ def cache_with_blocks(ws: Workspace, cache_id: int, blocks: str) -> int:
     on the same features, batches and sketch seed."""
     from chips_core.scoring.params import BLOCKS, PrepareConfig
 
-    with ws.connect(read_only=True) as con:
-        row = con.execute(
-            "SELECT c.config, pp.name, pe.name, fp.model_id FROM scoring_caches c "
-            "JOIN feature_runs fp ON fp.run_id = c.pool_run_id JOIN pools pp ON pp.pool_id = fp.pool_id "
-            "JOIN feature_runs fe ON fe.run_id = c.eval_run_id JOIN pools pe ON pe.pool_id = fe.pool_id "
-            "WHERE c.cache_id = ?",
-            [int(cache_id)],
-        ).fetchone()
+    row = catalog.scoring_cache_origin(ws, cache_id)
     if row is None:
         raise PipelineError(f"no scoring cache {cache_id} in workspace {ws.root}")
     config = {"blocks": ",".join(BLOCKS), **json.loads(row[0])}

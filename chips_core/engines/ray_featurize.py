@@ -38,6 +38,7 @@ from chips_core.features.featurize import SHARD_SIZE, FeaturizeError, Progress, 
 from chips_core.features.models import LoadedModel, ModelIdentity, load_model, resolve_device
 from chips_core.pools import dicom
 from chips_core.pools import records as pools
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace
 
 # --- the cluster connection -------------------------------------------------------------------------
@@ -476,8 +477,7 @@ def _featurize_ray_run(
     address: str | None, num_gpus_per_worker: float, num_encoders: int | None, batch_size: int,
     num_cpus: int | None, progress: ProgressFn | None,
 ) -> None:  # fmt: skip
-    with ws.connect(read_only=True) as con:
-        fmt = con.execute("SELECT format FROM pools WHERE pool_id = ?", [info.pool_id]).fetchone()[0]
+    fmt = catalog.pool_row(ws, info.pool_id)[2]
     done = features.done_shards(ws, info.run_id)
     todo = [s for s in range(info.n_shards) if s not in done]
     collector = _ShardCollector(ws, info, todo, done, progress)

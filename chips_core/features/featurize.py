@@ -33,6 +33,7 @@ import torch
 
 from chips_core.features.models import LoadedModel, load_model, register_model, resolve_device
 from chips_core.pools import records
+from chips_core.workspace import catalog, store
 from chips_core.workspace.store import Workspace, WorkspaceError, atomic_path, atomic_write_bytes
 
 SHARD_SIZE = 8192
@@ -103,30 +104,22 @@ def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int
         raise FeaturizeError(f"shard_size must be >= 1, got {shard_size}")
     model_id = register_model(ws, loaded.identity)
     with ws.connect() as con:
-        row = con.execute("SELECT pool_id, status FROM pools WHERE name = ?", [pool_name]).fetchone()
-        if row is None:
-            names = [r[0] for r in con.execute("SELECT name FROM pools ORDER BY name").fetchall()]
+        rec = catalog.pool_record(con, pool_name)
+        if rec is None:
+            names = [n for n, _ in catalog.pool_names(con)]
             raise FeaturizeError(
                 f"no pool named {pool_name!r} in {ws.root} (pools: {', '.join(names) or 'none'})"
             )
-        pool_id, status = int(row[0]), row[1]
+        pool_id, status = rec.pool_id, rec.status
         if status != "ready":
             raise FeaturizeError(
                 f"pool {pool_name!r} is not ready (status {status!r}); finish ingesting it first"
             )
-        run = con.execute(
-            "SELECT run_id, dir FROM feature_runs WHERE pool_id = ? AND model_id = ? "
-            "ORDER BY run_id DESC LIMIT 1",
-            [pool_id, model_id],
-        ).fetchone()
+        run = catalog.find_feature_run(con, pool_id, model_id)
         if run is None:
             run_id = ws.next_id(con)
             run_dir = ws.root / "features" / str(run_id)
-            con.execute(
-                "INSERT INTO feature_runs (run_id, pool_id, model_id, status, dir, d_v, d_t) "
-                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
-                [run_id, pool_id, model_id, str(run_dir), loaded.d_v, loaded.d_t],
-            )
+            catalog.insert_feature_run(con, run_id, pool_id, model_id, str(run_dir), loaded.d_v, loaded.d_t)
         else:
             run_id, run_dir = int(run[0]), Path(run[1])
     meta_path = run_dir / "run.json"
@@ -134,7 +127,7 @@ def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int
         meta = json.loads(meta_path.read_text())
     else:  # a new run, or one killed before its run.json was written
         with ws.connect() as con:
-            n_total = con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [pool_id]).fetchone()[0]
+            n_total = catalog.count_pairs(con, pool_id)
         meta = {
             "run_id": run_id, "pool": pool_name, "pool_id": pool_id, "model_id": model_id,
             "model": asdict(loaded.identity), "shard_size": shard_size, "n_total": int(n_total),
@@ -188,22 +181,13 @@ def run_lock(info: RunInfo, wait_s: float = 15.0) -> Iterator[None]:
 
 def _write_manifest(ws: Workspace, info: RunInfo) -> None:
     with atomic_path(info.manifest) as tmp, ws.connect() as con:
-        con.execute(
-            f"COPY (SELECT (row_number() OVER (ORDER BY row_index, pair_id) - 1)::BIGINT AS pos, pair_id, "
-            f"filepath, caption FROM pairs WHERE pool_id = {int(info.pool_id)} ORDER BY pos) "
-            f"TO '{_sql_str(tmp)}' (FORMAT parquet, ROW_GROUP_SIZE 16384)"
-        )
-
-
-def _sql_str(path: Path) -> str:
-    return str(path).replace("'", "''")
+        catalog.write_manifest(con, info.pool_id, tmp)
 
 
 def done_shards(ws: Workspace, run_id: int) -> set[int]:
     """Indices of the shards with a completion record."""
     with ws.connect() as con:
-        rows = con.execute("SELECT shard_index FROM feature_shards WHERE run_id = ?", [run_id]).fetchall()
-    return {int(r[0]) for r in rows}
+        return catalog.done_shard_indexes(con, run_id)
 
 
 def read_rows(
@@ -214,14 +198,7 @@ def read_rows(
     Pass an open in-memory connection (`duckdb.connect()`) when reading many batches: opening one
     costs more than the read.
     """
-    with contextlib.ExitStack() as stack:
-        if con is None:
-            con = stack.enter_context(duckdb.connect())
-        rows = con.execute(
-            "SELECT pair_id, filepath, caption FROM read_parquet(?) WHERE pos >= ? AND pos < ? ORDER BY pos",
-            [str(manifest), start, end],
-        ).fetchall()
-    return np.asarray([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows], [r[2] for r in rows]
+    return catalog.manifest_rows(manifest, start, end, con)
 
 
 def write_shard(
@@ -236,19 +213,18 @@ def write_shard(
         with atomic_path(paths[key]) as tmp:
             np.save(tmp, arr)
     with ws.connect() as con:
-        con.execute("BEGIN")
-        for ref, reason, detail in rejects:
-            con.execute(
-                "INSERT INTO rejects (pool_id, source_ref, reason, detail) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                [info.pool_id, ref, reason, f"featurize run {info.run_id}: {detail}"],
-            )
-        con.execute(
-            "INSERT INTO feature_shards (run_id, shard_index, n_rows, first_row) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING",
-            [info.run_id, shard_index, len(ids), info.shard_range(shard_index)[0]],
+        store.begin(con)
+        catalog.insert_rejects(
+            con,
+            [
+                (info.pool_id, ref, reason, f"featurize run {info.run_id}: {detail}")
+                for ref, reason, detail in rejects
+            ],
         )
-        con.execute("COMMIT")
+        catalog.insert_feature_shard(
+            con, info.run_id, shard_index, len(ids), info.shard_range(shard_index)[0]
+        )
+        store.commit(con)
 
 
 def finish_run(ws: Workspace, info: RunInfo) -> None:
@@ -256,13 +232,7 @@ def finish_run(ws: Workspace, info: RunInfo) -> None:
     missing = set(range(info.n_shards)) - done_shards(ws, info.run_id)
     if missing:
         raise FeaturizeError(f"feature run {info.run_id}: shards {sorted(missing)[:10]} are not complete")
-    with ws.connect() as con:
-        con.execute(
-            "UPDATE feature_runs SET status = 'done', finished_at = current_timestamp, n_pairs = "
-            "(SELECT coalesce(sum(n_rows), 0) FROM feature_shards WHERE run_id = ?) "
-            "WHERE run_id = ? AND status <> 'done'",
-            [info.run_id, info.run_id],
-        )
+    catalog.finish_feature_run(ws, info.run_id)
 
 
 # --- loading and preprocessing batches ----------------------------------------------------------------
@@ -550,16 +520,10 @@ class FeatureStore:
 
     def __init__(self, ws: Workspace, run_id: int, allow_partial: bool = False) -> None:
         with ws.connect(read_only=True) as con:
-            row = con.execute(
-                "SELECT pool_id, model_id, status, dir, d_v, d_t FROM feature_runs WHERE run_id = ?", [run_id]
-            ).fetchone()
+            row = catalog.feature_run_row(con, run_id)
             if row is None:
                 raise FeaturizeError(f"no feature run {run_id} in {ws.root}")
-            shards = con.execute(
-                "SELECT shard_index, n_rows FROM feature_shards WHERE run_id = ? AND n_rows > 0 "
-                "ORDER BY shard_index",
-                [run_id],
-            ).fetchall()
+            shards = catalog.feature_shards(con, run_id)
         self.run_id, self.pool_id, self.model_id, self.status = run_id, int(row[0]), int(row[1]), row[2]
         self.dir, self.d_v, self.d_t = Path(row[3]), int(row[4]), int(row[5])
         if self.status != "done" and not allow_partial:
@@ -618,19 +582,9 @@ def find_run(ws: Workspace, pool_name: str, model_id: int | None = None) -> int 
     the model the pool was first featurized with (never simply the newest run of any model: that may be
     a CPT checkpoint's, featurized later for TracIn); see `pipeline.feature_runs_for` for the choice
     the commands make and report."""
-    with ws.connect(read_only=True) as con:
-        if model_id is None:
-            first = con.execute(
-                "SELECT r.model_id FROM feature_runs r JOIN pools p USING (pool_id) "
-                "WHERE p.name = ? AND r.status = 'done' ORDER BY r.run_id LIMIT 1",
-                [pool_name],
-            ).fetchone()
-            if first is None:
-                return None
-            model_id = int(first[0])
-        row = con.execute(
-            "SELECT r.run_id FROM feature_runs r JOIN pools p USING (pool_id) "
-            "WHERE p.name = ? AND r.status = 'done' AND r.model_id = ? ORDER BY r.run_id DESC LIMIT 1",
-            [pool_name, model_id],
-        ).fetchone()
-    return None if row is None else int(row[0])
+    runs = catalog.feature_runs_of_pool(ws, pool_name)
+    if model_id is None:
+        if not runs:
+            return None
+        model_id = int(runs[0][1])
+    return next((int(r[0]) for r in reversed(runs) if r[1] == model_id), None)

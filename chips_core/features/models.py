@@ -30,6 +30,7 @@ from torch import nn
 
 from chips_core.errors import ChipsError
 from chips_core.features.adapters import EndpointAdapter
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, atomic_write_bytes
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -165,18 +166,15 @@ def register_model_configs() -> None:
 def register_model(ws: Workspace, identity: ModelIdentity) -> int:
     """The `models` row id of this identity (same name, tag and checkpoint hash), inserted when new."""
     with ws.connect() as con:
-        row = con.execute(
-            "SELECT model_id FROM models WHERE name = ? AND pretrained IS NOT DISTINCT FROM ? "
-            "AND checkpoint_sha256 IS NOT DISTINCT FROM ? ORDER BY model_id LIMIT 1",
-            [identity.name, identity.pretrained, identity.checkpoint_sha256],
-        ).fetchone()
-        if row is not None:
-            return int(row[0])
+        found = catalog.find_model_id(con, identity.name, identity.pretrained, identity.checkpoint_sha256)
+        if found is not None:
+            return found
         model_id = ws.next_id(con)
-        con.execute(
-            "INSERT INTO models (model_id, name, pretrained, checkpoint, checkpoint_sha256) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [model_id, identity.name, identity.pretrained, identity.checkpoint, identity.checkpoint_sha256],
+        catalog.insert_model(
+            con,
+            catalog.ModelSpec(
+                model_id, identity.name, identity.pretrained, identity.checkpoint, identity.checkpoint_sha256
+            ),
         )
         return model_id
 

@@ -39,6 +39,7 @@ from chips_core.pools.readers import (
     iter_records,
 )
 from chips_core.pools.records import REASONS, Checked, PoolError
+from chips_core.workspace import catalog, store
 from chips_core.workspace.store import Workspace
 
 ProgressFn = Callable[[int, "int | None"], None]
@@ -177,17 +178,15 @@ def _split_options(stored: str | None) -> tuple[dict, dict]:
 
 def _create_pool(con, ws: Workspace, name: str, kind: str, source: str, fmt: str, options: dict) -> int:  # noqa: ANN001
     pool_id = ws.next_id(con)
-    con.execute(
-        "INSERT INTO pools (pool_id, name, kind, source, format, options, status) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [pool_id, name, kind, source, fmt, json.dumps({**options, "next_row": 0}), "ingesting"],
+    catalog.insert_pool(
+        con, pool_id, name, kind, source, fmt, json.dumps({**options, "next_row": 0}), "ingesting"
     )
     return pool_id
 
 
 def _commit(con: duckdb.DuckDBPyConnection, name: str) -> None:
     try:
-        con.execute("COMMIT")
+        store.commit(con)
     except (duckdb.ConstraintException, duckdb.TransactionException):
         raise _ConflictError(
             f"pool {name!r} was just created by another process; run again to resume it"
@@ -207,18 +206,15 @@ def _open_pool(
     from chips_core.workspace import remove
 
     with ws.connect() as con:
-        con.execute("BEGIN TRANSACTION")
+        store.begin(con)
         try:
-            row = con.execute(
-                "SELECT pool_id, kind, source, format, options, status, "
-                "(SELECT count(*) FROM pairs x WHERE x.pool_id = p.pool_id) FROM pools p WHERE name = ?",
-                [name],
-            ).fetchone()
-            if row is None:
+            rec = catalog.pool_record(con, name)
+            if rec is None:
                 pool_id = _create_pool(con, ws, name, kind, source, fmt, options)
                 _commit(con, name)
                 return pool_id, 0, False, {}, False
-            pool_id, old_kind, old_source, old_fmt, old_options, status, n_pairs = row
+            pool_id, old_kind, old_source, old_fmt = rec.pool_id, rec.kind, rec.source, rec.format
+            old_options, status, n_pairs = rec.options, rec.status, rec.n_pairs
             old, book = _split_options(old_options)
             old = {**{k: v for k, v in _OPTION_DEFAULTS.items() if k in options}, **old}
             same = (old_source, old_fmt, old, old_kind) == (source, fmt, options, kind)
@@ -235,11 +231,11 @@ def _open_pool(
                 _commit(con, name)
                 return pool_id, 0, False, {}, True
             if same and status != "ready":  # resumed: running again
-                con.execute("UPDATE pools SET status = 'ingesting' WHERE pool_id = ?", [pool_id])
-            con.execute("COMMIT")
+                catalog.set_pool_status(con, pool_id, "ingesting")
+            store.commit(con)
         except BaseException:
             with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
+                store.rollback(con)
             raise
     fix = "add --replace (replace=True) to replace it, `chips rm` it, or choose another name"
     if (old_source, old_fmt) != (source, fmt):
@@ -272,26 +268,20 @@ def _write_chunk(
             else:
                 first[r.pair_id] = r
     with ws.connect() as con:
-        con.execute("BEGIN TRANSACTION")
+        store.begin(con)
         try:
-            found = con.execute("SELECT options FROM pools WHERE pool_id = ?", [pool_id]).fetchall()
-            if not found:
+            found = catalog.pool_options(con, pool_id)
+            if found is None:
                 raise _ConflictError(
                     f"pool {pool_id} was removed or replaced by another process while ingesting"
                 )
-            ((stored,),) = found
+            (stored,) = found
             if int(json.loads(stored).get("next_row", 0)) != start:
                 raise _ConflictError(f"pool {pool_id} is being ingested by another process at the same time")
             if first:
                 ids = pa.table({"pair_id": pa.array(list(first), pa.int64())})
-                con.register("chunk_ids", ids)
-                for pid, row_index, path in con.execute(
-                    "SELECT p.pair_id, p.row_index, p.filepath FROM pairs p JOIN chunk_ids c USING (pair_id) "
-                    "WHERE p.pool_id = ?",
-                    [pool_id],
-                ).fetchall():
+                for pid, row_index, path in catalog.duplicate_pairs(con, pool_id, ids):
                     rejects.append(_duplicate(first.pop(int(pid)), f"record {row_index} ({path})"))
-                con.unregister("chunk_ids")
             keep = sorted(first.values(), key=lambda r: r.index)
             if keep:
                 table = pa.table(
@@ -307,9 +297,7 @@ def _write_chunk(
                     ],
                     schema=_PAIRS_SCHEMA,
                 )
-                con.register("chunk_pairs", table)
-                con.execute("INSERT INTO pairs SELECT * FROM chunk_pairs")
-                con.unregister("chunk_pairs")
+                catalog.insert_pairs(con, table)
             if rejects:
                 table = pa.table(
                     [
@@ -320,19 +308,11 @@ def _write_chunk(
                     ],
                     schema=_REJECTS_SCHEMA,
                 )
-                con.register("chunk_rejects", table)
-                con.execute(
-                    "INSERT OR IGNORE INTO rejects (pool_id, source_ref, reason, detail) "
-                    "SELECT pool_id, source_ref, reason, detail FROM chunk_rejects"
-                )
-                con.unregister("chunk_rejects")
-            con.execute(
-                "UPDATE pools SET options = ? WHERE pool_id = ?",
-                [json.dumps({**json.loads(stored), "next_row": next_row}), pool_id],
-            )
-            con.execute("COMMIT")
+                catalog.insert_rejects(con, table)
+            catalog.set_pool_options(con, pool_id, json.dumps({**json.loads(stored), "next_row": next_row}))
+            store.commit(con)
         except BaseException:
-            con.execute("ROLLBACK")
+            store.rollback(con)
             raise
 
 
@@ -353,23 +333,14 @@ def _duplicate(r: Checked, first: str) -> Checked:
 def pool_summary(ws: Workspace, name: str) -> IngestSummary:
     """Totals of an ingested pool (pairs, rejects per reason); raises PoolError for an unknown name."""
     with ws.connect(read_only=True) as con:
-        row = con.execute(
-            "SELECT pool_id, kind, source, format, status, options FROM pools WHERE name = ?", [name]
-        ).fetchone()
-        if row is None:
+        rec = catalog.pool_record(con, name)
+        if rec is None:
             raise PoolError(f"no pool named {name!r} in workspace {ws.root}")
-        pool_id = int(row[0])
-        n_pairs = int(con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [pool_id]).fetchone()[0])
-        counts = dict(
-            con.execute(
-                "SELECT reason, count(*) FROM rejects WHERE pool_id = ? GROUP BY reason", [pool_id]
-            ).fetchall()
-        )
-    counts = {str(k): int(v) for k, v in counts.items()}
-    _, book = _split_options(row[5])
+        counts = catalog.reject_counts(con, rec.pool_id)
+    _, book = _split_options(rec.options)
     return IngestSummary(
-        pool_id, name, row[1], row[2], row[3], n_pairs, sum(counts.values()), counts,
-        status=row[4], encoding=book.get("encoding_detected"),
+        rec.pool_id, name, rec.kind, rec.source, rec.format, rec.n_pairs, sum(counts.values()), counts,
+        status=rec.status, encoding=book.get("encoding_detected"),
     )  # fmt: skip
 
 
@@ -530,8 +501,8 @@ def _source_encoding(src: str, fmt: str, opts: ReaderOptions) -> text_encoding.D
 
 def _set_bookkeeping(ws: Workspace, pool_id: int, **values: object) -> None:
     with ws.connect() as con:
-        con.execute("BEGIN TRANSACTION")
-        row = con.execute("SELECT options FROM pools WHERE pool_id = ?", [pool_id]).fetchone()
+        store.begin(con)
+        row = catalog.pool_options(con, pool_id)
         if row is not None:
             opts = json.loads(row[0]) if row[0] else {}
             for k, v in values.items():
@@ -539,16 +510,15 @@ def _set_bookkeeping(ws: Workspace, pool_id: int, **values: object) -> None:
                     opts.pop(k, None)
                 else:
                     opts[k] = v
-            con.execute("UPDATE pools SET options = ? WHERE pool_id = ?", [json.dumps(opts), pool_id])
-        con.execute("COMMIT")
+            catalog.set_pool_options(con, pool_id, json.dumps(opts))
+        store.commit(con)
 
 
 def _mark(ws: Workspace, pool_id: int, status: str, error: str | None) -> None:
     """Record a pool's final status (and the error, when failed); never raises over the original error."""
     with contextlib.suppress(Exception):
         _set_bookkeeping(ws, pool_id, error=error)
-        with ws.connect() as con:
-            con.execute("UPDATE pools SET status = ? WHERE pool_id = ?", [status, pool_id])
+        catalog.set_pool_status(ws, pool_id, status)
 
 
 def _flush(

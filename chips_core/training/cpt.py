@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 
 from chips_core.errors import ChipsError
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, atomic_write_bytes
 
 OC_NAME = "oc"  # open_clip_train --name inside the run folder
@@ -275,11 +276,7 @@ def train(
     with ws.connect() as con:  # id and row in one transaction: a nextval alone is not persisted
         run_id = ws.next_id(con)
         rdir = run_dir(ws, run_id)
-        con.execute(
-            "INSERT INTO cpt_runs (cpt_run_id, selection_id, config, status, log_dir) "
-            "VALUES (?, ?, '{}', ?, ?)",
-            [run_id, selection_id, "preparing", str(rdir)],
-        )
+        catalog.insert_cpt_run(con, run_id, selection_id, "preparing", str(rdir))
     rdir.mkdir(parents=True, exist_ok=False)
     try:  # nothing of a run that never started stays behind
         if selection_id is not None:
@@ -334,23 +331,16 @@ def train(
         }  # fmt: skip
     except BaseException:
         shutil.rmtree(rdir, ignore_errors=True)
-        with ws.connect() as con:
-            con.execute("DELETE FROM cpt_runs WHERE cpt_run_id = ?", [run_id])
+        catalog.delete_cpt_run(ws, run_id)
         raise
-    with ws.connect() as con:
-        sql = "UPDATE cpt_runs SET config = ?, status = ? WHERE cpt_run_id = ?"
-        con.execute(sql, [json.dumps(config), ACTIVE, run_id])
+    catalog.set_cpt_config(ws, run_id, json.dumps(config), ACTIVE)
     _supervise(ws, run_id, config, progress)
     return run_id
 
 
 def run_config(ws: Workspace, cpt_run_id: int) -> dict:
     """The run's recorded row: config (dict), status, checkpoint, log_dir, selection_id."""
-    with ws.connect(read_only=True) as con:
-        row = con.execute(
-            "SELECT config, status, checkpoint, log_dir, selection_id FROM cpt_runs WHERE cpt_run_id = ?",
-            [cpt_run_id],
-        ).fetchone()
+    row = catalog.cpt_run_row(ws, cpt_run_id)
     if row is None:
         raise CPTError(f"no CPT run {cpt_run_id} in workspace {ws.root}")
     return {"config": json.loads(row[0]), "status": row[1], "checkpoint": row[2], "log_dir": row[3],
@@ -358,30 +348,22 @@ def run_config(ws: Workspace, cpt_run_id: int) -> dict:
 
 
 def _set_status(ws: Workspace, run_id: int, status: str, checkpoint: str | None = None) -> None:
-    with ws.connect() as con:
-        if status == ACTIVE:
-            con.execute(
-                "UPDATE cpt_runs SET status = ?, finished_at = NULL WHERE cpt_run_id = ?", [status, run_id]
-            )
-        else:
-            con.execute(
-                "UPDATE cpt_runs SET status = ?, finished_at = ?, checkpoint = coalesce(?, checkpoint) "
-                "WHERE cpt_run_id = ?",
-                [status, _now(), checkpoint, run_id],
-            )
+    if status == ACTIVE:
+        catalog.set_cpt_status(ws, run_id, status, active=True)
+    else:
+        catalog.set_cpt_status(ws, run_id, status, _now(), checkpoint)
 
 
 def _write_progress(ws: Workspace, run_id: int, rows: list[dict], checkpoint: str | None) -> str:
     """Store progress rows (and the newest checkpoint); returns the run's status as recorded now."""
     with ws.connect() as con:
-        con.executemany(
-            "INSERT OR REPLACE INTO cpt_progress "
-            "(cpt_run_id, step, epoch, loss, lr, samples_per_s, logged_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        catalog.insert_cpt_progress(
+            con,
             [[run_id, r["step"], r["epoch"], r["loss"], r["lr"], r["samples_per_s"], _now()] for r in rows],
         )
         if checkpoint:
-            con.execute("UPDATE cpt_runs SET checkpoint = ? WHERE cpt_run_id = ?", [checkpoint, run_id])
-        return con.execute("SELECT status FROM cpt_runs WHERE cpt_run_id = ?", [run_id]).fetchone()[0]
+            catalog.set_cpt_checkpoint(con, run_id, checkpoint)
+        return catalog.cpt_run_status(con, run_id)
 
 
 def _alive(pid: int) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {label}.", "a medical image of {label}.", "{label}")
@@ -112,13 +113,15 @@ def load_eval_pairs(
     """An eval set from a workspace pool (id or name) or a CSV/TSV file (relative paths: CSV's folder)."""
     if ws is not None and (isinstance(source, int) or not Path(source).is_file()):
         with ws.connect(read_only=True) as con:
-            col = "pool_id" if isinstance(source, int) else "name"
-            row = con.execute(f"SELECT pool_id, name FROM pools WHERE {col} = ?", [source]).fetchone()
+            if isinstance(source, int):
+                found = catalog.pool_row(con, source)
+                row = None if found is None else (source, found[0])
+            else:
+                pool_id = catalog.find_pool_id(con, source)
+                row = None if pool_id is None else (pool_id, source)
             if row is None:
                 raise EvalError(f"no pool {source!r} in workspace {ws.root}")
-            df = con.execute(
-                "SELECT filepath, caption, label FROM pairs WHERE pool_id = ? ORDER BY row_index", [row[0]]
-            ).df()
+            df = catalog.pairs_frame(con, row[0], ordered=True, with_ids=False)
         labels = [None if pd.isna(v) or not str(v).strip() else str(v) for v in df["label"]]
         return EvalPairs(list(df["filepath"]), list(df["caption"]), labels, int(row[0]), str(row[1]))
     from chips_core.pools.records import resolve_ref
@@ -207,13 +210,7 @@ def evaluate(
 
 
 def _store(ws: Workspace, checkpoint: str, pool_id: int, cpt_run_id: int | None, metrics: dict) -> None:
-    with ws.connect() as con:
-        rows = [[ws.next_id(con), checkpoint, pool_id, cpt_run_id, k, v] for k, v in metrics.items()]
-        con.executemany(
-            "INSERT INTO eval_results (result_id, checkpoint, eval_pool_id, cpt_run_id, metric, value) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+    catalog.insert_eval_results(ws, checkpoint, pool_id, cpt_run_id, metrics)
 
 
 def evaluate_run(

@@ -28,6 +28,7 @@ import pandas as pd
 
 from chips_core.scoring.params import RankParams
 from chips_core.training.cpt import Recipe
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, atomic_path, atomic_write_bytes
 
 REFERENCES = ("full", "none")  # full pool (ratio 1) and the starting model without CPT (ratio 0)
@@ -40,8 +41,7 @@ def load_cache(ws: Workspace, cache: Any) -> Any:
     if isinstance(cache, ScoringCache):
         return cache
     if isinstance(cache, int):
-        with ws.connect(read_only=True) as con:
-            row = con.execute("SELECT dir, status FROM scoring_caches WHERE cache_id = ?", [cache]).fetchone()
+        row = catalog.scoring_cache(ws, cache)
         if row is None or row[1] != "done":
             raise ValueError(f"no finished scoring cache {cache} in workspace {ws.root}")
         cache = row[0]
@@ -69,11 +69,8 @@ def tracin_checkpoints(
         run = featurize(ws, pool, model, pretrained, device=device)
         featurize(ws, eval_name, model, pretrained, device=device)
         with ws.connect(read_only=True) as con:
-            model_id = con.execute("SELECT model_id FROM feature_runs WHERE run_id = ?", [run]).fetchone()[0]
-            eta = con.execute(
-                "SELECT avg(lr) FROM cpt_progress WHERE cpt_run_id = ? AND step >= ? AND step < ?",
-                [warmup_run_id, (epoch - 1) * steps, epoch * steps],
-            ).fetchone()[0]
+            model_id = catalog.run_model_id(con, run)
+            eta = catalog.mean_lr(con, warmup_run_id, (epoch - 1) * steps, epoch * steps)
         cache_id = prepare_workspace(ws, pool, eval_name, config, model_id=model_id)
         out.append((load_cache(ws, cache_id), float(eta)))
     return out
@@ -167,17 +164,14 @@ def _preset_cache(ws: Workspace, cache: Any, blocks: str) -> Any:
 
     if cache.config.blocks == blocks:
         return cache
-    with ws.connect(read_only=True) as con:
-        row = con.execute("SELECT cache_id FROM scoring_caches WHERE dir = ?", [str(cache.root)]).fetchone()
-    if row is None:
+    cache_id = catalog.cache_id_by_dir(ws, str(cache.root))
+    if cache_id is None:
         raise ValueError(f"scoring cache {cache.root} is not recorded in workspace {ws.root}")
-    return load_cache(ws, cache_with_blocks(ws, int(row[0]), blocks))
+    return load_cache(ws, cache_with_blocks(ws, cache_id, blocks))
 
 
 def _n_selected(ws: Workspace, selection_id: int) -> int:
-    with ws.connect(read_only=True) as con:
-        sql = "SELECT n_selected FROM selections WHERE selection_id = ?"
-        return int(con.execute(sql, [selection_id]).fetchone()[0])
+    return catalog.selection_n_selected(ws, selection_id)
 
 
 def summarize(cells: pd.DataFrame) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import chips_core
+from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError
 
 ACTIVE = ("queued", "running")
@@ -74,12 +75,7 @@ def launch(ws: Workspace, kind: str, argv: list[str]) -> int:
     job_id = ws.new_id()
     log_path = ws.root / "logs" / f"job-{job_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with ws.connect() as con:
-        con.execute(
-            "INSERT INTO jobs (job_id, kind, args, status, progress, message, log_path, updated_at) "
-            "VALUES (?, ?, ?, 'queued', 0, 'starting', ?, current_timestamp)",
-            [job_id, kind, json.dumps(argv), str(log_path)],
-        )
+    catalog.insert_job(ws, job_id, kind, json.dumps(argv), str(log_path))
     env = dict(os.environ)
     package_root = str(Path(chips_core.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -95,8 +91,7 @@ def launch(ws: Workspace, kind: str, argv: list[str]) -> int:
             start_new_session=True,
         )
     _children[(str(ws.root), job_id)] = proc
-    with ws.connect() as con:
-        con.execute("UPDATE jobs SET pid = ? WHERE job_id = ?", [proc.pid, job_id])
+    catalog.set_job_pid(ws, job_id, proc.pid)
     return job_id
 
 
@@ -126,12 +121,7 @@ def launch_once(ws: Workspace, kind: str, argv: list[str]) -> int:
 
 
 def _row(ws: Workspace, job_id: int) -> JobInfo:
-    with ws.connect(read_only=True) as con:
-        r = con.execute(
-            "SELECT job_id, kind, args, status, pid, progress, message, log_path, started_at, updated_at, "
-            "finished_at FROM jobs WHERE job_id = ?",
-            [int(job_id)],
-        ).fetchone()
+    r = catalog.job_row(ws, job_id)
     if r is None:
         raise JobError(f"no job {job_id} in workspace {ws.root}")
     return JobInfo(int(r[0]), r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10])
@@ -188,8 +178,7 @@ def job_status(ws: Workspace, job_id: int) -> JobInfo:
 def list_jobs(ws: Workspace, active_only: bool = False) -> list[JobInfo]:
     """All jobs, newest first (dead ones reported as failed)."""
     ws.check()
-    with ws.connect(read_only=True) as con:
-        ids = [r[0] for r in con.execute("SELECT job_id FROM jobs ORDER BY job_id DESC").fetchall()]
+    ids = catalog.job_ids(ws)
     jobs = [job_status(ws, i) for i in ids]
     return [j for j in jobs if j.active] if active_only else jobs
 
@@ -239,14 +228,7 @@ def read_log(ws: Workspace, job_id: int, max_bytes: int = 20000) -> str:
 
 
 def _finish(ws: Workspace, job_id: int, status: str, message: str | None, only_if_active: bool) -> None:
-    cond = " AND status IN ('queued', 'running')" if only_if_active else ""
-    progress = ", progress = 1" if status == "done" else ""
-    with ws.connect() as con:
-        con.execute(
-            f"UPDATE jobs SET status = ?, message = ?, updated_at = current_timestamp, "
-            f"finished_at = current_timestamp{progress} WHERE job_id = ?{cond}",
-            [status, message, int(job_id)],
-        )
+    catalog.finish_job(ws, job_id, status, message, only_if_active)
 
 
 class JobReporter:
@@ -258,12 +240,7 @@ class JobReporter:
 
     def start(self) -> None:
         """Mark the job running with this pid; SIGTERM now raises JobCancelled in the main thread."""
-        with self.ws.connect() as con:
-            con.execute(
-                "UPDATE jobs SET status = 'running', pid = ?, message = 'running', "
-                "updated_at = current_timestamp WHERE job_id = ? AND status = 'queued'",
-                [os.getpid(), self.job_id],
-            )
+        catalog.set_job_running(self.ws, self.job_id, os.getpid())
 
         def _on_term(signum: int, frame: Any) -> None:
             raise JobCancelled()
@@ -278,11 +255,7 @@ class JobReporter:
         self._last = now
         try:
             with self.ws.connect(timeout_s=2.0) as con:
-                con.execute(
-                    "UPDATE jobs SET progress = coalesce(?, progress), message = ?, "
-                    "updated_at = current_timestamp WHERE job_id = ? AND status = 'running'",
-                    [fraction, message[:500], self.job_id],
-                )
+                catalog.set_job_progress(con, self.job_id, fraction, message[:500])
         except WorkspaceError:
             pass  # the workspace is busy: the next update will get through
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import duckdb
 
 from chips_core.pools.records import PoolError
+from chips_core.workspace import catalog, store
 from chips_core.workspace.store import Workspace
 
 
@@ -91,83 +92,17 @@ class Removed:
         return "\n".join(lines)
 
 
-def _ids(con: duckdb.DuckDBPyConnection, sql: str, args: list) -> list[int]:
-    return [int(r[0]) for r in con.execute(sql, args).fetchall()]
-
-
-def _in(ids: list[int]) -> str:
-    return "(" + ",".join(str(int(i)) for i in ids) + ")" if ids else "(NULL)"
-
-
 def find_dependents(ws: Workspace, con: duckdb.DuckDBPyConnection, pool_id: int, name: str) -> Dependents:
     """Everything derived from pool `pool_id`, read on `con` (inside the caller's transaction)."""
     d = Dependents(pool_id, name)
-    d.feature_runs = _ids(con, "SELECT run_id FROM feature_runs WHERE pool_id = ? ORDER BY 1", [pool_id])
-    runs = _in(d.feature_runs)
-    d.caches = _ids(
-        con,
-        f"SELECT cache_id FROM scoring_caches WHERE pool_run_id IN {runs} OR eval_run_id IN {runs} "
-        "ORDER BY 1",
-        [],
-    )
-    d.score_runs = _ids(
-        con,
-        f"SELECT score_run_id FROM score_runs WHERE pool_id = ? OR cache_id IN {_in(d.caches)} ORDER BY 1",
-        [pool_id],
-    )
-    rows = con.execute(
-        "SELECT selection_id, name, version FROM selections WHERE pool_id = ? "
-        f"OR score_run_id IN {_in(d.score_runs)} ORDER BY 1",
-        [pool_id],
-    ).fetchall()
-    d.selection_ids = [int(r[0]) for r in rows]
-    d.selections = [f"{r[1]}@{r[2]}" for r in rows]
-    sels = _in(d.selection_ids)
-    d.exports = _ids(con, f"SELECT export_id FROM exports WHERE selection_id IN {sels} ORDER BY 1", [])
-    d.cpt_runs = _ids(con, f"SELECT cpt_run_id FROM cpt_runs WHERE selection_id IN {sels} ORDER BY 1", [])
-    d.decisions = int(
-        con.execute("SELECT count(*) FROM decisions WHERE pool_id = ?", [pool_id]).fetchone()[0]
-    )
-    d.eval_results = int(
-        con.execute("SELECT count(*) FROM eval_results WHERE eval_pool_id = ?", [pool_id]).fetchone()[0]
-    )
-    files = [r[0] for r in con.execute(f"SELECT dir FROM feature_runs WHERE run_id IN {runs}").fetchall()]
-    files += [str(ws.root / "maps" / f"run-{r}") for r in d.feature_runs]
-    files += [
-        r[0]
-        for r in con.execute(f"SELECT dir FROM scoring_caches WHERE cache_id IN {_in(d.caches)}").fetchall()
-    ]
-    files += [
-        r[0]
-        for r in con.execute(
-            f"SELECT result_path FROM score_runs WHERE score_run_id IN {_in(d.score_runs)}"
-        ).fetchall()
-    ]
-    for (path,) in con.execute(f"SELECT path FROM exports WHERE export_id IN {_in(d.exports)}").fetchall():
-        if path:
-            p = Path(path)
-            files += [str(p), f"{p}.manifest.json", str(p.with_name(f"{p.stem}_images"))]
-    d.files = [f for f in files if f]
+    for key, value in catalog.pool_dependents(ws, con, pool_id).items():
+        setattr(d, key, value)
     return d
 
 
 def delete_rows(con: duckdb.DuckDBPyConnection, d: Dependents) -> None:
     """Delete the pool's rows and every dependent's (inside the caller's transaction)."""
-    runs, caches, scores, sels = _in(d.feature_runs), _in(d.caches), _in(d.score_runs), _in(d.selection_ids)
-    con.execute(f"UPDATE cpt_runs SET selection_id = NULL WHERE selection_id IN {sels}")
-    for sql in (
-        f"DELETE FROM exports WHERE selection_id IN {sels}",
-        f"DELETE FROM selection_members WHERE selection_id IN {sels}",
-        f"DELETE FROM selections WHERE selection_id IN {sels}",
-        f"DELETE FROM score_runs WHERE score_run_id IN {scores}",
-        f"DELETE FROM scoring_caches WHERE cache_id IN {caches}",
-        f"DELETE FROM feature_shards WHERE run_id IN {runs}",
-        f"DELETE FROM feature_runs WHERE run_id IN {runs}",
-    ):
-        con.execute(sql)
-    for table, col in (("decisions", "pool_id"), ("eval_results", "eval_pool_id"), ("rejects", "pool_id"),
-                       ("pairs", "pool_id"), ("pools", "pool_id")):  # fmt: skip
-        con.execute(f"DELETE FROM {table} WHERE {col} = ?", [d.pool_id])
+    catalog.delete_pool_rows(con, d.pool_id, d.feature_runs, d.caches, d.score_runs, d.selection_ids)
 
 
 def _active_jobs_using(ws: Workspace, name: str) -> list[int]:
@@ -189,29 +124,24 @@ def remove_pool(ws: Workspace, name: str, force: bool = False) -> Removed:
             "wait for them or cancel them (`chips jobs WS --cancel ID`) first"
         )
     with ws.connect() as con:
-        con.execute("BEGIN TRANSACTION")
+        store.begin(con)
         try:
-            row = con.execute("SELECT pool_id FROM pools WHERE name = ?", [name]).fetchone()
-            if row is None:
+            pool_id = catalog.find_pool_id(con, name)
+            if pool_id is None:
                 raise PoolError(f"no pool named {name!r} in workspace {ws.root}")
-            pool_id = int(row[0])
             deps = find_dependents(ws, con, pool_id, name)
             if not deps.empty() and not force:
                 raise PoolError(
                     f"pool {name!r} has dependents: {deps.describe()}; "
                     f"`chips rm {ws.root} {name} --force` removes them too"
                 )
-            n_pairs = int(
-                con.execute("SELECT count(*) FROM pairs WHERE pool_id = ?", [pool_id]).fetchone()[0]
-            )
-            n_rej = int(
-                con.execute("SELECT count(*) FROM rejects WHERE pool_id = ?", [pool_id]).fetchone()[0]
-            )
+            n_pairs = catalog.count_pairs(con, pool_id)
+            n_rej = catalog.count_rejects(con, pool_id)
             delete_rows(con, deps)
-            con.execute("COMMIT")
+            store.commit(con)
         except BaseException:
             with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
+                store.rollback(con)
             raise
     removed, left = remove_files(ws, deps.files)
     return Removed(deps, n_pairs, n_rej, removed, left)

@@ -164,6 +164,21 @@ class Workspace:
         return value
 
 
+def begin(con: duckdb.DuckDBPyConnection) -> None:
+    """Start a transaction on `con` (several catalog calls then commit or roll back together)."""
+    con.execute("BEGIN TRANSACTION")
+
+
+def commit(con: duckdb.DuckDBPyConnection) -> None:
+    """Commit the transaction open on `con`."""
+    con.execute("COMMIT")
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the transaction open on `con`."""
+    con.execute("ROLLBACK")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see either the old or the whole new content, never a part."""
     path = Path(path)
