@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import context, jobs_view
+from app import context, jobs_view, training_view
 from chips_core.curation import export, selection
 
 ws = context.workspace()
@@ -103,7 +103,7 @@ if last and Path(last).exists():
     )
 
 st.subheader("Continual pre-training")
-jobs_view.train_form(ws, ctx, ids, labels)
-jobs_view.cpt_runs(ws, ctx)
+training_view.train_form(ws, ctx, ids, labels)
+training_view.cpt_runs(ws, ctx)
 st.subheader("Jobs")
 jobs_view.jobs_panel(ws)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError
@@ -139,29 +138,33 @@ def load_eval_pairs(
     return EvalPairs(refs, list(df[caption_key]), labels, CSV_POOL_ID, str(path.resolve()))
 
 
-@torch.no_grad()
 def embed_pairs(loaded, pairs: EvalPairs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised image and text embeddings (float32 numpy) of every pair, in order."""
+    import torch  # here, not at the top: the CLI reads DEFAULT_TEMPLATES without loading torch
+
     from chips_core.pools.records import load_image
 
     model, dev = loaded.model, loaded.device
     imgs, txts = [], []
-    for s in range(0, len(pairs.refs), batch_size):
-        batch = torch.stack([loaded.preprocess(load_image(r)) for r in pairs.refs[s : s + batch_size]])
-        imgs.append(model.encode_image(batch.to(dev), normalize=True).float().cpu())
-        tokens = loaded.tokenizer(pairs.captions[s : s + batch_size]).to(dev)
-        txts.append(model.encode_text(tokens, normalize=True).float().cpu())
+    with torch.no_grad():
+        for s in range(0, len(pairs.refs), batch_size):
+            batch = torch.stack([loaded.preprocess(load_image(r)) for r in pairs.refs[s : s + batch_size]])
+            imgs.append(model.encode_image(batch.to(dev), normalize=True).float().cpu())
+            tokens = loaded.tokenizer(pairs.captions[s : s + batch_size]).to(dev)
+            txts.append(model.encode_text(tokens, normalize=True).float().cpu())
     return torch.cat(imgs).numpy(), torch.cat(txts).numpy()
 
 
-@torch.no_grad()
 def class_embeddings(loaded, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """(C, D) zero-shot classifier: normalised mean over templates of normalised prompt embeddings."""
+    import torch
+
     out = []
-    for c in classes:
-        prompts = [t.format(label=c) for t in templates]
-        e = loaded.model.encode_text(loaded.tokenizer(prompts).to(loaded.device), normalize=True).float()
-        out.append(torch.nn.functional.normalize(e.mean(dim=0), dim=-1).cpu())
+    with torch.no_grad():
+        for c in classes:
+            prompts = [t.format(label=c) for t in templates]
+            e = loaded.model.encode_text(loaded.tokenizer(prompts).to(loaded.device), normalize=True).float()
+            out.append(torch.nn.functional.normalize(e.mean(dim=0), dim=-1).cpu())
     return torch.stack(out).numpy()
 
 
