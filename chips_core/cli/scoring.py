@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -148,20 +149,14 @@ def _add_prepare_options(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare_config(args: argparse.Namespace) -> PrepareConfig:
+    """The PrepareConfig of the prepare flags (each field has a flag of its name); the device resolved and
+    the blocks from --blocks, else from the preset."""
     from chips_core.features.models import resolve_device
 
-    return PrepareConfig(
-        k_max=args.k_max,
-        sketch=args.sketch,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        negatives=args.negatives,
-        curvature_pairs=args.curvature_pairs,
-        negatives_per_row=args.negatives_per_row,
-        device=resolve_device(args.device).type,
-        dtype=args.dtype,
-        blocks=args.blocks or sp.PRESETS[getattr(args, "preset", "default")]["blocks"],
-    )
+    values = {f.name: getattr(args, f.name) for f in fields(PrepareConfig) if f.name in vars(args)}
+    values["device"] = resolve_device(args.device).type
+    values["blocks"] = args.blocks or sp.PRESETS[getattr(args, "preset", "default")]["blocks"]
+    return PrepareConfig(**values)
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:

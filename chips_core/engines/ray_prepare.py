@@ -9,7 +9,6 @@ for the local prepare. Imported only for the Ray engine.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -57,41 +56,20 @@ def prepare_ray(
     The driver reads each chunk's feature rows and ships them to a worker (no shared filesystem needed),
     and writes the returned chunk files atomically, completion record last, so a killed run resumes.
     """
-    from chips_core.scoring.cache import (
-        ScoringCache,
-        has_eval,
-        is_finished,
-        plan_chunks,
-        read_eval_means,
-        write_chunk,
-    )
-    from chips_core.scoring.prepare import PrepareProgress, Scorer, finish, open_cache, write_eval
+    from chips_core.scoring.cache import write_chunk
+    from chips_core.scoring.prepare import start
 
     if (num_workers is not None and num_workers < 1) or num_gpus_per_worker < 0:
         raise ValueError(f"num_workers ({num_workers}) must be >= 1, num_gpus_per_worker >= 0")
     if num_gpus_per_worker > 0 and config.device != "cuda":
         raise ValueError(f"num_gpus_per_worker={num_gpus_per_worker} needs config.device 'cuda'")
-    out = open_cache(out_dir, pool, eval_set, params, config)
-    if is_finished(out):
-        return ScoringCache.load(out)
-    ids_all = np.asarray(pool.pair_ids(), dtype=np.int64)
-    N = len(ids_all)
-    scorer = Scorer(params, config)  # the driver's: the eval pass, and the sketch kind for meta.json
-    t0 = time.monotonic()
-    if not has_eval(out):
-        if progress:
-            progress(PrepareProgress("eval", 0, N, 0.0, None))
-        write_eval(out, scorer, eval_set)
-    mu_x, mu_y = read_eval_means(out)
-    plan = plan_chunks(ids_all, config)
-    todo = plan.pending(out)
-    done = N - sum(plan.n_rows(c) for c in todo)
-    fresh = 0
-    if todo:
+    run = start(pool, eval_set, params, config, out_dir, progress)
+    plan = run.plan
+    if run.todo:
         with ray_session(address, num_cpus):
             num_workers = actor_count(num_workers, num_gpus_per_worker, "prepare")
             opts = {"num_cpus": 1, "num_gpus": num_gpus_per_worker, "max_restarts": 2, "max_task_retries": 2}
-            args = (params.to(device="cpu"), config, mu_x, mu_y, plan.n_curv)
+            args = (params.to(device="cpu"), config, run.mu_x, run.mu_y, plan.n_curv)
             actors = ray.util.ActorPool(
                 [ray.remote(**opts)(_ChunkWorker).remote(*args) for _ in range(num_workers)]
             )
@@ -100,16 +78,9 @@ def prepare_ray(
                 rows = plan.rows(c)
                 h, t = pool.rows(rows)
                 sizes = [len(plan.batches[b]) for b in plan.chunks[c]]
-                return actor.chunk.remote(c, plan.chunks[c], sizes, ids_all[rows], h, t)
+                return actor.chunk.remote(c, plan.chunks[c], sizes, run.ids[rows], h, t)
 
-            for data in actors.map_unordered(submit, todo):
-                write_chunk(out, data)
-                done += plan.n_rows(data.chunk)
-                fresh += plan.n_rows(data.chunk)
-                if progress:
-                    rate = fresh / max(time.monotonic() - t0, 1e-9)
-                    progress(PrepareProgress("pool", done, N, rate, (N - done) / rate if rate > 0 else None))
-    cache = finish(out, plan, scorer)
-    if progress:
-        progress(PrepareProgress("done", N, N, fresh / max(time.monotonic() - t0, 1e-9), 0.0))
-    return cache
+            for data in actors.map_unordered(submit, run.todo):
+                write_chunk(run.out, data)
+                run.chunk_written(data.chunk)
+    return run.finish()

@@ -63,6 +63,7 @@ __all__ = [
     "FeatureSource",
     "PrepareConfig",
     "PrepareProgress",
+    "PrepareRun",
     "Scorer",
     "ZeroShotEval",
     "as_tensor",
@@ -73,6 +74,7 @@ __all__ = [
     "pool_batches",
     "prepare",
     "quantize_blocks",
+    "start",
     "write_eval",
 ]
 
@@ -336,6 +338,73 @@ def finish(out: Path, plan: ChunkPlan, scorer: Scorer) -> ScoringCache:
     return ScoringCache.load(out)
 
 
+@dataclass
+class PrepareRun:
+    """One prepare call as its engine drives it: `start` opens (or resumes) the cache and writes the eval
+    pass, the engine writes each chunk of `todo` (`write_chunk`) and calls `chunk_written`, then `finish`.
+    The local loop (`prepare`) and the Ray engine (engines/ray_prepare.py) share every step."""
+
+    out: Path
+    ids: np.ndarray
+    scorer: Scorer | None  # None (and plan None): the cache was finished before this call
+    plan: ChunkPlan | None
+    todo: list[int]
+    mu_x: np.ndarray | None
+    mu_y: np.ndarray | None
+    progress: Callable[[PrepareProgress], None] | None
+    t0: float
+    done: int = 0
+    fresh: int = 0
+
+    def chunk_written(self, c: int) -> None:
+        """Count chunk c as written and report progress (rows per second over this call's chunks)."""
+        self.done += self.plan.n_rows(c)
+        self.fresh += self.plan.n_rows(c)
+        if self.progress:
+            N, rate = len(self.ids), self.fresh / max(time.monotonic() - self.t0, 1e-9)
+            eta = (N - self.done) / rate if rate > 0 else None
+            self.progress(PrepareProgress("pool", self.done, N, rate, eta))
+
+    def finish(self) -> ScoringCache:
+        """Complete the cache (meta.json once every chunk is done) and open it."""
+        if self.plan is None:
+            return ScoringCache.load(self.out)
+        cache = finish(self.out, self.plan, self.scorer)
+        if self.progress:
+            N = len(self.ids)
+            self.progress(
+                PrepareProgress("done", N, N, self.fresh / max(time.monotonic() - self.t0, 1e-9), 0.0)
+            )
+        return cache
+
+
+def start(
+    pool: FeatureSource,
+    eval_set: FeatureSource | ZeroShotEval,
+    params: EndpointParams,
+    config: PrepareConfig,
+    out_dir: str | Path,
+    progress: Callable[[PrepareProgress], None] | None = None,
+) -> PrepareRun:
+    """Open (or resume) the cache of `pool` against `eval_set`, write the eval pass if missing, and plan the
+    chunks still to compute."""
+    out = open_cache(out_dir, pool, eval_set, params, config)
+    ids = np.asarray(pool.pair_ids(), dtype=np.int64)
+    t0 = time.monotonic()
+    if is_finished(out):
+        return PrepareRun(out, ids, None, None, [], None, None, progress, t0)
+    scorer = Scorer(params, config)
+    if not has_eval(out):
+        if progress:
+            progress(PrepareProgress("eval", 0, len(ids), 0.0, None))
+        write_eval(out, scorer, eval_set)
+    mu_x, mu_y = read_eval_means(out)
+    plan = plan_chunks(ids, config)
+    todo = plan.pending(out)
+    done = len(ids) - sum(plan.n_rows(c) for c in todo)
+    return PrepareRun(out, ids, scorer, plan, todo, mu_x, mu_y, progress, t0, done)
+
+
 def prepare(
     pool: FeatureSource,
     eval_set: FeatureSource | ZeroShotEval,
@@ -349,36 +418,15 @@ def prepare(
     Reads features batch by batch (never the whole pool), runs no encoder, and can be killed at any
     time: finished chunks are kept and skipped on the next call with the same arguments.
     """
-    out = open_cache(out_dir, pool, eval_set, params, config)
-    if is_finished(out):
-        return ScoringCache.load(out)
-    ids = np.asarray(pool.pair_ids(), dtype=np.int64)
-    N = len(ids)
-    scorer = Scorer(params, config)
-    t0 = time.monotonic()
-    if not has_eval(out):
-        if progress:
-            progress(PrepareProgress("eval", 0, N, 0.0, None))
-        write_eval(out, scorer, eval_set)
-    mu_x, mu_y = read_eval_means(out)
-    plan = plan_chunks(ids, config)
-    todo = plan.pending(out)
-    done = N - sum(plan.n_rows(c) for c in todo)
-    fresh = 0
-    for c in todo:
-        bs = plan.chunks[c]
+    run = start(pool, eval_set, params, config, out_dir, progress)
+    for c in run.todo:
+        bs = run.plan.chunks[c]
+        batches = [run.plan.batches[b] for b in bs]
         write_chunk(
-            out, scorer.chunk(c, pool, ids, bs, [plan.batches[b] for b in bs], mu_x, mu_y, plan.n_curv)
+            run.out, run.scorer.chunk(c, pool, run.ids, bs, batches, run.mu_x, run.mu_y, run.plan.n_curv)
         )
-        done += plan.n_rows(c)
-        fresh += plan.n_rows(c)
-        if progress:
-            rate = fresh / max(time.monotonic() - t0, 1e-9)
-            progress(PrepareProgress("pool", done, N, rate, (N - done) / rate if rate > 0 else None))
-    cache = finish(out, plan, scorer)
-    if progress:
-        progress(PrepareProgress("done", N, N, fresh / max(time.monotonic() - t0, 1e-9), 0.0))
-    return cache
+        run.chunk_written(c)
+    return run.finish()
 
 
 def pool_batches(
