@@ -17,10 +17,10 @@ from chips_core.cli.common import (
     say,
     selection_id,
 )
+from chips_core.engines.pipeline import load_cache
 from chips_core.scoring.params import EXPERIMENT_METHODS, RankParams
 from chips_core.training.cpt import Recipe
 from chips_core.training.experiment import (
-    load_cache,
     markdown_table,
     run_experiment,
     tracin_checkpoints,

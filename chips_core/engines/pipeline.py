@@ -208,3 +208,17 @@ def cache_with_blocks(ws: Workspace, cache_id: int, blocks: str) -> int:
     if wanted.blocks == PrepareConfig(**config).blocks:
         return int(cache_id)
     return prepare_workspace(ws, row[1], row[2], wanted, model_id=int(row[3]))
+
+
+def load_cache(ws: Workspace, cache: int | str | Path | Any) -> Any:
+    """The ScoringCache named by `cache`: a finished cache's id in `ws`, its folder, or a ScoringCache."""
+    from chips_core.scoring.cache import ScoringCache
+
+    if isinstance(cache, ScoringCache):
+        return cache
+    if isinstance(cache, int):
+        row = catalog.scoring_cache(ws, cache)
+        if row is None or row[1] != "done":
+            raise PipelineError(f"no finished scoring cache {cache} in workspace {ws.root}")
+        cache = row[0]
+    return ScoringCache.load(cache)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chips_core.engines.pipeline import load_cache
 from chips_core.scoring.params import RankParams
 from chips_core.training.cpt import Recipe
 from chips_core.workspace import catalog
@@ -33,19 +34,6 @@ from chips_core.workspace.store import Workspace, atomic_path, atomic_write_byte
 
 REFERENCES = ("full", "none")  # full pool (ratio 1) and the starting model without CPT (ratio 0)
 KEY = ["method", "ratio", "seed"]
-
-
-def load_cache(ws: Workspace, cache: Any) -> Any:
-    from chips_core.scoring.cache import ScoringCache
-
-    if isinstance(cache, ScoringCache):
-        return cache
-    if isinstance(cache, int):
-        row = catalog.scoring_cache(ws, cache)
-        if row is None or row[1] != "done":
-            raise ValueError(f"no finished scoring cache {cache} in workspace {ws.root}")
-        cache = row[0]
-    return ScoringCache.load(cache)
 
 
 def tracin_checkpoints(

@@ -258,3 +258,21 @@ def test_cache_format_is_torch_free():
         top = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         top |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert "torch" not in top, f"chips_core.scoring.cache reaches {m}, which imports torch"
+
+
+def test_the_top_level_verbs_resolve_and_stay_lazy():
+    """`chips_core.<verb>` reaches each stage's public function; importing chips_core loads no stage."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, chips_core\n"
+        "assert not [m for m in sys.modules if m.startswith('chips_core.')], sorted(sys.modules)\n"
+        "assert 'torch' not in sys.modules\n"
+        "for name in chips_core.__all__:\n"
+        "    obj = getattr(chips_core, name)\n"
+        "    assert obj.__name__ == name, (name, obj)\n"
+        "    assert not obj.__module__.split('.')[-1].startswith('_'), name\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
