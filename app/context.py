@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from chips_core.scoring.params import BLOCKS, DEFAULT_BLOCKS, RankParams, parse_blocks
+from chips_core.scoring.params import BLOCKS, DEFAULT_BLOCKS, NEEDS_CHECKPOINTS, RankParams, parse_blocks
+from chips_core.scoring.params import METHODS as SCORING_METHODS
 from chips_core.workspace import catalog, store
 
 # Widget keys whose values must survive page switches (Streamlit drops the state of widgets not drawn).
@@ -38,7 +39,13 @@ PERSISTENT_KEYS = (
     "normalize",
     "guard_on",
     "guard_mads",
+    "map_space",
+    "map_colour",
 )
+# the Scores page's choices: methods (TracIn needs checkpoint caches: CLI only), slider ranges, λ multiples
+METHODS = [m for m in SCORING_METHODS if m not in NEEDS_CHECKPOINTS]
+RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0), "ratio": (0.01, 1.0), "guard_mads": (1.0, 5.0)}
+LAM_FACTORS = [float(f"{10 ** (e / 4):.3g}") for e in range(-8, 9)]  # 0.01× … 100×, quarter decades
 # the widgets' defaults are RankParams' (chips_core/scoring/params.py; the preset's widgets are set by
 # preset_state, k by the Scores page from the cache's k_max); λ is a multiple of the default λ
 _RANK_WIDGETS = ("method", "alpha", "beta", "ratio", "use_learnability", "use_relevance", "rank_normalized",
@@ -183,6 +190,9 @@ def scoring_context(ws: store.Workspace) -> ScoringContext:
     wanted = ",".join(parse_blocks(st.session_state.get("blocks") or DEFAULT_BLOCKS))
     hit = df[df["blocks"] == wanted]
     r = (hit if len(hit) else df).iloc[0]
+    choices = k_choices(int(load_cache(str(r["dir"])).k_max))
+    if st.session_state.get("k") not in choices:  # none yet, or a k this cache lacks (another cache, a URL)
+        st.session_state["k"] = default_k(choices)
     return ScoringContext(
         ws.root.as_posix(),
         int(r["pool_id"]),
@@ -202,6 +212,17 @@ def _cache_blocks(config_json: str) -> str:
     import json
 
     return ",".join(parse_blocks(json.loads(config_json).get("blocks", ",".join(BLOCKS))))
+
+
+def k_choices(k_max: int) -> list[int]:
+    """The sketch dimensions the Scores page offers: powers of two from 8 up to k_max, and k_max."""
+    choices = [k for k in (2**i for i in range(3, 20)) if k <= k_max]
+    return choices if k_max in choices else [*choices, k_max]
+
+
+def default_k(choices: list[int]) -> int:
+    """The largest k that still leaves [k, 2k) of the sketch for the stability check."""
+    return max([k for k in choices if 2 * k <= choices[-1]] or [choices[-1]])
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the scoring cache…")

@@ -1,7 +1,8 @@
 """CHIPS Studio dashboard entry point: `streamlit run app/main.py` (no arguments opens the bundled demo).
 
 The sidebar chooses the workspace (env CHIPS_WORKSPACE, or a path typed here) and the pool / eval set; the
-pages live in app/views/ and only call chips_core and render.
+pages live in app/views/ and only call chips_core and render. The view's state lives in the URL
+(app/url_state.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ if str(_ROOT) not in sys.path:  # run from a checkout: use this checkout's chips
 
 import streamlit as st  # noqa: E402
 
-from app import context  # noqa: E402
+from app import context, url_state  # noqa: E402
 
 st.set_page_config(page_title="CHIPS Studio", page_icon=":material/neurology:", layout="wide")
+url_state.seed()  # a reload or a shared link: the view in the URL (before the defaults fill the rest)
 context.keep_widget_state()
 
 VIEWS = _ROOT / "app" / "views"
@@ -60,4 +62,8 @@ with st.sidebar:
             if names:
                 st.selectbox(label, names, key=key)
 
-st.navigation(pages).run()
+url_state.write()  # the widgets' values as the browser sent them (a page's st.stop drops later writes)
+try:
+    st.navigation(pages).run()
+finally:  # values the page itself set (a default k, a closed detail view, ...)
+    url_state.write()

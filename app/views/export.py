@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import streamlit as st
 
-from app import context, jobs_view, training_view
+from app import context, jobs_view, training_view, url_state
 from chips_core.curation import export, selection
+from chips_core.workspace.store import Workspace
+
+
+def _download(ws: Workspace, sel_id: int, fmt: str) -> bytes:
+    """The export's bytes for the browser (chips_core.curation.export.export_bytes)."""
+    return export.export_bytes(ws, sel_id, fmt).data
+
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
@@ -15,8 +23,8 @@ ctx = context.scoring_context(ws)
 st.title("Export and train")
 
 st.subheader("Save the current selection")
-params = context.rank_params()
 result = context.current_rank(ctx)
+params = {**context.rank_params(), "k": int(result.info["k"])}  # the sketch dimension the ranking used
 st.caption(
     f"{params['method']} at ratio {params['ratio']:.2f} (preset {params['preset']}, blocks {ctx.blocks}, "
     f"α {params['alpha']:g}, {params['lam_factor']:g}× the default λ, k {params['k']}, β {params['beta']:g}, "
@@ -46,6 +54,7 @@ with st.form("save_selection", border=False):
 
 saved = selection.list_selections(ws, ctx.pool_id)
 if saved.empty:
+    url_state.write()  # before st.stop, which drops later writes to the URL
     st.info("No saved selection yet in this pool.")
     st.stop()
 labels = {
@@ -79,28 +88,33 @@ e1, e2 = st.columns([2, 1])
 sel_id = e1.selectbox("Selection", ids, format_func=labels.get, key="export_sel")
 fmt = e2.selectbox("Format", list(FORMATS), format_func=FORMATS.get, key="export_fmt")
 info = selection.get_selection(ws, sel_id)
-out = st.text_input(
-    "Write to", value=str(export.default_path(ws, info, fmt)), key=f"export_out_{sel_id}_{fmt}"
+default = export.default_path(ws, info, fmt)
+st.download_button(
+    f"Download {default.name}",
+    data=functools.partial(_download, ws, sel_id, fmt),  # built on click, by the library's export
+    file_name=default.name,
+    type="primary",
+    icon=":material/download:",
+    key="export_dl",
+    help="Saves the export to this computer through the browser (the same bytes as the file below).",
 )
-if st.button("Export", type="primary", key="export_go"):
+out = st.text_input(
+    "Also save in the workspace (a file on the server running CHIPS Studio)",
+    value=str(default),
+    key=f"export_out_{sel_id}_{fmt}",
+    help="With its manifest (`.manifest.json`) beside it; open_clip_train on this server reads it there.",
+)
+st.caption(f"Default: `{default}` (the workspace's exports folder)")
+if st.button("Save in the workspace", key="export_go"):
     with st.spinner("Writing the export…"):
         try:
             done = export.export_selection(ws, sel_id, fmt, Path(out))
         except (export.ExportError, selection.SelectionError, OSError) as exc:
             st.error(str(exc))
         else:
-            st.session_state["last_export"] = str(done.path)
             st.success(f"Wrote {done.path} ({done.n_rows:,} rows) and its manifest {done.manifest_path}.")
             if fmt == "csv":
                 st.code(" ".join(done.open_clip_flags()), language="bash")
-last = st.session_state.get("last_export")
-if last and Path(last).exists():
-    st.download_button(
-        f"Download {Path(last).name}",
-        data=Path(last).read_bytes(),
-        file_name=Path(last).name,
-        key="export_dl",
-    )
 
 st.subheader("Continual pre-training")
 training_view.train_form(ws, ctx, ids, labels)

@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import context, jobs_view, widgets
+from app import context, jobs_view, url_state, widgets
 from chips_core.curation import maps
 from chips_core.features.featurize import FeatureStore
 
@@ -46,6 +46,8 @@ space = c1.radio("Embedding", ["image", "text"], horizontal=True, key="map_space
 planted = context.demo_planted(ctx)
 colours = ["score", "alignment", "learnability", "relevance", "selected", "decision"]
 colours += ["planted (demo ground truth)"] if planted is not None else []
+if st.session_state.get("map_colour") not in colours:  # e.g. a link from the demo to another workspace
+    st.session_state.pop("map_colour", None)
 colour = c2.selectbox("Colour by", colours, key="map_colour")
 
 rows = table.reindex(fmap.pair_ids)
@@ -92,6 +94,7 @@ event = st.plotly_chart(fig, key="map_chart", on_select="rerun", selection_mode=
 
 picked = [int(p["customdata"]) for p in (event.selection.points if event else []) if "customdata" in p]
 if not picked:
+    url_state.write()  # before st.stop, which drops later writes to the URL
     st.info("Nothing selected yet: drag a lasso (or switch to box select in the chart's toolbar).")
     st.stop()
 

@@ -43,23 +43,15 @@ LABELS = {
     "clipscore": "CLIPScore",
     "random": "Random",
 }
-METHODS = [m for m in sp.METHODS if m not in sp.NEEDS_CHECKPOINTS]  # TracIn needs checkpoint caches (CLI)
 DEFAULT_ALPHA = sp.default_of(sp.RankParams, "alpha")
 k_max = int(cache.k_max)
-k_choices = [k for k in (2**i for i in range(3, 20)) if k <= k_max]
-if k_max not in k_choices:
-    k_choices.append(k_max)
-if (
-    st.session_state.get("k") not in k_choices
-):  # default: the largest k that still leaves [k, 2k) for stability
-    st.session_state["k"] = max([k for k in k_choices if 2 * k <= k_max] or [k_max])
-LAM_FACTORS = [float(f"{10**e:.3g}") for e in np.arange(-2.0, 2.01, 0.25)]
+k_choices = context.k_choices(k_max)  # scoring_context has checked the session's k against them
 
 left, right = st.columns([1, 2.4], gap="large")
 with left:
     st.selectbox(
         "Method",
-        METHODS,
+        context.METHODS,
         format_func=lambda m: LABELS.get(m, m),
         key="method",
         help="CHIPS = curvature-aware influence × learnability × relevance; the others are the paper's "
@@ -85,8 +77,7 @@ with left:
     )
     st.slider(
         "Guard threshold (robust SDs below the median)",
-        1.0,
-        5.0,
+        *context.RANGES["guard_mads"],
         step=0.25,
         key="guard_mads",
         disabled=not guard_on,
@@ -117,15 +108,14 @@ with left:
         )
     st.slider(
         "α — weight of the negative curvature",
-        0.0,
-        1.0,
+        *context.RANGES["alpha"],
         step=0.05,
         key="alpha",
         help="M = (1 − α)Φ_pos + αΦ_neg + λI. α = 0: positive-only curvature; the paper's best is 0.6–0.8.",
     )
     st.select_slider(
         "λ as a multiple of the default λ",
-        options=LAM_FACTORS,
+        options=context.LAM_FACTORS,
         key="lam_factor",
         format_func=lambda f: f"{f:g}×",
         help="Larger λ moves the score towards the plain gradient dot product; smaller λ trusts the "
@@ -137,8 +127,8 @@ with left:
         key="k",
         help=f"Any k up to k_max = {k_max} is a prefix of the stored sketch: nothing is recomputed.",
     )
-    st.slider("β — text share of relevance", 0.0, 1.0, step=0.05, key="beta")
-    st.slider("Selection ratio r", 0.01, 1.0, step=0.01, key="ratio", format="%.2f")
+    st.slider("β — text share of relevance", *context.RANGES["beta"], step=0.05, key="beta")
+    st.slider("Selection ratio r", *context.RANGES["ratio"], step=0.01, key="ratio", format="%.2f")
     with st.expander("Ablations"):
         st.checkbox("use learnability w_L", key="use_learnability")
         st.checkbox("use relevance w_R", key="use_relevance")

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,9 +95,7 @@ def export_selection(
     fmt: 'csv' (open_clip_train-ready), 'safe_csv' (for spreadsheets), 'parquet' (every score
     component) or 'ids' (`.npy` of int64 pair ids, best first). `out` may be an existing folder.
     """
-    fmt = fmt.replace("-", "_")
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    fmt = _check_format(fmt)
     info = sel.get_selection(ws, selection)
     path = Path(out) if out is not None else default_path(ws, info, fmt)
     if path.is_dir():
@@ -110,21 +109,63 @@ def export_selection(
     if fmt == "csv":
         table = _materialise(table, path.parent / f"{path.stem}_images", result, progress)
     with atomic_path(path) as tmp:
-        if fmt == "csv":
-            table = _write_open_clip_csv(table, tmp, result)
-        elif fmt == "safe_csv":
-            _write_safe_csv(table, tmp)
-        elif fmt == "parquet":
-            table.to_parquet(tmp, index=False)
-        else:
-            with open(tmp, "wb") as f:
-                np.save(f, table["pair_id"].to_numpy(np.int64))
-        result.n_rows = len(table)
+        _write_format(table, fmt, tmp, result)
         manifest = _manifest(ws, info, result, tmp)
         with atomic_path(result.manifest_path) as mtmp:
             mtmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     catalog.insert_export(ws, export_id, info.selection_id, fmt, str(path), json.dumps(manifest, default=str))
     return result
+
+
+@dataclass
+class ExportBytes:
+    """An export in memory (a browser download): the file's bytes and its default name."""
+
+    file_name: str
+    data: bytes
+    n_rows: int
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def export_bytes(
+    ws: Workspace, selection: str | int, fmt: str = "csv", progress: Progress | None = None
+) -> ExportBytes:
+    """The bytes `export_selection(ws, selection, fmt)` writes to its default path, without writing the
+    file, its manifest or an `exports` row (a browser download). Images of the open_clip CSV that must be
+    materialised are written where that export puts them (beside the default path), so both name them
+    alike. Built in a private temporary folder, so a failure leaves nothing half-written behind."""
+    fmt = _check_format(fmt)
+    info = sel.get_selection(ws, selection)
+    path = default_path(ws, info, fmt).resolve()
+    table = _export_table(ws, info)
+    result = ExportInfo(0, info.selection_id, fmt, path, path.with_name(path.name + ".manifest.json"), 0)
+    if fmt == "csv":
+        table = _materialise(table, path.parent / f"{path.stem}_images", result, progress)
+    with tempfile.TemporaryDirectory(prefix="chips-export-") as tmp_dir:
+        tmp = Path(tmp_dir) / path.name
+        _write_format(table, fmt, tmp, result)
+        return ExportBytes(path.name, tmp.read_bytes(), result.n_rows, result.rejected)
+
+
+def _check_format(fmt: str) -> str:
+    fmt = fmt.replace("-", "_")
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _write_format(table: pd.DataFrame, fmt: str, tmp: Path, result: ExportInfo) -> None:
+    """Write `table` as `fmt` to `tmp` (sets result.n_rows; the open_clip CSV may drop rows)."""
+    if fmt == "csv":
+        table = _write_open_clip_csv(table, tmp, result)
+    elif fmt == "safe_csv":
+        _write_safe_csv(table, tmp)
+    elif fmt == "parquet":
+        table.to_parquet(tmp, index=False)
+    else:
+        with open(tmp, "wb") as f:
+            np.save(f, table["pair_id"].to_numpy(np.int64))
+    result.n_rows = len(table)
 
 
 def _export_table(ws: Workspace, info: sel.SelectionInfo) -> pd.DataFrame:

@@ -90,7 +90,7 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         page.get_by_role("button", name="Save selection").click()
         page.get_by_text("Saved browser-pick v1").wait_for()
         wait_idle(page)
-        page.get_by_role("button", name="Export", exact=True).click()
+        page.get_by_role("button", name="Save in the workspace", exact=True).click()
         page.get_by_text(re.compile(r"Wrote .*browser-pick-v1\.csv")).wait_for()
         page.screenshot(path=str(ARTIFACTS / "export.png"), full_page=True)
 

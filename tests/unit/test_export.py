@@ -248,3 +248,44 @@ def test_manifest_names_model_and_cache(tmp_path):
     assert manifest["scoring_cache"]["config"] == {"k_max": 64}
     assert manifest["score_run"]["params"]["alpha"] == 0.7
     assert list(np.load(info.path)) == list(ids[:2])
+
+
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_export_bytes_are_the_file_the_export_writes(ws_all, fmt):
+    """A browser download holds the very bytes `export_selection` writes, and writes no export itself."""
+    ws, ids, sid, _ = ws_all
+    got = ex.export_bytes(ws, sid, fmt)
+    with ws.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM exports").fetchone()[0] == 0
+    default = ex.default_path(ws, sel.get_selection(ws, sid), fmt)
+    assert not default.exists()
+    written = ex.export_selection(ws, sid, fmt)
+    assert written.path == default.resolve() and got.file_name == default.name
+    assert got.data == written.path.read_bytes() and got.n_rows == written.n_rows
+    assert got.rejected == written.rejected
+
+
+def test_export_bytes_of_materialised_images_and_failures(tmp_path, monkeypatch):
+    png = write_images(tmp_path / "imgs", 1)[0]
+    deep = tmp_path / "deep.png"  # 16-bit: materialised beside the default path, where the export puts it
+    Image.fromarray(skimage.data.camera()[:64, :64].astype(np.uint16) * 200).save(deep)
+    ws, ids, run = make_ws(tmp_path, [str(deep), png], ["16-bit", "plain"])
+    sid = sel.save_selection(ws, "pool", run, ratio=1.0, name="deep")
+    got = ex.export_bytes(ws, sid, "csv")
+    df = pd.read_csv(io.BytesIO(got.data))
+    assert df["filepath"].iloc[0].startswith(str(ws.root / "exports" / "deep-v1_images"))
+    assert Image.open(df["filepath"].iloc[0]).size == (64, 64)
+    assert got.data == ex.export_selection(ws, sid, "csv").path.read_bytes()
+
+    def broken(table, tmp):
+        tmp.write_text("partial row,")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ex, "_write_safe_csv", broken)
+    monkeypatch.setattr(ex.tempfile, "tempdir", str(tmp_path / "private-tmp"))
+    (tmp_path / "private-tmp").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        ex.export_bytes(ws, sid, "safe_csv")
+    assert list((tmp_path / "private-tmp").iterdir()) == []  # the temporary folder is gone
+    with pytest.raises(ex.ExportError, match="unknown export format"):
+        ex.export_bytes(ws, sid, "xlsx")

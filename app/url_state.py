@@ -1,0 +1,152 @@
+"""The dashboard's view in the URL: a reload or a shared link shows the same method, sliders, pair, ...
+
+On a session's first run `seed()` copies the query parameters named in `FIELDS` into st.session_state (a
+value that does not parse, or is out of its widget's range, is ignored); after every run `write()` puts the
+current values back into st.query_params. The page itself is the URL's path (st.navigation's url_path).
+Values round-trip exactly: floats as `repr`, booleans as true/false, lists comma-separated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+from app import context
+from chips_core.scoring import params as sp
+
+SEEDED = "url_state_seeded"  # session key: the URL has been read in this session
+
+
+@dataclass(frozen=True)
+class Field:
+    """How one session_state key is read from and written to the URL (parse raises ValueError if invalid)."""
+
+    parse: Callable[[str], Any]
+    format: Callable[[Any], str] = str
+
+
+def _choice(options: Any) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(text)
+        return text
+
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _float_of(options: Any) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if value not in options:
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError(text)
+    return text == "true"
+
+
+def _blocks(text: str) -> list[str]:
+    names = text.split(",")
+    if not names or len(set(names)) != len(names) or not set(names) <= set(sp.BLOCKS):
+        raise ValueError(text)
+    return names
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise ValueError(text)
+    return text
+
+
+_BOOL = Field(_bool, lambda v: "true" if v else "false")
+FIELDS: dict[str, Field] = {
+    "pool_name": Field(_name),  # the sidebar's pool / eval set (main.py drops names the workspace lacks)
+    "eval_name": Field(_name),
+    "method": Field(_choice(context.METHODS)),
+    "preset": Field(_choice(sp.PRESETS)),
+    "guard_on": _BOOL,
+    "guard_mads": Field(_float_in(*context.RANGES["guard_mads"]), repr),
+    "blocks": Field(_blocks, ",".join),
+    "normalize": _BOOL,
+    "damping": Field(_choice(sp.DAMPINGS)),
+    "alpha": Field(_float_in(*context.RANGES["alpha"]), repr),
+    "lam_factor": Field(_float_of(context.LAM_FACTORS), repr),
+    "k": Field(_int_in(1, 2**31)),  # checked against the scoring cache's k_max by context.scoring_context
+    "beta": Field(_float_in(*context.RANGES["beta"]), repr),
+    "ratio": Field(_float_in(*context.RANGES["ratio"]), repr),
+    "use_learnability": _BOOL,
+    "use_relevance": _BOOL,
+    "rank_normalized": _BOOL,
+    "detail_pair": Field(_int_in(-(2**63), 2**63 - 1)),  # the pair the detail view shows (Browse)
+    "map_space": Field(_choice(("image", "text"))),
+    "map_colour": Field(_name),  # checked against the Map page's colour choices there
+}
+
+
+def parse(key: str, text: str) -> Any:
+    """The session value of `key` from its URL text; ValueError when it is not a valid value."""
+    return FIELDS[key].parse(text)
+
+
+def to_text(key: str, value: Any) -> str:
+    """The URL text of a session value (parse(key, to_text(key, v)) == v)."""
+    return FIELDS[key].format(value)
+
+
+def seed() -> None:
+    """Once per session, before any widget is drawn: URL values into st.session_state (invalid ones are
+    ignored)."""
+    state = st.session_state
+    if state.get(SEEDED):
+        return
+    state[SEEDED] = True
+    for key, field in FIELDS.items():
+        text = st.query_params.get(key)
+        if text is None:
+            continue
+        try:
+            state[key] = field.parse(text)
+        except (ValueError, TypeError, OverflowError):
+            continue
+
+
+def write() -> None:
+    """The current values into st.query_params (only when something changed; other parameters are kept)."""
+    state = st.session_state
+    wanted = {key: to_text(key, state[key]) for key in FIELDS if state.get(key) is not None}
+    current = {key: st.query_params.get(key) for key in FIELDS}
+    changed = {key: text for key, text in wanted.items() if current[key] != text}
+    if changed:
+        st.query_params.update(changed)
+    for key in FIELDS:
+        if key not in wanted and current[key] is not None:
+            del st.query_params[key]
