@@ -92,6 +92,11 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         wait_idle(page)
         page.get_by_role("button", name="Save in the workspace", exact=True).click()
         page.get_by_text(re.compile(r"Wrote .*browser-pick-v1\.csv")).wait_for()
+        wait_idle(page)
+        with page.expect_download() as download:  # the browser download: the bytes the export wrote
+            page.get_by_role("button", name="Download browser-pick-v1.csv").click()
+        downloaded = Path(download.value.path()).read_bytes()
+        assert downloaded == (ws.root / "exports" / "browser-pick-v1.csv").read_bytes()
         page.screenshot(path=str(ARTIFACTS / "export.png"), full_page=True)
 
         _go(page, "Workspace")
@@ -101,3 +106,40 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
     out = ws.root / "exports" / "browser-pick-v1.csv"
     df = pd.read_csv(out)
     assert len(df) == 20 and {"filepath", "title"} <= set(df.columns)
+
+
+def test_a_reload_keeps_the_view_in_the_url(tmp_path: Path) -> None:
+    """Slide, reload: the slider keeps its value (app/url_state.py); a link to another page carries it."""
+    ws = build_tiny_workspace(tmp_path / "tiny")
+    with streamlit_server(ws.root, ARTIFACTS / "browser-url-streamlit.log") as url, chromium_page() as page:
+        page.goto(url)
+        page.locator("h1").filter(has_text="Scores").first.wait_for()
+        wait_idle(page)
+        ratio = _slider(page, "Selection ratio r")
+        for _ in range(30):
+            if float(ratio.input_value()) >= 0.40 - 1e-9:
+                break
+            ratio.press("ArrowRight")
+            page.wait_for_timeout(100)
+        page.locator("[data-testid='stMetricValue']").filter(
+            has_text=re.compile(r"^\s*20\s*$")
+        ).first.wait_for()
+        wait_idle(page)
+        page.wait_for_function(
+            "() => Math.abs(parseFloat(new URLSearchParams(location.search).get('ratio')) - 0.4) < 1e-9"
+        )
+        shared = page.url
+        assert "method=chips" in shared
+
+        page.reload()
+        page.locator("h1").filter(has_text="Scores").first.wait_for()
+        wait_idle(page)
+        assert float(_slider(page, "Selection ratio r").input_value()) == pytest.approx(0.40)
+        assert _metric(page, "Selected") == "20"
+
+        query = shared.split("?", 1)[1]
+        page.goto(f"{url}/export?{query}")  # the same view, opened on another page
+        page.locator("h1").filter(has_text="Export and train").first.wait_for()
+        wait_idle(page)
+        page.get_by_text(re.compile(r"chips at ratio 0\.40")).first.wait_for()
+        assert "k None" not in page.locator("[data-testid='stMain']").inner_text()
