@@ -94,7 +94,7 @@ def pair_card(
         badge += f" :orange-badge[planted: {planted}]"
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
     st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
-    b1, b2, b3 = st.columns(3)
+    b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
     inc = b1.button(
         "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
         width="stretch", help="Include: always keep this pair in a saved selection, whatever its score",
@@ -106,7 +106,7 @@ def pair_card(
     if inc or exc:
         decide(ctx, [pid], "include" if inc else "exclude")
         st.rerun()
-    if b3.button(
+    if st.button(
         "Details", icon=":material/help:", key=f"{key}-why-{pid}", width="stretch",
         help="Details: why this pair ranks here, the eval pairs it helps, its decision history and note",
     ):  # fmt: skip
