@@ -139,7 +139,8 @@ DECISION_LABELS = {"include": "Included", "exclude": "Excluded", "none": "No dec
 
 def search_filters(ctx: context.ScoringContext, columns: list[str]) -> dict[str, Any]:
     """The Browse page's caption search box and filters (an expander); returns `search_pairs`' keyword
-    arguments: text, ranges (components with a bound typed), decision and label (None when not set)."""
+    arguments: text, ranges (components with a bound typed), decision, label and, in the demo, the pairs
+    with the planted mistakes chosen (None when not set)."""
     text = st.text_input(
         "Search captions",
         key="browse_text",
@@ -166,12 +167,29 @@ def search_filters(ctx: context.ScoringContext, columns: list[str]) -> dict[str,
             disabled=not labels,
             help="The label column given at ingest (--label-col).",
         )
+        pair_ids = None
+        truth = context.demo_planted(ctx)
+        if truth is not None:  # the demo's ground truth: filter on the planted mistakes
+            planted = st.multiselect(
+                "Planted mistake (demo ground truth)",
+                sorted(set(truth)),
+                key="browse_planted",
+                placeholder="any",
+                help="The demo's pool has deliberate mistakes; 'none' marks the clean pairs.",
+            )
+            pair_ids = truth.index[truth.isin(planted)].tolist() if planted else None
         for comp, col in zip([c for c in COMPONENTS if c in columns], st.columns(4), strict=False):
             lo = col.number_input(f"{comp} ≥", value=None, format="%.4g", key=f"browse_min_{comp}")
             hi = col.number_input(f"{comp} ≤", value=None, format="%.4g", key=f"browse_max_{comp}")
             if lo is not None or hi is not None:
                 ranges[comp] = (lo, hi)
-    return {"text": text or None, "ranges": ranges, "decision": decision or None, "label": label or None}
+    return {
+        "text": text or None,
+        "ranges": ranges,
+        "decision": decision or None,
+        "label": label or None,
+        "pair_ids": pair_ids,
+    }
 
 
 def search_results(

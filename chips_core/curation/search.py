@@ -47,6 +47,7 @@ def search_pairs(
     ranges: Mapping[str, tuple[float | None, float | None]] | None = None,
     decision: str | Iterable[str] | None = None,
     label: str | Iterable[str] | None = None,
+    pair_ids: Iterable[int] | None = None,
     order: str = "rank",
     limit: int | None = 24,
     offset: int = 0,
@@ -58,7 +59,8 @@ def search_pairs(
     `ranking`: a score run id (its stored parquet file) or a ranking (RankResult / frame). `text`: each
     whitespace-separated word occurs in the caption, case-insensitive. `ranges`: component → (low, high),
     inclusive, None for an open end; only components the ranking has. `decision`: 'include' | 'exclude' |
-    'none' (no decision in force), or several. `label`: one label or several. `order`: 'rank' (best first),
+    'none' (no decision in force), or several. `label`: one label or several. `pair_ids`: only these
+    pairs (e.g. those a ground truth marks). `order`: 'rank' (best first),
     '-rank' (worst first), a component with or without '-', or 'random' (a fixed shuffle per `seed`).
     """
     pool_id = resolve_pool(ws, pool)
@@ -92,6 +94,7 @@ def search_pairs(
         ranges=dict(ranges or {}),
         states=_states(decision),
         labels=labels,
+        within=None if pair_ids is None else np.fromiter((int(i) for i in pair_ids), dtype=np.int64),
         order=order,
         seed=seed,
         limit=limit,

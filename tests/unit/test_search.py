@@ -157,3 +157,19 @@ def test_search_refuses_unknown_filters(tmp_path):
         search_pairs(ws, "pool", run + 999)
     page, total = search_pairs(ws, "pool", run, text="it's 100% _odd_", label="o'brien")  # literal text
     assert page.empty and total == 0
+
+
+def test_search_within_given_pairs(tmp_path):
+    """`pair_ids` (e.g. those a ground truth marks) restricts the search, combined with the other filters."""
+    ws, run, ranking, pairs = _workspace(tmp_path)
+    some = ranking["pair_id"].to_numpy()[::3]
+    decisions = sel.current_decisions(ws, "pool")
+    for source in (run, ranking):
+        for case in ({}, {"text": "ct", "order": "-rank"}, {"decision": "none", "label": ["ct", "mri"]}):
+            expect = _expected(ranking, pairs, decisions, **case)
+            expect = expect[expect["pair_id"].isin(some)]
+            page, total = search_pairs(ws, "pool", source, pair_ids=some.tolist(), limit=None, **case)
+            assert total == len(expect) > 0
+            assert page["pair_id"].tolist() == expect["pair_id"].tolist()
+    page, total = search_pairs(ws, "pool", run, pair_ids=[], limit=None)
+    assert page.empty and total == 0

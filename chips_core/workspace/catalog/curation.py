@@ -123,6 +123,7 @@ def search_ranked_pairs(
     ranges: Mapping[str, tuple[float | None, float | None]] | None = None,
     states: Sequence[str] = (),
     labels: Sequence[str] = (),
+    within: np.ndarray | None = None,
     order: str = "rank",
     seed: int = 0,
     limit: int | None = None,
@@ -134,7 +135,8 @@ def search_ranked_pairs(
     `ranking`: a score run's parquet file (read by `read_parquet`) or a ranking frame (pair_id, rank and
     component columns). Filters, all combined with AND: `terms` each occur in the caption (case-insensitive,
     literal); `ranges` maps a ranking column to (low, high), either end None for open (both inclusive);
-    `states` ⊆ {'include', 'exclude', 'none'}; `labels`: the pair's label is one of them. `order`: a ranking
+    `states` ⊆ {'include', 'exclude', 'none'}; `labels`: the pair's label is one of them; `within`: the
+    pair_id is one of these (int64). `order`: a ranking
     column, '-' in front for descending, or 'random' (a fixed shuffle per `seed`); ties by rank. Columns: the
     ranking's, then filepath, caption, label, state (NULL without a decision).
     """
@@ -148,6 +150,8 @@ def search_ranked_pairs(
         else:
             source = f"read_parquet({_sql_path(Path(ranking))})"
             columns = [str(r[0]) for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+        if within is not None:
+            con.register("_within", pd.DataFrame({"pair_id": np.asarray(within, dtype=np.int64)}))
         try:
             where, args = ["TRUE"], [int(pool_id), int(pool_id)]
             for term in terms:
@@ -170,6 +174,8 @@ def search_ranked_pairs(
                 where.append("(" + " OR ".join(either or ["FALSE"]) + ")")
             if labels:
                 where.append(f"p.label IN {_str_list(list(labels))}")
+            if within is not None:
+                where.append("r.pair_id IN (SELECT pair_id FROM _within)")
             key = order.removeprefix("-")
             if order == "random":
                 by = f"hash(r.pair_id, {int(seed)}), r.rank"
@@ -193,6 +199,8 @@ def search_ranked_pairs(
         finally:
             if frame is not None:
                 con.unregister("_ranking")
+            if within is not None:
+                con.unregister("_within")
     return out.drop(columns="_total"), total
 
 
