@@ -24,6 +24,9 @@ if st.session_state.get("detail_pair") is not None:
     st.divider()
 
 filters = widgets.search_filters(ctx, list(table.columns))
+if st.session_state.get("browse_filters_seen") != repr(filters):  # new search: back to the first page
+    st.session_state["browse_filters_seen"] = repr(filters)
+    st.session_state["browse_top_start"] = st.session_state["browse_bottom_start"] = 1
 per_page = st.columns([1, 3])[0].select_slider(
     "Pairs per page", options=[8, 12, 16, 24, 32], value=12, key="browse_per_page"
 )
@@ -32,7 +35,7 @@ per_page = st.columns([1, 3])[0].select_slider(
 def ranked_tab(order: str, key: str, label: str) -> None:
     """A paged gallery of the matching pairs in `order` ('rank': best first, '-rank': worst first)."""
     start = st.columns([1, 3])[0].number_input(
-        label, min_value=1, value=1, step=per_page, key=f"browse_{key}_start",
+        label, min_value=1, step=per_page, key=f"browse_{key}_start",
         help="Position among the matching pairs (all pairs when no search or filter is set).",
     )  # fmt: skip
     rows, total = widgets.search_results(ctx, result, filters, order, per_page, int(start) - 1)

@@ -38,11 +38,13 @@ def test_caption_search_and_decision_filter(tiny_workspace):
     at = _app("browse")
     pairs = _pairs(tiny_workspace)
     ranking = _ranking(at, tiny_workspace)
+    at.number_input(key="browse_top_start").set_value(13).run()
     at.text_input(key="browse_text").input("AXIAL chest").run()  # the planted mis-captions, any case
     _ok(at)
     hits = pairs[pairs["caption"].str.lower().str.contains("axial") & pairs["caption"].str.contains("chest")]
     assert 0 < len(hits) < 12
     expect = ranking[ranking["pair_id"].isin(hits.index)]["pair_id"].tolist()
+    assert at.number_input(key="browse_top_start").value == 1  # a new search starts at its first page
     assert _shown(at, "Top ranked", "top") == expect  # only the matches, best first
     assert _shown(at, "Bottom ranked", "bottom") == expect[::-1]
     assert sorted(_shown(at, "Random", "random")) == sorted(expect)

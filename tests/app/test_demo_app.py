@@ -65,7 +65,9 @@ def test_no_arguments_builds_the_demo_in_a_job_then_opens_it(tmp_path, monkeypat
     at.multiselect(key="browse_planted").set_value(["mismatch"]).run()
     assert not at.exception, [e.value for e in at.exception]
     top = next(t for t in at.tabs if t.label == "Top ranked")
-    shown = [int(b.key.removeprefix("top-exc-")) for b in top.button if b.key and b.key.startswith("top-exc-")]
+    shown = [
+        int(b.key.removeprefix("top-exc-")) for b in top.button if b.key and b.key.startswith("top-exc-")
+    ]
     n_mismatch = int((truth == "mismatch").sum())
     assert 0 < len(shown) == min(n_mismatch, 12)
     assert (truth.loc[shown] == "mismatch").all()
