@@ -9,8 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from app import context
-from chips_core.curation import gallery, selection
-from chips_core.workspace import store
+from chips_core.curation import gallery, search, selection
+from chips_core.workspace import catalog, store
 
 COMPONENTS = ("alignment", "learnability", "relevance", "score")
 
@@ -94,28 +94,36 @@ def pair_card(
         badge += f" :orange-badge[planted: {planted}]"
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
     st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
-    b1, b2, b3 = st.columns(3)
+    b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
     inc = b1.button(
-        ":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include", width="stretch",
-        help="Include: always keep this pair in a saved selection",
+        "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
+        width="stretch", help="Include: always keep this pair in a saved selection, whatever its score",
     )  # fmt: skip
     exc = b2.button(
-        ":material/block:", key=f"{key}-exc-{pid}", disabled=state == "exclude", width="stretch",
-        help="Exclude: never keep this pair",
+        "Exclude", icon=":material/block:", key=f"{key}-exc-{pid}", disabled=state == "exclude",
+        width="stretch", help="Exclude: never keep this pair in a saved selection",
     )  # fmt: skip
     if inc or exc:
         decide(ctx, [pid], "include" if inc else "exclude")
         st.rerun()
-    if b3.button(":material/help:", key=f"{key}-why-{pid}", width="stretch", help="Why does it rank here?"):
+    if st.button(
+        "Details", icon=":material/help:", key=f"{key}-why-{pid}", width="stretch",
+        help="Details: why this pair ranks here, the eval pairs it helps, its decision history and note",
+    ):  # fmt: skip
         st.session_state["detail_pair"] = pid
         st.rerun()
 
 
 def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4) -> None:
-    """A grid of pair cards (rows: ranking rows with pair_id, rank and components)."""
-    pairs = context.pool_pairs(ctx)
-    dec = decisions(ctx)
-    state = dec["state"].to_dict() if len(dec) else {}
+    """A grid of pair cards (rows: ranking rows with pair_id, rank and components; search results also
+    carry filepath, caption and state, so the pool's table and decisions are not read for them)."""
+    if {"filepath", "caption", "state"} <= set(rows.columns):
+        pairs = rows.set_index("pair_id", drop=False)[["filepath", "caption"]]
+        state = {int(p): s for p, s in zip(rows["pair_id"], rows["state"], strict=True) if isinstance(s, str)}
+    else:
+        pairs = context.pool_pairs(ctx)
+        dec = decisions(ctx)
+        state = dec["state"].to_dict() if len(dec) else {}
     planted = context.demo_planted(ctx)
     truth = planted.to_dict() if planted is not None else {}
     for start in range(0, len(rows), n_cols):
@@ -124,3 +132,77 @@ def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_co
             with col, st.container(border=True):
                 pid = int(row["pair_id"])
                 pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""))
+
+
+DECISION_LABELS = {"include": "Included", "exclude": "Excluded", "none": "No decision"}
+
+
+def search_filters(ctx: context.ScoringContext, columns: list[str]) -> dict[str, Any]:
+    """The Browse page's caption search box and filters (an expander); returns `search_pairs`' keyword
+    arguments: text, ranges (components with a bound typed), decision, label and, in the demo, the pairs
+    with the planted mistakes chosen (None when not set)."""
+    text = st.text_input(
+        "Search captions",
+        key="browse_text",
+        placeholder="words that must all occur in the caption, e.g. chest ct",
+        help="Case-insensitive; every word must occur in the caption, in any order.",
+    )
+    ranges: dict[str, tuple[float | None, float | None]] = {}
+    with st.expander("Filters: decision, label, component ranges"):
+        left, right = st.columns(2)
+        decision = left.multiselect(
+            "Decision",
+            list(DECISION_LABELS),
+            format_func=DECISION_LABELS.get,
+            key="browse_decision",
+            placeholder="any decision",
+            help="Pairs whose decision in force is one of these ('No decision': the score decides).",
+        )
+        labels = catalog.pool_labels(store.Workspace(ctx.ws_root), ctx.pool_id)
+        label = right.multiselect(
+            "Label",
+            labels,
+            key="browse_label",
+            placeholder="any label" if labels else "this pool has no labels",
+            disabled=not labels,
+            help="The label column given at ingest (--label-col).",
+        )
+        pair_ids = None
+        truth = context.demo_planted(ctx)
+        if truth is not None:  # the demo's ground truth: filter on the planted mistakes
+            planted = st.multiselect(
+                "Planted mistake (demo ground truth)",
+                sorted(set(truth)),
+                key="browse_planted",
+                placeholder="any",
+                help="The demo's pool has deliberate mistakes; 'none' marks the clean pairs.",
+            )
+            pair_ids = truth.index[truth.isin(planted)].tolist() if planted else None
+        for comp, col in zip([c for c in COMPONENTS if c in columns], st.columns(4), strict=False):
+            lo = col.number_input(f"{comp} ≥", value=None, format="%.4g", key=f"browse_min_{comp}")
+            hi = col.number_input(f"{comp} ≤", value=None, format="%.4g", key=f"browse_max_{comp}")
+            if lo is not None or hi is not None:
+                ranges[comp] = (lo, hi)
+    return {
+        "text": text or None,
+        "ranges": ranges,
+        "decision": decision or None,
+        "label": label or None,
+        "pair_ids": pair_ids,
+    }
+
+
+def search_results(
+    ctx: context.ScoringContext, ranking: Any, filters: dict[str, Any], order: str, limit: int, offset: int,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, int]:  # fmt: skip
+    """One page of the ranking's pairs that match `filters` (`search.search_pairs`, in the workspace's
+    DuckDB), and their number; a refused filter is shown and matches nothing."""
+    try:
+        return search.search_pairs(
+            store.Workspace(ctx.ws_root), ctx.pool_id, ranking, order=order, limit=limit, offset=offset,
+            seed=seed, **filters,
+        )  # fmt: skip
+    except selection.SelectionError as exc:
+        st.warning(str(exc))
+        return pd.DataFrame(), 0

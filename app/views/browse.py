@@ -1,15 +1,16 @@
-"""Browse: top-, bottom- and random-ranked galleries; a detail view says why a pair ranks where it does."""
+"""Browse: top-, bottom- and random-ranked galleries of the pairs that match a caption search and filters;
+a detail view says why a pair ranks where it does."""
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 from app import context, details, widgets
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
-table = widgets.ranking_frame(context.current_rank(ctx))
+result = context.current_rank(ctx)
+table = widgets.ranking_frame(result)
 
 st.title("Browse")
 st.caption(
@@ -22,20 +23,39 @@ if st.session_state.get("detail_pair") is not None:
     details.pair_detail(ctx, table, int(st.session_state["detail_pair"]))
     st.divider()
 
+filters = widgets.search_filters(ctx, list(table.columns))
+if st.session_state.get("browse_filters_seen") != repr(filters):  # new search: back to the first page
+    st.session_state["browse_filters_seen"] = repr(filters)
+    st.session_state["browse_top_start"] = st.session_state["browse_bottom_start"] = 1
 per_page = st.columns([1, 3])[0].select_slider(
     "Pairs per page", options=[8, 12, 16, 24, 32], value=12, key="browse_per_page"
 )
+
+
+def ranked_tab(order: str, key: str, label: str) -> None:
+    """A paged gallery of the matching pairs in `order` ('rank': best first, '-rank': worst first)."""
+    start = st.columns([1, 3])[0].number_input(
+        label, min_value=1, step=per_page, key=f"browse_{key}_start",
+        help="Position among the matching pairs (all pairs when no search or filter is set).",
+    )  # fmt: skip
+    rows, total = widgets.search_results(ctx, result, filters, order, per_page, int(start) - 1)
+    if rows.empty:
+        st.info(f"No pairs here: {total:,} match the search and filters." if total else "No pair matches.")
+        return
+    st.caption(f"Showing {int(start):,}–{int(start) + len(rows) - 1:,} of {total:,} matching pairs.")
+    widgets.gallery_grid(ctx, rows, key=key)
+
+
 top, bottom, rand = st.tabs(["Top ranked", "Bottom ranked", "Random"])
 with top:
-    start = st.columns([1, 3])[0].number_input(
-        "Start at rank", 1, max(len(table), 1), 1, step=per_page, key="browse_top_start"
-    )
-    widgets.gallery_grid(ctx, table.iloc[start - 1 : start - 1 + per_page], key="top")
+    ranked_tab("rank", "top", "Start at position (best first)")
 with bottom:
-    widgets.gallery_grid(ctx, table.iloc[::-1].head(per_page), key="bottom")
+    ranked_tab("-rank", "bottom", "Start at position (worst first)")
 with rand:
     if st.button("Shuffle", key="browse_shuffle"):
         st.session_state["browse_seed"] = st.session_state.get("browse_seed", 0) + 1
-    rng = np.random.default_rng(st.session_state.get("browse_seed", 0))
-    idx = np.sort(rng.choice(len(table), size=min(per_page, len(table)), replace=False))
-    widgets.gallery_grid(ctx, table.iloc[idx], key="random")
+    rows, total = widgets.search_results(
+        ctx, result, filters, "random", per_page, 0, seed=st.session_state.get("browse_seed", 0)
+    )
+    st.caption(f"{len(rows):,} random pairs of {total:,} matching.")
+    widgets.gallery_grid(ctx, rows, key="random")

@@ -59,3 +59,16 @@ def test_no_arguments_builds_the_demo_in_a_job_then_opens_it(tmp_path, monkeypat
     assert cards, "the galleries show ranked pairs"
     # the demo's ground truth is shown on the cards, so a planted mistake can be seen where it ranks
     assert any("planted:" in c for c in cards)
+
+    # the Browse filters know the ground truth: only the pairs with the planted mistake chosen are shown
+    truth = demo.ground_truth("pool").set_index("pair_id")["planted"]
+    at.multiselect(key="browse_planted").set_value(["mismatch"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    top = next(t for t in at.tabs if t.label == "Top ranked")
+    shown = [
+        int(b.key.removeprefix("top-exc-")) for b in top.button if b.key and b.key.startswith("top-exc-")
+    ]
+    n_mismatch = int((truth == "mismatch").sum())
+    assert 0 < len(shown) == min(n_mismatch, 12)
+    assert (truth.loc[shown] == "mismatch").all()
+    assert any(f"of {n_mismatch} matching" in c.value for c in top.caption)

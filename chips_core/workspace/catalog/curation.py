@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +23,8 @@ __all__ = [
     "missing_pairs",
     "next_ids",
     "next_selection_version",
+    "pool_labels",
+    "search_ranked_pairs",
     "selection_members",
     "selection_n_selected",
     "selection_rows",
@@ -60,18 +64,23 @@ def insert_decisions(con: Con, rows: pd.DataFrame) -> None:
         con.unregister("_rows")
 
 
+# the state in force per pair of pool `?`: its latest include / exclude / clear row
+_STATE_CTE = """
+            d AS (SELECT * FROM decisions WHERE pool_id = ?),
+            state AS (
+                SELECT pair_id, arg_max(action, decision_id) AS action,
+                       arg_max(score_run_id, decision_id) AS score_run_id
+                FROM d WHERE action IN ('include', 'exclude', 'clear') GROUP BY pair_id)"""
+
+
 def current_decisions(db: Db, pool_id: int) -> pd.DataFrame:
     """The decisions in force of a pool: pair_id, state ('include' | 'exclude' | NULL), note (latest
     non-empty), author and decided_at of the latest row, score_run_id of the latest state row; one row per
     pair with a state or a note."""
     with reading(db) as con:
         return con.execute(
-            """
-            WITH d AS (SELECT * FROM decisions WHERE pool_id = ?),
-            state AS (
-                SELECT pair_id, arg_max(action, decision_id) AS action,
-                       arg_max(score_run_id, decision_id) AS score_run_id
-                FROM d WHERE action IN ('include', 'exclude', 'clear') GROUP BY pair_id),
+            f"""
+            WITH {_STATE_CTE},
             notes AS (
                 SELECT pair_id, arg_max(note, decision_id) AS note
                 FROM d WHERE note IS NOT NULL AND trim(note) <> '' GROUP BY pair_id),
@@ -88,6 +97,127 @@ def current_decisions(db: Db, pool_id: int) -> pd.DataFrame:
             """,
             [int(pool_id)],
         ).df()
+
+
+def pool_labels(db: Db, pool_id: int) -> list[str]:
+    """The distinct non-empty labels of a pool's pairs, sorted."""
+    with reading(db) as con:
+        rows = con.execute(
+            "SELECT DISTINCT label FROM pairs WHERE pool_id = ? AND label IS NOT NULL AND label <> '' "
+            "ORDER BY 1",
+            [int(pool_id)],
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def search_ranked_pairs(
+    db: Db,
+    pool_id: int,
+    ranking: str | Path | pd.DataFrame,
+    *,
+    terms: Sequence[str] = (),
+    ranges: Mapping[str, tuple[float | None, float | None]] | None = None,
+    states: Sequence[str] = (),
+    labels: Sequence[str] = (),
+    within: np.ndarray | None = None,
+    order: str = "rank",
+    seed: int = 0,
+    limit: int | None = None,
+    offset: int = 0,
+) -> tuple[pd.DataFrame, int]:
+    """One page of a ranking joined with the pool's pairs and the decisions in force, and the number of
+    matching pairs.
+
+    `ranking`: a score run's parquet file (read by `read_parquet`) or a ranking frame (pair_id, rank and
+    component columns). Filters, all combined with AND: `terms` each occur in the caption (case-insensitive,
+    literal); `ranges` maps a ranking column to (low, high), either end None for open (both inclusive);
+    `states` ⊆ {'include', 'exclude', 'none'}; `labels`: the pair's label is one of them; `within`: the
+    pair_id is one of these (int64). `order`: a ranking
+    column, '-' in front for descending, or 'random' (a fixed shuffle per `seed`); ties by rank. Columns: the
+    ranking's, then filepath, caption, label, state (NULL without a decision).
+    """
+    import pandas as pd
+
+    frame = ranking if isinstance(ranking, pd.DataFrame) else None
+    with reading(db) as con:
+        if frame is not None:
+            con.register("_ranking", frame)
+            source, columns = "_ranking", [str(c) for c in frame.columns]
+        else:
+            source = f"read_parquet({_sql_path(Path(ranking))})"
+            columns = [str(r[0]) for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+        if within is not None:
+            con.register("_within", pd.DataFrame({"pair_id": np.asarray(within, dtype=np.int64)}))
+        try:
+            where, args = ["TRUE"], [int(pool_id), int(pool_id)]
+            for term in terms:
+                where.append("contains(lower(p.caption), lower(?))")
+                args.append(str(term))
+            for col, (lo, hi) in (ranges or {}).items():
+                if col not in columns:
+                    raise KeyError(f"the ranking has no column {col!r}")
+                if lo is not None:
+                    where.append(f"r.{_quote(col)} >= ?")
+                    args.append(float(lo))
+                if hi is not None:
+                    where.append(f"r.{_quote(col)} <= ?")
+                    args.append(float(hi))
+            if states:
+                known = [s for s in states if s in ("include", "exclude")]
+                either = [f"s.action IN {_str_list(known)}"] if known else []
+                if "none" in states:
+                    either.append("s.action IS NULL OR s.action = 'clear'")
+                where.append("(" + " OR ".join(either or ["FALSE"]) + ")")
+            if labels:
+                where.append(f"p.label IN {_str_list(list(labels))}")
+            if within is not None:
+                where.append("r.pair_id IN (SELECT pair_id FROM _within)")
+            key = order.removeprefix("-")
+            if order == "random":
+                by = f"hash(r.pair_id, {int(seed)}), r.rank"
+            elif key in columns:
+                by = f"r.{_quote(key)} {'DESC' if order.startswith('-') else 'ASC'} NULLS LAST, r.rank"
+            else:
+                raise KeyError(f"cannot order by {order!r}")
+            page = "" if limit is None else f" LIMIT {int(limit)} OFFSET {int(offset)}"
+            sql = f"""
+                WITH {_STATE_CTE},
+                hits AS (
+                    SELECT r.*, p.filepath, p.caption, p.label,
+                           CASE WHEN s.action IN ('include', 'exclude') THEN s.action END AS state
+                    FROM {source} r JOIN pairs p ON p.pool_id = ? AND p.pair_id = r.pair_id
+                    LEFT JOIN state s ON s.pair_id = r.pair_id
+                    WHERE {" AND ".join(where)})
+                SELECT *, count(*) OVER () AS _total FROM hits r ORDER BY {by}, r.pair_id{page}
+            """
+            out = con.execute(sql, args).df()
+            total = int(out["_total"].iloc[0]) if len(out) else _count(con, sql, args, page)
+        finally:
+            if frame is not None:
+                con.unregister("_ranking")
+            if within is not None:
+                con.unregister("_within")
+    return out.drop(columns="_total"), total
+
+
+def _count(con: Con, sql: str, args: list, page: str) -> int:
+    """The number of matches when the page is empty (an offset past the end)."""
+    if not page:
+        return 0
+    return int(first(con.execute(f"SELECT count(*) FROM ({sql.replace(page, '')})", args))[0])
+
+
+def _str_list(values: list[str]) -> str:
+    """An SQL list of string literals."""
+    return "(" + ",".join("'" + str(v).replace("'", "''") + "'" for v in values) + ")" if values else "(NULL)"
+
+
+def _sql_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
 
 
 def decision_history(db: Db, pool_id: int, pair_id: int | None = None) -> pd.DataFrame:
