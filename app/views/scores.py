@@ -172,8 +172,15 @@ with right:
     widgets.rank_metrics(info, n_total=len(table))
     if (stability_message := stability_warning(info.get("stability"))) is not None:
         st.warning(stability_message[0].upper() + stability_message[1:] + ".")
-    comps = ["alignment", "learnability", "relevance", "score"]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=comps, horizontal_spacing=0.08, vertical_spacing=0.16)
+    comps = {  # column → what it means, in plain words (the histogram's title)
+        "alignment": "expected help for the target set",
+        "learnability": "how much the model can still learn",
+        "relevance": "closeness to the target domain",
+        "score": "overall score (what the ranking sorts by)",
+    }
+    fig = make_subplots(
+        rows=2, cols=2, subplot_titles=list(comps.values()), horizontal_spacing=0.1, vertical_spacing=0.2
+    )
     sel = table["selected"].to_numpy(bool)
     for i, comp in enumerate(comps):
         values = table[comp].to_numpy(np.float64)
@@ -189,10 +196,12 @@ with right:
                 row=i // 2 + 1,
                 col=i % 2 + 1,
             )
+        fig.update_xaxes(title_text=comp, row=i // 2 + 1, col=i % 2 + 1)
+        fig.update_yaxes(title_text="pairs", row=i // 2 + 1, col=i % 2 + 1)
     fig.update_layout(
         barmode="stack",
         bargap=0,
-        height=460,
+        height=520,
         margin=dict(l=10, r=10, t=30, b=10),
         legend=dict(orientation="h", y=-0.08),
     )

@@ -258,3 +258,31 @@ def test_browse_marks_pairs_the_guard_held_out(tiny_workspace):
     assert n_guarded > 0
     bottom_tab = next(t for t in at.tabs if t.label == "Bottom ranked")
     assert sum("held out" in m.value for m in bottom_tab.markdown) == n_guarded
+
+
+def test_score_histograms_say_what_they_show(tiny_workspace):
+    """Each histogram on Scores has a plain-language title and named axes (component, number of pairs), and
+    its bars count every pair of the ranking once."""
+    import json
+
+    at = _app()
+    _ok(at)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    layout = spec["layout"]
+    titles = [a["text"] for a in layout["annotations"]]
+    assert titles[0] == "expected help for the target set" and "overall score" in titles[3]
+    x_titles = [layout[k]["title"]["text"] for k in ("xaxis", "xaxis2", "xaxis3", "xaxis4")]
+    assert x_titles == ["alignment", "learnability", "relevance", "score"]
+    assert all(layout[k]["title"]["text"] == "pairs" for k in ("yaxis", "yaxis2", "yaxis3", "yaxis4"))
+    n_pairs = len(_ranking(at))
+    first = [t for t in spec["data"] if t.get("xaxis", "x") == "x"]
+    assert sum(int(_plotly_array(t["y"]).sum()) for t in first) == n_pairs
+
+
+def _plotly_array(v) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array {"dtype", "bdata" (base64)}."""
+    import base64
+
+    if isinstance(v, dict):
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+    return np.asarray(v)
