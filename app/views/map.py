@@ -6,6 +6,8 @@ runs `chips map` as a background job, shows its progress, and draws the map once
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -72,6 +74,13 @@ else:
         palette = {"mismatch": RED, "off_domain": ("#f9a825", "orange"), "none": GREY}
     marker.update(color=[palette[str(v)][0] for v in labels])
     st.caption(" · ".join(f":{c}[●] {name}" for name, (_, c) in palette.items()))
+captions = context.pool_pairs(ctx)["caption"].reindex(fmap.pair_ids).fillna("").astype(str)
+short = captions.where(captions.str.len() <= 80, captions.str.slice(0, 79) + "…")
+hover = (  # what a hover shows: the rank and the caption (escaped: captions are data, not markup)
+    rows["rank"].astype("Int64").astype(str).radd("rank ").to_numpy()
+    + "<br>"
+    + short.map(html.escape).to_numpy()
+)
 fig = go.Figure(
     go.Scattergl(
         x=xy[:, 0],
@@ -79,7 +88,7 @@ fig = go.Figure(
         mode="markers",
         marker=marker,
         customdata=fmap.pair_ids.astype(str),
-        text=rows["rank"].astype("Int64").astype(str).radd("rank ").to_numpy(),
+        text=hover,
         hovertemplate="%{text}<extra></extra>",
     )
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,14 @@ def test_map_draws_webgl_points_for_every_pair(tiny_workspace):
     spec = json.loads(chart.proto.spec)
     trace = spec["data"][0]
     assert trace["type"] == "scattergl" and len(trace["customdata"]) == 48
+    # a hover names the pair: its rank and its caption (read back from the workspace's pairs table)
+    with store.Workspace(tiny_workspace).connect(read_only=True) as con:
+        captions = dict(con.execute("SELECT pair_id, caption FROM pairs").fetchall())
+    for pid, text in list(zip(trace["customdata"], trace["text"], strict=True))[:5]:
+        rank_part, caption_part = text.split("<br>")
+        caption = captions[int(pid)]
+        want = caption if len(caption) <= 80 else caption[:79] + "…"
+        assert rank_part.startswith("rank ") and caption_part == html.escape(want)
     at.selectbox(key="map_colour").set_value("decision").run()
     _ok(at)
     at.radio(key="map_space").set_value("text").run()
