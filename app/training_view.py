@@ -126,7 +126,12 @@ def _render(ws: store.Workspace, ctx: context.ScoringContext, runs: pd.DataFrame
     runs.insert(
         4, "progress", [_progress_text(progress[r]) if r in progress else "" for r in runs["cpt_run_id"]]
     )
-    st.dataframe(runs, hide_index=True, key="cpt_table")
+    st.dataframe(
+        runs,
+        hide_index=True,
+        key="cpt_table",
+        column_config={"progress": st.column_config.TextColumn("progress", width="large")},
+    )
     newest = int(runs["cpt_run_id"].max())
     if st.session_state.get("cpt_newest") != newest:  # a new run (or the first look): select it
         st.session_state["cpt_newest"] = newest

@@ -237,8 +237,8 @@ def evaluate_run(
     metrics = evaluate(ws, model, eval_source, pretrained=pretrained, cpt_run_id=cpt_run_id, **kw)
     if with_base:
         stored = catalog.eval_results_of_run(ws, cpt_run_id)
-        eval_set = stored["eval_set"].iloc[-1]  # of the results just stored
-        if not (stored["checkpoint"].str.startswith(BASE) & (stored["eval_set"] == eval_set)).any():
+        sets = stored["eval_set"].fillna("")  # "": an eval CSV
+        if not (stored["checkpoint"].str.startswith(BASE) & (sets == sets.iloc[-1])).any():
             evaluate_base(ws, cpt_run_id, eval_source, **kw)
     return metrics
 
@@ -274,6 +274,6 @@ def compare_run(ws: Workspace, cpt_run_id: int) -> pd.DataFrame:
     wide = df.pivot_table(
         index=["eval_set", "metric"], columns="side", values="value", aggfunc="last", sort=False
     )
-    wide = wide.reindex(columns=["base", "trained"]).reset_index()
+    wide = wide.reindex(columns=["base", "trained"]).rename_axis(columns=None).reset_index()
     wide["change"] = wide["trained"] - wide["base"]
     return wide[cols]

@@ -250,6 +250,21 @@ def test_cli_train_and_evaluate(ws_csv, capsys):
         main(["evaluate", str(ws.root), str(train_csv), "--run", str(run_id), "--template", "{label}"]) == 0
     )
     assert '"n_pairs": 32.0' in capsys.readouterr().out
+    # before vs after: the run's starting weights through the same evaluation, once
+    evaluate_flags = [str(train_csv), "--run", str(run_id), "--template", "{label}", "--with-base"]
+    for _ in range(2):
+        assert main(["evaluate", str(ws.root), *evaluate_flags]) == 0
+    from chips_core.training.evaluate import BASE, compare_run
+
+    cmp = compare_run(ws, run_id)
+    assert len(cmp) and cmp[["base", "trained"]].notna().all().all()
+    assert (cmp["change"] == cmp["trained"] - cmp["base"]).all()
+    with ws.connect(read_only=True) as con:
+        n_base = con.execute(
+            "SELECT count(*) FROM eval_results WHERE cpt_run_id = ? AND starts_with(checkpoint, ?)",
+            [run_id, BASE],
+        ).fetchone()[0]
+    assert n_base == len(cmp) + 2  # the metrics, n_pairs and n_classes, stored once
     assert main(["cpt-cancel", str(ws.root), str(run_id)]) == 1  # not running
 
 
