@@ -159,7 +159,8 @@ def _render(ws: store.Workspace, ctx: context.ScoringContext, runs: pd.DataFrame
 def _evaluation(ws: store.Workspace, ctx: context.ScoringContext, run_id: int) -> None:
     """Base model vs trained per metric with the change, as a table and a grouped bar chart."""
     cmp = evaluate.compare_run(ws, run_id)
-    complete = not cmp.empty and cmp[["base", "trained"]].notna().all().all()
+    mine = cmp[cmp["eval_set"] == ctx.eval_name]  # the eval set chosen in the sidebar
+    complete = not mine.empty and mine[["base", "trained"]].notna().all().all()
     if not cmp.empty:
         st.markdown(f"**Evaluation of run {run_id}: base model (before) vs trained (after)**")
         st.dataframe(
@@ -177,8 +178,7 @@ def _evaluation(ws: store.Workspace, ctx: context.ScoringContext, run_id: int) -
         st.plotly_chart(fig, key=f"eval-chart-{run_id}")
     if complete or _followed_job_active(ws):
         return
-    label = "Evaluate" if cmp.empty else "Evaluate again with"
-    if st.button(f"{label} the base model and run {run_id} on {ctx.eval_name}", key="cpt_eval"):
+    if st.button(f"Evaluate the base model and run {run_id} on {ctx.eval_name}", key="cpt_eval"):
         argv = ["evaluate", str(ws.root), ctx.eval_name, "--run", str(run_id), "--with-base"]
         job_id = jobs_view.launch(ws, "evaluate", argv, required={})
         if job_id is not None:
