@@ -4,16 +4,15 @@ and their evaluation results."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from app import context, jobs_view
-from chips_core.training import cpt
+from chips_core.training import cpt, evaluate
 from chips_core.training.cpt import Recipe
-from chips_core.workspace import catalog, store
+from chips_core.workspace import catalog, jobs, store
 
 
 def _model_flags(ws: store.Workspace, run_id: int) -> list[str]:
@@ -51,47 +50,137 @@ def train_form(
         if st.form_submit_button("Train", type="primary"):
             argv = ["train", str(ws.root), "--selection", str(sel), *model_flags, "--epochs", str(epochs)]
             argv += ["--lr", repr(float(lr)), "--batch-size", str(batch), "--device", device]
-            jobs_view.launch(
+            job_id = jobs_view.launch(
                 ws,
                 "train",
                 argv,
                 required={"Selection": "" if sel is None else str(sel), "Model": " ".join(model_flags)},
             )
+            if job_id is not None:  # the runs panel follows the job and selects the run it makes
+                st.session_state["cpt_follow_job"] = job_id
+
+
+ACTIVE = ("preparing", cpt.ACTIVE)
+REFRESH_S = 2
+
+
+def _followed_job_active(ws: store.Workspace) -> bool:
+    """Whether the train or evaluate job this session launched is still queued or running."""
+    job_id = st.session_state.get("cpt_follow_job")
+    if job_id is None:
+        return False
+    try:
+        return jobs.job_status(ws, int(job_id)).active
+    except jobs.JobError:
+        return False
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _progress_text(p: cpt.RunProgress) -> str:
+    """step/total · epoch · loss · ETA of a run, as shown in the table and above its bar."""
+    if p.loss is None:
+        return "starting…" if p.status in ACTIVE else "no step logged"
+    text = f"step {p.done}/{p.total or '?'} · epoch {p.epoch:.2f}/{p.epochs} · loss {p.loss:.4f}"
+    return text + (f" · ETA {_eta(p.eta_s)}" if p.status in ACTIVE else "")
 
 
 def cpt_runs(ws: store.Workspace, ctx: context.ScoringContext) -> None:
-    """CPT runs with their loss curve and evaluation results (refreshing while one trains)."""
-    runs = catalog.cpt_runs_overview(ws)
+    """CPT runs with live progress (step/total, loss, ETA), the loss curve and the evaluation before vs
+    after; the panel refreshes itself every REFRESH_S while a run or this session's job is active."""
+    live = _followed_job_active(ws) or any(catalog.cpt_runs_overview(ws)["status"].isin(ACTIVE))
+    st.session_state["cpt_live"] = live
+
+    @st.fragment(run_every=REFRESH_S if live else None)
+    def _panel() -> None:
+        runs = catalog.cpt_runs_overview(ws)
+        now_live = _followed_job_active(ws) or any(runs["status"].isin(ACTIVE))
+        if now_live != st.session_state.get("cpt_live"):  # start or stop the timer: rerun the page
+            st.session_state["cpt_live"] = now_live
+            st.rerun()
+        _render(ws, ctx, runs)
+
+    _panel()
+
+
+def _render(ws: store.Workspace, ctx: context.ScoringContext, runs: pd.DataFrame) -> None:
     if runs.empty:
-        st.caption("No training run yet.")
+        st.caption(
+            "Waiting for the training job to start…"
+            if st.session_state.get("cpt_live")
+            else "No training run yet."
+        )
         return
-    st.dataframe(runs, hide_index=True, key="cpt_table")
+    progress = {}
+    for i in runs.index:
+        run_id = int(runs.at[i, "cpt_run_id"])
+        if runs.at[i, "status"] == cpt.ACTIVE:  # a run whose process is gone is recorded failed
+            runs.at[i, "status"] = cpt.status(ws, run_id)
+        if runs.at[i, "status"] in ACTIVE:
+            progress[run_id] = cpt.live_progress(ws, run_id)
+    runs.insert(
+        4, "progress", [_progress_text(progress[r]) if r in progress else "" for r in runs["cpt_run_id"]]
+    )
+    st.dataframe(
+        runs,
+        hide_index=True,
+        key="cpt_table",
+        column_config={"progress": st.column_config.TextColumn("progress", width="large")},
+    )
+    newest = int(runs["cpt_run_id"].max())
+    if st.session_state.get("cpt_newest") != newest:  # a new run (or the first look): select it
+        st.session_state["cpt_newest"] = newest
+        st.session_state["cpt_run"] = newest
     run_id = int(st.selectbox("Run", runs["cpt_run_id"].tolist(), key="cpt_run"))
     row = runs.loc[runs["cpt_run_id"] == run_id].iloc[0]
-
-    @st.fragment(run_every=3 if row["status"] == "running" else None)
-    def _progress() -> None:
-        prog = catalog.cpt_progress(ws, run_id)
-        if prog.empty:
-            st.caption("No progress logged yet.")
-        else:
-            fig = px.line(prog, x="step", y="loss", title=f"training loss, run {run_id}", height=300)
-            st.plotly_chart(fig, key=f"loss-{run_id}")
-        results = _eval_results(ws, run_id)
-        if not results.empty:
-            st.dataframe(results, hide_index=True, key=f"eval-{run_id}")
-        elif row["status"] == "finished" and st.button(
-            f"Evaluate run {run_id} on {ctx.eval_name}", key="cpt_eval"
-        ):
-            jobs_view.launch(
-                ws, "evaluate", ["evaluate", str(ws.root), ctx.eval_name, "--run", str(run_id)], required={}
-            )
-            st.rerun()
-
-    _progress()
+    status = row["status"]
+    if run_id in progress:
+        p = progress[run_id]
+        st.progress(p.fraction, text=f"Run {run_id} {status}: {_progress_text(p)}")
+    elif status == "cancelled":
+        st.warning(f"Run {run_id} was cancelled; its finished epochs are kept (`chips cpt-resume`).")
+    elif status == "failed":
+        st.error(f"Run {run_id} failed: the log of its training job is in the jobs panel below.")
+    prog = catalog.cpt_progress(ws, run_id)
+    if prog.empty:
+        st.caption("No progress logged yet." if status in ACTIVE else "No step was logged.")
+    else:
+        fig = px.line(prog, x="step", y="loss", title=f"training loss, run {run_id}", height=300)
+        st.plotly_chart(fig, key=f"loss-{run_id}")
+    if status == "finished":
+        _evaluation(ws, ctx, run_id)
 
 
-def _eval_results(ws: store.Workspace, run_id: Any) -> pd.DataFrame:
-    """Evaluation metrics of a CPT run, one column per metric."""
-    df = catalog.eval_results_of_run(ws, run_id)
-    return df.pivot_table(index="eval_set", columns="metric", values="value").reset_index() if len(df) else df
+def _evaluation(ws: store.Workspace, ctx: context.ScoringContext, run_id: int) -> None:
+    """Base model vs trained per metric with the change, as a table and a grouped bar chart."""
+    cmp = evaluate.compare_run(ws, run_id)
+    mine = cmp[cmp["eval_set"] == ctx.eval_name]  # the eval set chosen in the sidebar
+    complete = not mine.empty and mine[["base", "trained"]].notna().all().all()
+    if not cmp.empty:
+        st.markdown(f"**Evaluation of run {run_id}: base model (before) vs trained (after)**")
+        st.dataframe(
+            cmp.rename(columns={"change": "change (Δ)"}),
+            hide_index=True,
+            key=f"eval-{run_id}",
+            column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("base", "trained")}
+            | {"change (Δ)": st.column_config.NumberColumn(format="%+.3f")},
+        )
+        long = cmp.melt(id_vars=["eval_set", "metric"], value_vars=["base", "trained"], var_name="model")
+        fig = px.bar(
+            long, x="metric", y="value", color="model", barmode="group", facet_row="eval_set", height=320,
+            title=f"before vs after, run {run_id}",
+        )  # fmt: skip
+        st.plotly_chart(fig, key=f"eval-chart-{run_id}")
+    if complete or _followed_job_active(ws):
+        return
+    if st.button(f"Evaluate the base model and run {run_id} on {ctx.eval_name}", key="cpt_eval"):
+        argv = ["evaluate", str(ws.root), ctx.eval_name, "--run", str(run_id), "--with-base"]
+        job_id = jobs_view.launch(ws, "evaluate", argv, required={})
+        if job_id is not None:
+            st.session_state["cpt_follow_job"] = job_id
+        st.rerun()

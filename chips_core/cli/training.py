@@ -135,6 +135,11 @@ def _add_evaluate(p: Any) -> None:
     )
     who.add_argument("--model", help="open_clip name / local-dir: / hf-hub: / checkpoint file")
     p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file (with --model)")
+    p.add_argument(
+        "--with-base",
+        action="store_true",
+        help="with --run: also evaluate the run's starting weights (unless stored) for before vs after",
+    )
     p.add_argument("--random-init", action="store_true", help="random weights on purpose")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -148,7 +153,7 @@ def _run_evaluate(args: Any) -> int:
     ws = open_workspace(args.ws)
     kw = {"device": args.device, "templates": tuple(args.template or DEFAULT_TEMPLATES)}
     if args.run is not None:
-        metrics = evaluate_run(ws, _cpt_run(ws, args.run), args.eval, **kw)
+        metrics = evaluate_run(ws, _cpt_run(ws, args.run), args.eval, with_base=args.with_base, **kw)
     else:
         from chips_core.features.models import check_weights_choice
 

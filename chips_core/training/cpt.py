@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import signal
@@ -45,6 +46,7 @@ ACTIVE = "running"
 # recipe's own defaults (lr 1e-6, 5 epochs, batch 64, ...) are Recipe's (below)
 ADAM_BETAS = (0.9, 0.98)
 ADAM_EPS = 1e-6
+FLUSH_S = 1.0  # progress rows are stored at least this often while a run trains
 
 
 @dataclass(frozen=True)
@@ -359,7 +361,18 @@ def _write_progress(ws: Workspace, run_id: int, rows: list[dict], checkpoint: st
     with ws.connect() as con:
         catalog.insert_cpt_progress(
             con,
-            [[run_id, r["step"], r["epoch"], r["loss"], r["lr"], r["samples_per_s"], _now()] for r in rows],
+            [
+                [
+                    run_id,
+                    r["step"],
+                    r["epoch"],
+                    r["loss"],
+                    r["lr"],
+                    r["samples_per_s"],
+                    r.get("logged_at") or _now(),
+                ]
+                for r in rows
+            ],
         )
         if checkpoint:
             catalog.set_cpt_checkpoint(con, run_id, checkpoint)
@@ -406,34 +419,58 @@ def _supervise(
         start_new_session=True, cwd=config["cwd"],
     )  # fmt: skip
     atomic_write_bytes(rdir / "pid", str(proc.pid).encode())
+    last_flush = -math.inf  # the first row is stored at once
     old_term = None
     if threading.current_thread() is threading.main_thread():
         # a job runner stopping this process with SIGTERM must take the training group down too
         old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def _read() -> None:  # the pipe is read apart, so that pending rows are stored while the log is quiet
+        for text in proc.stdout:
+            lines.put(text)
+        lines.put(None)
+
+    threading.Thread(target=_read, name=f"cpt-{run_id}-log", daemon=True).start()
     tail: list[str] = []
     pending: list[dict] = []
-    last_flush = time.monotonic()
+    interrupted = False
     try:
-        for line in proc.stdout:
-            log.write(line)
-            tail = (tail + [line])[-40:]
+        while True:
+            try:
+                line = lines.get(timeout=FLUSH_S)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            if line:
+                log.write(line)
+                log.flush()
+                tail = (tail + [line])[-40:]
             new_ckpt = None
             started = _START_EPOCH.search(line)
             if started and int(started[1]) > 0:
                 new_ckpt = str(rdir / OC_NAME / "checkpoints" / f"epoch_{started[1]}.pt")
                 new_ckpt = new_ckpt if Path(new_ckpt).is_file() else None
-            row = parse_progress(line, steps, oc_args.batch_size, world, accum)
+            row = parse_progress(line, steps, oc_args.batch_size, world, accum) if line else None
             if row is not None:
                 row["lr"] = lr_at(row["step"]) if lr_at else row["lr"]
                 row["total_steps"] = config["total_steps"]
+                row["logged_at"] = _now()
                 pending.append(row)
                 if progress is not None:
                     progress(dict(row))
-            if pending and (new_ckpt or time.monotonic() - last_flush > 1.0):
+            # stored at once, then at most every FLUSH_S (also while no line comes: an epoch's last steps
+            # are not held back until the next epoch starts)
+            if pending and (new_ckpt or not line or time.monotonic() - last_flush > FLUSH_S):
                 if _write_progress(ws, run_id, pending, new_ckpt) == "cancelled":
                     _kill_group(proc.pid, grace_s=5.0)  # a cancel that came before the pid file existed
                 pending, last_flush = [], time.monotonic()
         rc = proc.wait()
+    except BaseException as exc:
+        # SIGTERM (the job was cancelled: sys.exit(143) above or JobCancelled) or Ctrl-C: the user stopped it
+        interrupted = not isinstance(exc, Exception)
+        raise
     finally:
         if proc.poll() is None:
             _kill_group(proc.pid, grace_s=5.0)
@@ -444,7 +481,7 @@ def _supervise(
         if pending:
             _write_progress(ws, run_id, pending, None)
         if run_config(ws, run_id)["status"] == ACTIVE and proc.returncode != 0:
-            _set_status(ws, run_id, "failed")
+            _set_status(ws, run_id, "cancelled" if interrupted else "failed")
     if run_config(ws, run_id)["status"] == "cancelled":
         return
     final = rdir / OC_NAME / "checkpoints" / f"epoch_{config['epochs']}.pt"
@@ -459,6 +496,47 @@ def _supervise(
     raise CPTError(
         f"CPT run {run_id} failed (exit code {rc}); log {rdir / 'train.log'}:\n" + "".join(tail[-15:])
     )
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a CPT run stands, from its progress rows: steps done of total, epoch, last loss, ETA."""
+
+    status: str
+    done: int  # optimizer steps done
+    total: int | None  # steps of the whole run (None before the run is configured)
+    epoch: float | None
+    epochs: int | None
+    loss: float | None
+    samples_per_s: float | None
+    eta_s: float | None  # seconds left at the recent pace (None until two steps are logged, or when ended)
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+def live_progress(ws: Workspace, cpt_run_id: int, pace_rows: int = 20) -> RunProgress:
+    """The run's progress now (read while it trains): the ETA is the remaining steps at the mean time per
+    step of the last `pace_rows` logged steps."""
+    info = run_config(ws, cpt_run_id)
+    rows = catalog.cpt_progress(ws, cpt_run_id)
+    total, epochs = info["config"].get("total_steps"), info["config"].get("epochs")
+    if rows.empty:
+        return RunProgress(info["status"], 0, total, None, epochs, None, None, None)
+    last = rows.iloc[-1]
+    done = int(last["step"]) + 1
+    eta = None
+    recent = rows.tail(pace_rows)
+    if info["status"] == ACTIVE and total and len(recent) >= 2:
+        steps = float(recent["step"].iloc[-1] - recent["step"].iloc[0])
+        secs = (recent["logged_at"].iloc[-1] - recent["logged_at"].iloc[0]).total_seconds()
+        if steps > 0 and secs > 0:
+            eta = max(0.0, (total - done) * secs / steps)
+    return RunProgress(
+        info["status"], done, total, float(last["epoch"]), epochs, float(last["loss"]),
+        float(last["samples_per_s"]), eta,
+    )  # fmt: skip
 
 
 def status(ws: Workspace, cpt_run_id: int) -> str:

@@ -182,11 +182,13 @@ def evaluate(
     img_key: str = "filepath",
     caption_key: str = "title",
     label_key: str = "label",
+    store_as: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a model (name + tag, name + checkpoint, or a checkpoint with a sidecar) on eval pairs.
 
     Returns {metric: value} incl. n_pairs (and n_classes with labels); with a workspace the metrics are
-    stored in `eval_results` (eval_pool_id = -1 for an eval CSV) linked to `cpt_run_id`.
+    stored in `eval_results` (eval_pool_id = -1 for an eval CSV) linked to `cpt_run_id`, under the
+    model's identity (or `store_as`).
     """
     from chips_core.features.models import load_model
 
@@ -208,7 +210,7 @@ def evaluate(
         metrics["n_classes"] = float(len(classes))
     if ws is not None:
         ident = loaded.identity
-        _store(ws, ident.checkpoint or ident.label(), pairs.pool_id, cpt_run_id, metrics)
+        _store(ws, store_as or ident.checkpoint or ident.label(), pairs.pool_id, cpt_run_id, metrics)
     return metrics
 
 
@@ -216,10 +218,15 @@ def _store(ws: Workspace, checkpoint: str, pool_id: int, cpt_run_id: int | None,
     catalog.insert_eval_results(ws, checkpoint, pool_id, cpt_run_id, metrics)
 
 
+BASE = "base:"  # eval_results.checkpoint prefix of a CPT run's starting weights
+COUNTS = ("n_pairs", "n_classes")  # sizes of the eval set, not metrics to compare
+
+
 def evaluate_run(
-    ws: Workspace, cpt_run_id: int, eval_source: int | str | os.PathLike, **kw
+    ws: Workspace, cpt_run_id: int, eval_source: int | str | os.PathLike, with_base: bool = False, **kw
 ) -> dict[str, float]:
-    """Evaluate the final checkpoint of a finished CPT run (model name from the run's config)."""
+    """Evaluate the final checkpoint of a finished CPT run (model name from the run's config); with
+    `with_base`, also the run's starting weights on the same set (`evaluate_base`) unless already stored."""
     from chips_core.training.cpt import checkpoint_model, run_config
 
     info = run_config(ws, cpt_run_id)
@@ -227,4 +234,46 @@ def evaluate_run(
         raise EvalError(f"CPT run {cpt_run_id} has no final checkpoint (status {info['status']})")
     kw.setdefault("device", info["config"]["device"])
     model, pretrained = checkpoint_model(ws, cpt_run_id)
-    return evaluate(ws, model, eval_source, pretrained=pretrained, cpt_run_id=cpt_run_id, **kw)
+    metrics = evaluate(ws, model, eval_source, pretrained=pretrained, cpt_run_id=cpt_run_id, **kw)
+    if with_base:
+        stored = catalog.eval_results_of_run(ws, cpt_run_id)
+        sets = stored["eval_set"].fillna("")  # "": an eval CSV
+        if not (stored["checkpoint"].str.startswith(BASE) & (sets == sets.iloc[-1])).any():
+            evaluate_base(ws, cpt_run_id, eval_source, **kw)
+    return metrics
+
+
+def evaluate_base(
+    ws: Workspace, cpt_run_id: int, eval_source: int | str | os.PathLike, **kw
+) -> dict[str, float]:
+    """Evaluate the weights a CPT run started from (its recipe's model and pretrained) through `evaluate`,
+    stored with the run as `base:<model>`: the 'before' of `compare_run`."""
+    from chips_core.training.cpt import run_config
+
+    cfg = run_config(ws, cpt_run_id)["config"]
+    model, pretrained = cfg["model"], cfg.get("pretrained")
+    kw.setdefault("device", cfg.get("device", "cpu"))
+    label = BASE + model + (f" {pretrained}" if pretrained else "")
+    return evaluate(
+        ws, model, eval_source, pretrained=pretrained, cpt_run_id=cpt_run_id, store_as=label, **kw
+    )
+
+
+def compare_run(ws: Workspace, cpt_run_id: int) -> pd.DataFrame:
+    """Before vs after of a CPT run per eval set and metric: eval_set, metric, base, trained, change
+    (trained - base; NaN where one side is not evaluated). The newest result of each side counts."""
+    df = catalog.eval_results_of_run(ws, cpt_run_id)
+    cols = ["eval_set", "metric", "base", "trained", "change"]
+    df = df[~df["metric"].isin(COUNTS)]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    df = df.assign(
+        eval_set=df["eval_set"].fillna("(eval CSV)"),
+        side=df["checkpoint"].str.startswith(BASE).map({True: "base", False: "trained"}),
+    )
+    wide = df.pivot_table(
+        index=["eval_set", "metric"], columns="side", values="value", aggfunc="last", sort=False
+    )
+    wide = wide.reindex(columns=["base", "trained"]).rename_axis(columns=None).reset_index()
+    wide["change"] = wide["trained"] - wide["base"]
+    return wide[cols]

@@ -250,4 +250,52 @@ def test_cli_train_and_evaluate(ws_csv, capsys):
         main(["evaluate", str(ws.root), str(train_csv), "--run", str(run_id), "--template", "{label}"]) == 0
     )
     assert '"n_pairs": 32.0' in capsys.readouterr().out
+    # before vs after: the run's starting weights through the same evaluation, once
+    evaluate_flags = [str(train_csv), "--run", str(run_id), "--template", "{label}", "--with-base"]
+    for _ in range(2):
+        assert main(["evaluate", str(ws.root), *evaluate_flags]) == 0
+    from chips_core.training.evaluate import BASE, compare_run
+
+    cmp = compare_run(ws, run_id)
+    assert len(cmp) and cmp[["base", "trained"]].notna().all().all()
+    assert (cmp["change"] == cmp["trained"] - cmp["base"]).all()
+    with ws.connect(read_only=True) as con:
+        n_base = con.execute(
+            "SELECT count(*) FROM eval_results WHERE cpt_run_id = ? AND starts_with(checkpoint, ?)",
+            [run_id, BASE],
+        ).fetchone()[0]
+    assert n_base == len(cmp) + 2  # the metrics, n_pairs and n_classes, stored once
     assert main(["cpt-cancel", str(ws.root), str(run_id)]) == 1  # not running
+
+
+def test_a_train_job_reports_progress_while_running_and_cancels_as_cancelled(tmp_path):
+    """`chips train` as a background job (the dashboard's way): cpt_progress rows and the job's progress
+    while the training process is alive; cancelling the job records the CPT run 'cancelled', not 'failed'."""
+    import time
+
+    from chips_core.workspace import catalog, jobs
+
+    ws = Workspace.init(tmp_path / "ws")
+    train_csv = _make_csv(tmp_path, 64)
+    argv = ["train", str(ws.root), "--csv", str(train_csv), "--model", MODEL, "--epochs", "50"]
+    job_id = jobs.launch(ws, "train", [*argv, "--batch-size", "4", "--workers", "0", "--lr", "1e-4"])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        runs = catalog.cpt_runs_overview(ws)
+        if len(runs) and len(catalog.cpt_progress(ws, int(runs.cpt_run_id[0]))) >= 3:
+            break
+        assert jobs.job_status(ws, job_id).active, jobs.read_log(ws, job_id)
+        time.sleep(0.5)
+    run_id = int(runs.cpt_run_id[0])
+    live = cpt.live_progress(ws, run_id)
+    assert live.status == "running" and live.total == 16 * 50 and 3 <= live.done < live.total
+    assert live.loss is not None and live.eta_s is not None and live.eta_s > 0
+    pid = int((cpt.run_dir(ws, run_id) / "pid").read_text())
+    assert cpt._alive(pid)  # the rows came while open_clip_train runs
+    time.sleep(1.5)  # the job reporter writes at most every 0.5 s
+    assert jobs.job_status(ws, job_id).progress > 0
+    info = jobs.cancel(ws, job_id, grace_s=20)
+    assert info.status == "cancelled"
+    assert cpt.status(ws, run_id) == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)

@@ -162,10 +162,11 @@ def insert_eval_results(
 
 
 def eval_results_of_run(db: Db, cpt_run_id: int) -> pd.DataFrame:
-    """metric, value, eval_set of a CPT run's evaluation results, in order."""
+    """metric, value, eval_set, checkpoint of a CPT run's evaluation results, in order (an eval CSV, not
+    a pool, has eval_set NULL)."""
     with reading(db) as con:
         return con.execute(
-            "SELECT e.metric, e.value, p.name AS eval_set FROM eval_results e "
-            "JOIN pools p ON p.pool_id = e.eval_pool_id WHERE e.cpt_run_id = ? ORDER BY e.result_id",
+            "SELECT e.metric, e.value, p.name AS eval_set, e.checkpoint FROM eval_results e "
+            "LEFT JOIN pools p ON p.pool_id = e.eval_pool_id WHERE e.cpt_run_id = ? ORDER BY e.result_id",
             [int(cpt_run_id)],
         ).df()
