@@ -13,12 +13,20 @@ from chips_core.scoring import ranking as scoring
 from chips_core.scoring.cache import PrepareError
 from chips_core.workspace import catalog, store
 
-WHY = {
-    "alignment": "Â: how much one training step on this pair lowers the eval loss, through the "
-    "curvature-aware (sketched Newton) solve. Positive helps, negative hurts.",
-    "learnability": "w_L = (1 − p_corr)(1 + σ(−margin)): high when the model does not yet match this pair.",
-    "relevance": "w_R: closeness of image and caption to the eval set's mean embeddings (0.27…0.73, soft).",
-    "score": "alignment × learnability × relevance; pairs are ranked by it.",
+WHY = {  # what each component means, in plain words (the formulas are in FORMULAS)
+    "alignment": "How much training on this pair is expected to help the target set (above 0 helps, below "
+    "0 hurts).",
+    "learnability": "How much the model can still learn from this pair (high when it does not match the "
+    "image and caption yet).",
+    "relevance": "How close the image and caption are to the target domain.",
+    "score": "The three multiplied: the ranking sorts pairs by it.",
+}
+FORMULAS = {  # for ML engineers (METHOD.md)
+    "alignment": "Â = g̃ᵢ·M̃⁻¹ũ, the sketched Newton direction with M = (1−α)Φ_pos + αΦ_neg + λI "
+    "(unit-norm g̃, ũ in the default preset)",
+    "learnability": "w_L = (1 − p_corr)(1 + σ(−margin))",
+    "relevance": "w_R: soft closeness of image and caption embeddings to the eval set's means (0.27…0.73)",
+    "score": "Â · w_L · w_R (the guard holds CLIPScore outliers back)",
 }
 
 
@@ -54,7 +62,10 @@ def pair_detail(ctx: context.ScoringContext, table: pd.DataFrame, pair_id: int) 
                     {"value": [float(row[c]) for c in WHY], "meaning": list(WHY.values())}, index=list(WHY)
                 ),
                 key="detail_components",
+                column_config={"meaning": st.column_config.TextColumn(width="large")},
             )
+            with st.expander("For ML engineers: the formulas"):
+                st.markdown("\n".join(f"- **{c}**: {f}" for c, f in FORMULAS.items()))
             _decision_controls(ctx, pair_id)
         _eval_pair_contributions(ctx, pair_id)
 

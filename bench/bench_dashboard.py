@@ -175,8 +175,8 @@ def main() -> None:
         first = time.perf_counter() - t0
         rows.append(("first page load (cache load + rank + draw)", "idle", first, first))
         for slider, metric, key in (
-            ("α — weight of the negative curvature", "λ", "ArrowLeft"),
-            ("λ as a multiple of λ*", "d(λ)/k", "ArrowRight"),
+            ("α — how much confusions with other pairs count", "λ", "ArrowLeft"),
+            ("λ — caution of the estimate (× the default)", "λ", "ArrowRight"),
             ("Selection ratio r", "Selected", "ArrowRight"),
         ):
             times = measure(page, slider, metric, key, args.repeats)

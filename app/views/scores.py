@@ -54,8 +54,9 @@ with left:
         context.METHODS,
         format_func=lambda m: LABELS.get(m, m),
         key="method",
-        help="CHIPS = curvature-aware influence × learnability × relevance; the others are the paper's "
-        "baselines on the same features and batches. TracIn needs checkpoint caches (CLI).",
+        help="CHIPS: how much a pair is expected to help the target set, times how much the model can still "
+        "learn from it, times how close it is to the target domain. The others are the paper's comparison "
+        "methods on the same data. TracIn needs training checkpoints (command line).",
     )
     st.selectbox(
         "Scoring preset",
@@ -83,6 +84,11 @@ with left:
         disabled=not guard_on,
     )
     with st.expander("How a pair is compared with the target (for ML engineers)"):
+        st.markdown(
+            "score = Â · w_L · w_R with Â = g̃ᵢ · M̃⁻¹ ũ (sketched Newton direction), "
+            "M = (1 − α)Φ_pos + αΦ_neg + λI, λ = λ-factor × the default rule below, k = JL sketch rows "
+            "(METHOD.md, docs/SCORING.md)."
+        )
         st.multiselect(
             "Parameter blocks scored",
             list(sp.BLOCKS),
@@ -107,35 +113,43 @@ with left:
             }.get,
         )
     st.slider(
-        "α — weight of the negative curvature",
+        "α — how much confusions with other pairs count",
         *context.RANGES["alpha"],
         step=0.05,
         key="alpha",
-        help="M = (1 − α)Φ_pos + αΦ_neg + λI. α = 0: positive-only curvature; the paper's best is 0.6–0.8.",
+        help="How a pair's effect is judged: 0 counts only how well the model matches the pair itself, "
+        "1 only how it confuses the pair with others (the paper's best: 0.6–0.8).",
     )
     st.select_slider(
-        "λ as a multiple of the default λ",
+        "λ — caution of the estimate (× the default)",
         options=context.LAM_FACTORS,
         key="lam_factor",
         format_func=lambda f: f"{f:g}×",
-        help="Larger λ moves the score towards the plain gradient dot product; smaller λ trusts the "
-        "curvature more (and amplifies pairs the target set barely touches).",
+        help="Larger: a steadier estimate, closer to the plain agreement of what the pair and the target "
+        "set teach; smaller: trusts the finer structure more, and lifts pairs the target set barely touches.",
     )
     st.select_slider(
-        "k — sketch dimension",
+        "k — precision of the fast approximation",
         options=k_choices,
         key="k",
-        help=f"Any k up to k_max = {k_max} is a prefix of the stored sketch: nothing is recomputed.",
+        help=f"Larger k: closer to the exact score. Any k up to {k_max} reuses the stored sketch: nothing is "
+        "recomputed.",
     )
-    st.slider("β — text share of relevance", *context.RANGES["beta"], step=0.05, key="beta")
+    st.slider(
+        "β — how much the caption counts for relevance (vs the image)",
+        *context.RANGES["beta"],
+        step=0.05,
+        key="beta",
+    )
     st.slider("Selection ratio r", *context.RANGES["ratio"], step=0.01, key="ratio", format="%.2f")
     with st.expander("Ablations"):
-        st.checkbox("use learnability w_L", key="use_learnability")
-        st.checkbox("use relevance w_R", key="use_relevance")
+        st.checkbox("use learnability (how much the model can still learn)", key="use_learnability")
+        st.checkbox("use relevance (closeness to the target domain)", key="use_relevance")
         st.checkbox(
             "rank-normalised alignment",
             key="rank_normalized",
-            help="When fewer than n pairs have Â > 0, the literal product ranks those backwards.",
+            help="Rank pairs by the order of their expected help rather than its size: when few pairs are "
+            "expected to help, the plain product can rank the rest backwards.",
         )
 
 result = context.current_rank(ctx)

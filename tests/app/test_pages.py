@@ -117,6 +117,10 @@ def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     assert any(f"Pair {pid}" in s.value for s in at.subheader)
     comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
     assert list(comps.index) == ["alignment", "learnability", "relevance", "score"]
+    # plain words in the table; the formulas only in the engineers' expander
+    assert not any(sym in text for text in comps["meaning"] for sym in ("Â", "w_L", "σ", "Φ", "M⁻¹"))
+    formulas = next(e for e in at.expander if e.label == "For ML engineers: the formulas")
+    assert "w_L = (1 − p_corr)" in formulas.markdown[0].value
     _check_eval_contributions(at, tiny_workspace, pid, float(comps.loc["alignment", "value"]))
     at.session_state["lam_factor"] = 100.0  # the Scores page's λ reaches the detail view's solve
     at.run()
@@ -295,3 +299,17 @@ def _plotly_array(v) -> np.ndarray:
     if isinstance(v, dict):
         return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
     return np.asarray(v)
+
+
+def test_scores_controls_speak_plain_words(tiny_workspace):
+    """The Scores page's controls and their tooltips are in plain words; the formulas live only in the
+    expander for ML engineers."""
+    at = _app()
+    _ok(at)
+    formula = ("Φ", "M =", "M̃", "w_L", "w_R", "Â", "d(λ*)")
+    controls = [*at.slider, *at.select_slider, *at.selectbox, *at.checkbox, *at.toggle]
+    for w in controls:
+        text = f"{w.label} {w.help or ''}"
+        assert not any(sym in text for sym in formula), text
+    ml = next(e for e in at.expander if "for ML engineers" in e.label)
+    assert any("M = (1 − α)Φ_pos + αΦ_neg + λI" in m.value for m in ml.markdown)
