@@ -216,8 +216,8 @@ with right:
         barmode="stack",
         bargap=0,
         height=520,
-        margin=dict(l=10, r=10, t=30, b=10),
-        legend=dict(orientation="h", y=-0.08),
+        margin=dict(l=10, r=10, t=30, b=60),
+        legend=dict(orientation="h", y=-0.2),  # below the bottom axis titles
     )
     st.plotly_chart(fig, key="score_hist")
 
