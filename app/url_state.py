@@ -29,28 +29,11 @@ class Field:
     format: Callable[[Any], str] = str
 
 
-def _choice(options: Any) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in options:
-            raise ValueError(text)
-        return text
+def _one_of(options: Any, cast: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """A parser that accepts only the values the widget offers."""
 
-    return parse
-
-
-def _float_in(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text)
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise ValueError(text)
-        return value
-
-    return parse
-
-
-def _float_of(options: Any) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text)
+    def parse(text: str) -> Any:
+        value = cast(text)
         if value not in options:
             raise ValueError(text)
         return value
@@ -58,10 +41,12 @@ def _float_of(options: Any) -> Callable[[str], float]:
     return parse
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not lo <= value <= hi:
+def _in_range(cast: Callable[[str], Any], lo: float, hi: float) -> Callable[[str], Any]:
+    """A parser for a finite number within the widget's range [lo, hi]."""
+
+    def parse(text: str) -> Any:
+        value = cast(text)
+        if not (math.isfinite(value) and lo <= value <= hi):
             raise ValueError(text)
         return value
 
@@ -91,23 +76,23 @@ _BOOL = Field(_bool, lambda v: "true" if v else "false")
 FIELDS: dict[str, Field] = {
     "pool_name": Field(_name),  # the sidebar's pool / eval set (main.py drops names the workspace lacks)
     "eval_name": Field(_name),
-    "method": Field(_choice(context.METHODS)),
-    "preset": Field(_choice(sp.PRESETS)),
+    "method": Field(_one_of(context.METHODS)),
+    "preset": Field(_one_of(sp.PRESETS)),
     "guard_on": _BOOL,
-    "guard_mads": Field(_float_in(*context.RANGES["guard_mads"]), repr),
+    "guard_mads": Field(_in_range(float, *context.RANGES["guard_mads"]), repr),
     "blocks": Field(_blocks, ",".join),
     "normalize": _BOOL,
-    "damping": Field(_choice(sp.DAMPINGS)),
-    "alpha": Field(_float_in(*context.RANGES["alpha"]), repr),
-    "lam_factor": Field(_float_of(context.LAM_FACTORS), repr),
-    "k": Field(_int_in(1, 2**31)),  # checked against the scoring cache's k_max by context.scoring_context
-    "beta": Field(_float_in(*context.RANGES["beta"]), repr),
-    "ratio": Field(_float_in(*context.RANGES["ratio"]), repr),
+    "damping": Field(_one_of(sp.DAMPINGS)),
+    "alpha": Field(_in_range(float, *context.RANGES["alpha"]), repr),
+    "lam_factor": Field(_one_of(context.LAM_FACTORS, float), repr),
+    "k": Field(_in_range(int, 1, 2**31)),  # context.scoring_context checks it against the cache's k_max
+    "beta": Field(_in_range(float, *context.RANGES["beta"]), repr),
+    "ratio": Field(_in_range(float, *context.RANGES["ratio"]), repr),
     "use_learnability": _BOOL,
     "use_relevance": _BOOL,
     "rank_normalized": _BOOL,
-    "detail_pair": Field(_int_in(-(2**63), 2**63 - 1)),  # the pair the detail view shows (Browse)
-    "map_space": Field(_choice(("image", "text"))),
+    "detail_pair": Field(_in_range(int, -(2**63), 2**63 - 1)),  # the pair the detail view shows (Browse)
+    "map_space": Field(_one_of(("image", "text"))),
     "map_colour": Field(_name),  # checked against the Map page's colour choices there
 }
 

@@ -27,14 +27,20 @@ def _wait_last_job(ws: store.Workspace, kind: str) -> None:
     assert done.status == "done", jobs.read_log(ws, job.job_id)[-3000:]
 
 
-def test_train_a_selection_then_evaluate_it(tiny_workspace):
-    ws = store.Workspace(tiny_workspace)
+def _export_page_with_a_selection() -> AppTest:
+    """The Export page after saving the current ranking as selection "to-train"."""
     at = AppTest.from_file(MAIN, default_timeout=180)
     at.run()
     at.switch_page("views/export.py").run()
     at.text_input(key="sel_name").input("to-train")
     at.button(key="FormSubmitter:save_selection-Save selection").click().run()
     _ok(at)
+    return at
+
+
+def test_train_a_selection_then_evaluate_it(tiny_workspace):
+    ws = store.Workspace(tiny_workspace)
+    at = _export_page_with_a_selection()
     at.number_input(key="train_epochs").set_value(1)
     at.number_input(key="train_batch").set_value(8)
     at.button(key="FormSubmitter:train_form-Train").click().run()
@@ -90,12 +96,7 @@ def test_live_progress_newest_run_selected_and_cancelled_shown(tiny_workspace):
     """While open_clip_train runs: step/total, loss and ETA in the runs table and above the bar; the newest
     run is selected when it appears; a cancelled training job shows its run as cancelled."""
     ws = store.Workspace(tiny_workspace)
-    at = AppTest.from_file(MAIN, default_timeout=180)
-    at.run()
-    at.switch_page("views/export.py").run()
-    at.text_input(key="sel_name").input("to-train")
-    at.button(key="FormSubmitter:save_selection-Save selection").click().run()
-    _ok(at)
+    at = _export_page_with_a_selection()
     live = re.compile(r"step \d+/\d+ · epoch [\d.]+/100 · loss [\d.]+ · ETA \d+")
     try:
         for n_run in (1, 2):

@@ -34,12 +34,16 @@ def _go(page, title: str) -> None:
     wait_idle(page)
 
 
+def _open_scores(page, url: str) -> None:
+    page.goto(url)
+    page.locator("h1").filter(has_text="Scores").first.wait_for()
+    wait_idle(page)
+
+
 def test_open_slide_lasso_export(tmp_path: Path) -> None:
     ws = build_tiny_workspace(tmp_path / "tiny")
     with streamlit_server(ws.root, ARTIFACTS / "browser-streamlit.log") as url, chromium_page() as page:
-        page.goto(url)
-        page.locator("h1").filter(has_text="Scores").first.wait_for()
-        wait_idle(page)
+        _open_scores(page, url)
         assert _metric(page, "Selected") == "15"
         page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .bars").first.wait_for()
         page.locator("[data-testid='stDataFrame'] canvas").first.wait_for()
@@ -112,9 +116,7 @@ def test_a_reload_keeps_the_view_in_the_url(tmp_path: Path) -> None:
     """Slide, reload: the slider keeps its value (app/url_state.py); a link to another page carries it."""
     ws = build_tiny_workspace(tmp_path / "tiny")
     with streamlit_server(ws.root, ARTIFACTS / "browser-url-streamlit.log") as url, chromium_page() as page:
-        page.goto(url)
-        page.locator("h1").filter(has_text="Scores").first.wait_for()
-        wait_idle(page)
+        _open_scores(page, url)
         ratio = _slider(page, "Selection ratio r")
         for _ in range(30):
             if float(ratio.input_value()) >= 0.40 - 1e-9:

@@ -16,23 +16,23 @@ Db = Union[Workspace, Con]  # noqa: UP007
 
 
 @contextlib.contextmanager
-def reading(db: Db) -> Iterator[Con]:
+def _connection(db: Db, read_only: bool) -> Iterator[Con]:
+    """`db` itself when it is a connection, else a short-lived connection of the workspace."""
+    if isinstance(db, Workspace):
+        with db.connect(read_only=read_only) as con:
+            yield con
+    else:
+        yield db
+
+
+def reading(db: Db) -> contextlib.AbstractContextManager[Con]:
     """`db` itself when it is a connection, else a short-lived read-only connection of the workspace."""
-    if isinstance(db, Workspace):
-        with db.connect(read_only=True) as con:
-            yield con
-    else:
-        yield db
+    return _connection(db, read_only=True)
 
 
-@contextlib.contextmanager
-def writing(db: Db) -> Iterator[Con]:
+def writing(db: Db) -> contextlib.AbstractContextManager[Con]:
     """`db` itself when it is a connection, else a short-lived writing connection of the workspace."""
-    if isinstance(db, Workspace):
-        with db.connect() as con:
-            yield con
-    else:
-        yield db
+    return _connection(db, read_only=False)
 
 
 def in_list(ids: list[int]) -> str:
