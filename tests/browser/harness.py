@@ -38,12 +38,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_server(workspace: str | os.PathLike, log_path: Path, timeout_s: float = 120.0) -> Iterator[str]:
-    """Run the dashboard on `workspace`; yields its URL; stops the server (its process group) afterwards."""
+def streamlit_server(
+    workspace: str | os.PathLike, log_path: Path, timeout_s: float = 120.0, secrets: Path | None = None
+) -> Iterator[str]:
+    """Run the dashboard on `workspace`; yields its URL; stops the server (its process group) afterwards.
+
+    `secrets`: the secrets.toml it reads (an [auth] section turns sign-in on); without one it reads none, so
+    a developer's own .streamlit/secrets.toml never changes what a test sees (single-user mode)."""
     port = free_port()
     env = {**os.environ, "CHIPS_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), f"--server.port={port}"]
     cmd += ["--server.headless", "true", "--server.fileWatcherType", "none"]
+    cmd += ["--secrets.files", str(secrets or log_path.with_name("no-secrets.toml"))]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
