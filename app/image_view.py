@@ -9,6 +9,7 @@ import io
 
 import plotly.graph_objects as go
 import streamlit as st
+from PIL import Image
 
 from chips_core.curation import viewer
 
@@ -18,13 +19,13 @@ def _source(filepath: str) -> viewer.SourceImage:
     return viewer.load_source(filepath)
 
 
-def _data_uri(image: object) -> str:
+def _data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")  # type: ignore[attr-defined]
+    image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(src: viewer.SourceImage, image: object, height: int) -> go.Figure:
+def _figure(src: viewer.SourceImage, image: Image.Image, height: int) -> go.Figure:
     """The image in source-pixel coordinates (a shrunk image is stretched back), zoomable and pannable."""
     w, h = src.source_size
     step = 1 / src.scale
@@ -37,7 +38,7 @@ def _figure(src: viewer.SourceImage, image: object, height: int) -> go.Figure:
     return fig
 
 
-def _window_choice(src: viewer.SourceImage, key: str) -> tuple[object, str]:
+def _window_choice(src: viewer.SourceImage, key: str) -> tuple[Image.Image, str]:
     """The window/level controls of a grey DICOM image; returns the image to show and a line saying which
     window it is shown with."""
     w = src.dicom

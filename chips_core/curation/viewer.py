@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -105,20 +106,20 @@ def render(w: DicomWindowing, window: Window) -> Image.Image:
     return dicom.to_pil_rgb(255 - out if w.invert else out)
 
 
-def _first(value: object) -> float:
+def _first(value: Any) -> float:
     """The first of a multi-valued tag (DICOM allows several windows; pydicom and ingest use the first)."""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = value[0]  # type: ignore[index]
-    return float(value)  # type: ignore[arg-type]
+        value = value[0]
+    return float(value)
 
 
-def _applied(ds: object, lo: float, hi: float) -> tuple[Window | None, str]:
-    """The window ingest applied to this data set (see `pools.dicom._grey_display`) and a note on it."""
-    if "VOILUTSequence" in ds:  # type: ignore[operator]
+def _applied(ds: Any, lo: float, hi: float) -> tuple[Window | None, str]:
+    """The window ingest applied to this pydicom data set (as `pools.dicom.decode` does) and a note."""
+    if "VOILUTSequence" in ds:
         return None, "the file's own VOI lookup table (not a centre/width window)"
-    if "WindowCenter" in ds and "WindowWidth" in ds:  # type: ignore[operator]
-        c, wd = _first(ds.WindowCenter), _first(ds.WindowWidth)  # type: ignore[attr-defined]
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()  # type: ignore[attr-defined]
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        c, wd = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         if function != "LINEAR":
             return None, f"the file's {function.lower()} window, centre {c:g}, width {wd:g}"
         return Window(c, wd, "the file's tags (Window Center / Window Width)"), "the file's window"

@@ -86,7 +86,8 @@ def test_ct_without_window_uses_full_range_and_offers_ct_presets():
     path = get_testdata_file("CT_small.dcm")
     src = viewer.load_source(path)
     w = src.dicom
-    hu = apply_modality_lut(pydicom.dcmread(path).pixel_array, pydicom.dcmread(path)).astype(float)
+    ds = pydicom.dcmread(path)
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(float)
     assert w.units == "HU" and w.value_range == (hu.min(), hu.max())
     assert w.applied == viewer.full_range_window(hu.min(), hu.max())
     assert "no window" in w.applied_note
@@ -119,10 +120,8 @@ def test_large_images_are_capped_for_display_and_dicom_values_follow(tmp_path):
 
     ct = viewer.load_source(get_testdata_file("CT_small.dcm"), max_side=32)  # 128 px: shrunk 4×
     assert ct.source_size == (128, 128) and ct.image.size == (32, 32) and ct.dicom.values.shape == (32, 32)
-    hu = apply_modality_lut(
-        pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array,
-        pydicom.dcmread(get_testdata_file("CT_small.dcm")),
-    )
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = apply_modality_lut(ds.pixel_array, ds)
     blocks = hu.astype(float).reshape(32, 4, 32, 4).mean(axis=(1, 3))  # area average by hand
     assert np.allclose(ct.dicom.values, blocks, atol=1e-2)
 
