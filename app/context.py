@@ -41,6 +41,7 @@ PERSISTENT_KEYS = (
     "guard_mads",
     "map_space",
     "map_colour",
+    "review_skip",
 )
 # the Scores page's choices: methods (TracIn needs checkpoint caches: CLI only), slider ranges, λ multiples
 METHODS = [m for m in SCORING_METHODS if m not in NEEDS_CHECKPOINTS]

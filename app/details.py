@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from app import context, widgets
+from app import context, image_view, widgets
 from chips_core.curation import gallery, selection
 from chips_core.scoring import ranking as scoring
 from chips_core.scoring.cache import PrepareError
@@ -32,7 +32,6 @@ FORMULAS = {  # for ML engineers (METHOD.md)
 
 def pair_detail(ctx: context.ScoringContext, table: pd.DataFrame, pair_id: int) -> None:
     """Show one pair in full: image, caption, components and their meaning, eval pairs it helps, decisions."""
-    ws = store.Workspace(ctx.ws_root)
     pairs = context.pool_pairs(ctx)
     if pair_id not in pairs.index:
         st.session_state.pop("detail_pair", None)
@@ -45,13 +44,10 @@ def pair_detail(ctx: context.ScoringContext, table: pd.DataFrame, pair_id: int) 
         if close.button("Close", key="detail_close"):
             st.session_state.pop("detail_pair", None)
             st.rerun()
-        left, right = st.columns([1, 2])
-        thumb = gallery.thumbnails(ws, [(pair_id, meta["filepath"])], size=384)[pair_id]
-        if isinstance(thumb, str):
-            left.warning(thumb)
-        else:
-            left.image(str(thumb), width="stretch")
-        left.caption(f"`{meta['filepath']}`")
+        left, right = st.columns([1, 1])
+        with left:
+            image_view.source_image(meta["filepath"], key=f"detail-{pair_id}")
+            st.caption(f"`{meta['filepath']}`")
         with right:
             st.markdown(f"**Caption:** {meta['caption']}")
             if isinstance(meta.get("label"), str) and meta["label"]:

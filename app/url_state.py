@@ -92,6 +92,8 @@ FIELDS: dict[str, Field] = {
     "use_relevance": _BOOL,
     "rank_normalized": _BOOL,
     "detail_pair": Field(_in_range(int, -(2**63), 2**63 - 1)),  # the pair the detail view shows (Browse)
+    "review_pos": Field(_in_range(int, 1, 2**31)),  # the review queue's position (Browse; 1 = first pair)
+    "review_skip": _BOOL,
     "map_space": Field(_one_of(("image", "text"))),
     "map_colour": Field(_name),  # checked against the Map page's colour choices there
 }

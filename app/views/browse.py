@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import context, details, widgets
+from app import context, details, review, widgets
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
@@ -46,7 +46,9 @@ def ranked_tab(order: str, key: str, label: str) -> None:
     widgets.gallery_grid(ctx, rows, key=key)
 
 
-top, bottom, rand = st.tabs(["Top ranked", "Bottom ranked", "Random"])
+top, bottom, rand, queue = st.tabs(
+    ["Top ranked", "Bottom ranked", "Random", "Review queue"], key="browse_tab", bind="query-params"
+)
 with top:
     ranked_tab("rank", "top", "Start at position (best first)")
 with bottom:
@@ -59,3 +61,6 @@ with rand:
     )
     st.caption(f"{len(rows):,} random pairs of {total:,} matching.")
     widgets.gallery_grid(ctx, rows, key="random")
+with queue:
+    if queue.open:  # the tabs track the open one (bound to the URL): the queue only runs when shown
+        review.review_queue(ctx, table)

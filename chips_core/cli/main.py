@@ -13,13 +13,13 @@ import traceback
 from typing import Any
 
 # every command module registers its commands when imported (the order is the order of `chips --help`)
-from chips_core.cli import curation, pools, scoring, training, workspace
+from chips_core.cli import curation, pools, scoring, team, training, workspace
 from chips_core.cli.common import COMMANDS
 from chips_core.errors import ChipsError
 from chips_core.workspace import progress
 from chips_core.workspace.store import Workspace
 
-GROUPS = (workspace, pools, scoring, curation, training)  # the order of `chips --help`
+GROUPS = (workspace, pools, scoring, curation, training, team)  # the order of `chips --help`
 
 
 def build_parser() -> argparse.ArgumentParser:

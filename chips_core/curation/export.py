@@ -28,6 +28,9 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from chips_core.curation import selection as sel
+from chips_core.spreadsheet import neutralise
+from chips_core.team import audit, roles
+from chips_core.team.identity import Actor, current_actor
 from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError, atomic_path
 
@@ -35,7 +38,6 @@ FORMATS = ("csv", "safe_csv", "parquet", "ids")
 SUFFIX = {"csv": ".csv", "safe_csv": ".csv", "parquet": ".parquet", "ids": ".npy"}
 IMG_KEY, CAPTION_KEY, SEPARATOR = "filepath", "title", ","
 #: Cell prefixes a spreadsheet may run as a formula (OWASP "CSV injection"), incl. tab and carriage return.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 #: PIL modes that open_clip's `convert("RGB")` maps faithfully; anything else is materialised.
 _PLAIN_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 
@@ -89,14 +91,18 @@ def export_selection(
     fmt: str = "csv",
     out: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    actor: Actor | None = None,
 ) -> ExportInfo:
     """Export a saved selection (id, 'name' or 'name@version') as `fmt` to `out` (default ws/exports/...).
 
     fmt: 'csv' (open_clip_train-ready), 'safe_csv' (for spreadsheets), 'parquet' (every score
-    component) or 'ids' (`.npy` of int64 pair ids, best first). `out` may be an existing folder.
+    component) or 'ids' (`.npy` of int64 pair ids, best first). `out` may be an existing folder. `actor`
+    (default: the local user) must be a lead; the export is written to the audit trail.
     """
     fmt = _check_format(fmt)
     info = sel.get_selection(ws, selection)
+    actor = current_actor(actor)
+    roles.require(ws, actor, "export", pool_id=info.pool_id, detail=f"export {info.name} v{info.version}")
     path = Path(out) if out is not None else default_path(ws, info, fmt)
     if path.is_dir():
         path = path / default_path(ws, info, fmt).name
@@ -114,7 +120,24 @@ def export_selection(
         with atomic_path(result.manifest_path) as mtmp:
             mtmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     catalog.insert_export(ws, export_id, info.selection_id, fmt, str(path), json.dumps(manifest, default=str))
+    _audit(ws, actor, info, fmt, export_id, str(path), result.n_rows)
     return result
+
+
+def _audit(
+    ws: Workspace, actor: Actor, info: sel.SelectionInfo, fmt: str, export_id: int | None, where: str, n: int
+) -> None:
+    audit.record(
+        ws,
+        actor,
+        "export",
+        fmt,
+        pool_id=info.pool_id,
+        object_id=export_id,
+        score_run_id=info.score_run_id,
+        params={"selection_id": info.selection_id, "selection": f"{info.name}@{info.version}",
+                "format": fmt, "to": where, "n_rows": n},
+    )  # fmt: skip
 
 
 @dataclass
@@ -128,14 +151,21 @@ class ExportBytes:
 
 
 def export_bytes(
-    ws: Workspace, selection: str | int, fmt: str = "csv", progress: Progress | None = None
+    ws: Workspace,
+    selection: str | int,
+    fmt: str = "csv",
+    progress: Progress | None = None,
+    actor: Actor | None = None,
 ) -> ExportBytes:
     """The bytes `export_selection(ws, selection, fmt)` writes to its default path, without writing the
     file, its manifest or an `exports` row (a browser download). Images of the open_clip CSV that must be
     materialised are written where that export puts them (beside the default path), so both name them
-    alike. Built in a private temporary folder, so a failure leaves nothing half-written behind."""
+    alike. Built in a private temporary folder, so a failure leaves nothing half-written behind. Needs a
+    lead, like `export_selection`; the download is written to the audit trail."""
     fmt = _check_format(fmt)
     info = sel.get_selection(ws, selection)
+    actor = current_actor(actor)
+    roles.require(ws, actor, "export", pool_id=info.pool_id, detail=f"download {info.name} v{info.version}")
     path = default_path(ws, info, fmt).resolve()
     table = _export_table(ws, info)
     result = ExportInfo(0, info.selection_id, fmt, path, path.with_name(path.name + ".manifest.json"), 0)
@@ -144,7 +174,9 @@ def export_bytes(
     with tempfile.TemporaryDirectory(prefix="chips-export-") as tmp_dir:
         tmp = Path(tmp_dir) / path.name
         _write_format(table, fmt, tmp, result)
-        return ExportBytes(path.name, tmp.read_bytes(), result.n_rows, result.rejected)
+        out = ExportBytes(path.name, tmp.read_bytes(), result.n_rows, result.rejected)
+    _audit(ws, actor, info, fmt, None, "browser download", result.n_rows)
+    return out
 
 
 def _check_format(fmt: str) -> str:
@@ -265,11 +297,6 @@ def _write_open_clip_csv(table: pd.DataFrame, tmp: Path, result: ExportInfo) -> 
             )
         keep = keep[~bad].reset_index(drop=True)
     raise ExportError(f"{tmp}: captions still change when read back with pandas after dropping rows")
-
-
-def neutralise(cell: str) -> str:
-    """Prefix a text cell a spreadsheet would treat as a formula with a single quote."""
-    return "'" + cell if cell.startswith(FORMULA_PREFIXES) else cell
 
 
 def _write_safe_csv(table: pd.DataFrame, tmp: Path) -> None:

@@ -9,7 +9,6 @@ an export can always say exactly what produced it.
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import json
 import math
 import os
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chips_core.team import audit, roles
+from chips_core.team.identity import Actor, current_actor
 from chips_core.workspace import catalog, store
 from chips_core.workspace.store import Workspace, WorkspaceError, atomic_path
 
@@ -65,17 +66,6 @@ class SelectionDiff:
         )
 
 
-def default_author() -> str:
-    """The author recorded with a decision when none is given (env CHIPS_AUTHOR, else the login name)."""
-    env = os.environ.get("CHIPS_AUTHOR")
-    if env:
-        return env
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
 def resolve_pool(ws: Workspace, pool: str | int) -> int:
     """The pool_id of a pool given by name or id; a SelectionError names it when it does not exist."""
     ws.check()
@@ -93,11 +83,13 @@ def record_decisions(
     note: str | None = None,
     author: str | None = None,
     score_run_id: int | None = None,
+    actor: Actor | None = None,
 ) -> list[int]:
     """Append one decision row per pair (same action, note, author); returns the new decision ids.
 
     Every pair must belong to the pool: unknown ids are refused as a whole, naming a few of them, so a
-    bulk lasso never half-applies.
+    bulk lasso never half-applies. `actor` (default: the local user, or the user a background job runs
+    for) must be a curator; the rows carry their subject and e-mail, and `author` defaults to their name.
     """
     if action not in ACTIONS:
         raise SelectionError(f"unknown decision {action!r}; use one of {', '.join(ACTIONS)}")
@@ -107,7 +99,9 @@ def record_decisions(
     if len(ids) == 0:
         return []
     pool_id = resolve_pool(ws, pool)
-    author = author or default_author()
+    actor = current_actor(actor)
+    roles.require(ws, actor, "decide", pool_id=pool_id, pair_ids=ids, detail=f"{action} {len(ids)} pair(s)")
+    author = author or actor.display
     with ws.connect() as con:
         missing = catalog.missing_pairs(con, pool_id, ids)
         if missing:
@@ -125,6 +119,8 @@ def record_decisions(
                 "note": note,
                 "author": author,
                 "score_run_id": score_run_id,
+                "subject": actor.subject,
+                "email": actor.email,
             }
         )
         catalog.insert_decisions(con, rows)
@@ -139,20 +135,21 @@ def record_decision(
     note: str | None = None,
     author: str | None = None,
     score_run_id: int | None = None,
+    actor: Actor | None = None,
 ) -> int:
     """Append one decision (include | exclude | clear | note) for one pair; returns its decision id."""
-    return record_decisions(ws, pool, [pair_id], action, note, author, score_run_id)[0]
+    return record_decisions(ws, pool, [pair_id], action, note, author, score_run_id, actor)[0]
 
 
 def current_decisions(ws: Workspace, pool: str | int) -> pd.DataFrame:
     """The decisions in force: one row per pair that has an include/exclude state or a note.
 
-    Columns: pair_id, state ('include' | 'exclude' | None), note (the latest non-empty note), author and
-    decided_at of the latest row, score_run_id of the latest state row.
+    Columns: pair_id, state ('include' | 'exclude' | None), note (the latest non-empty note), author, email
+    and decided_at of the latest row, score_run_id and decision_id of the latest state row.
     """
     pool_id = resolve_pool(ws, pool)
     df = catalog.current_decisions(ws, pool_id)
-    for col in ("state", "note", "author"):
+    for col in ("state", "note", "author", "email"):
         df[col] = df[col].astype(object).where(df[col].notna(), None)
     return df
 
@@ -295,19 +292,24 @@ def save_selection(
     name: str,
     params: dict[str, Any] | None = None,
     method: str | None = None,
+    actor: Actor | None = None,
 ) -> int:
     """Save the top ceil(ratio·N) pairs of a ranking as selection `name` (next version); returns its id.
 
     `ranking` is a score_run_id or a ranking (RankResult / DataFrame), which is first stored as a score
     run (method taken from `method`, else `params['method']`, else 'chips'; its scoring cache from
     `params['cache_id']` when given, so exports can name the model). Decisions in force are
-    applied (see `choose_members`) and copied into the selection's params, with the score run's params.
+    applied (see `choose_members`) and copied into the selection's params, with the score run's params;
+    the exact decision rows applied are recorded (`selection_decisions`). `actor` (default: the local user)
+    must be a lead; the save is written to the audit trail.
     """
     if not name or not name.strip():
         raise SelectionError("a selection needs a non-empty name")
     if not (0.0 < float(ratio) <= 1.0) or math.isnan(float(ratio)):
         raise SelectionError(f"ratio must be in (0, 1], got {ratio}")
     pool_id = resolve_pool(ws, pool)
+    actor = current_actor(actor)
+    roles.require(ws, actor, "select", pool_id=pool_id, detail=f"save selection {name!r}")
     params = dict(params or {})
     if isinstance(ranking, int | np.integer):
         score_run_id = int(ranking)
@@ -354,7 +356,19 @@ def save_selection(
             json.dumps(stored, default=_json_default),
             members,
         )
+        catalog.insert_selection_decisions(con, selection_id, state["decision_id"].astype(np.int64).tolist())
         store.commit(con)
+    audit.record(
+        ws,
+        actor,
+        "selection",
+        "save",
+        pool_id=pool_id,
+        object_id=selection_id,
+        score_run_id=score_run_id,
+        params={"name": name, "version": version, "ratio": float(ratio), "n_selected": len(members),
+                "method": run["method"], "score_run_params": run["params"]},
+    )  # fmt: skip
     return selection_id
 
 

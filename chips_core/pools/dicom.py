@@ -11,6 +11,7 @@ import io
 import string
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -112,34 +113,49 @@ def _grey_display(arr: np.ndarray, ds) -> np.ndarray:  # noqa: ANN001
     return out
 
 
+def read_frame(data: bytes) -> tuple[Any, np.ndarray]:
+    """The data set and the stored pixels of the frame CLIP sees (the middle one of a multi-frame file);
+    raises DicomError. The caller holds `warnings.catch_warnings` if pydicom's warnings should be quiet."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DicomError("DICOM file has no pixel data")
+    try:
+        n_pixels = int(ds.Rows) * int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DicomError(f"DICOM file lacks Rows/Columns/NumberOfFrames ({exc})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and n_pixels > limit:  # the same per-image rule as PIL images
+        raise DicomError(f"{n_pixels} pixels per frame exceed PIL's limit of {limit}", "decompression_bomb")
+    try:
+        # Only the middle frame is decoded: a long multi-frame series never sits in memory whole.
+        arr = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
+    except Exception as exc:  # missing codec, inconsistent header, short pixel data
+        raise DicomError(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+    return ds, arr
+
+
+def is_grey(ds: Any) -> bool:
+    """Whether the data set's pixels are one grey value each (not palette colour, not RGB/YBR)."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    return photometric != "PALETTE COLOR" and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+
+
 def decode(data: bytes, template: str | None = None) -> DicomImage:
     """Decode DICOM bytes into display pixels and (with `template`) a caption; raises DicomError."""
-    import pydicom
-    from pydicom.pixels import apply_color_lut, pixel_array
+    from pydicom.pixels import apply_color_lut
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        ds, arr = read_frame(data)
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        except Exception as exc:
-            raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise DicomError("DICOM file has no pixel data")
-        try:
-            n_pixels = int(ds.Rows) * int(ds.Columns)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise DicomError(f"DICOM file lacks Rows/Columns/NumberOfFrames ({exc})") from None
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and n_pixels > limit:  # the same per-image rule as PIL images
-            raise DicomError(
-                f"{n_pixels} pixels per frame exceed PIL's limit of {limit}", "decompression_bomb"
-            )
-        try:
-            # Only the middle frame is decoded: a long multi-frame series never sits in memory whole.
-            arr = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
             photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-            samples = int(ds.get("SamplesPerPixel", 1) or 1)
             if photometric == "PALETTE COLOR":
                 rgb = apply_color_lut(arr, ds)
                 pixels = (
@@ -147,13 +163,11 @@ def decode(data: bytes, template: str | None = None) -> DicomImage:
                     if rgb.dtype == np.uint8
                     else scale_to_uint8(rgb, 0.0, float(2 ** (8 * rgb.itemsize) - 1))
                 )
-            elif samples > 1:  # pydicom converts YBR to RGB
+            elif not is_grey(ds):  # pydicom converts YBR to RGB
                 pixels = arr if arr.dtype == np.uint8 else scale_to_uint8(arr, 0.0, _bits_max(ds, arr))
             else:
                 pixels = _grey_display(arr, ds)
-        except DicomError:
-            raise
-        except Exception as exc:  # missing codec, inconsistent header, short pixel data
+        except Exception as exc:  # missing LUT data, inconsistent header
             raise DicomError(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
         if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 1:
             raise DicomError(f"unexpected pixel array shape {pixels.shape}")

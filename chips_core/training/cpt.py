@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from typing import Any
 import pandas as pd
 
 from chips_core.errors import ChipsError
+from chips_core.team import audit, roles
+from chips_core.team.identity import Actor, current_actor
 from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, atomic_write_bytes
 
@@ -253,6 +255,7 @@ def train(
     csv_caption_key: str = "title",
     save_frequency: int = 1,
     nproc_per_node: int | None = None,
+    actor: Actor | None = None,
 ) -> int:
     """Continually pre-train `recipe.model` on a saved selection (its id) or an open_clip CSV with the
     CPT `recipe` (Recipe); return cpt_run_id.
@@ -260,6 +263,8 @@ def train(
     Blocks until the subprocess ends. Progress rows go to `cpt_progress` (and to `progress(row)`); the
     run ends 'finished' (checkpoint recorded), 'failed' (CPTError with the log tail) or 'cancelled'.
     `recipe.warmup` defaults to 10% of the steps; `recipe.precision` to 'amp' on CUDA, 'fp32' elsewhere.
+    `actor` (default: the user a background job runs for, else the local user) must be a lead; the launch
+    is written to the audit trail with the selection's score run and the recipe.
     """
     from open_clip_train.params import parse_args
 
@@ -268,6 +273,8 @@ def train(
     workers, device, extra_args = recipe.workers, recipe.device, list(recipe.extra_args)
 
     ws.check()
+    actor = current_actor(actor)
+    roles.require(ws, actor, "train", detail=f"train {recipe.model} on {source}")
     selection_id = source if isinstance(source, int) and not isinstance(source, bool) else None
     if selection_id is None:  # check a given CSV before anything is recorded
         csv_path = Path(source).resolve()
@@ -279,6 +286,7 @@ def train(
         run_id = ws.next_id(con)
         rdir = run_dir(ws, run_id)
         catalog.insert_cpt_run(con, run_id, selection_id, "preparing", str(rdir))
+    _audit_launch(ws, actor, run_id, selection_id, source, recipe, seed)
     rdir.mkdir(parents=True, exist_ok=False)
     try:  # nothing of a run that never started stays behind
         if selection_id is not None:
@@ -338,6 +346,28 @@ def train(
     catalog.set_cpt_config(ws, run_id, json.dumps(config), ACTIVE)
     _supervise(ws, run_id, config, progress)
     return run_id
+
+
+def _audit_launch(
+    ws: Workspace, actor: Actor, run_id: int, selection_id: int | None, source: Any, recipe: Recipe, seed: int
+) -> None:
+    """The training launch in the audit trail: who, the selection's score run, the recipe."""
+    selection = catalog.selection_rows(ws, selection_id) if selection_id is not None else pd.DataFrame()
+    score_run_id = (
+        None
+        if selection.empty or pd.isna(selection["score_run_id"].iloc[0])
+        else int(selection["score_run_id"].iloc[0])
+    )
+    audit.record(
+        ws,
+        actor,
+        "train",
+        "launch",
+        pool_id=None if selection.empty else int(selection["pool_id"].iloc[0]),
+        object_id=run_id,
+        score_run_id=score_run_id,
+        params={"source": str(source), "seed": seed, "recipe": asdict(recipe)},
+    )
 
 
 def run_config(ws: Workspace, cpt_run_id: int) -> dict:

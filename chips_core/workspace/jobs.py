@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import chips_core
+from chips_core.team import roles
+from chips_core.team.identity import Actor, current_actor
 from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError
 
@@ -61,14 +63,23 @@ class JobInfo:
         return self.status in ACTIVE
 
 
-def launch(ws: Workspace, kind: str, argv: list[str]) -> int:
+# the action (chips_core.team.roles) a job kind needs; kinds not listed (map, demo) only compute views
+KIND_ACTIONS = {"train": "train", "evaluate": "train", "ingest": "manage", "featurize": "manage",
+                "prepare": "manage", "score": "manage"}  # fmt: skip
+
+
+def launch(ws: Workspace, kind: str, argv: list[str], actor: Actor | None = None) -> int:
     """Start `chips <argv>` in the background for workspace `ws`; returns the job id at once.
 
     kind is a short label for people ('featurize', 'prepare', 'train', ...). The child is its own session
     leader: signals to the launching process group do not reach it and it keeps running when the
-    launcher exits.
+    launcher exits. `actor` (default: the local user) must hold the role the kind needs (KIND_ACTIONS);
+    the job runs as that user, so what it records (a training launch) names them.
     """
     ws.check()
+    actor = current_actor(actor)
+    if kind in KIND_ACTIONS:
+        roles.require(ws, actor, KIND_ACTIONS[kind], detail=f"start a {kind} job: chips {' '.join(argv)}")
     argv = [str(a) for a in argv]
     if not argv:
         raise JobError("a job needs a chips command to run")
@@ -76,7 +87,7 @@ def launch(ws: Workspace, kind: str, argv: list[str]) -> int:
     log_path = ws.root / "logs" / f"job-{job_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     catalog.insert_job(ws, job_id, kind, json.dumps(argv), str(log_path))
-    env = dict(os.environ)
+    env = {**os.environ, **actor.to_env()}
     package_root = str(Path(chips_core.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -101,7 +112,7 @@ def latest(ws: Workspace, argv: list[str]) -> JobInfo | None:
     return next((j for j in list_jobs(ws) if j.args == argv), None)
 
 
-def launch_once(ws: Workspace, kind: str, argv: list[str]) -> int:
+def launch_once(ws: Workspace, kind: str, argv: list[str], actor: Actor | None = None) -> int:
     """The id of the active job running `chips <argv>` in `ws`, else of one started now.
 
     The check and the launch hold a lock (ws/logs/launch.lock), so two dashboard sessions that ask for the
@@ -115,7 +126,7 @@ def launch_once(ws: Workspace, kind: str, argv: list[str]) -> int:
         try:
             argv = [str(a) for a in argv]
             running = [j.job_id for j in list_jobs(ws, active_only=True) if j.args == argv]
-            return running[0] if running else launch(ws, kind, argv)
+            return running[0] if running else launch(ws, kind, argv, actor)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

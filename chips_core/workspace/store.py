@@ -2,7 +2,9 @@
 
 DuckDB allows one writing process at a time. Every process (CLI, background job, dashboard) opens
 short-lived connections through `Workspace.connect()`, which retries while another process holds the
-file lock, so a dashboard can read while a job writes between its short transactions.
+file lock, so a dashboard can read while a job writes between its short transactions. Within one process
+(the dashboard serving several browsers) DuckDB refuses a read-only and a writing connection at the same
+time; `connect()` waits for that too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import duckdb
 
 from chips_core.errors import ChipsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: team curation (members, audit_log, selection_decisions, decision identity)
 DB_NAME = "chips.duckdb"
 
 _SCHEMA = """
@@ -59,7 +62,8 @@ CREATE TABLE IF NOT EXISTS decisions (   -- append-only; the latest row per (poo
     decision_id INTEGER PRIMARY KEY, pool_id INTEGER NOT NULL, pair_id BIGINT NOT NULL,
     action VARCHAR NOT NULL,             -- 'include' | 'exclude' | 'clear' | 'note'
     note VARCHAR, author VARCHAR, score_run_id INTEGER,
-    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp);
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    subject VARCHAR, email VARCHAR);      -- who decided: the ID token's subject and e-mail
 CREATE TABLE IF NOT EXISTS selections (
     selection_id INTEGER PRIMARY KEY, name VARCHAR NOT NULL, version INTEGER NOT NULL,
     pool_id INTEGER NOT NULL, score_run_id INTEGER, ratio DOUBLE NOT NULL, params JSON NOT NULL,
@@ -68,6 +72,8 @@ CREATE TABLE IF NOT EXISTS selections (
 CREATE TABLE IF NOT EXISTS selection_members (
     selection_id INTEGER NOT NULL, pair_id BIGINT NOT NULL, rank BIGINT, source VARCHAR NOT NULL,
     PRIMARY KEY (selection_id, pair_id));   -- source: 'score' | 'include'
+CREATE TABLE IF NOT EXISTS selection_decisions (   -- exactly which decision rows a selection applied
+    selection_id INTEGER NOT NULL, decision_id INTEGER NOT NULL, PRIMARY KEY (selection_id, decision_id));
 CREATE TABLE IF NOT EXISTS exports (
     export_id INTEGER PRIMARY KEY, selection_id INTEGER NOT NULL, format VARCHAR NOT NULL,
     path VARCHAR NOT NULL, manifest JSON, created_at TIMESTAMP NOT NULL DEFAULT current_timestamp);
@@ -87,7 +93,28 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id INTEGER PRIMARY KEY, kind VARCHAR NOT NULL, args JSON NOT NULL, status VARCHAR NOT NULL,
     pid INTEGER, progress DOUBLE, message VARCHAR, log_path VARCHAR,
     started_at TIMESTAMP NOT NULL DEFAULT current_timestamp, updated_at TIMESTAMP, finished_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS members (   -- append-only; the latest row per member is the role in force
+    member_row INTEGER PRIMARY KEY,
+    member VARCHAR NOT NULL,             -- lower-case e-mail, or the ID token's subject when it has none
+    role VARCHAR NOT NULL,               -- 'viewer' | 'curator' | 'lead'
+    granted_by VARCHAR NOT NULL, granted_at TIMESTAMP NOT NULL DEFAULT current_timestamp);
+CREATE TABLE IF NOT EXISTS audit_log (   -- append-only: selections, exports, training, grants, refusals
+    event_id INTEGER PRIMARY KEY, created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    subject VARCHAR NOT NULL, email VARCHAR, kind VARCHAR NOT NULL, action VARCHAR,
+    outcome VARCHAR NOT NULL,            -- 'ok' | 'refused'
+    pool_id INTEGER, pair_id BIGINT, object_id INTEGER, score_run_id INTEGER, params JSON, detail VARCHAR);
 """
+
+# upgrades an older workspace in place: each step is idempotent, run by `Workspace.init` and on first use
+_UPGRADES = """
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS subject VARCHAR;
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS email VARCHAR;
+"""
+_current: set[Path] = set()  # workspaces this process has seen at SCHEMA_VERSION
+# DuckDB (2.0) shares one database instance among a process's connections and races when threads open
+# and close them at once (seen as "Table Function with name pandas_scan does not exist" while two dashboard
+# sessions decide at the same moment): opening and closing take turns; the work in between does not
+_OPEN_CLOSE = threading.Lock()
 
 
 class WorkspaceError(ChipsError):
@@ -108,44 +135,64 @@ class Workspace:
         ws.root.mkdir(parents=True, exist_ok=True)
         for sub in ("features", "caches", "scores", "exports", "cpt", "thumbs", "logs"):
             (ws.root / sub).mkdir(exist_ok=True)
-        with ws.connect() as con:
-            con.execute(_SCHEMA)
-            if con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 0:
-                con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+        with ws._open(read_only=False) as con:
+            _create_or_upgrade(con)
+        _current.add(ws.db_path)
         return ws
 
     def check(self) -> None:
-        """Raise a WorkspaceError naming the folder when it is not an initialised workspace."""
+        """Raise a WorkspaceError naming the folder when it is not an initialised workspace; bring an
+        older workspace's schema up to date the first time this process sees it."""
         if not self.db_path.exists():
             raise WorkspaceError(
                 f"{self.root} is not a CHIPS workspace (no {DB_NAME}); run `chips init {self.root}`"
             )
+        if self.db_path in _current:
+            return
+        with self._open(read_only=True) as con:
+            version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        if version is None or version < SCHEMA_VERSION:
+            with self._open(read_only=False) as con:
+                _create_or_upgrade(con)
+        _current.add(self.db_path)
 
     @contextlib.contextmanager
     def connect(
         self, read_only: bool = False, timeout_s: float = 60.0
     ) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; retries while another process holds the write lock.
+        """A short-lived connection to an initialised, up-to-date workspace; retries while another process
+        holds the write lock.
 
         Keep the `with` block short: the lock is held for its whole duration.
         """
-        if read_only:
-            self.check()
+        self.check()
+        with self._open(read_only, timeout_s) as con:
+            yield con
+
+    @contextlib.contextmanager
+    def _open(self, read_only: bool, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
         deadline = time.monotonic() + timeout_s
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(self.db_path), read_only=read_only)
+                with _OPEN_CLOSE:
+                    con = duckdb.connect(str(self.db_path), read_only=read_only)
                 break
-            except duckdb.IOException as exc:  # "Could not set lock on file"
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            # another process holds the file lock ("Could not set lock on file"), or another thread of this
+            # process has a connection open in the other mode ("... with a different configuration"): both
+            # are short-lived, so wait for them
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                text = str(exc).lower()
+                busy = "lock" in text or "different configuration" in text
+                if not busy or time.monotonic() > deadline:
                     raise WorkspaceError(f"workspace {self.db_path} is busy: {exc}") from exc
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.5)
         try:
             yield con
         finally:
-            con.close()
+            with _OPEN_CLOSE:
+                con.close()
 
     def next_id(self, con: duckdb.DuckDBPyConnection) -> int:
         """A fresh id from the workspace-wide sequence, for a row inserted on the same connection.
@@ -162,6 +209,16 @@ class Workspace:
             value = self.next_id(con)
             con.execute("COMMIT")
         return value
+
+
+def _create_or_upgrade(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every table (idempotent), apply the upgrades and record SCHEMA_VERSION, in one transaction."""
+    con.execute("BEGIN TRANSACTION")
+    con.execute(_SCHEMA)
+    con.execute(_UPGRADES)
+    con.execute("DELETE FROM schema_version")
+    con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+    con.execute("COMMIT")
 
 
 def begin(con: duckdb.DuckDBPyConnection) -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from chips_core.workspace.store import Workspace, WorkspaceError, atomic_write_bytes
+from chips_core.workspace.store import SCHEMA_VERSION, Workspace, WorkspaceError, atomic_write_bytes
 
 pytestmark = pytest.mark.unit
 
@@ -9,7 +9,7 @@ def test_init_is_idempotent_and_versioned(tmp_path):
     ws = Workspace.init(tmp_path / "ws")
     Workspace.init(tmp_path / "ws")
     with ws.connect(read_only=True) as con:
-        assert con.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert con.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
 def test_missing_workspace_is_named(tmp_path):

@@ -53,12 +53,14 @@ def next_ids(con: Con, n: int) -> list[int]:
 
 
 def insert_decisions(con: Con, rows: pd.DataFrame) -> None:
-    """Append decision rows (columns decision_id, pool_id, pair_id, action, note, author, score_run_id)."""
+    """Append decision rows (columns decision_id, pool_id, pair_id, action, note, author, score_run_id,
+    subject, email)."""
     con.register("_rows", rows)
     try:
         con.execute(
-            "INSERT INTO decisions (decision_id, pool_id, pair_id, action, note, author, score_run_id) "
-            "SELECT decision_id, pool_id, pair_id, action, note, author, score_run_id FROM _rows"
+            "INSERT INTO decisions (decision_id, pool_id, pair_id, action, note, author, score_run_id, "
+            "subject, email) SELECT decision_id, pool_id, pair_id, action, note, author, score_run_id, "
+            "subject, email FROM _rows"
         )
     finally:
         con.unregister("_rows")
@@ -69,14 +71,14 @@ _STATE_CTE = """
             d AS (SELECT * FROM decisions WHERE pool_id = ?),
             state AS (
                 SELECT pair_id, arg_max(action, decision_id) AS action,
-                       arg_max(score_run_id, decision_id) AS score_run_id
+                       arg_max(score_run_id, decision_id) AS score_run_id, max(decision_id) AS decision_id
                 FROM d WHERE action IN ('include', 'exclude', 'clear') GROUP BY pair_id)"""
 
 
 def current_decisions(db: Db, pool_id: int) -> pd.DataFrame:
     """The decisions in force of a pool: pair_id, state ('include' | 'exclude' | NULL), note (latest
-    non-empty), author and decided_at of the latest row, score_run_id of the latest state row; one row per
-    pair with a state or a note."""
+    non-empty), author, email and decided_at of the latest row, score_run_id and decision_id of the latest
+    state row; one row per pair with a state or a note."""
     with reading(db) as con:
         return con.execute(
             f"""
@@ -86,11 +88,12 @@ def current_decisions(db: Db, pool_id: int) -> pd.DataFrame:
                 FROM d WHERE note IS NOT NULL AND trim(note) <> '' GROUP BY pair_id),
             latest AS (
                 SELECT pair_id, arg_max(author, decision_id) AS author,
+                       arg_max(email, decision_id) AS email,
                        arg_max(created_at, decision_id) AS decided_at
                 FROM d GROUP BY pair_id)
             SELECT l.pair_id,
                    CASE WHEN s.action IN ('include', 'exclude') THEN s.action END AS state,
-                   n.note, l.author, l.decided_at, s.score_run_id
+                   n.note, l.author, l.email, l.decided_at, s.score_run_id, s.decision_id
             FROM latest l LEFT JOIN state s USING (pair_id) LEFT JOIN notes n USING (pair_id)
             WHERE s.action IN ('include', 'exclude') OR n.note IS NOT NULL
             ORDER BY l.pair_id
