@@ -2,7 +2,7 @@
 
 The sidebar chooses the workspace (env CHIPS_WORKSPACE, or a path typed here) and the pool / eval set; the
 pages live in app/views/ and only call chips_core and render. The view's state lives in the URL
-(app/url_state.py).
+(app/url_state.py). With an identity provider configured everyone signs in first (app/auth.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ if str(_ROOT) not in sys.path:  # run from a checkout: use this checkout's chips
 
 import streamlit as st  # noqa: E402
 
-from app import context, url_state  # noqa: E402
+from app import auth, context, url_state  # noqa: E402
 
 st.set_page_config(page_title="CHIPS Studio", page_icon=":material/neurology:", layout="wide")
+auth.require_sign_in()  # with an identity provider in .streamlit/secrets.toml: nothing until signed in
 url_state.seed()  # a reload or a shared link: the view in the URL (before the defaults fill the rest)
 context.keep_widget_state()
 
@@ -29,6 +30,7 @@ pages = [
     st.Page(VIEWS / "map.py", title="Map", icon=":material/scatter_plot:", url_path="map"),
     st.Page(VIEWS / "browse.py", title="Browse", icon=":material/photo_library:", url_path="browse"),
     st.Page(VIEWS / "export.py", title="Export and train", icon=":material/download:", url_path="export"),
+    st.Page(VIEWS / "activity.py", title="Activity", icon=":material/history:", url_path="activity"),
 ]
 
 with st.sidebar:
@@ -61,6 +63,7 @@ with st.sidebar:
                 st.session_state.pop(key, None)
             if names:
                 st.selectbox(label, names, key=key)
+    auth.sidebar(ws)
 
 url_state.write()  # the widgets' values as the browser sent them (a page's st.stop drops later writes)
 try:
