@@ -121,12 +121,24 @@ def _eval_pair_rows(ws: store.Workspace, rows: pd.DataFrame) -> None:
         text.markdown(f"{r.contribution:+.3g} ({r.share:.0%} of Â) — {caption}")
 
 
+def _decision_line(dec: pd.DataFrame, pair_id: int) -> str:
+    """The decision in force, with who made it and when."""
+    if pair_id not in dec.index:
+        return "**Decision:** none (the score decides)"
+    row = dec.loc[pair_id]
+    state = row["state"] if isinstance(row["state"], str) else None
+    who = row["author"] if isinstance(row["author"], str) else "unknown"
+    when = f"{pd.Timestamp(row['decided_at']):%Y-%m-%d %H:%M}" if pd.notna(row["decided_at"]) else "?"
+    return f"**Decision:** {state or 'none (the score decides)'} · by {who}, {when}"
+
+
 def _decision_controls(ctx: context.ScoringContext, pair_id: int) -> None:
     ws = store.Workspace(ctx.ws_root)
     dec = widgets.decisions(ctx)
     state = dec.loc[pair_id, "state"] if pair_id in dec.index else None
     note = dec.loc[pair_id, "note"] if pair_id in dec.index else None
-    st.markdown(f"**Decision:** {state or 'none (the score decides)'}")
+    refused = widgets.decision_refusal(ctx)  # a viewer's attempt is refused by chips_core, and shown
+    st.markdown(_decision_line(dec, pair_id))
     c1, c2, c3 = st.columns(3)
     for col, action in zip((c1, c2, c3), ("include", "exclude", "clear"), strict=True):
         if col.button(
@@ -134,15 +146,16 @@ def _decision_controls(ctx: context.ScoringContext, pair_id: int) -> None:
             key=f"detail-{action}",
             disabled=(state == action) or (action == "clear" and state is None),
             width="stretch",
-        ):
-            widgets.decide(ctx, [pair_id], action)
+            help=refused,
+        ) and widgets.decide(ctx, [pair_id], action):
             st.rerun()
     with st.form("detail_note", border=False):
         text = st.text_area("Note", value=note if isinstance(note, str) else "", key=f"note-{pair_id}")
-        if st.form_submit_button("Save note") and text.strip():
-            widgets.decide(ctx, [pair_id], "note", note=text.strip())
+        saved = st.form_submit_button("Save note", help=refused)
+        if saved and text.strip() and widgets.decide(ctx, [pair_id], "note", note=text.strip()):
             st.rerun()
     history = selection.decision_history(ws, ctx.pool_id, pair_id)
     if len(history):
         with st.expander(f"History ({len(history)})"):
-            st.dataframe(history[["created_at", "action", "note", "author"]], hide_index=True)
+            cols = [c for c in ("created_at", "action", "note", "author", "email") if c in history.columns]
+            st.dataframe(history[cols], hide_index=True)

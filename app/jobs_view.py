@@ -13,18 +13,21 @@ from typing import NoReturn
 import pandas as pd
 import streamlit as st
 
+from app import auth
+from chips_core.team import roles
 from chips_core.workspace import jobs, store
 
 
 def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, str]) -> int | None:
-    """Start a background job after checking the form's required fields; says what happened."""
+    """Start a background job as the signed-in user after checking the form's required fields; says what
+    happened (a role that may not start it is refused by chips_core, and the refusal shown)."""
     missing = [label for label, value in required.items() if not str(value).strip()]
     if missing:
         st.error(f"Fill in: {', '.join(missing)}.")
         return None
     try:
-        job_id = jobs.launch(ws, kind, argv)
-    except (store.WorkspaceError, OSError) as exc:
+        job_id = jobs.launch(ws, kind, argv, actor=auth.actor())
+    except (store.WorkspaceError, OSError, roles.AccessDenied) as exc:
         st.error(str(exc))
         return None
     # shown by the jobs panel, which may rerun the page once to start refreshing itself
@@ -84,10 +87,12 @@ def background_step(ws: store.Workspace, kind: str, argv: list[str], what: str) 
         with st.expander(f"Log of job {last.job_id}"):
             st.code(jobs.read_log(ws, last.job_id)[-5000:] or "(empty)", language=None)
         if st.button("Run it again", key=f"rerun-{kind}", type="primary"):
-            jobs.launch_once(ws, kind, argv)
+            jobs.launch_once(ws, kind, argv, auth.actor())
             st.rerun()
         st.stop()
-    job_id = last.job_id if last is not None and last.active else jobs.launch_once(ws, kind, argv)
+    job_id = (
+        last.job_id if last is not None and last.active else jobs.launch_once(ws, kind, argv, auth.actor())
+    )
     job_progress(ws, job_id, what)
     st.stop()
 

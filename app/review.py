@@ -51,8 +51,8 @@ def _restart() -> None:
 def _decide(
     ctx: context.ScoringContext, pid: int, action: str, ids: Sequence[int], pos: int, skip: set
 ) -> None:
-    widgets.decide(ctx, [pid], action)
-    _advance(ids, pos, skip)
+    if widgets.decide(ctx, [pid], action):  # a refused decision (a viewer) stays on this pair
+        _advance(ids, pos, skip)
 
 
 @st.fragment
@@ -112,6 +112,7 @@ def review_queue(ctx: context.ScoringContext, table: pd.DataFrame) -> None:
             key="review_components",
             column_config={"meaning": st.column_config.TextColumn(width="large")},
         )
+        refused = widgets.decision_refusal(ctx)
         b1, b2, b3, b4 = st.columns(4)
         for col, action, icon in ((b1, "include", ":material/check:"), (b2, "exclude", ":material/block:")):
             col.button(
@@ -123,7 +124,7 @@ def review_queue(ctx: context.ScoringContext, table: pd.DataFrame) -> None:
                 shortcut=SHORTCUTS[action],
                 on_click=_decide,
                 args=(ctx, pid, action, ids, pos, skip),
-                help=f"{action.capitalize()} this pair and show the next one",
+                help=refused or f"{action.capitalize()} this pair and show the next one",
             )
         b3.button(
             "Skip",

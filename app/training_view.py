@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app import context, jobs_view
+from app import auth, context, jobs_view
 from chips_core.training import cpt, evaluate
 from chips_core.training.cpt import Recipe
 from chips_core.workspace import catalog, jobs, store
@@ -47,7 +47,8 @@ def train_form(
         batch = c3.number_input("Batch size", 2, 4096, d["batch_size"], key="train_batch")
         devices = ["cpu", "cuda"]
         device = c4.selectbox("Device", devices, index=devices.index(d["device"]), key="train_device")
-        if st.form_submit_button("Train", type="primary"):
+        refused = auth.refusal(ws, "train")
+        if st.form_submit_button("Train", type="primary", disabled=bool(refused), help=refused):
             argv = ["train", str(ws.root), "--selection", str(sel), *model_flags, "--epochs", str(epochs)]
             argv += ["--lr", repr(float(lr)), "--batch-size", str(batch), "--device", device]
             job_id = jobs_view.launch(
@@ -178,7 +179,9 @@ def _evaluation(ws: store.Workspace, ctx: context.ScoringContext, run_id: int) -
         st.plotly_chart(fig, key=f"eval-chart-{run_id}")
     if complete or _followed_job_active(ws):
         return
-    if st.button(f"Evaluate the base model and run {run_id} on {ctx.eval_name}", key="cpt_eval"):
+    refused = auth.refusal(ws, "train")
+    label = f"Evaluate the base model and run {run_id} on {ctx.eval_name}"
+    if st.button(label, key="cpt_eval", disabled=bool(refused), help=refused):
         argv = ["evaluate", str(ws.root), ctx.eval_name, "--run", str(run_id), "--with-base"]
         job_id = jobs_view.launch(ws, "evaluate", argv, required={})
         if job_id is not None:

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import context
+from app import auth, context
 from chips_core.curation import gallery, search, selection
+from chips_core.team import audit, roles
 from chips_core.workspace import catalog, store
 
 COMPONENTS = ("alignment", "learnability", "relevance", "score")
@@ -59,12 +60,75 @@ def decisions(ctx: context.ScoringContext) -> pd.DataFrame:
     return df.set_index("pair_id")
 
 
-def decide(ctx: context.ScoringContext, pair_ids: list[int], action: str, note: str | None = None) -> None:
-    """Record a decision for pairs (append-only, in the workspace) and say so."""
-    n = len(
-        selection.record_decisions(store.Workspace(ctx.ws_root), ctx.pool_id, pair_ids, action, note=note)
-    )
-    st.toast(f"{action}: {n} pair(s) recorded")
+def decision_refusal(ctx: context.ScoringContext) -> str | None:
+    """Why this user may not decide, for the decision buttons' help; None when they may.
+
+    Unlike the lead-only buttons, decision buttons stay enabled for a viewer: Streamlit drops a click on a
+    disabled widget without a trace, and a viewer's attempt must reach chips_core, which refuses it with a
+    clear message and records the refusal in the audit trail."""
+    refused = auth.refusal(store.Workspace(ctx.ws_root), "decide")
+    return refused and f"{refused} The workspace refuses a decision from you and records the attempt."
+
+
+def score_run(ctx: context.ScoringContext) -> int:
+    """The score run of the ranking on screen, stored (`selection.record_score_run`) the first time this
+    session decides under these parameters: each decision names the ranking and parameters it was made on."""
+    result = context.current_rank(ctx)
+    params = {**context.rank_params(), "k": int(result.info["k"])}  # the sketch dimension the ranking used
+    runs = st.session_state.setdefault("score_runs", {})
+    key = repr((ctx.cache_id, sorted(params.items())))
+    if key not in runs:
+        runs[key] = selection.record_score_run(
+            store.Workspace(ctx.ws_root), ctx.pool_id, result, params["method"],
+            params={**params, "eval": ctx.eval_name, "blocks": ctx.blocks}, cache_id=ctx.cache_id,
+        )  # fmt: skip
+    return runs[key]
+
+
+def decide(ctx: context.ScoringContext, pair_ids: list[int], action: str, note: str | None = None) -> bool:
+    """Record a decision for pairs as the signed-in user (append-only, in the workspace) and say so;
+    False, with the reason shown, when their role may not decide."""
+    ws = store.Workspace(ctx.ws_root)
+    try:
+        ids = selection.record_decisions(
+            ws, ctx.pool_id, pair_ids, action, note=note, score_run_id=score_run(ctx), actor=auth.actor()
+        )
+    except roles.AccessDenied as exc:
+        st.error(str(exc), icon=":material/block:")
+        return False
+    st.toast(f"{action}: {len(ids)} pair(s) recorded")
+    return True
+
+
+def changes_by_others(ctx: context.ScoringContext) -> None:
+    """Warn about the pairs this user decided that another user changed since this session last looked
+    (who, what, when), until dismissed; the watermark is the pool's newest decision id. Nothing in
+    single-user mode.
+
+    The warning is kept in the session: a rerun that a decision button starts at once would otherwise
+    hide what the run before it found."""
+    user = auth.actor()
+    if not user.signed_in:
+        return
+    ws = store.Workspace(ctx.ws_root)
+    mark_key, found_key = f"decisions_seen_{ctx.pool_id}", f"changed_by_others_{ctx.pool_id}"
+    latest = audit.latest_decision_id(ws, ctx.pool_id)
+    seen = st.session_state.get(mark_key)
+    st.session_state[mark_key] = latest
+    if seen is not None and latest > seen:
+        changed = audit.changed_by_others(ws, ctx.pool_id, user, seen)
+        found = st.session_state.setdefault(found_key, {})
+        for r in changed.itertuples():  # the newest change per pair
+            found[int(r.pair_id)] = (
+                f"pair {int(r.pair_id)}: you set **{r.yours}**; **{r.by}** changed it to **{r.theirs}** at "
+                f"{pd.Timestamp(r.decided_at):%Y-%m-%d %H:%M:%S}"
+            )
+    if st.session_state.get(found_key):
+        lines = "\n".join(f"- {line}" for line in st.session_state[found_key].values())
+        st.warning(f"Changed by others since you last looked:\n{lines}", icon=":material/group:")
+        if st.button("Dismiss", key="changes_dismiss"):
+            st.session_state.pop(found_key)
+            st.rerun()
 
 
 def _fmt(value: Any) -> str:
@@ -78,8 +142,10 @@ def pair_card(
     state: str | None,
     key: str,
     planted: str = "",
+    refused: str | None = None,
 ) -> None:
-    """One pair: thumbnail, caption, rank, components, its decision and buttons to change it."""
+    """One pair: thumbnail, caption, rank, components, its decision and buttons to change it (`refused`:
+    why the user's role may not decide, as their help; see `decision_refusal`)."""
     pid = int(row["pair_id"])
     meta = pairs.loc[pid]
     thumb = gallery.thumbnails(store.Workspace(ctx.ws_root), [(pid, meta["filepath"])])[pid]
@@ -97,14 +163,14 @@ def pair_card(
     b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
     inc = b1.button(
         "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
-        width="stretch", help="Include: always keep this pair in a saved selection, whatever its score",
+        width="stretch",
+        help=refused or "Include: always keep this pair in a saved selection, whatever its score",
     )  # fmt: skip
     exc = b2.button(
         "Exclude", icon=":material/block:", key=f"{key}-exc-{pid}", disabled=state == "exclude",
-        width="stretch", help="Exclude: never keep this pair in a saved selection",
+        width="stretch", help=refused or "Exclude: never keep this pair in a saved selection",
     )  # fmt: skip
-    if inc or exc:
-        decide(ctx, [pid], "include" if inc else "exclude")
+    if (inc or exc) and decide(ctx, [pid], "include" if inc else "exclude"):
         st.rerun()
     if st.button(
         "Details", icon=":material/help:", key=f"{key}-why-{pid}", width="stretch",
@@ -126,12 +192,13 @@ def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_co
         state = dec["state"].to_dict() if len(dec) else {}
     planted = context.demo_planted(ctx)
     truth = planted.to_dict() if planted is not None else {}
+    refused = decision_refusal(ctx)
     for start in range(0, len(rows), n_cols):
         cols = st.columns(n_cols)
         for col, (_, row) in zip(cols, rows.iloc[start : start + n_cols].iterrows(), strict=False):
             with col, st.container(border=True):
                 pid = int(row["pair_id"])
-                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""))
+                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""), refused)
 
 
 DECISION_LABELS = {"include": "Included", "exclude": "Excluded", "none": "No decision"}

@@ -13,6 +13,7 @@ result = context.current_rank(ctx)
 table = widgets.ranking_frame(result)
 
 st.title("Browse")
+widgets.changes_by_others(ctx)
 st.caption(
     f"{len(table):,} pairs of **{ctx.pool_name}** ranked by {st.session_state['method']} "
     "(parameters from the Scores page). Include or exclude a pair by hand; decisions are saved in the "

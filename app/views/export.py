@@ -7,18 +7,23 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import context, jobs_view, training_view, url_state
+from app import auth, context, jobs_view, training_view, url_state
 from chips_core.curation import export, selection
+from chips_core.team import roles
+from chips_core.team.identity import Actor
 from chips_core.workspace.store import Workspace
 
 
-def _download(ws: Workspace, sel_id: int, fmt: str) -> bytes:
-    """The export's bytes for the browser (chips_core.curation.export.export_bytes)."""
-    return export.export_bytes(ws, sel_id, fmt).data
+def _download(ws: Workspace, sel_id: int, fmt: str, user: Actor) -> bytes:
+    """The export's bytes for the browser (chips_core.curation.export.export_bytes, audited as `user`)."""
+    return export.export_bytes(ws, sel_id, fmt, actor=user).data
 
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
+user = auth.actor()
+refused_select = auth.refusal(ws, "select")  # disabled with the reason; chips_core checks again
+refused_export = auth.refusal(ws, "export")
 
 st.title("Export and train")
 
@@ -33,7 +38,9 @@ st.caption(
 )
 with st.form("save_selection", border=False):
     name = st.text_input("Selection name", value=f"{ctx.pool_name}-{params['method']}", key="sel_name")
-    if st.form_submit_button("Save selection", type="primary"):
+    if st.form_submit_button(
+        "Save selection", type="primary", disabled=bool(refused_select), help=refused_select
+    ):
         try:
             sid = selection.save_selection(
                 ws,
@@ -43,8 +50,9 @@ with st.form("save_selection", border=False):
                 name,
                 params={**params, "cache_id": ctx.cache_id, "eval": ctx.eval_name, "blocks": ctx.blocks},
                 method=params["method"],
+                actor=user,
             )
-        except selection.SelectionError as exc:
+        except (selection.SelectionError, roles.AccessDenied) as exc:
             st.error(str(exc))
         else:
             info = selection.get_selection(ws, sid)
@@ -91,12 +99,14 @@ info = selection.get_selection(ws, sel_id)
 default = export.default_path(ws, info, fmt)
 st.download_button(
     f"Download {default.name}",
-    data=functools.partial(_download, ws, sel_id, fmt),  # built on click, by the library's export
+    data=functools.partial(_download, ws, sel_id, fmt, user),  # built on click, by the library's export
     file_name=default.name,
     type="primary",
     icon=":material/download:",
     key="export_dl",
-    help="Saves the export to this computer through the browser (the same bytes as the file below).",
+    disabled=bool(refused_export),
+    help=refused_export
+    or "Saves the export to this computer through the browser (the same bytes as the file below).",
 )
 out = st.text_input(
     "Also save in the workspace (a file on the server running CHIPS Studio)",
@@ -105,11 +115,11 @@ out = st.text_input(
     help="With its manifest (`.manifest.json`) beside it; open_clip_train on this server reads it there.",
 )
 st.caption(f"Default: `{default}` (the workspace's exports folder)")
-if st.button("Save in the workspace", key="export_go"):
+if st.button("Save in the workspace", key="export_go", disabled=bool(refused_export), help=refused_export):
     with st.spinner("Writing the export…"):
         try:
-            done = export.export_selection(ws, sel_id, fmt, Path(out))
-        except (export.ExportError, selection.SelectionError, OSError) as exc:
+            done = export.export_selection(ws, sel_id, fmt, Path(out), actor=user)
+        except (export.ExportError, selection.SelectionError, roles.AccessDenied, OSError) as exc:
             st.error(str(exc))
         else:
             st.success(f"Wrote {done.path} ({done.n_rows:,} rows) and its manifest {done.manifest_path}.")

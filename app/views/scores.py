@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app import context, jobs_view, widgets
+from app import auth, context, jobs_view, widgets
 from chips_core.scoring import params as sp
 from chips_core.scoring.diagnostics import stability_warning
 from chips_core.scoring.ranking import ALPHA_INERT_RATIO, selection_change
@@ -17,6 +17,7 @@ ctx = context.scoring_context(ws)
 cache = context.load_cache(ctx.cache_dir)
 
 st.title("Scores")
+widgets.changes_by_others(ctx)
 st.caption(
     f"Pool **{ctx.pool_name}** against eval set **{ctx.eval_name}** (scoring cache {ctx.cache_id}, parameter "
     f"blocks {ctx.blocks.replace(',', ', ')}). Moving a slider re-ranks from the cached sketched gradients: "
@@ -28,7 +29,10 @@ if ctx.blocks_missing:
         f"so the page shows the cache with {ctx.blocks.replace(',', ', ')}. Preparing it runs as a "
         "background job (no encoder runs; the cached features are reused)."
     )
-    if st.button("Prepare a cache with these blocks", key="prepare_blocks"):
+    refused = auth.refusal(ws, "manage")
+    if st.button(
+        "Prepare a cache with these blocks", key="prepare_blocks", disabled=bool(refused), help=refused
+    ):
         jobs_view.launch(
             ws,
             "prepare",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import context, jobs_view
+from app import auth, context, jobs_view
 from chips_core.scoring import params as sp
 from chips_core.scoring.params import PrepareConfig
 from chips_core.workspace import catalog, store
@@ -48,6 +48,7 @@ with st.container(border=True):
         st.error(st.session_state.pop("ws_error"))
 
 ws = context.workspace()
+refused = auth.refusal(ws, "manage")  # adding data and workspace jobs need a lead (chips_core checks it)
 
 st.subheader("Pools and eval sets")
 all_pools = catalog.pools_overview(ws).rename(columns={"rejects": "rejected"})
@@ -90,7 +91,7 @@ with add, st.form("ingest_form"):
         key="ing_replace",
         help="Refused while anything depends on the pool (feature runs, caches, selections...).",
     )
-    if st.form_submit_button("Ingest", type="primary"):
+    if st.form_submit_button("Ingest", type="primary", disabled=bool(refused), help=refused):
         argv = ["ingest", str(ws.root), name, source, "--image-col", image_col, "--caption-col", caption_col]
         argv += (["--eval"] if kind == "eval" else []) + (
             ["--label-col", label_col] if label_col.strip() else []
@@ -115,7 +116,7 @@ with feat, st.form("featurize_form"):
         help="A model with published weights needs a pretrained tag or checkpoint; tick this to use random "
         "weights on purpose.",
     )
-    if st.form_submit_button("Featurize", type="primary"):
+    if st.form_submit_button("Featurize", type="primary", disabled=bool(refused), help=refused):
         argv = ["featurize", str(ws.root), str(pool), "--model", model, "--device", device]
         argv += ["--pretrained", pretrained] if pretrained.strip() else []
         argv += ["--random-init"] if random_init else []
@@ -145,7 +146,7 @@ with prep, st.form("prepare_form"):
         help="The recommended default leaves the temperature out (docs/SCORING.md); the paper scores all "
         "three.",
     )
-    if st.form_submit_button("Prepare", type="primary"):
+    if st.form_submit_button("Prepare", type="primary", disabled=bool(refused), help=refused):
         argv = ["prepare", str(ws.root), str(p_pool), "--eval", str(p_eval), "--k-max", str(k_max)]
         argv += ["--sketch", sketch, "--batch-size", str(batch)]
         argv += ["--blocks", ",".join(blocks or sp.parse_blocks(d.blocks))]
