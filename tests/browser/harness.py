@@ -80,18 +80,25 @@ def streamlit_server(
 
 
 @contextlib.contextmanager
-def chromium_page(width: int = 1500, height: int = 1000) -> Iterator[object]:
-    """A Playwright page in headless Debian Chromium."""
+def chromium_browser() -> Iterator[object]:
+    """A Playwright browser: headless Debian Chromium (each `new_context()` is a separate cookie jar)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            page.set_default_timeout(60_000)
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1500, height: int = 1000) -> Iterator[object]:
+    """A Playwright page in headless Debian Chromium."""
+    with chromium_browser() as browser:
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(60_000)
+        yield page
 
 
 def wait_idle(page: object, timeout_ms: int = 120_000) -> None:
