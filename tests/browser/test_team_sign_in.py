@@ -2,7 +2,8 @@
 a real OpenID Connect provider on 127.0.0.1 (oauth2-mock-server) and headless Debian Chromium: two curators
 sign in from two browser contexts and decide the same pair the opposite way; a viewer is refused.
 
-Screenshots go to test-artifacts/ (git-ignored); docs/screenshots/sign-in.png is a copy of sign-in.png.
+Screenshots go to test-artifacts/ (git-ignored); docs/screenshots/sign-in.png and team-conflict.png are
+copies of them.
 """
 
 from __future__ import annotations
