@@ -5,6 +5,7 @@ secrets file) whose roles chips_core enforces."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 from pathlib import Path
@@ -90,6 +91,15 @@ def test_single_user_decides_and_the_activity_page_lists_it(tiny_workspace):
     assert _table(at, "kind").empty
     at.text_input(key="act_pair").input(str(pid)).run()
     at.multiselect(key="act_kinds").set_value(["decision"]).run()
+    assert len(_table(at, "kind")) == 1
+    today = dt.date.today()
+    at.date_input(key="act_days").set_value(
+        (today - dt.timedelta(days=3), today - dt.timedelta(days=2))
+    ).run()
+    assert _table(at, "kind").empty
+    at.date_input(key="act_days").set_value(
+        (today - dt.timedelta(days=1), today + dt.timedelta(days=1))
+    ).run()
     assert len(_table(at, "kind")) == 1
 
     at.text_input(key="grant_member").input("Curt@Hospital.example")  # the local user is the lead
