@@ -257,3 +257,16 @@ def test_cli_grants_lists_and_writes_the_trail(team_ws, tmp_path, capsys):
     assert trail["kind"].tolist() == ["decision"] and trail["pair_id"].tolist() == [ids[3]]
     assert chips(["activity", str(ws.root), "--kind", "grant"]) == 0
     assert capsys.readouterr().out.count("grant") >= 4
+
+
+def test_single_user_mode_reads_no_roles(team_ws):
+    """Without sign-in the local user is the lead and no role is read per write: with the members table
+    gone, the local user still decides, saves and exports, while a signed-in user's check fails loudly."""
+    ws, pool_id, ids, run = team_ws
+    with ws.connect() as con:
+        con.execute("DROP TABLE members")
+    sel.record_decision(ws, "pool", ids[0], "include")
+    sid = sel.save_selection(ws, "pool", run, 0.5, "top")
+    assert export.export_bytes(ws, sid, "ids").n_rows == N // 2
+    with pytest.raises(Exception, match="members"):
+        sel.record_decision(ws, "pool", ids[1], "include", actor=ANA)
