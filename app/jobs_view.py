@@ -71,6 +71,12 @@ def jobs_panel(ws: store.Workspace) -> None:
     _panel()
 
 
+def active_job(ws: store.Workspace, kind: str, pool: str) -> int | None:
+    """The id of a queued or running `chips <kind> WS <pool> ...` job, or None."""
+    listed = jobs.list_jobs(ws, active_only=True)
+    return next((j.job_id for j in listed if j.kind == kind and j.args[2:3] == [pool]), None)
+
+
 def background_step(ws: store.Workspace, kind: str, argv: list[str], what: str) -> NoReturn:
     """Follow the background job `chips <argv>` whose result the page needs, starting it when none runs;
     stops the page (the caller draws the result once it exists).

@@ -27,6 +27,10 @@ if fmap is None:
         f"The UMAP map of **{ctx.pool_name}** (feature run {ctx.pool_run_id}) is computed once per feature "
         "run and kept in the workspace; from then on it opens at once."
     )
+    preparing = jobs_view.active_job(ws, "prepare", ctx.pool_name)
+    if preparing is not None:  # a prepare job computes the pool's map once its cache is written
+        jobs_view.job_progress(ws, preparing, "Preparing the scores, then the map")
+        st.stop()
     argv = ["map", ctx.ws_root, ctx.pool_name, "--run", str(ctx.pool_run_id)]
     jobs_view.background_step(ws, "map", argv, "Computing the map")
 table = widgets.ranking_frame(context.current_rank(ctx)).set_index("pair_id")
