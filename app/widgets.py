@@ -67,10 +67,18 @@ def decide(ctx: context.ScoringContext, pair_ids: list[int], action: str, note: 
     st.toast(f"{action}: {n} pair(s) recorded")
 
 
+def decide_now(ctx: context.ScoringContext, pid: int, action: str) -> None:
+    """A decision button's callback: record it before the card's fragment reruns, and remember it for the
+    card (`decided_now`), whose arguments still carry the state of the last full run."""
+    decide(ctx, [pid], action)
+    st.session_state.setdefault("decided_now", {})[pid] = None if action == "clear" else action
+
+
 def _fmt(value: Any) -> str:
     return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
 
 
+@st.fragment
 def pair_card(
     ctx: context.ScoringContext,
     row: pd.Series,
@@ -79,8 +87,12 @@ def pair_card(
     key: str,
     planted: str = "",
 ) -> None:
-    """One pair: thumbnail, caption, rank, components, its decision and buttons to change it."""
+    """One pair: thumbnail, caption, rank, components, its decision and buttons to change it.
+
+    A fragment: a decision reruns this card only, which shows it at once; the rest of the page (counts,
+    other views of the pair) catches up on the next full run."""
     pid = int(row["pair_id"])
+    state = st.session_state.get("decided_now", {}).get(pid, state)
     meta = pairs.loc[pid]
     thumb = gallery.thumbnails(store.Workspace(ctx.ws_root), [(pid, meta["filepath"])])[pid]
     if isinstance(thumb, str):
@@ -95,28 +107,28 @@ def pair_card(
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
     st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
     b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
-    inc = b1.button(
+    b1.button(
         "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
         width="stretch", help="Include: always keep this pair in a saved selection, whatever its score",
+        on_click=decide_now, args=(ctx, pid, "include"),
     )  # fmt: skip
-    exc = b2.button(
+    b2.button(
         "Exclude", icon=":material/block:", key=f"{key}-exc-{pid}", disabled=state == "exclude",
         width="stretch", help="Exclude: never keep this pair in a saved selection",
+        on_click=decide_now, args=(ctx, pid, "exclude"),
     )  # fmt: skip
-    if inc or exc:
-        decide(ctx, [pid], "include" if inc else "exclude")
-        st.rerun()
     if st.button(
         "Details", icon=":material/help:", key=f"{key}-why-{pid}", width="stretch",
         help="Details: why this pair ranks here, the eval pairs it helps, its decision history and note",
     ):  # fmt: skip
         st.session_state["detail_pair"] = pid
-        st.rerun()
+        st.rerun()  # the whole page: the detail view opens above the galleries
 
 
 def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4) -> None:
     """A grid of pair cards (rows: ranking rows with pair_id, rank and components; search results also
     carry filepath, caption and state, so the pool's table and decisions are not read for them)."""
+    st.session_state.pop("decided_now", None)  # a full run: the states below are read from the workspace
     if {"filepath", "caption", "state"} <= set(rows.columns):
         pairs = rows.set_index("pair_id", drop=False)[["filepath", "caption"]]
         state = {int(p): s for p, s in zip(rows["pair_id"], rows["state"], strict=True) if isinstance(s, str)}
