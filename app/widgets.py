@@ -32,7 +32,11 @@ def rank_metrics(info: dict[str, Any], n_total: int) -> None:
     share = f"{n_sel / max(n_total, 1):.1%} of {n_total:,}"
     cols[0].metric("Selected", f"{n_sel:,}", share, delta_color="off", delta_arrow="off")
     frac = info.get("frac_positive")
-    cols[1].metric("Alignment > 0", _num(frac, ".1%"), help="Share of pairs with Â > 0.")
+    cols[1].metric(
+        "Alignment > 0",
+        _num(frac, ".1%"),
+        help="Share of pairs expected to help the target set (alignment > 0).",
+    )
     cols[2].metric("λ", _num(info.get("lam"), ".3g"), help=f"λ* = {_num(info.get('lam_star'), '.3g')}")
     cols[3].metric(
         "d(λ)/k",
@@ -42,7 +46,9 @@ def rank_metrics(info: dict[str, Any], n_total: int) -> None:
     cols[4].metric(
         "Ranking stability",
         _num(info.get("stability"), ".3f"),
-        help="Spearman between scores from sketch rows [0, k) and [k, 2k); needs 2k ≤ k_max.",
+        help="How much the order of the pairs holds when the fast approximation is done twice independently: "
+        "1 = the same order (for ML engineers: Spearman of the scores from sketch rows [0, k) and [k, 2k); "
+        "needs 2k ≤ k_max).",
     )
     method = info.get("method")
     backwards = method in ("chips", "trak") and frac is not None and frac * n_total < n_sel
