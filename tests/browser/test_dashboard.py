@@ -89,9 +89,9 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         page.screenshot(path=str(ARTIFACTS / "detail.png"), full_page=True)
 
         _go(page, "Export and train")
-        name = page.get_by_label("Selection name")
+        name = page.get_by_label("Selection name", exact=True)
         name.fill("browser-pick")
-        page.get_by_role("button", name="Save selection").click()
+        page.get_by_role("button", name="Save selection", exact=True).click()
         page.get_by_text("Saved browser-pick v1").wait_for()
         wait_idle(page)
         page.get_by_role("button", name="Save in the workspace", exact=True).click()
