@@ -163,8 +163,8 @@ with feat, st.form("featurize_form"):
     random_init = st.checkbox(
         "Random weights (testing only)",
         key="feat_random_init",
-        help="A model with published weights needs a pretrained tag or checkpoint; tick this to use random "
-        "weights on purpose.",
+        help="A model with published weights needs its trained weights (above); tick this to use untrained, "
+        "random weights on purpose.",
     )
     if st.form_submit_button(
         "Featurize", type="primary", help="Run the model over the pairs (a background job)."
