@@ -132,7 +132,10 @@ def _decision_line(dec: pd.DataFrame, pair_id: int) -> str:
     return f"**Decision:** {state or 'none (the score decides)'} · by {who}, {when}"
 
 
+@st.fragment
 def _decision_controls(ctx: context.ScoringContext, pair_id: int) -> None:
+    """The pair's decision, buttons to change it, its note and history: a fragment, so a click reruns these
+    controls only (the decision is recorded by the button's callback, before they are drawn again)."""
     ws = store.Workspace(ctx.ws_root)
     dec = widgets.decisions(ctx)
     state = dec.loc[pair_id, "state"] if pair_id in dec.index else None
@@ -141,19 +144,19 @@ def _decision_controls(ctx: context.ScoringContext, pair_id: int) -> None:
     st.markdown(_decision_line(dec, pair_id))
     c1, c2, c3 = st.columns(3)
     for col, action in zip((c1, c2, c3), ("include", "exclude", "clear"), strict=True):
-        if col.button(
+        col.button(
             action.capitalize(),
             key=f"detail-{action}",
             disabled=(state == action) or (action == "clear" and state is None),
             width="stretch",
             help=refused,
-        ) and widgets.decide(ctx, [pair_id], action):
-            st.rerun()
+            on_click=widgets.decide_now,
+            args=(ctx, pair_id, action),
+        )
     with st.form("detail_note", border=False):
         text = st.text_area("Note", value=note if isinstance(note, str) else "", key=f"note-{pair_id}")
-        saved = st.form_submit_button("Save note", help=refused)
-        if saved and text.strip() and widgets.decide(ctx, [pair_id], "note", note=text.strip()):
-            st.rerun()
+        if st.form_submit_button("Save note", help=refused) and text.strip():
+            widgets.decide(ctx, [pair_id], "note", note=text.strip())  # the history below shows it
     history = selection.decision_history(ws, ctx.pool_id, pair_id)
     if len(history):
         with st.expander(f"History ({len(history)})"):

@@ -35,25 +35,45 @@ def launch(ws: store.Workspace, kind: str, argv: list[str], required: dict[str, 
     return job_id
 
 
+KIND_WORDS = {  # what each kind of job does, in plain words (the jobs table's "what it does" column)
+    "ingest": "adding pairs to the workspace",
+    "featurize": "the model looks at every image and caption",
+    "prepare": "working out how useful each pair is, then the map",
+    "map": "drawing the map of the pool",
+    "train": "training the model on a selection",
+    "evaluate": "testing the models on the eval set",
+}
+
+
 def _render_jobs(ws: store.Workspace, listed: list[jobs.JobInfo]) -> None:
     """Draw the job list, a cancel button per active job, and the log of a chosen job."""
     if not listed:
         st.caption("No jobs yet.")
         return
     df = pd.DataFrame([dataclasses.asdict(j) for j in listed])
-    cols = ["job_id", "kind", "status", "progress", "message", "started_at", "finished_at"]
+    df["what it does"] = df["kind"].map(KIND_WORDS).fillna("")
+    cols = ["job_id", "kind", "what it does", "status", "progress", "message", "started_at", "finished_at"]
     st.dataframe(
         df[cols],
         hide_index=True,
         key="jobs_table",
-        column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)},
+        column_config={
+            "progress": st.column_config.ProgressColumn(
+                "progress", min_value=0.0, max_value=1.0, help="How much of the job is done."
+            ),
+            "message": st.column_config.TextColumn(
+                "message", help="What the job is doing now.", width="large"
+            ),
+        },
     )
     for job in listed:
         if job.active and st.button(f"Cancel job {job.job_id} ({job.kind})", key=f"cancel-{job.job_id}"):
             jobs.cancel(ws, job.job_id)
             st.rerun()
-    with st.expander("Log of a job"):
-        job_id = st.selectbox("Job", [j.job_id for j in listed], key="log_job")
+    with st.expander("Log of a job (its full output, for when something went wrong)"):
+        job_id = st.selectbox(
+            "Job", [j.job_id for j in listed], key="log_job", help="The job whose log to show."
+        )
         st.code(jobs.read_log(ws, int(job_id))[-5000:] or "(empty)", language=None)
 
 
@@ -72,6 +92,12 @@ def jobs_panel(ws: store.Workspace) -> None:
         _render_jobs(ws, listed)
 
     _panel()
+
+
+def active_job(ws: store.Workspace, kind: str, pool: str) -> int | None:
+    """The id of a queued or running `chips <kind> WS <pool> ...` job, or None."""
+    listed = jobs.list_jobs(ws, active_only=True)
+    return next((j.job_id for j in listed if j.kind == kind and j.args[2:3] == [pool]), None)
 
 
 def background_step(ws: store.Workspace, kind: str, argv: list[str], what: str) -> NoReturn:

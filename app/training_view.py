@@ -36,19 +36,44 @@ def train_form(
     d = {f.name: f.default for f in dataclasses.fields(Recipe)}  # the form's defaults are the recipe's
     with st.form("train_form"):
         st.caption(
-            f"Continual pre-training with open_clip_train (AdamW β={cpt.ADAM_BETAS}, ε={cpt.ADAM_EPS:g}, "
-            "cosine schedule), "
-            f"starting from the model the pool was featurized with (`{' '.join(model_flags[1:]) or '?'}`)."
+            "Trains the model further on the pairs of a saved selection, so that it gets better at the "
+            f"target domain; it starts from the model the pool was featurized with "
+            f"(`{' '.join(model_flags[1:]) or '?'}`) and runs in the background. The defaults suit a first "
+            "run."
         )
-        sel = st.selectbox("Selection", ids, format_func=labels.get, key="train_sel")
+        with st.expander("For ML engineers: the training recipe"):
+            st.markdown(
+                f"open_clip_train, AdamW (β = {cpt.ADAM_BETAS}, ε = {cpt.ADAM_EPS:g}), cosine learning-rate "
+                "schedule, InfoNCE loss with the model's own logit_scale; `chips train` on the command line."
+            )
+        sel = st.selectbox(
+            "Selection", ids, format_func=labels.get, key="train_sel", help="The saved pairs to train on."
+        )
         c1, c2, c3, c4 = st.columns(4)
-        epochs = c1.number_input("Epochs", 1, 100, d["epochs"], key="train_epochs")
-        lr = c2.number_input("Learning rate", 1e-8, 1e-2, d["lr"], format="%.1e", key="train_lr")
-        batch = c3.number_input("Batch size", 2, 4096, d["batch_size"], key="train_batch")
+        epochs = c1.number_input(
+            "Epochs", 1, 100, d["epochs"], key="train_epochs",
+            help="How many times training goes through all the selected pairs.",
+        )  # fmt: skip
+        lr = c2.number_input(
+            "Learning rate", 1e-8, 1e-2, d["lr"], format="%.1e", key="train_lr",
+            help="How big each training step is: too large can make the model forget what it knew.",
+        )  # fmt: skip
+        batch = c3.number_input(
+            "Batch size", 2, 4096, d["batch_size"], key="train_batch",
+            help="Pairs learned from together in one step; larger needs more memory.",
+        )  # fmt: skip
         devices = ["cpu", "cuda"]
-        device = c4.selectbox("Device", devices, index=devices.index(d["device"]), key="train_device")
+        device = c4.selectbox(
+            "Device", devices, index=devices.index(d["device"]), key="train_device",
+            help="cuda: the graphics card (much faster, when the server has one); cpu: the processor.",
+        )  # fmt: skip
         refused = auth.refusal(ws, "train")
-        if st.form_submit_button("Train", type="primary", disabled=bool(refused), help=refused):
+        if st.form_submit_button(
+            "Train",
+            type="primary",
+            disabled=bool(refused),
+            help=refused or "Start training (a background job).",
+        ):
             argv = ["train", str(ws.root), "--selection", str(sel), *model_flags, "--epochs", str(epochs)]
             argv += ["--lr", repr(float(lr)), "--batch-size", str(batch), "--device", device]
             job_id = jobs_view.launch(
@@ -137,7 +162,11 @@ def _render(ws: store.Workspace, ctx: context.ScoringContext, runs: pd.DataFrame
     if st.session_state.get("cpt_newest") != newest:  # a new run (or the first look): select it
         st.session_state["cpt_newest"] = newest
         st.session_state["cpt_run"] = newest
-    run_id = int(st.selectbox("Run", runs["cpt_run_id"].tolist(), key="cpt_run"))
+    run_id = int(
+        st.selectbox(
+            "Run", runs["cpt_run_id"].tolist(), key="cpt_run", help="The training run to show (newest first)."
+        )
+    )
     row = runs.loc[runs["cpt_run_id"] == run_id].iloc[0]
     status = row["status"]
     if run_id in progress:
@@ -151,7 +180,10 @@ def _render(ws: store.Workspace, ctx: context.ScoringContext, runs: pd.DataFrame
     if prog.empty:
         st.caption("No progress logged yet." if status in ACTIVE else "No step was logged.")
     else:
-        fig = px.line(prog, x="step", y="loss", title=f"training loss, run {run_id}", height=300)
+        fig = px.line(
+            prog, x="step", y="loss", height=300,
+            title=f"training loss, run {run_id} (lower: the model fits the selected pairs better)",
+        )  # fmt: skip
         st.plotly_chart(fig, key=f"loss-{run_id}")
     if status == "finished":
         _evaluation(ws, ctx, run_id)
@@ -164,6 +196,10 @@ def _evaluation(ws: store.Workspace, ctx: context.ScoringContext, run_id: int) -
     complete = not mine.empty and mine[["base", "trained"]].notna().all().all()
     if not cmp.empty:
         st.markdown(f"**Evaluation of run {run_id}: base model (before) vs trained (after)**")
+        st.caption(
+            "How well each model finds the right caption for an image of the eval set, and the reverse "
+            "(higher is better); the change is after minus before."
+        )
         st.dataframe(
             cmp.rename(columns={"change": "change (Δ)"}),
             hide_index=True,

@@ -33,7 +33,11 @@ def rank_metrics(info: dict[str, Any], n_total: int) -> None:
     share = f"{n_sel / max(n_total, 1):.1%} of {n_total:,}"
     cols[0].metric("Selected", f"{n_sel:,}", share, delta_color="off", delta_arrow="off")
     frac = info.get("frac_positive")
-    cols[1].metric("Alignment > 0", _num(frac, ".1%"), help="Share of pairs with Â > 0.")
+    cols[1].metric(
+        "Alignment > 0",
+        _num(frac, ".1%"),
+        help="Share of pairs expected to help the target set (alignment > 0).",
+    )
     cols[2].metric("λ", _num(info.get("lam"), ".3g"), help=f"λ* = {_num(info.get('lam_star'), '.3g')}")
     cols[3].metric(
         "d(λ)/k",
@@ -43,7 +47,9 @@ def rank_metrics(info: dict[str, Any], n_total: int) -> None:
     cols[4].metric(
         "Ranking stability",
         _num(info.get("stability"), ".3f"),
-        help="Spearman between scores from sketch rows [0, k) and [k, 2k); needs 2k ≤ k_max.",
+        help="How much the order of the pairs holds when the fast approximation is done twice independently: "
+        "1 = the same order (for ML engineers: Spearman of the scores from sketch rows [0, k) and [k, 2k); "
+        "needs 2k ≤ k_max).",
     )
     method = info.get("method")
     backwards = method in ("chips", "trak") and frac is not None and frac * n_total < n_sel
@@ -131,10 +137,19 @@ def changes_by_others(ctx: context.ScoringContext) -> None:
             st.rerun()
 
 
+def decide_now(ctx: context.ScoringContext, pid: int, action: str) -> None:
+    """A decision button's callback: record it before the card's fragment reruns, and remember it for the
+    card (`decided_now`), whose arguments still carry the state of the last full run; a refused decision
+    changes nothing."""
+    if decide(ctx, [pid], action):
+        st.session_state.setdefault("decided_now", {})[pid] = None if action == "clear" else action
+
+
 def _fmt(value: Any) -> str:
     return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
 
 
+@st.fragment
 def pair_card(
     ctx: context.ScoringContext,
     row: pd.Series,
@@ -145,8 +160,12 @@ def pair_card(
     refused: str | None = None,
 ) -> None:
     """One pair: thumbnail, caption, rank, components, its decision and buttons to change it (`refused`:
-    why the user's role may not decide, as their help; see `decision_refusal`)."""
+    why the user's role may not decide, as their help; see `decision_refusal`).
+
+    A fragment: a decision reruns this card only, which shows it at once; the rest of the page (counts,
+    other views of the pair) catches up on the next full run."""
     pid = int(row["pair_id"])
+    state = st.session_state.get("decided_now", {}).get(pid, state)
     meta = pairs.loc[pid]
     thumb = gallery.thumbnails(store.Workspace(ctx.ws_root), [(pid, meta["filepath"])])[pid]
     if isinstance(thumb, str):
@@ -161,28 +180,29 @@ def pair_card(
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
     st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
     b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
-    inc = b1.button(
+    b1.button(
         "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
         width="stretch",
         help=refused or "Include: always keep this pair in a saved selection, whatever its score",
+        on_click=decide_now, args=(ctx, pid, "include"),
     )  # fmt: skip
-    exc = b2.button(
+    b2.button(
         "Exclude", icon=":material/block:", key=f"{key}-exc-{pid}", disabled=state == "exclude",
         width="stretch", help=refused or "Exclude: never keep this pair in a saved selection",
+        on_click=decide_now, args=(ctx, pid, "exclude"),
     )  # fmt: skip
-    if (inc or exc) and decide(ctx, [pid], "include" if inc else "exclude"):
-        st.rerun()
     if st.button(
         "Details", icon=":material/help:", key=f"{key}-why-{pid}", width="stretch",
         help="Details: why this pair ranks here, the eval pairs it helps, its decision history and note",
     ):  # fmt: skip
         st.session_state["detail_pair"] = pid
-        st.rerun()
+        st.rerun()  # the whole page: the detail view opens above the galleries
 
 
 def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4) -> None:
     """A grid of pair cards (rows: ranking rows with pair_id, rank and components; search results also
     carry filepath, caption and state, so the pool's table and decisions are not read for them)."""
+    st.session_state.pop("decided_now", None)  # a full run: the states below are read from the workspace
     if {"filepath", "caption", "state"} <= set(rows.columns):
         pairs = rows.set_index("pair_id", drop=False)[["filepath", "caption"]]
         state = {int(p): s for p, s in zip(rows["pair_id"], rows["state"], strict=True) if isinstance(s, str)}

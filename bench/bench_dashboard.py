@@ -1,13 +1,19 @@
-"""Dashboard speed: a slider change on a 100,000-pair workspace redraws the ranking and the score charts.
+"""Dashboard speed per action on a 100,000-pair workspace: slider steps, page openings and an include click.
 
 Measured in the real browser: `streamlit run app/main.py` on a synthetic workspace (random features with
-structure, a real scoring cache made by chips_core.scoring.prepare.prepare, real pairs rows pointing at a
-few real
-images) driven by headless Debian Chromium through Playwright. For each slider (α, λ, ratio) the script
-presses one arrow key and times, from the key press:
-  metrics   – the headline metric that depends on the slider shows its new value (ranking done, delta sent);
-  charts    – the score histograms hold new data (Plotly redrew them);
-  idle      – the script run has finished (the ranking table and everything else is drawn).
+structure written as a real feature store, a real scoring cache made by chips_core.scoring.prepare.prepare,
+a stored map, real pairs rows pointing at a few real images) driven by headless Debian Chromium through
+Playwright. Times are seconds from the user's action:
+  first Scores load – from opening the URL until the score histograms are drawn and the run is done;
+  slider steps      – for each slider (α, λ, ratio) one arrow key, until: metrics (the dependent headline
+                      metric shows its new value), charts (the score histograms hold new data), idle (the
+                      script run has finished: the ranking table and everything else is drawn);
+  open Map / Browse – a click on the page's link in the sidebar, until: shown (the map's WebGL points / the
+                      first pair card's Include button are there), idle (the run has finished);
+  include click     – a click on a Browse card's Include, until: shown (that card shows "included" and its
+                      Include button is disabled), idle.
+The map is stored before the dashboard starts, as the prepare job leaves it; its coordinates are a PCA of the
+features, not UMAP (UMAP of 100k points takes many minutes here, and the page reads either the same way).
 Server-side `rank` time of the same cache is printed beside it for reference.
 
     /work/venv/bin/python bench/bench_dashboard.py [--pairs 100000] [--repeats 5] [--k-max 256]
@@ -31,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chips_core.curation import maps  # noqa: E402
 from chips_core.scoring.endpoint import EndpointParams  # noqa: E402
 from chips_core.scoring.params import PrepareConfig, RankParams  # noqa: E402
 from chips_core.scoring.prepare import ArrayFeatures, prepare  # noqa: E402
@@ -51,8 +58,26 @@ def _features(n: int, rng: np.random.Generator, centres: tuple[np.ndarray, np.nd
     return ArrayFeatures(ids, h, t)
 
 
+def _feature_store(folder: Path, src: ArrayFeatures) -> None:
+    """`src` as a one-shard feature store (chips_core.features.featurize.FeatureStore reads it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, t = src.rows(np.arange(len(src)))
+    for part, arr in (("ids", src.pair_ids()), ("h", h), ("t", t)):
+        np.save(folder / f"shard-00000-{part}.npy", arr)
+
+
+def _pca_2d(x: np.ndarray) -> np.ndarray:
+    """The first two principal components of the L2-normalised rows (float32): the bench's stand-in map."""
+    x = x.astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x -= x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x[:20_000], full_matrices=False)
+    return (x @ vt[:2].T).astype(np.float32)
+
+
 def build_workspace(root: Path, n_pairs: int, n_eval: int, k_max: int) -> tuple[store.Workspace, Path]:
-    """A workspace with an n_pairs synthetic pool and a finished scoring cache; returns (ws, cache dir)."""
+    """A workspace with an n_pairs synthetic pool, its feature store and map, and a finished scoring cache;
+    returns (ws, cache dir)."""
     ws = store.Workspace.init(root / "ws")
     rng = np.random.default_rng(0)
     centres = (rng.normal(size=(12, D_V)) * 2, rng.normal(size=(12, D_T)) * 2)
@@ -83,11 +108,20 @@ def build_workspace(root: Path, n_pairs: int, n_eval: int, k_max: int) -> tuple[
             )
             con.execute("INSERT INTO pairs (pool_id, pair_id, row_index, filepath, caption) SELECT * FROM _p")
             con.unregister("_p")
+            features_dir = ws.root / "features" / name
+            _feature_store(features_dir, src)
             con.execute(
                 "INSERT INTO feature_runs (run_id, pool_id, model_id, status, dir, n_pairs, d_v, d_t) "
-                "VALUES (?, ?, 0, 'done', 'synthetic', ?, ?, ?)",
-                [10 + pool_id, pool_id, n, D_V, D_T],
+                "VALUES (?, ?, 0, 'done', ?, ?, ?, ?)",
+                [10 + pool_id, pool_id, str(features_dir), n, D_V, D_T],
             )
+            con.execute(
+                "INSERT INTO feature_shards (run_id, shard_index, n_rows, first_row) VALUES (?, 0, ?, 0)",
+                [10 + pool_id, n],
+            )
+    h, t = pool.rows(np.arange(n_pairs))
+    fmap = maps.FeatureMap(pool.pair_ids(), _pca_2d(h), _pca_2d(t), n_pairs, False)
+    maps.save_map(ws, 11, fmap, {"method": "PCA (bench stand-in for UMAP)"})
     params = EndpointParams(
         torch.randn(D, D_V, generator=torch.Generator().manual_seed(1)) / D_V**0.5,
         torch.randn(D, D_T, generator=torch.Generator().manual_seed(2)) / D_T**0.5,
@@ -144,12 +178,63 @@ def measure(page, slider: str, metric: str, key: str, repeats: int) -> dict[str,
     return out
 
 
+_MAP_DRAWN = (
+    "() => [...document.querySelectorAll(\"[data-testid='stPlotlyChart'] .js-plotly-plot\")]"
+    ".some(g => g.data && g.data.length && g.data[0].type === 'scattergl')"
+)
+
+
+_BROWSE_CARD = "() => !!document.querySelector(\"[class*='st-key-top-inc-'] button\")"
+
+
+def open_page(page, link: str, shown: str, repeats: int) -> dict[str, list[float]]:
+    """Go to Scores, then click the sidebar link `link`; seconds until the JS condition `shown` holds and
+    until the run is done."""
+    out: dict[str, list[float]] = {"shown": [], "idle": []}
+    for _ in range(repeats):
+        page.get_by_role("link", name="Scores", exact=True).click()
+        page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .bars").first.wait_for(timeout=300_000)
+        wait_idle(page, timeout_ms=300_000)
+        t0 = time.perf_counter()
+        page.get_by_role("link", name=link, exact=True).click()
+        page.wait_for_function(shown, polling=20, timeout=300_000)
+        out["shown"].append(time.perf_counter() - t0)
+        wait_idle(page, timeout_ms=300_000)
+        out["idle"].append(time.perf_counter() - t0)
+    return out
+
+
+_CARD_IDS = "els => els.map(e => (e.className.match(/st-key-top-inc-(-?\\d+)/) || [])[1]).filter(Boolean)"
+_INCLUDED = (
+    "(pid) => { const b = document.querySelector(`.st-key-top-inc-${pid} button`);"
+    " if (!b || !b.disabled) return false;"
+    " const card = b.closest(\"[data-testid='stVerticalBlock']\").parentElement.closest("
+    "\"[data-testid='stVerticalBlock']\");"
+    " return [...card.querySelectorAll('span')].some(s => s.innerText.trim() === 'included'); }"
+)
+
+
+def include_clicks(page, repeats: int) -> dict[str, list[float]]:
+    """On Browse, click Include on `repeats` cards of the Top tab; seconds until the card shows it."""
+    out: dict[str, list[float]] = {"shown": [], "idle": []}
+    pids = page.locator("[class*='st-key-top-inc-']").evaluate_all(_CARD_IDS)
+    for pid in pids[:repeats]:
+        t0 = time.perf_counter()
+        page.locator(f".st-key-top-inc-{pid} button").first.click()
+        page.wait_for_function(_INCLUDED, arg=pid, polling=10, timeout=120_000)
+        out["shown"].append(time.perf_counter() - t0)
+        wait_idle(page)
+        out["idle"].append(time.perf_counter() - t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=100_000)
     ap.add_argument("--eval-pairs", type=int, default=512)
     ap.add_argument("--k-max", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-sliders", action="store_true", help="measure page openings and clicks only")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "dashboard")
     args = ap.parse_args()
 
@@ -173,21 +258,32 @@ def main() -> None:
         page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .bars").first.wait_for(timeout=300_000)
         wait_idle(page)
         first = time.perf_counter() - t0
-        rows.append(("first page load (cache load + rank + draw)", "idle", first, first))
-        for slider, metric, key in (
+        rows.append(("first Scores load (cache load + rank + draw)", "idle", first, first))
+        sliders = (
             ("α — how much confusions with other pairs count", "λ", "ArrowLeft"),
             ("λ — caution of the estimate (× the default)", "λ", "ArrowRight"),
             ("Selection ratio r", "Selected", "ArrowRight"),
-        ):
+        )
+        for slider, metric, key in () if args.skip_sliders else sliders:
             times = measure(page, slider, metric, key, args.repeats)
             for stage, values in times.items():
                 rows.append(
                     (f"slider {slider.split(' ')[0]} step", stage, statistics.median(values), max(values))
                 )
         page.screenshot(path=str(args.out / "scores-100k.png"))
+        n_open = min(args.repeats, 3)
+        for link, shown in (("Map", _MAP_DRAWN), ("Browse", _BROWSE_CARD)):
+            for stage, values in open_page(page, link, shown, n_open).items():
+                rows.append((f"open {link} (from Scores)", stage, statistics.median(values), max(values)))
+        page.screenshot(path=str(args.out / "browse-100k.png"))
+        for stage, values in include_clicks(page, args.repeats).items():
+            rows.append(("include click on a Browse card", stage, statistics.median(values), max(values)))
 
     print()
-    print(f"Dashboard, {args.pairs:,} pairs, k_max {args.k_max}, {args.repeats} steps per slider; seconds")
+    print(
+        f"Dashboard, {args.pairs:,} pairs, k_max {args.k_max}, {args.repeats} steps per slider and include "
+        f"clicks, {min(args.repeats, 3)} openings per page; seconds"
+    )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average {load} at the end (other work slows every figure)")
     print()

@@ -31,15 +31,30 @@ st.subheader("Save the current selection")
 result = context.current_rank(ctx)
 params = {**context.rank_params(), "k": int(result.info["k"])}  # the sketch dimension the ranking used
 st.caption(
-    f"{params['method']} at ratio {params['ratio']:.2f} (preset {params['preset']}, blocks {ctx.blocks}, "
-    f"α {params['alpha']:g}, {params['lam_factor']:g}× the default λ, k {params['k']}, β {params['beta']:g}, "
-    f"guard {params['guard']}) with the hand decisions in force: included pairs are always kept, excluded "
-    "pairs never. Saving under an existing name makes a new version."
+    f"Saves the pairs the Scores page selects now: the best-ranked **{params['ratio']:.0%}** of the pool "
+    f"(the selection ratio: the share of pairs kept for training, {int(result.info['n_selected']):,} of "
+    f"{len(result.frame):,} pairs before your decisions), ranked by {params['method']}, with your decisions "
+    "applied: included pairs are always kept, excluded pairs never. Saving under an existing name makes a "
+    "new version; the older ones are kept."
 )
+with st.expander("For ML engineers: the ranking parameters saved with it"):
+    st.markdown(
+        f"method {params['method']}, ratio {params['ratio']:.2f}, preset {params['preset']}, blocks "
+        f"{ctx.blocks}, α {params['alpha']:g}, {params['lam_factor']:g}× the default λ, k {params['k']}, "
+        f"β {params['beta']:g}, guard {params['guard']} (scoring cache {ctx.cache_id})."
+    )
 with st.form("save_selection", border=False):
-    name = st.text_input("Selection name", value=f"{ctx.pool_name}-{params['method']}", key="sel_name")
+    name = st.text_input(
+        "Selection name",
+        value=f"{ctx.pool_name}-{params['method']}",
+        key="sel_name",
+        help="A name to find this selection by when comparing, exporting or training.",
+    )
     if st.form_submit_button(
-        "Save selection", type="primary", disabled=bool(refused_select), help=refused_select
+        "Save selection",
+        type="primary",
+        disabled=bool(refused_select),
+        help=refused_select or "Save the selected pairs as a new version.",
     ):
         try:
             sid = selection.save_selection(
@@ -69,13 +84,18 @@ labels = {
     int(r.selection_id): f"{r.name} v{r.version} · {r.n_selected:,} pairs · id {r.selection_id}"
     for r in saved.itertuples()
 }
+st.caption("Saved selections of this pool (n_selected: how many pairs each keeps).")
 st.dataframe(saved, hide_index=True, key="selections_table")
 
 st.subheader("Compare two selections")
+st.caption("Which pairs two saved selections share, and which only one of them keeps.")
 ids = list(labels)
 c1, c2 = st.columns(2)
-a = c1.selectbox("First", ids, format_func=labels.get, key="diff_a")
-b = c2.selectbox("Second", ids, index=min(1, len(ids) - 1), format_func=labels.get, key="diff_b")
+a = c1.selectbox("First", ids, format_func=labels.get, key="diff_a", help="A saved selection.")
+b = c2.selectbox(
+    "Second", ids, index=min(1, len(ids) - 1), format_func=labels.get, key="diff_b",
+    help="Another saved selection (or another version of the same one).",
+)  # fmt: skip
 diff = selection.diff_selections(ws, a, b)
 st.write(diff.summary())
 pairs = context.pool_pairs(ctx)
@@ -92,9 +112,19 @@ FORMATS = {
     "parquet": "parquet with every score component",
     "ids": "pair ids (.npy, DataComp hand-off)",
 }
+st.caption("Writes a saved selection as a file: for training (open_clip), for people, or for other tools.")
 e1, e2 = st.columns([2, 1])
-sel_id = e1.selectbox("Selection", ids, format_func=labels.get, key="export_sel")
-fmt = e2.selectbox("Format", list(FORMATS), format_func=FORMATS.get, key="export_fmt")
+sel_id = e1.selectbox(
+    "Selection", ids, format_func=labels.get, key="export_sel", help="The saved selection to export."
+)
+fmt = e2.selectbox(
+    "Format",
+    list(FORMATS),
+    format_func=FORMATS.get,
+    key="export_fmt",
+    help="open_clip_train CSV: what training reads. Spreadsheet-safe CSV: to open in Excel. Parquet: "
+    "every score, for analysis. Pair ids: a list for DataComp-style tools.",
+)
 info = selection.get_selection(ws, sel_id)
 default = export.default_path(ws, info, fmt)
 st.download_button(
@@ -126,8 +156,9 @@ if st.button("Save in the workspace", key="export_go", disabled=bool(refused_exp
             if fmt == "csv":
                 st.code(" ".join(done.open_clip_flags()), language="bash")
 
-st.subheader("Continual pre-training")
+st.subheader("Train the model on a selection (continual pre-training)")
 training_view.train_form(ws, ctx, ids, labels)
 training_view.cpt_runs(ws, ctx)
 st.subheader("Jobs")
+st.caption("Training and evaluation run in the background on the server; their progress shows here.")
 jobs_view.jobs_panel(ws)

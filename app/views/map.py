@@ -1,6 +1,7 @@
 """Map: UMAP of the pool's image and text embeddings (WebGL); lasso → those pairs, bulk decisions.
 
-The map is cached per feature run in the workspace (chips_core.curation.maps); when it is missing, the page
+The map is cached per feature run in the workspace (chips_core.curation.maps); the prepare job computes it
+once the scoring cache is written. When it is missing, the page follows a running prepare of the pool, else
 runs `chips map` as a background job, shows its progress, and draws the map once the job is done.
 """
 
@@ -24,33 +25,67 @@ st.title("Map")
 fmap = maps.current_map(ws, ctx.pool_run_id, FeatureStore(ws, ctx.pool_run_id))
 if fmap is None:
     st.caption(
-        f"The UMAP map of **{ctx.pool_name}** (feature run {ctx.pool_run_id}) is computed once per feature "
-        "run and kept in the workspace; from then on it opens at once."
+        f"The map of **{ctx.pool_name}** is drawn once (normally when scoring is prepared) and kept in the "
+        "workspace; from then on it opens at once."
     )
+    preparing = jobs_view.active_job(ws, "prepare", ctx.pool_name)
+    if preparing is not None:  # a prepare job computes the pool's map once its cache is written
+        jobs_view.job_progress(ws, preparing, "Preparing the scores, then the map")
+        st.stop()
     argv = ["map", ctx.ws_root, ctx.pool_name, "--run", str(ctx.pool_run_id)]
     jobs_view.background_step(ws, "map", argv, "Computing the map")
 table = widgets.ranking_frame(context.current_rank(ctx)).set_index("pair_id")
 
 st.caption(
-    f"UMAP of the cached image and text features of **{ctx.pool_name}** "
+    f"Each dot is one pair of **{ctx.pool_name}** "
     + (
-        f"(a seeded sample of {len(fmap.pair_ids):,} of {fmap.n_total:,} pairs). "
+        f"(a random sample of {len(fmap.pair_ids):,} of its {fmap.n_total:,} pairs)"
         if fmap.sampled
-        else f"({fmap.n_total:,} pairs). "
+        else f"({fmap.n_total:,} pairs)"
     )
-    + "Box- or lasso-select points to see those pairs and include or exclude them together."
+    + ": pairs whose images (or captions) look alike sit close together, so a cluster is often one kind of "
+    "image. Draw a loop around dots (lasso) to see those pairs and include or exclude them together."
 )
+with st.expander("For ML engineers: how the map is made"):
+    st.markdown(
+        f"UMAP (cosine metric, {'seeded sample, ' if fmap.sampled else ''}feature run {ctx.pool_run_id}) of "
+        "the cached pre-projection features h (image tower) and t (text tower), each L2-normalised and "
+        "embedded separately: one map per tower, the same pairs (`chips map`, chips_core/curation/maps.py)."
+    )
 
 dec = widgets.decisions(ctx)
 state = dec["state"].reindex(fmap.pair_ids) if len(dec) else None
 c1, c2 = st.columns([1, 1])
-space = c1.radio("Embedding", ["image", "text"], horizontal=True, key="map_space")
+space = c1.radio(
+    "Place pairs by",
+    ["image", "text"],
+    horizontal=True,
+    key="map_space",
+    format_func={"image": "what the images look like", "text": "what the captions say"}.get,
+    help="Image: pairs with similar-looking images sit together. Text: pairs with similar captions do.",
+)
 planted = context.demo_planted(ctx)
 colours = ["score", "alignment", "learnability", "relevance", "selected", "decision"]
 colours += ["planted (demo ground truth)"] if planted is not None else []
 if st.session_state.get("map_colour") not in colours:  # e.g. a link from the demo to another workspace
     st.session_state.pop("map_colour", None)
-colour = c2.selectbox("Colour by", colours, key="map_colour")
+COLOUR_LABELS = {  # what a colour means, in plain words
+    "score": "overall score",
+    "alignment": "expected help for the target set",
+    "learnability": "how much the model can still learn",
+    "relevance": "closeness to the target domain",
+    "selected": "selected by the current ranking",
+    "decision": "your include / exclude decisions",
+    "planted (demo ground truth)": "planted mistakes (demo ground truth)",
+}
+colour = c2.selectbox(
+    "Colour by",
+    colours,
+    key="map_colour",
+    format_func=COLOUR_LABELS.get,
+    help="What a dot's colour shows: a score (yellow high, dark purple low), whether the pair is selected, "
+    "your decision, or (in the demo) the deliberately wrong pairs.",
+)
 
 rows = table.reindex(fmap.pair_ids)
 xy = fmap.image_xy if space == "image" else fmap.text_xy
@@ -60,20 +95,25 @@ if colour in widgets.COMPONENTS:
         color=rows[colour].to_numpy(np.float64),
         colorscale="Viridis",
         showscale=True,
-        colorbar={"title": colour},
+        colorbar={"title": COLOUR_LABELS[colour].replace(" ", "<br>", 2)},
     )
+    st.caption(f"Colour: {COLOUR_LABELS[colour]}; yellow is high, dark purple low.")
 else:
+    legend: dict[str, str] = {}
     if colour == "selected":
         labels = np.where(rows["selected"].fillna(False).to_numpy(bool), "selected", "not selected")
         palette = {"selected": GREEN, "not selected": GREY}
     elif colour == "decision":
         labels = state.fillna("none").to_numpy() if state is not None else np.full(len(rows), "none")
         palette = {"include": GREEN, "exclude": RED, "none": GREY}
+        legend = {"include": "included", "exclude": "excluded", "none": "no decision (the score decides)"}
     else:  # the demo's planted mistakes: does the ranking push them down?
         labels = planted.reindex(fmap.pair_ids).fillna("none").to_numpy()
         palette = {"mismatch": RED, "off_domain": ("#f9a825", "orange"), "none": GREY}
+        legend = {"mismatch": "caption does not match the image", "off_domain": "outside the target domain",
+                  "none": "no planted mistake"}  # fmt: skip
     marker.update(color=[palette[str(v)][0] for v in labels])
-    st.caption(" · ".join(f":{c}[●] {name}" for name, (_, c) in palette.items()))
+    st.caption(" · ".join(f":{c}[●] {legend.get(name, name)}" for name, (_, c) in palette.items()))
 captions = context.pool_pairs(ctx)["caption"].reindex(fmap.pair_ids).fillna("").astype(str)
 short = captions.where(captions.str.len() <= 80, captions.str.slice(0, 79) + "…")
 hover = (  # what a hover shows: the rank and the caption (escaped: captions are data, not markup)
@@ -109,11 +149,15 @@ if not picked:
 
 st.subheader(f"{len(picked):,} selected pairs")
 b1, b2, b3, _ = st.columns([1, 1, 1, 3])
-if b1.button(f"Include all {len(picked)}", key="map_inc"):
+if b1.button(
+    f"Include all {len(picked)}", key="map_inc", help="Always keep these pairs in a saved selection."
+):
     widgets.decide(ctx, picked, "include")
-if b2.button(f"Exclude all {len(picked)}", key="map_exc"):
+if b2.button(
+    f"Exclude all {len(picked)}", key="map_exc", help="Never keep these pairs in a saved selection."
+):
     widgets.decide(ctx, picked, "exclude")
-if b3.button("Clear decisions", key="map_clr"):
+if b3.button("Clear decisions", key="map_clr", help="Let the score decide again for these pairs."):
     widgets.decide(ctx, picked, "clear")
 chosen = table.loc[picked].reset_index().sort_values("rank")
 st.caption("Best ranked first; the grid shows at most 24.")

@@ -167,6 +167,12 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     )
     _add_prepare_options(p)
     _add_engine_options(p)
+    p.add_argument(
+        "--no-map",
+        dest="map",
+        action="store_false",
+        help="skip the pool's UMAP map, computed by default once the cache is written (`chips map`)",
+    )
 
 
 def _engine(args: argparse.Namespace) -> dict | None:
@@ -187,9 +193,29 @@ def _prepare(ws: Workspace, args: argparse.Namespace) -> int:
 def _run_prepare(args: argparse.Namespace) -> int:
     ws = open_workspace(args.ws)
     cache_id = _prepare(ws, args)
-    cache_dir = catalog.scoring_cache(ws, cache_id)[0]
+    cache_dir, _, pool_run, _ = catalog.scoring_cache(ws, cache_id)
     say(f"scoring cache {cache_id} of {args.pool} against {args.eval_name} ready at {cache_dir}")
+    if args.map:
+        _map_after_prepare(ws, args.pool, pool_run)
     return 0
+
+
+def _map_after_prepare(ws: Workspace, pool: str, run_id: int) -> None:
+    """The pool's UMAP map, computed now when missing, so that the dashboard's Map page opens at once. The
+    cache is ready by then: a failure here is a warning, and the command still succeeds."""
+    from chips_core.curation import maps
+    from chips_core.features.featurize import FeatureStore
+
+    try:
+        source = FeatureStore(ws, run_id)
+        if maps.current_map(ws, run_id, source) is not None:
+            return
+        with progress_bar(f"map {pool}", unit="step") as bar:
+            fmap = maps.compute_map(ws, run_id, source, progress=bar)
+    except Exception as exc:  # noqa: BLE001 (any failure of the optional map leaves the prepare done)
+        warn(f"the map of {pool} was not computed ({type(exc).__name__}: {exc}); `chips map` computes it")
+        return
+    say(f"map of feature run {run_id} ({pool}): {len(fmap.pair_ids):,} pairs in {maps.map_dir(ws, run_id)}")
 
 
 def _add_score(p: argparse.ArgumentParser) -> None:

@@ -114,25 +114,23 @@ def compute_map(
         progress(1, 2, stage=f"mapping {len(idx):,} text embeddings")
     text_xy = _embed(np.asarray(t), seed, n_neighbors)
     fmap = FeatureMap(ids[idx], image_xy, text_xy, n, sampled)
+    how = {"seed": seed, "n_neighbors": n_neighbors, "metric": "cosine"}
+    save_map(ws, run_id, fmap, {**how, "features": "pre-projection h and t, L2-normalised"})
+    if progress:
+        progress(2, 2, stage="written")
+    return fmap
+
+
+def save_map(ws: store.Workspace, run_id: int, fmap: FeatureMap, how: dict[str, object]) -> None:
+    """Store the map of feature run `run_id` (the arrays, then meta.json with `how` it was made, last)."""
     d = map_dir(ws, run_id)
     for name, arr in zip(_FILES, (fmap.pair_ids, fmap.image_xy, fmap.text_xy), strict=True):
         buf = io.BytesIO()
         np.save(buf, arr)
         store.atomic_write_bytes(d / f"{name}.npy", buf.getvalue())
-    meta = {
-        "run_id": int(run_id),
-        "n_total": n,
-        "n_mapped": len(idx),
-        "sampled": sampled,
-        "seed": seed,
-        "n_neighbors": n_neighbors,
-        "metric": "cosine",
-        "features": "pre-projection h and t, L2-normalised",
-    }
+    meta = {"run_id": int(run_id), "n_total": fmap.n_total, "n_mapped": len(fmap.pair_ids)}
+    meta |= {"sampled": fmap.sampled, **how}
     store.atomic_write_bytes(d / "meta.json", json.dumps(meta, indent=1).encode())
-    if progress:
-        progress(2, 2, stage="written")
-    return fmap
 
 
 def current_map(ws: store.Workspace, run_id: int, source: FeatureSource) -> FeatureMap | None:

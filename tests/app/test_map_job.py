@@ -5,7 +5,9 @@ and the map is drawn once it is done."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from chips_core.curation import maps
 from chips_core.workspace import jobs, store
-from tests.app.workspace_build import POOL
+from tests.app.workspace_build import EVAL, POOL
 
 pytestmark = [pytest.mark.app, pytest.mark.slow]
 
@@ -64,3 +66,27 @@ def test_missing_map_runs_as_a_job_and_is_drawn_when_done(tiny_workspace):
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert spec["data"][0]["type"] == "scattergl" and len(spec["data"][0]["customdata"]) == 48
     assert len(jobs.list_jobs(ws)) == 2, "a cached map starts no job"
+
+
+def test_map_page_follows_a_prepare_job_that_will_draw_the_map(tiny_workspace):
+    """While a prepare job of the pool runs (it maps the pool when its cache is written), the Map page shows
+    that job's progress and starts no map job of its own; the map is drawn once the prepare is done."""
+    shutil.rmtree(tiny_workspace / "maps")
+    ws = store.Workspace(tiny_workspace)
+    job_id = jobs.launch(ws, "prepare", ["prepare", str(ws.root), POOL, "--eval", EVAL, "--device", "cpu"])
+    pgid = jobs.job_status(ws, job_id).pid
+    os.killpg(pgid, signal.SIGSTOP)  # held mid-way, so the page surely finds it active
+    try:
+        at = _map_page()
+        assert not at.get("plotly_chart")
+        assert any("Preparing the scores, then the map" in p.proto.text for p in at.get("progress"))
+        assert [j.kind for j in jobs.list_jobs(ws)] == ["prepare"], "the page starts no map job"
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    info = jobs.wait(ws, job_id, timeout_s=600)
+    assert info.status == "done", jobs.read_log(ws, job_id)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert len(spec["data"][0]["customdata"]) == 48
+    assert [j.kind for j in jobs.list_jobs(ws)] == ["prepare"]

@@ -241,6 +241,8 @@ def test_workspace_page_creates_a_workspace_and_ingests_in_a_background_job(tiny
     at.run()
     pools = next(df.value for df in at.dataframe if "rejected" in df.value.columns)
     assert pools.loc[0, "name"] == "uploaded" and pools.loc[0, "pairs"] > 0
+    listed = next(df.value for df in at.dataframe if "what it does" in df.value.columns)
+    assert listed.loc[0, "what it does"] == "adding pairs to the workspace"  # the job in plain words
     assert "encoding utf-8 (detected)" in jobs.read_log(ws, job.job_id)  # the form sent --encoding auto
 
 
@@ -313,3 +315,76 @@ def test_scores_controls_speak_plain_words(tiny_workspace):
         assert not any(sym in text for sym in formula), text
     ml = next(e for e in at.expander if "for ML engineers" in e.label)
     assert any("M = (1 − α)Φ_pos + αΦ_neg + λI" in m.value for m in ml.markdown)
+
+
+# ML jargon and formula symbols that belong only in the "For ML engineers" expanders
+JARGON = ("λ", "Φ", "Â", "w_L", "w_R", "M̃", "JL", "sketch", "logit_scale", "UMAP", "InfoNCE", "k_max")
+JARGON += ("AdamW",)
+WIDGETS = ("button", "checkbox", "multiselect", "number_input", "radio", "select_slider", "selectbox")
+WIDGETS += ("slider", "text_area", "text_input", "toggle")
+
+
+def _words(node) -> list[str]:
+    """Every widget's label, help and shown options, and every caption, under an element-tree node."""
+    out = [f"{w.label} {getattr(w, 'help', None) or ''}" for kind in WIDGETS for w in node.get(kind)]
+    out += [" ".join(map(str, w.options)) for kind in ("radio", "selectbox") for w in node.get(kind)]
+    return out + [c.value for c in node.get("caption")]
+
+
+def _plain_outside_ml(at: AppTest) -> list[str]:
+    """The page's words outside the ML engineers' expanders; asserts none of them carries jargon."""
+    ml = {t for e in at.expander if "For ML engineers" in e.label for t in _words(e)}
+    outside = [t for t in _words(at.main) if t not in ml]
+    for text in outside:
+        assert not any(j in text for j in JARGON), text
+    return outside
+
+
+def _ml_text(at: AppTest, label: str) -> str:
+    e = next(e for e in at.expander if e.label == f"For ML engineers: {label}")
+    return " ".join(m.value for m in e.markdown) + " " + " ".join(_words(e))
+
+
+def test_workspace_page_speaks_plain_words(tiny_workspace):
+    at = _app("workspace")
+    words = " ".join(_plain_outside_ml(at))
+    assert [t.label for t in at.tabs] == ["1. Add a pool or eval set", "2. Featurize", "3. Prepare scoring"]
+    assert "the model looks at every image and caption once" in words  # what featurize does for them
+    assert "every control on the Scores page answers at once and the Map page opens at once" in words
+    for label in ("Model", "Trained weights (optional)", "Device", "Pool", "Eval set", "Name"):
+        assert any(w.label == label and w.help for kind in WIDGETS for w in at.get(kind)), label
+    ml = _ml_text(at, "how the estimate is computed")
+    assert "k_max (sketch rows)" in ml and "InfoNCE batch size" in ml and "Φ_pos" in ml
+
+
+def test_map_page_speaks_plain_words(tiny_workspace):
+    at = _app("map")
+    words = " ".join(_plain_outside_ml(at))
+    assert "Each dot is one pair" in words and "look alike sit close together" in words
+    assert at.radio(key="map_space").label == "Place pairs by"
+    assert at.radio(key="map_space").options == ["what the images look like", "what the captions say"]
+    colour = at.selectbox(key="map_colour")
+    assert colour.label == "Colour by" and "yellow high, dark purple low" in colour.help
+    assert "expected help for the target set" in colour.options
+    assert any("yellow is high, dark purple low" in c.value for c in at.caption)  # what the colours mean
+    colour.set_value("decision").run()
+    _ok(at)
+    assert any("no decision (the score decides)" in c.value for c in at.caption)  # the legend's words
+    assert "UMAP (cosine metric" in _ml_text(at, "how the map is made")
+
+
+def test_export_and_train_speak_plain_words(tiny_workspace):
+    at = _app("export")
+    at.button(key="FormSubmitter:save_selection-Save selection").click().run()  # the train form needs one
+    _ok(at)
+    words = " ".join(_plain_outside_ml(at))
+    assert "the selection ratio: the share of pairs kept for training, 15 of 48 pairs" in words
+    assert "k None" not in words
+    ml = _ml_text(at, "the ranking parameters saved with it")
+    assert f"k {at.session_state['k']}," in ml and "λ" in ml
+    assert "AdamW" in _ml_text(at, "the training recipe")
+    for key in ("export_fmt", "train_sel", "diff_a", "diff_b"):
+        assert at.selectbox(key=key).help, key
+    for key in ("train_epochs", "train_lr", "train_batch"):
+        assert at.number_input(key=key).help, key
+    assert any(s.value.startswith("Train the model on a selection") for s in at.subheader)

@@ -154,9 +154,9 @@ def test_export_page_names_the_k_used_and_downloads_the_exported_bytes(tiny_work
     monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
     at = _open({"ratio": "0.5"}, page="export")  # a link straight to Export: the Scores page never ran
     assert at.title[0].value == "Export and train"
-    text = " ".join(c.value for c in at.caption)
+    text = " ".join(c.value for c in at.caption) + " ".join(m.value for e in at.expander for m in e.markdown)
     k = at.session_state["k"]
-    assert "k None" not in text and f"k {k}," in text
+    assert "k None" not in text and f"k {k}," in text  # in the parameters for ML engineers
     at.text_input(key="sel_name").input("linked")
     at.button(key="FormSubmitter:save_selection-Save selection").click().run()
     _ok(at)

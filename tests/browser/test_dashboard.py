@@ -89,9 +89,9 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         page.screenshot(path=str(ARTIFACTS / "detail.png"), full_page=True)
 
         _go(page, "Export and train")
-        name = page.get_by_label("Selection name")
+        name = page.get_by_label("Selection name", exact=True)
         name.fill("browser-pick")
-        page.get_by_role("button", name="Save selection").click()
+        page.get_by_role("button", name="Save selection", exact=True).click()
         page.get_by_text("Saved browser-pick v1").wait_for()
         wait_idle(page)
         page.get_by_role("button", name="Save in the workspace", exact=True).click()
@@ -143,5 +143,5 @@ def test_a_reload_keeps_the_view_in_the_url(tmp_path: Path) -> None:
         page.goto(f"{url}/export?{query}")  # the same view, opened on another page
         page.locator("h1").filter(has_text="Export and train").first.wait_for()
         wait_idle(page)
-        page.get_by_text(re.compile(r"chips at ratio 0\.40")).first.wait_for()
+        page.get_by_text(re.compile(r"best-ranked 40% of the pool")).first.wait_for()
         assert "k None" not in page.locator("[data-testid='stMain']").inner_text()

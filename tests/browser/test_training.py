@@ -31,8 +31,8 @@ def test_train_shows_live_progress_then_cancelled(tmp_path: Path) -> None:
             page.locator("[data-testid='stSidebarNav'] a").filter(has_text="Export and train").first.click()
             page.locator("h1").filter(has_text="Export and train").first.wait_for()
             wait_idle(page)
-            page.get_by_label("Selection name").fill("browser-train")
-            page.get_by_role("button", name="Save selection").click()
+            page.get_by_label("Selection name", exact=True).fill("browser-train")
+            page.get_by_role("button", name="Save selection", exact=True).click()
             page.get_by_text("Saved browser-train v1").wait_for()
             wait_idle(page)
             for label, value in (("Epochs", "100"), ("Batch size", "2")):
