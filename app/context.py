@@ -111,10 +111,20 @@ def demo_workspace_path() -> str:
     jobs_view.background_step(ws, "demo", ["demo", path], "Building the demo workspace")
 
 
+def workspace_choice_allowed() -> bool:
+    """Whether a user may open or create another workspace folder: only in single-user mode. With sign-in,
+    the team's workspace is the one the server was started with (env CHIPS_WORKSPACE), so a signed-in user
+    cannot read or create other folders on the server."""
+    from app import auth
+
+    return not auth.provider_configured()
+
+
 def workspace_path() -> tuple[str, bool]:
-    """(path, is_demo): the sidebar's choice, else env CHIPS_WORKSPACE, else the bundled demo (while it is
-    being built, the build's progress is shown and the page stops)."""
-    chosen = st.session_state.get("ws_path") or os.environ.get("CHIPS_WORKSPACE", "")
+    """(path, is_demo): the sidebar's choice (single-user mode only), else env CHIPS_WORKSPACE, else the
+    bundled demo (while it is being built, the build's progress is shown and the page stops)."""
+    typed = st.session_state.get("ws_path") if workspace_choice_allowed() else None
+    chosen = typed or os.environ.get("CHIPS_WORKSPACE", "")
     if chosen.strip():
         return str(Path(chosen.strip()).expanduser().resolve()), False
     try:

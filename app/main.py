@@ -35,12 +35,14 @@ pages = [
 
 with st.sidebar:
     st.markdown("### CHIPS Studio")
-    st.text_input(
-        "Workspace folder",
-        key="ws_path",
-        placeholder="empty = bundled demo",
-        help="A folder made by `chips init` (or on the Workspace page); env CHIPS_WORKSPACE sets the default",
-    )
+    if context.workspace_choice_allowed():  # with sign-in, the server's CHIPS_WORKSPACE is the workspace
+        st.text_input(
+            "Workspace folder",
+            key="ws_path",
+            placeholder="empty = bundled demo",
+            help="A folder made by `chips init` (or on the Workspace page); env CHIPS_WORKSPACE sets the "
+            "default",
+        )
 # outside the sidebar: while the demo is first built, its progress shows in the main area
 path, is_demo = context.workspace_path()
 with st.sidebar:

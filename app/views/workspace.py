@@ -31,8 +31,8 @@ def _use_workspace(new_path: str, create: bool) -> None:
     st.session_state["ws_path"] = str(Path(new_path).expanduser().resolve())
 
 
-with st.container(border=True):
-    st.markdown(f"**Current workspace:** `{path}`" + (" (the bundled demo)" if is_demo else ""))
+def _choose_workspace() -> None:
+    """Open or create a workspace folder (single-user mode)."""
     new_path = st.text_input(
         "Open or create a workspace folder",
         key="ws_new_path",
@@ -53,6 +53,17 @@ with st.container(border=True):
     )
     if st.session_state.get("ws_error"):
         st.error(st.session_state.pop("ws_error"))
+
+
+with st.container(border=True):
+    st.markdown(f"**Current workspace:** `{path}`" + (" (the bundled demo)" if is_demo else ""))
+    if context.workspace_choice_allowed():
+        _choose_workspace()
+    else:
+        st.caption(
+            "This is the team's shared workspace, set when the server was started (CHIPS_WORKSPACE); "
+            "signed-in users cannot open or create other folders on the server."
+        )
 
 ws = context.workspace()
 refused = auth.refusal(ws, "manage")  # adding data and workspace jobs need a lead (chips_core checks it)

@@ -50,6 +50,7 @@ def _one_card() -> None:
     from app import context, widgets
     from chips_core.workspace import store as ws_store
 
+    context.keep_widget_state()  # the Scores page's defaults, as app/main.py sets them on every run
     ctx = context.scoring_context(ws_store.Workspace(context.workspace_path()[0]))
     pairs = context.pool_pairs(ctx)
     pid = int(pairs.index[0])
@@ -92,7 +93,7 @@ def test_detail_view_decision_shows_at_once(tiny_workspace):
     at.button(key="detail-exclude").click().run()
     _ok(at)
     assert _state(tiny_workspace, pid) == "exclude"
-    assert any(m.value == "**Decision:** exclude" for m in at.markdown)
+    assert any(m.value.startswith("**Decision:** exclude · by ") for m in at.markdown)  # who and when
     assert at.button(key="detail-exclude").disabled and not at.button(key="detail-clear").disabled
     at.button(key="detail-clear").click().run()
     assert _state(tiny_workspace, pid) is None

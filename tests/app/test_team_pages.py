@@ -151,6 +151,23 @@ def test_a_viewer_is_refused_by_the_workspace_and_a_curator_decides(tiny_workspa
     assert (row["state"], row["email"], row["author"]) == ("include", "vera@hospital.example", "Vera Viewer")
 
 
+def test_signed_in_users_stay_in_the_servers_workspace(tiny_workspace, tmp_path):
+    """With sign-in, the workspace is the server's CHIPS_WORKSPACE: no folder box, no Open/Create, and a
+    folder put into the session is ignored (a signed-in user cannot create or read other folders)."""
+    at = _app("workspace", user=CURT)
+    _ok(at)
+    assert [t.key for t in at.sidebar.text_input] == []
+    assert "ws_new_path" not in [t.key for t in at.text_input]
+    assert "team's shared workspace" in " ".join(c.value for c in at.caption)
+    other = tmp_path / "elsewhere"
+    at.session_state["ws_path"] = str(other)
+    at.run()
+    _ok(at)
+    assert f"`{tiny_workspace}`" in " ".join(m.value for m in at.markdown) and not other.exists()
+    single = _app("workspace")  # single-user mode keeps the choice
+    assert "ws_new_path" in [t.key for t in single.text_input] and single.sidebar.text_input
+
+
 def test_a_curator_sees_what_another_changed_on_the_next_rerun(tiny_workspace):
     ws = store.Workspace(tiny_workspace)
     for user in (VERA, CURT):
