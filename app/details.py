@@ -136,6 +136,7 @@ def _decision_line(dec: pd.DataFrame, pair_id: int) -> str:
 def _decision_controls(ctx: context.ScoringContext, pair_id: int) -> None:
     """The pair's decision, buttons to change it, its note and history: a fragment, so a click reruns these
     controls only (the decision is recorded by the button's callback, before they are drawn again)."""
+    widgets.refresh_if_others_changed()
     ws = store.Workspace(ctx.ws_root)
     dec = widgets.decisions(ctx)
     state = dec.loc[pair_id, "state"] if pair_id in dec.index else None

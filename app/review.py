@@ -58,6 +58,7 @@ def _decide(
 @st.fragment
 def review_queue(ctx: context.ScoringContext, table: pd.DataFrame) -> None:
     """One pair of the queue near the cut-off: image, caption, components, place, decision buttons."""
+    widgets.refresh_if_others_changed()
     cutoff = review.cutoff_rank(table)
     q = review.queue(table, cutoff)
     if q.empty:

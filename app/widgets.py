@@ -103,7 +103,27 @@ def decide(ctx: context.ScoringContext, pair_ids: list[int], action: str, note: 
         st.error(str(exc), icon=":material/block:")
         return False
     st.toast(f"{action}: {len(ids)} pair(s) recorded")
+    _note_changes_by_others(ctx)
     return True
+
+
+def _note_changes_by_others(ctx: context.ScoringContext) -> None:
+    """After a decision: when another user changed this user's pairs since the page last looked, ask the
+    next fragment run for a full page run, which shows who changed what (`changes_by_others`). One query,
+    signed-in users only."""
+    user = auth.actor()
+    seen = st.session_state.get(f"decisions_seen_{ctx.pool_id}")
+    if not user.signed_in or seen is None:
+        return
+    if not audit.changed_by_others(store.Workspace(ctx.ws_root), ctx.pool_id, user, seen).empty:
+        st.session_state["refresh_page"] = True
+
+
+def refresh_if_others_changed() -> None:
+    """At the start of a decision fragment: rerun the whole page when a decision found that another user
+    changed pairs of this user's (a fragment's own rerun would not show it)."""
+    if st.session_state.pop("refresh_page", False):
+        st.rerun(scope="app")
 
 
 def changes_by_others(ctx: context.ScoringContext) -> None:
@@ -164,6 +184,7 @@ def pair_card(
 
     A fragment: a decision reruns this card only, which shows it at once; the rest of the page (counts,
     other views of the pair) catches up on the next full run."""
+    refresh_if_others_changed()
     pid = int(row["pair_id"])
     state = st.session_state.get("decided_now", {}).get(pid, state)
     meta = pairs.loc[pid]
