@@ -373,6 +373,7 @@ def _manifest(ws: Workspace, info: sel.SelectionInfo, result: ExportInfo, writte
         "scoring_cache": cache,
         "model": model,
         "decisions": info.params.get("decisions"),
+        "decisions_applied": sel.applied_decisions(ws, info.selection_id).to_dict("records"),
         "open_clip_train": result.open_clip_flags() or None,
         "materialised_images": result.materialised,
         "rejected": result.rejected,

@@ -372,6 +372,13 @@ def save_selection(
     return selection_id
 
 
+def applied_decisions(ws: Workspace, selection: str | int) -> pd.DataFrame:
+    """Exactly the decision rows a selection applied when it was saved (decision_id, pair_id, action, by,
+    created_at), so an audit can tell whose include or exclude shaped it."""
+    info = get_selection(ws, selection)
+    return catalog.applied_decisions(ws, info.selection_id)
+
+
 def get_selection(ws: Workspace, selection: str | int, version: int | None = None) -> SelectionInfo:
     """A selection by id, or by name (latest version unless `version`); 'name@3' also selects version 3."""
     ws.check()

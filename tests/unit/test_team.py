@@ -208,8 +208,15 @@ def test_a_selection_records_exactly_the_decisions_it_applied(team_ws):
             for r in con.execute(
                 f"SELECT decision_id FROM selection_decisions WHERE selection_id = {sid} ORDER BY 1"
             ).fetchall()
-        ]  # noqa: E501
+        ]
     assert applied == expected and len(applied) == 3
+    shown = sel.applied_decisions(ws, sid)  # what an audit (and the export manifest) reads
+    assert shown["decision_id"].tolist() == expected
+    assert shown.set_index("pair_id")["by"].to_dict() == {
+        ids[0]: "ben@hospital.org",
+        ids[5]: "ana@hospital.org",
+        ids[11]: "ana@hospital.org",
+    }
     event = audit.activity(ws, kinds=["selection"]).iloc[0]
     assert (event["user"], event["object_id"], event["score_run_id"]) == ("lea@hospital.org", sid, run)
     assert json.loads(event["params"])["score_run_params"]["rank_params"]["alpha"] == 0.3
@@ -221,7 +228,9 @@ def test_exports_and_downloads_need_a_lead_and_are_audited(team_ws, tmp_path):
     with pytest.raises(roles.AccessDenied, match="export"):
         export.export_bytes(ws, sid, "ids", actor=ANA)
     export.export_bytes(ws, sid, "ids", actor=LEA)
+    sel.record_decision(ws, "pool", ids[2], "exclude", actor=ANA)  # after the save: not applied
     done = export.export_selection(ws, sid, "ids", tmp_path / "out.npy", actor=LEA)
+    assert json.loads(done.manifest_path.read_text())["decisions_applied"] == []
     events = audit.activity(ws, kinds=["export"])
     assert events["object_id"].tolist()[0] == done.export_id and pd.isna(events["object_id"].tolist()[1])
     assert set(events["user"]) == {"lea@hospital.org"} and set(events["score_run_id"]) == {run}

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "activity_rows",
+    "applied_decisions",
     "activity_users",
     "changed_by_others",
     "insert_audit",
@@ -22,7 +23,6 @@ __all__ = [
     "latest_decision_id",
     "member_role",
     "members",
-    "selection_decision_ids",
 ]
 
 
@@ -92,12 +92,16 @@ def insert_selection_decisions(con: Con, selection_id: int, decision_ids: Sequen
         )
 
 
-def selection_decision_ids(db: Db, selection_id: int) -> list[int]:
-    """The decision rows a selection applied, sorted."""
+def applied_decisions(db: Db, selection_id: int) -> pd.DataFrame:
+    """The decision rows a selection applied: decision_id, pair_id, action, by (e-mail, else subject, else
+    author), created_at; oldest first."""
     with reading(db) as con:
-        sql = "SELECT decision_id FROM selection_decisions WHERE selection_id = ? ORDER BY 1"
-        rows = con.execute(sql, [int(selection_id)]).fetchall()
-    return [int(r[0]) for r in rows]
+        return con.execute(
+            "SELECT d.decision_id, d.pair_id, d.action, coalesce(d.email, d.subject, d.author) AS by, "
+            "d.created_at FROM selection_decisions s JOIN decisions d USING (decision_id) "
+            "WHERE s.selection_id = ? ORDER BY d.decision_id",
+            [int(selection_id)],
+        ).df()
 
 
 # decisions (one row per decided pair, with the score run's parameters) and audit events, as one trail
