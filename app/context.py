@@ -106,8 +106,8 @@ def demo_workspace_path() -> str:
     st.title("Preparing the demo workspace")
     st.markdown(
         "First start: the bundled demo (images, captions with planted mistakes, a tiny CLIP) is ingested, "
-        "featurized and prepared by the library's real pipeline, in about a minute. It opens by itself "
-        "when done. To curate your own data instead, type a workspace folder in the sidebar."
+        "featurized, prepared and mapped by the library's real pipeline, in about a minute. It opens by "
+        "itself when done. To curate your own data instead, type a workspace folder in the sidebar."
     )
     jobs_view.background_step(ws, "demo", ["demo", path], "Building the demo workspace")
 
