@@ -10,7 +10,6 @@ from app import auth, context, jobs_view, widgets
 from chips_core.curation import selection
 from chips_core.scoring import params as sp
 from chips_core.scoring.diagnostics import stability_warning
-from chips_core.scoring.ranking import ALPHA_INERT_RATIO, selection_change
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
@@ -155,6 +154,9 @@ with left:
             help="Rank pairs by the order of their expected help rather than its size: when few pairs are "
             "expected to help, the plain product can rank the rest backwards.",
         )
+
+# imported only now (torch, scipy: seconds on a server's first run), so the controls above are already shown
+from chips_core.scoring.ranking import ALPHA_INERT_RATIO, selection_change  # noqa: E402
 
 result = context.current_rank(ctx)
 table = widgets.ranking_frame(result)
