@@ -47,6 +47,7 @@ PERSISTENT_KEYS = (
 METHODS = [m for m in SCORING_METHODS if m not in NEEDS_CHECKPOINTS]
 RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0), "ratio": (0.01, 1.0), "guard_mads": (1.0, 5.0)}
 LAM_FACTORS = [float(f"{10 ** (e / 4):.3g}") for e in range(-8, 9)]  # 0.01× … 100×, quarter decades
+RANK_RATIO = RankParams().ratio  # the ratio the cached rankings are made at (a ratio change only reselects)
 # the widgets' defaults are RankParams' (chips_core/scoring/params.py; the preset's widgets are set by
 # preset_state, k by the Scores page from the cache's k_max); λ is a multiple of the default λ
 _RANK_WIDGETS = ("method", "alpha", "beta", "ratio", "use_learnability", "use_relevance", "rank_normalized",
@@ -105,8 +106,8 @@ def demo_workspace_path() -> str:
     st.title("Preparing the demo workspace")
     st.markdown(
         "First start: the bundled demo (images, captions with planted mistakes, a tiny CLIP) is ingested, "
-        "featurized and prepared by the library's real pipeline, in about a minute. It opens by itself "
-        "when done. To curate your own data instead, type a workspace folder in the sidebar."
+        "featurized, prepared and mapped by the library's real pipeline, in about a minute. It opens by "
+        "itself when done. To curate your own data instead, type a workspace folder in the sidebar."
     )
     jobs_view.background_step(ws, "demo", ["demo", path], "Building the demo workspace")
 
@@ -280,12 +281,30 @@ def rank_params() -> dict[str, Any]:
     }
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
-def _rank_cached(cache_dir: str, params: tuple[tuple[str, Any], ...]) -> Any:
-    """One ranking per (cache, parameters): page switches and reruns reuse it instead of re-ranking."""
+Key = tuple[tuple[str, Any], ...]  # RankParams as sorted (field, value) pairs: a cache key
+
+
+def _key(params: RankParams) -> Key:
+    return tuple(sorted(asdict(params).items()))
+
+
+@st.cache_resource(max_entries=12, show_spinner=False)
+def _rank_cached(cache_dir: str, params: Key, stability: bool) -> Any:
+    """One ranking per (cache, parameters but the selection ratio): page switches, reruns and ratio changes
+    reuse it instead of re-ranking (`stability`: whether the ranking stability is computed)."""
     from chips_core.scoring.ranking import rank
 
-    return rank(load_cache(cache_dir), RankParams(**dict(params)))
+    return rank(load_cache(cache_dir), RankParams(**dict(params)), stability=stability)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _selected(cache_dir: str, params: Key, stability: bool) -> Any:
+    """The ranking of `params` at their selection ratio: the ratio-free ranking with its cut-off moved
+    (`chips_core.scoring.ranking.reselect`, the same table as ranking again at that ratio)."""
+    from chips_core.scoring.ranking import reselect
+
+    p = RankParams(**dict(params))
+    return reselect(_rank_cached(cache_dir, _key(p.replace(ratio=RANK_RATIO)), stability), p.ratio)
 
 
 def page_params(ctx: ScoringContext, **changes: Any) -> RankParams:
@@ -309,16 +328,17 @@ def page_params(ctx: ScoringContext, **changes: Any) -> RankParams:
     )
 
 
-def current_rank(ctx: ScoringContext, **changes: Any) -> Any:
+def current_rank(ctx: ScoringContext, compared: bool = False, **changes: Any) -> Any:
     """The RankResult for the Scores page's parameters with `changes` (λ = lam_factor × the damping rule's
-    default λ; no model is run). Its `params` are the RankParams it was ranked with."""
+    default λ; no model is run). Its `params` are the RankParams it was ranked with. `compared`: a ranking
+    only compared with the one on screen, whose ranking stability is not computed."""
     params = page_params(ctx, **changes)
-    base = _rank_cached(ctx.cache_dir, tuple(sorted(asdict(params).items())))
     lam_factor = (rank_params() | changes)["lam_factor"]
-    if lam_factor == 1.0 or base.info.get("lam_base") is None:  # λ only exists for chips / trak
-        return base
-    lam = float(base.info["lam_base"]) * lam_factor
-    return _rank_cached(ctx.cache_dir, tuple(sorted(asdict(params.replace(lam=lam)).items())))
+    if lam_factor != 1.0:  # λ only exists for chips / trak: λ_base is read off the default λ's ranking
+        lam_base = _selected(ctx.cache_dir, _key(params), False).info.get("lam_base")
+        if lam_base is not None:
+            params = params.replace(lam=float(lam_base) * lam_factor)
+    return _selected(ctx.cache_dir, _key(params), not compared)
 
 
 @st.cache_data(show_spinner=False)

@@ -2,11 +2,11 @@
 
 `default_path()` is what the dashboard opens with no arguments: a workspace in a cache folder keyed by a
 hash of the bundle (~/.cache/chips-studio/demo-<hash>; env CHIPS_DEMO_WS overrides), built on first use
-through the library's real code path -- ingest (pools), featurize (features), prepare (scoring) -- offline,
-in under a minute, and reused afterwards. Building is idempotent and guarded by a file lock, so two
-processes asking at once build it once. `chips demo [WS]` builds it; the dashboard runs that command as a
-background job recorded in the demo folder itself, which `init_folder` makes a workspace first (claimed
-by the marker, so the folder is never mistaken for a user's workspace).
+through the library's real code path -- ingest (pools), featurize (features), prepare (scoring), the pool's
+map (curation.maps) -- offline, in about a minute, and reused afterwards. Building is idempotent and
+guarded by a file lock, so two processes asking at once build it once. `chips demo [WS]` builds it; the
+dashboard runs that command as a background job recorded in the demo folder itself, which `init_folder`
+makes a workspace first (claimed by the marker, so the folder is never mistaken for a user's workspace).
 
 The bundle's ground truth (`planted`: none | mismatch | off_domain) lives in its manifests, not in the
 workspace schema; `ground_truth()` returns it keyed by pair_id for tests and the UI.
@@ -55,9 +55,10 @@ def bundle_info() -> dict:
     return json.loads(path.read_text())
 
 
-#: what the builder makes of the bundle; bump it when that changes (2: default and paper-preset caches)
-WORKSPACE_LAYOUT = 2
-_STEPS = 8  # build steps reported to `progress`: ingest and featurize three splits, prepare two caches
+#: what the builder makes of the bundle; bump it when that changes (2: default and paper-preset caches;
+#: 3: the pool's map)
+WORKSPACE_LAYOUT = 3
+_STEPS = 9  # build steps reported to `progress`: ingest and featurize three splits, prepare two caches, map
 
 
 def bundle_key() -> str:
@@ -172,7 +173,7 @@ def _claim(root: Path, key: str) -> None:
 
 
 def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = None) -> Workspace:
-    """Build (or reuse) the demo workspace at `path` through ingest -> featurize -> prepare; idempotent.
+    """Build (or reuse) the demo workspace at `path`: ingest -> featurize -> prepare -> map; idempotent.
 
     Every step is the library's own and skips work already done, so a killed build resumes on re-run.
     progress(done, total, stage=text) is called before each of the build's steps and at the end.
@@ -201,6 +202,7 @@ def build_demo_workspace(path: str | os.PathLike, progress: ProgressFn | None = 
             say(2 * i + 1, _STEPS, stage=f"featurizing {name!r}")
             runs[name] = featurize(ws, name, model_spec(), device="cpu", batch_size=256)
         cache_id = _prepare(ws, say)
+        _map(ws, runs[POOL_NAME], say)
         info = {"bundle_key": key, "complete": True, "pool": POOL_NAME, "eval": EVAL_NAME, "test": TEST_NAME,
                 "model": model_spec(), "feature_runs": runs, "cache_id": cache_id}  # fmt: skip
         atomic_write_bytes(root / MARKER, (json.dumps(info, indent=2) + "\n").encode())
@@ -215,7 +217,17 @@ def _prepare(ws: Workspace, say: ProgressFn) -> int:
     from chips_core.scoring.params import PRESETS, PrepareConfig
 
     paper = PrepareConfig(device="cpu", blocks=PRESETS["paper"]["blocks"])
-    say(_STEPS - 2, _STEPS, stage="preparing the scoring cache of the paper preset")
+    say(_STEPS - 3, _STEPS, stage="preparing the scoring cache of the paper preset")
     prepare_workspace(ws, POOL_NAME, EVAL_NAME, paper)
-    say(_STEPS - 1, _STEPS, stage="preparing the default scoring cache")
+    say(_STEPS - 2, _STEPS, stage="preparing the default scoring cache")
     return prepare_workspace(ws, POOL_NAME, EVAL_NAME, PrepareConfig(device="cpu"))
+
+
+def _map(ws: Workspace, run_id: int, say: ProgressFn) -> None:
+    """The pool's map (UMAP of its image and text features), as `chips prepare` leaves it, so the demo's
+    first Map visit opens at once instead of starting a job; a resumed build keeps a map already made."""
+    from chips_core.curation import maps
+    from chips_core.features.featurize import FeatureStore
+
+    say(_STEPS - 1, _STEPS, stage=f"drawing the map of {POOL_NAME!r}")
+    maps.get_map(ws, run_id, FeatureStore(ws, run_id))

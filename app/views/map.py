@@ -2,7 +2,8 @@
 
 The map is cached per feature run in the workspace (chips_core.curation.maps); the prepare job computes it
 once the scoring cache is written. When it is missing, the page follows a running prepare of the pool, else
-runs `chips map` as a background job, shows its progress, and draws the map once the job is done.
+runs `chips map` as a background job, shows its progress, and draws the map once the job is done. Of a map
+of more than maps.DRAW_POINTS pairs it draws every decided pair and a fixed sample of the others.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ if fmap is None:
     argv = ["map", ctx.ws_root, ctx.pool_name, "--run", str(ctx.pool_run_id)]
     jobs_view.background_step(ws, "map", argv, "Computing the map")
 table = widgets.ranking_frame(context.current_rank(ctx)).set_index("pair_id")
+dec = widgets.decisions(ctx)
+drawn = maps.drawn_rows(fmap, dec.index.to_numpy(np.int64))  # every decided pair, a fixed sample of the rest
+ids = fmap.pair_ids[drawn]
 
 st.caption(
     f"Each dot is one pair of **{ctx.pool_name}** "
@@ -45,6 +49,12 @@ st.caption(
     )
     + ": pairs whose images (or captions) look alike sit close together, so a cluster is often one kind of "
     "image. Draw a loop around dots (lasso) to see those pairs and include or exclude them together."
+    + (
+        f" So that the map answers at once, it shows {len(drawn):,} of these {len(fmap.pair_ids):,} dots: "
+        "every pair you decided and a fixed random choice of the others; a lasso picks among the dots shown."
+        if len(drawn) < len(fmap.pair_ids)
+        else ""
+    )
 )
 with st.expander("For ML engineers: how the map is made"):
     st.markdown(
@@ -53,8 +63,7 @@ with st.expander("For ML engineers: how the map is made"):
         "embedded separately: one map per tower, the same pairs (`chips map`, chips_core/curation/maps.py)."
     )
 
-dec = widgets.decisions(ctx)
-state = dec["state"].reindex(fmap.pair_ids) if len(dec) else None
+state = dec["state"].reindex(ids) if len(dec) else None
 c1, c2 = st.columns([1, 1])
 space = c1.radio(
     "Place pairs by",
@@ -87,8 +96,8 @@ colour = c2.selectbox(
     "your decision, or (in the demo) the deliberately wrong pairs.",
 )
 
-rows = table.reindex(fmap.pair_ids)
-xy = fmap.image_xy if space == "image" else fmap.text_xy
+rows = table.reindex(ids)
+xy = (fmap.image_xy if space == "image" else fmap.text_xy)[drawn]
 marker: dict = {"size": 5, "opacity": 0.8}
 if colour in widgets.COMPONENTS:
     marker.update(
@@ -108,13 +117,13 @@ else:
         palette = {"include": GREEN, "exclude": RED, "none": GREY}
         legend = {"include": "included", "exclude": "excluded", "none": "no decision (the score decides)"}
     else:  # the demo's planted mistakes: does the ranking push them down?
-        labels = planted.reindex(fmap.pair_ids).fillna("none").to_numpy()
+        labels = planted.reindex(ids).fillna("none").to_numpy()
         palette = {"mismatch": RED, "off_domain": ("#f9a825", "orange"), "none": GREY}
         legend = {"mismatch": "caption does not match the image", "off_domain": "outside the target domain",
                   "none": "no planted mistake"}  # fmt: skip
     marker.update(color=[palette[str(v)][0] for v in labels])
     st.caption(" · ".join(f":{c}[●] {legend.get(name, name)}" for name, (_, c) in palette.items()))
-captions = context.pool_pairs(ctx)["caption"].reindex(fmap.pair_ids).fillna("").astype(str)
+captions = context.pool_pairs(ctx)["caption"].reindex(ids).fillna("").astype(str)
 short = captions.where(captions.str.len() <= 80, captions.str.slice(0, 79) + "…")
 hover = (  # what a hover shows: the rank and the caption (escaped: captions are data, not markup)
     rows["rank"].astype("Int64").astype(str).radd("rank ").to_numpy()
@@ -127,7 +136,7 @@ fig = go.Figure(
         y=xy[:, 1],
         mode="markers",
         marker=marker,
-        customdata=fmap.pair_ids.astype(str),
+        customdata=ids.astype(str),
         text=hover,
         hovertemplate="%{text}<extra></extra>",
     )

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
 from app import auth, context, jobs_view, widgets
+from chips_core.curation import selection
 from chips_core.scoring import params as sp
 from chips_core.scoring.diagnostics import stability_warning
-from chips_core.scoring.ranking import ALPHA_INERT_RATIO, selection_change
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
@@ -156,13 +155,16 @@ with left:
             "expected to help, the plain product can rank the rest backwards.",
         )
 
+# imported only now (torch, scipy: seconds on a server's first run), so the controls above are already shown
+from chips_core.scoring.ranking import ALPHA_INERT_RATIO, selection_change  # noqa: E402
+
 result = context.current_rank(ctx)
 table = widgets.ranking_frame(result)
 info = result.info
 
 with left:
     if info.get("curvature_ratio") is not None and info["method"] == "chips":
-        ends = [context.current_rank(ctx, alpha=a) for a in (0.0, 1.0)]
+        ends = [context.current_rank(ctx, compared=True, alpha=a) for a in (0.0, 1.0)]
         moved = selection_change(*ends)
         n_sel = max(int(info["n_selected"]), 1)
         if info["curvature_ratio"] < ALPHA_INERT_RATIO:
@@ -176,7 +178,7 @@ with left:
             "selected pairs."
         )
         if abs(float(st.session_state["alpha"]) - DEFAULT_ALPHA) > 1e-9:
-            now = selection_change(context.current_rank(ctx, alpha=DEFAULT_ALPHA), result)
+            now = selection_change(context.current_rank(ctx, compared=True, alpha=DEFAULT_ALPHA), result)
             st.caption(
                 f"Compared with α = {DEFAULT_ALPHA:g}: {len(now['entering'])} pairs enter the selection and "
                 f"{len(now['leaving'])} leave it."
@@ -199,17 +201,16 @@ with right:
     fig = make_subplots(
         rows=2, cols=2, subplot_titles=list(comps.values()), horizontal_spacing=0.1, vertical_spacing=0.2
     )
-    sel = table["selected"].to_numpy(bool)
+    hists = selection.histograms(result.frame, list(comps))
     for i, comp in enumerate(comps):
-        values = table[comp].to_numpy(np.float64)
-        finite = np.isfinite(values)
-        edges = np.histogram_bin_edges(values[finite], bins=60) if finite.any() else np.linspace(0, 1, 61)
-        centers = (edges[:-1] + edges[1:]) / 2
-        for mask, name, color in ((sel, "selected", "#2e7d32"), (~sel, "not selected", "#b0bec5")):
-            counts, _ = np.histogram(values[mask & finite], bins=edges)
+        h = hists[comp]
+        for counts, name, color in (
+            (h.selected, "selected", "#2e7d32"),
+            (h.not_selected, "not selected", "#b0bec5"),
+        ):
             fig.add_trace(
                 go.Bar(
-                    x=centers, y=counts, name=name, marker_color=color, showlegend=i == 0, legendgroup=name
+                    x=h.centers, y=counts, name=name, marker_color=color, showlegend=i == 0, legendgroup=name
                 ),
                 row=i // 2 + 1,
                 col=i % 2 + 1,

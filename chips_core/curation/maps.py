@@ -10,7 +10,8 @@ points are the same pairs. No model is run.
 
 Size: a browser draws ~20k WebGL points fluidly, not millions. Up to `full_threshold` (100,000) pairs every
 pair is mapped; above it a seeded uniform sample of `max_points` (20,000) pairs is read by row (the store is
-memory-mapped, so only those rows are touched), mapped, and drawn; `FeatureMap.sampled` says so.
+memory-mapped, so only those rows are touched), mapped, and drawn; `FeatureMap.sampled` says so. Of a map of
+more than `DRAW_POINTS` pairs the dashboard draws a seeded sample plus every decided pair (`drawn_rows`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from chips_core.workspace import store
 
 FULL_THRESHOLD = 100_000
 MAX_POINTS = 20_000
+DRAW_POINTS = 20_000  # the dashboard draws at most this many of a map's points (see `drawn_rows`)
 _FILES = ("pair_ids", "image", "text")
 
 
@@ -137,6 +139,24 @@ def current_map(ws: store.Workspace, run_id: int, source: FeatureSource) -> Feat
     """The cached map of a feature run when it maps the run as it is now (same size), else None."""
     fmap = load_map(ws, run_id)
     return fmap if fmap is not None and fmap.n_total == len(source) else None
+
+
+def drawn_rows(
+    fmap: FeatureMap, keep: np.ndarray, max_points: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """The rows of `fmap` to draw, in map order: all of them up to `max_points` (None: DRAW_POINTS); above,
+    the rows of the pairs in `keep` (e.g. the decided ones: always drawn) and the first of a seeded
+    permutation of the rest, `max_points` in all. The same map and seed give the same points, so the picture
+    holds still while the colours change; a browser draws ~20k WebGL points with hover text at once, 100k
+    not."""
+    max_points = DRAW_POINTS if max_points is None else max_points
+    n = len(fmap.pair_ids)
+    if n <= max_points:
+        return np.arange(n)
+    kept = np.flatnonzero(np.isin(fmap.pair_ids, keep))[:max_points]
+    order = np.random.default_rng(seed).permutation(n)
+    rest = order[~np.isin(order, kept)][: max_points - len(kept)]
+    return np.sort(np.concatenate([kept, rest]))
 
 
 def get_map(ws: store.Workspace, run_id: int, source: FeatureSource, **kwargs: object) -> FeatureMap:

@@ -203,6 +203,31 @@ def rank_frame(rank_result: Any) -> pd.DataFrame:
     return df.sort_values("rank", kind="stable").reset_index(drop=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+    """A component's distribution, split by the selection: bin centres and the pairs per bin."""
+
+    centers: np.ndarray
+    selected: np.ndarray
+    not_selected: np.ndarray
+
+
+def histograms(frame: pd.DataFrame, columns: list[str], bins: int = 60) -> dict[str, Histogram]:
+    """Per column of a ranking table: `bins` equal bins over its finite values, counted separately for
+    the selected pairs and the others (what the Scores page draws: a few hundred numbers, not N rows)."""
+    sel = frame["selected"].to_numpy(bool)
+    out = {}
+    for col in columns:
+        values = frame[col].to_numpy(np.float64)
+        finite = np.isfinite(values)
+        edges = (
+            np.histogram_bin_edges(values[finite], bins=bins) if finite.any() else np.linspace(0, 1, bins + 1)
+        )
+        counts = [np.histogram(values[mask & finite], bins=edges)[0] for mask in (sel, ~sel)]
+        out[col] = Histogram((edges[:-1] + edges[1:]) / 2, *counts)
+    return out
+
+
 def record_score_run(
     ws: Workspace,
     pool: str | int,

@@ -26,15 +26,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import torch
 
-from chips_core.features.models import LoadedModel, load_model, register_model, resolve_device
 from chips_core.pools import records
 from chips_core.workspace import catalog, store
 from chips_core.workspace.store import Workspace, WorkspaceError, atomic_path, atomic_write_bytes
+
+if TYPE_CHECKING:  # the model zoo (open_clip) is imported by what encodes, not by readers of a feature store
+    from chips_core.features.models import LoadedModel
 
 SHARD_SIZE = 8192
 CHECKPOINT_S = 30.0  # seconds of encoding between checkpoints of the shard being written
@@ -102,6 +105,8 @@ def open_run(ws: Workspace, pool_name: str, loaded: LoadedModel, shard_size: int
     ws.check()
     if shard_size < 1:
         raise FeaturizeError(f"shard_size must be >= 1, got {shard_size}")
+    from chips_core.features.models import register_model
+
     model_id = register_model(ws, loaded.identity)
     with ws.connect() as con:
         rec = catalog.pool_record(con, pool_name)
@@ -322,6 +327,8 @@ def featurize(
     """
     if batch_size < 1:
         raise FeaturizeError(f"batch_size must be >= 1, got {batch_size}")
+    from chips_core.features.models import LoadedModel, load_model, resolve_device
+
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, pretrained, device=dev)
     if loaded.device != dev:

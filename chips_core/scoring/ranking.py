@@ -248,6 +248,18 @@ def _stability(
     return float(spearmanr(A[:m], A2).statistic), m
 
 
+def reselect(result: RankResult, ratio: float) -> RankResult:
+    """`result` with the selection ratio `ratio`: what `rank` returns for the same parameters at that ratio
+    (the top ceil(ratio·N) ranks, guarded pairs never), without ranking again: a ratio change moves only
+    the cut-off, so it costs O(N) instead of the Newton solves and the projections."""
+    params = (result.params or RankParams()).replace(ratio=ratio)  # validates the ratio
+    frame = result.frame.copy()
+    n_sel = int(math.ceil(params.ratio * len(frame)))
+    frame["selected"] = (frame["rank"].to_numpy() <= n_sel) & ~frame["guarded"].to_numpy(bool)
+    info = {**result.info, "ratio": params.ratio, "n_selected": int(frame["selected"].sum())}
+    return RankResult(frame, info, params)
+
+
 def selection_change(before: RankResult, after: RankResult) -> dict[str, np.ndarray]:
     """Pair ids that enter and leave the selection between two rankings of the same pool."""
     a = before.frame.loc[before.frame["selected"], "pair_id"].to_numpy()
@@ -349,6 +361,8 @@ def rank(
     cache: ScoringCache,
     params: RankParams | None = None,
     checkpoints: list[tuple[ScoringCache, float]] | None = None,
+    *,
+    stability: bool = True,
 ) -> RankResult:
     """Rank every pair of the cache's pool by `params.method`; keep the top ceil(ratio·N) (`selected`).
 
@@ -360,7 +374,9 @@ def rank(
     holds out nothing; None means 'mad' for chips and 'none' for the baselines, which stay literal.
     Baselines on the same features and batches: random (seeded), clipscore, dot (g̃·ũ), tracin
     (Σ_c η_c g̃_c·ũ_c over the `checkpoints` caches), trak (α = 0, w_L ≡ w_R ≡ 1, literal damping).
-    k defaults to k_max/2 so that the ranking stability (Spearman of rows [0, k) vs [k, 2k)) is reported.
+    k defaults to k_max/2 so that the ranking stability (Spearman of rows [0, k) vs [k, 2k)) is reported;
+    `stability=False` skips it (a second solve and a Spearman over up to STABILITY_ROWS rows; info
+    'stability' None) for a ranking only compared with others.
     `params` defaults to RankParams() (the default preset); RankParams validates every value.
     """
     p = RankParams() if params is None else params
@@ -386,8 +402,9 @@ def rank(
         a, damp, norm = _newton_settings(p)
         A, sys_info = _newton_alignment(cache, k, a, p.lam, damping=damp, normalize=norm)
         info.update(sys_info, alpha=a, damping=damp, normalize=norm)
-        stab, m = _stability(cache, A, k, a, sys_info["lam"], damp, norm)
-        info.update(stability=stab, stability_rows=m)
+        if stability:
+            stab, m = _stability(cache, A, k, a, sys_info["lam"], damp, norm)
+            info.update(stability=stab, stability_rows=m)
         return _finish(cache, A, info, p, weighted=method == "chips")
     if method == "random":
         A = np.random.default_rng(p.seed).random(cache.n)

@@ -53,6 +53,10 @@ def test_no_arguments_builds_the_demo_in_a_job_then_opens_it(tmp_path, monkeypat
     assert at.title[0].value == "Scores"
     assert len(jobs.list_jobs(ws)) == 1
 
+    at.switch_page("views/map.py").run()  # the build stored the map: drawn at once, no map job
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.get("plotly_chart") and len(jobs.list_jobs(ws)) == 1
+
     at.switch_page("views/browse.py").run()
     assert not at.exception, [e.value for e in at.exception]
     cards = [m.value for m in at.markdown if m.value.startswith("**#")]

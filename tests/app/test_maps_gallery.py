@@ -58,6 +58,24 @@ def test_map_is_computed_once_cached_and_separates_clusters(tmp_path):
     assert (maps.map_dir(ws, 7) / "meta.json").exists()
 
 
+def test_drawn_rows_keep_the_given_pairs_and_a_fixed_sample():
+    src = _Features(500)
+    fmap = maps.FeatureMap(
+        src.ids, src.h[:, :2].astype(np.float32), src.t[:, :2].astype(np.float32), 500, False
+    )
+    np.testing.assert_array_equal(maps.drawn_rows(fmap, src.ids[:3], max_points=500), np.arange(500))
+    keep = src.ids[[7, 123, 499]]
+    rows = maps.drawn_rows(fmap, keep, max_points=50)
+    assert len(rows) == 50 and len(set(rows.tolist())) == 50 and (np.diff(rows) > 0).all()
+    assert set(keep.tolist()) <= set(fmap.pair_ids[rows].tolist())  # kept pairs are always drawn
+    again = maps.drawn_rows(fmap, keep, max_points=50)
+    np.testing.assert_array_equal(rows, again)  # the same points every time
+    other = maps.drawn_rows(fmap, src.ids[[8]], max_points=50)
+    assert len(np.intersect1d(rows, other)) >= 47  # keeping another pair moves at most a few points
+    assert not np.array_equal(rows, maps.drawn_rows(fmap, keep, max_points=50, seed=1))
+    assert len(maps.drawn_rows(fmap, src.ids[:80], max_points=50)) == 50  # never more than max_points
+
+
 def test_large_runs_are_sampled_and_only_sampled_rows_are_read(tmp_path):
     ws = store.Workspace.init(tmp_path / "ws")
     src = _Features(80)

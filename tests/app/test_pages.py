@@ -187,6 +187,31 @@ def test_map_draws_webgl_points_for_every_pair(tiny_workspace):
     assert at.info and "Nothing selected" in at.info[0].value
 
 
+def test_map_draws_a_fixed_sample_with_every_decided_pair(tiny_workspace, monkeypatch):
+    from chips_core.curation import maps
+
+    monkeypatch.setattr(maps, "DRAW_POINTS", 20)  # the tiny pool stands in for a pool of 100k pairs
+    ws = store.Workspace(tiny_workspace)
+    with ws.connect(read_only=True) as con:
+        sql = "SELECT pair_id FROM pairs JOIN pools USING (pool_id) WHERE name = ? ORDER BY pair_id"
+        ids = [r[0] for r in con.execute(sql, [POOL]).fetchall()]
+    decided = ids[-3:]
+    selection.record_decisions(ws, POOL, decided[:2], "include")
+    selection.record_decisions(ws, POOL, decided[2:], "exclude")
+    at = _app("map")
+    import json
+
+    drawn = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["customdata"]
+    assert len(drawn) == len(set(drawn)) == 20 and set(map(str, decided)) <= set(drawn)
+    assert any("it shows 20 of these 48 dots" in c.value for c in at.caption)
+    at.selectbox(key="map_colour").set_value("decision").run()
+    _ok(at)
+    again = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert again["customdata"] == drawn  # the same dots, coloured by decision
+    colours = dict(zip(again["customdata"], again["marker"]["color"], strict=True))
+    assert [colours[str(p)] for p in decided] == ["#2e7d32", "#2e7d32", "#c62828"]
+
+
 def test_export_saves_versions_diffs_and_writes_the_file(tiny_workspace):
     at = _app("export")
     at.text_input(key="sel_name").input("first")

@@ -126,6 +126,12 @@ def test_build_demo_workspace(built):
             "SELECT pair_id FROM pairs JOIN pools USING (pool_id) WHERE name = ?", [demo.POOL_NAME]
         ).fetchall()}  # fmt: skip
     assert ws_ids == set(demo.ground_truth("pool")["pair_id"])
+    # the pool's map is stored by the build, so the first Map visit runs no UMAP job
+    from chips_core.curation import maps
+
+    fmap = maps.load_map(built, info["feature_runs"][demo.POOL_NAME])
+    assert fmap is not None and not fmap.sampled
+    assert set(fmap.pair_ids.tolist()) == ws_ids and fmap.image_xy.shape == (len(ws_ids), 2)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -22,7 +23,7 @@ from chips_core.scoring.endpoint import (
 from chips_core.scoring.exact import unflat
 from chips_core.scoring.params import PrepareConfig, RankParams
 from chips_core.scoring.prepare import ArrayFeatures, ZeroShotEval, prepare
-from chips_core.scoring.ranking import eval_contributions, guard_mask, project, rank, rank_exact
+from chips_core.scoring.ranking import eval_contributions, guard_mask, project, rank, rank_exact, reselect
 from chips_core.scoring.sketch import make_sketch
 
 pytestmark = pytest.mark.unit
@@ -224,6 +225,22 @@ def test_guard_catches_planted_outliers_and_switches_off(built):
     off = rank(cache, RankParams(k=16, guard="none"))
     assert not off.frame["guarded"].any() and off.info["n_guarded"] == 0
     assert not rank(cache, RankParams(method="dot", k=16)).frame["guarded"].any()  # baselines stay literal
+
+
+@pytest.mark.parametrize("method", ["chips", "dot"])
+def test_reselect_equals_ranking_again_at_the_new_ratio(built, method):
+    cache = built[3]
+    base = rank(cache, RankParams(method=method, k=16, ratio=0.3, guard_mads=1.0))
+    assert base.info["n_guarded"] > 0 or method == "dot"  # the guard's pairs stay out of every selection
+    for ratio in (0.05, 0.5, 1.0):
+        want = rank(cache, RankParams(method=method, k=16, ratio=ratio, guard_mads=1.0))
+        got = reselect(base, ratio)
+        pd.testing.assert_frame_equal(got.frame, want.frame)
+        assert got.params == want.params and got.info["n_selected"] == want.info["n_selected"]
+        assert got.info["ratio"] == ratio
+    assert base.info["ratio"] == 0.3 and base.frame["selected"].sum() == base.info["n_selected"]  # unchanged
+    with pytest.raises(ValueError, match="ratio"):
+        reselect(base, 0.0)
 
 
 def test_damping_rules_and_normalisation_change_the_ranking(built):
