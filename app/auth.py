@@ -30,11 +30,22 @@ def _providers() -> list[str | None]:
     return [name for name, value in section.items() if isinstance(value, Mapping) and "client_id" in value]
 
 
+# who acts for a session of a team dashboard that is not (or no longer) signed in, e.g. a widget callback
+# that runs after Sign out: a signed-in nobody, so chips_core treats it as a viewer and logs its attempts
+NOBODY = Actor(subject="not-signed-in", name="a user who is not signed in", signed_in=True)
+
+
 def actor() -> Actor:
-    """The user this session acts as: the signed-in user, or the local user in single-user mode."""
-    if provider_configured() and st.user.is_logged_in:
+    """The user this session acts as: the signed-in user; with a provider but no sign-in, `NOBODY` (never
+    the local user, who is the lead); the local user in single-user mode."""
+    if not provider_configured():
+        return local_actor()
+    if not st.user.is_logged_in:
+        return NOBODY
+    try:
         return actor_from_claims(st.user.to_dict())
-    return local_actor()
+    except ValueError:  # an ID token without a subject
+        return NOBODY
 
 
 def require_sign_in() -> None:

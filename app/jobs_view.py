@@ -67,9 +67,22 @@ def _render_jobs(ws: store.Workspace, listed: list[jobs.JobInfo]) -> None:
         },
     )
     for job in listed:
-        if job.active and st.button(f"Cancel job {job.job_id} ({job.kind})", key=f"cancel-{job.job_id}"):
-            jobs.cancel(ws, job.job_id)
-            st.rerun()
+        if not job.active:
+            continue
+        action = jobs.job_action(job.args)
+        refused = auth.refusal(ws, action) if action is not None else None
+        if st.button(
+            f"Cancel job {job.job_id} ({job.kind})",
+            key=f"cancel-{job.job_id}",
+            disabled=bool(refused),
+            help=refused or "Stop this job; what it finished so far is kept, and it can be run again.",
+        ):
+            try:
+                jobs.cancel(ws, job.job_id, actor=auth.actor())
+            except roles.AccessDenied as exc:
+                st.error(str(exc))
+            else:
+                st.rerun()
     with st.expander("Log of a job (its full output, for when something went wrong)"):
         job_id = st.selectbox(
             "Job", [j.job_id for j in listed], key="log_job", help="The job whose log to show."
@@ -108,6 +121,11 @@ def background_step(ws: store.Workspace, kind: str, argv: list[str], what: str) 
     its progress. A failed or cancelled last run is shown with its log and a button to run it again.
     """
     last = jobs.latest(ws, argv)
+    action = jobs.job_action(argv)
+    refused = auth.refusal(ws, action) if action is not None else None
+    if refused and (last is None or not last.active):  # a viewer cannot start it: say who can
+        st.info(f"{what}: not done yet. {refused}")
+        st.stop()
     if last is not None and last.status in ("failed", "cancelled"):
         st.error(f"{what}: job {last.job_id} {last.status}: {last.message or 'no message'}")
         with st.expander(f"Log of job {last.job_id}"):

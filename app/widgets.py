@@ -82,7 +82,7 @@ def score_run(ctx: context.ScoringContext) -> int:
     result = context.current_rank(ctx)
     params = {**context.rank_params(), "k": int(result.info["k"])}  # the sketch dimension the ranking used
     runs = st.session_state.setdefault("score_runs", {})
-    key = repr((ctx.cache_id, sorted(params.items())))
+    key = repr((ctx.ws_root, ctx.pool_id, ctx.cache_id, sorted(params.items())))  # ids are per workspace
     if key not in runs:
         runs[key] = selection.record_score_run(
             store.Workspace(ctx.ws_root), ctx.pool_id, result, params["method"],
@@ -95,11 +95,13 @@ def decide(ctx: context.ScoringContext, pair_ids: list[int], action: str, note: 
     """Record a decision for pairs as the signed-in user (append-only, in the workspace) and say so;
     False, with the reason shown, when their role may not decide."""
     ws = store.Workspace(ctx.ws_root)
-    try:
+    user = auth.actor()
+    try:  # a user who may not decide writes nothing, not even the score run (chips_core refuses and logs)
+        run = score_run(ctx) if roles.can(ws, user, "decide") else None
         ids = selection.record_decisions(
-            ws, ctx.pool_id, pair_ids, action, note=note, score_run_id=score_run(ctx), actor=auth.actor()
+            ws, ctx.pool_id, pair_ids, action, note=note, score_run_id=run, actor=user
         )
-    except roles.AccessDenied as exc:
+    except (roles.AccessDenied, selection.SelectionError) as exc:
         st.error(str(exc), icon=":material/block:")
         return False
     st.toast(f"{action}: {len(ids)} pair(s) recorded")

@@ -1,8 +1,8 @@
 """The audit trail: who did what, when, under which score run and with which parameters.
 
 Decisions are their own record (the append-only `decisions` table carries the user's subject and e-mail
-and the score run); selections, exports, training launches, role grants and refused attempts are rows of
-`audit_log`. `activity` shows both as one trail, newest first.
+and the score run); selections, exports, training launches, cancelled jobs, role grants and refused
+attempts are rows of `audit_log`. `activity` shows both as one trail, newest first.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from chips_core.team.identity import Actor
 from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace
 
-KINDS = ("decision", "selection", "export", "train", "grant", "refused")
+KINDS = ("decision", "selection", "export", "train", "job", "grant", "refused")
 
 
 def record(

@@ -53,11 +53,14 @@ def local_actor() -> Actor:
 
 
 def actor_from_claims(claims: Mapping[str, Any]) -> Actor:
-    """A signed-in user from ID token claims (`sub` required; `email` lower-cased; `name` optional)."""
+    """A signed-in user from ID token claims (`sub` required; `email` lower-cased; `name` optional).
+
+    An e-mail the provider marks unverified (`email_verified` false) is dropped: roles granted to an e-mail
+    must not go to someone who typed that address into their own profile."""
     subject = claims.get("sub")
     if not subject:
         raise ValueError("the ID token has no 'sub' claim")
-    email = claims.get("email")
+    email = claims.get("email") if claims.get("email_verified", True) not in (False, "false") else None
     name = claims.get("name") or claims.get("preferred_username")
     return Actor(
         subject=str(subject),

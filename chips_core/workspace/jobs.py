@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import chips_core
-from chips_core.team import roles
+from chips_core.team import audit, roles
 from chips_core.team.identity import Actor, current_actor
 from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace, WorkspaceError
@@ -63,9 +63,16 @@ class JobInfo:
         return self.status in ACTIVE
 
 
-# the action (chips_core.team.roles) a job kind needs; kinds not listed (map, demo) only compute views
-KIND_ACTIONS = {"train": "train", "evaluate": "train", "ingest": "manage", "featurize": "manage",
-                "prepare": "manage", "score": "manage"}  # fmt: skip
+# the action (chips_core.team.roles) each `chips` command run as a job needs, by its command name (argv[0]):
+# every command that writes the workspace; `demo` builds the bundled demo outside any team workspace
+COMMAND_ACTIONS = {"train": "train", "evaluate": "train", "ingest": "manage", "featurize": "manage",
+                   "prepare": "manage", "score": "manage", "map": "manage", "rm": "manage",
+                   "experiment": "train"}  # fmt: skip
+
+
+def job_action(argv: list[str]) -> str | None:
+    """The action (chips_core.team.roles) starting or cancelling `chips <argv>` needs; None: anyone."""
+    return COMMAND_ACTIONS.get(str(argv[0])) if argv else None
 
 
 def launch(ws: Workspace, kind: str, argv: list[str], actor: Actor | None = None) -> int:
@@ -73,13 +80,14 @@ def launch(ws: Workspace, kind: str, argv: list[str], actor: Actor | None = None
 
     kind is a short label for people ('featurize', 'prepare', 'train', ...). The child is its own session
     leader: signals to the launching process group do not reach it and it keeps running when the
-    launcher exits. `actor` (default: the local user) must hold the role the kind needs (KIND_ACTIONS);
-    the job runs as that user, so what it records (a training launch) names them.
+    launcher exits. `actor` (default: the local user) must hold the role the command needs (`job_action`,
+    by the command, not the label); the job runs as that user, so what it records names them.
     """
     ws.check()
     actor = current_actor(actor)
-    if kind in KIND_ACTIONS:
-        roles.require(ws, actor, KIND_ACTIONS[kind], detail=f"start a {kind} job: chips {' '.join(argv)}")
+    action = job_action([str(a) for a in argv])
+    if action is not None:
+        roles.require(ws, actor, action, detail=f"start a {kind} job: chips {' '.join(map(str, argv))}")
     argv = [str(a) for a in argv]
     if not argv:
         raise JobError("a job needs a chips command to run")
@@ -194,11 +202,18 @@ def list_jobs(ws: Workspace, active_only: bool = False) -> list[JobInfo]:
     return [j for j in jobs if j.active] if active_only else jobs
 
 
-def cancel(ws: Workspace, job_id: int, grace_s: float = 10.0) -> JobInfo:
-    """Stop a job: SIGTERM to its process group, SIGKILL after `grace_s`; its status becomes 'cancelled'."""
+def cancel(ws: Workspace, job_id: int, grace_s: float = 10.0, actor: Actor | None = None) -> JobInfo:
+    """Stop a job: SIGTERM to its process group, SIGKILL after `grace_s`; its status becomes 'cancelled'.
+
+    `actor` (default: the local user) needs the role that starting the job needs; the cancel is audited."""
     info = job_status(ws, job_id)
     if not info.active:
         return info
+    actor = current_actor(actor)
+    action = job_action(info.args)
+    if action is not None:
+        roles.require(ws, actor, action, detail=f"cancel job {job_id} ({info.kind})")
+    audit.record(ws, actor, "job", "cancel", object_id=job_id, params={"kind": info.kind, "argv": info.args})
     if info.pid is not None and _alive(ws, info.pid, info.job_id):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(info.pid, signal.SIGTERM)

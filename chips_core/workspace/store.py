@@ -152,8 +152,17 @@ class Workspace:
         with self._open(read_only=True) as con:
             version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         if version is None or version < SCHEMA_VERSION:
-            with self._open(read_only=False) as con:
-                _create_or_upgrade(con)
+            try:
+                with self._open(read_only=False) as con:
+                    _create_or_upgrade(con)
+            except WorkspaceError as exc:
+                if "is busy" in str(exc):
+                    raise
+                raise WorkspaceError(
+                    f"workspace {self.root} has schema version {version} and needs a one-time upgrade to "
+                    f"version {SCHEMA_VERSION}, which needs write access: run `chips status {self.root}` "
+                    f"once as a user who can write to it ({exc})"
+                ) from exc
         _current.add(self.db_path)
 
     @contextlib.contextmanager
@@ -184,7 +193,9 @@ class Workspace:
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 text = str(exc).lower()
                 busy = "lock" in text or "different configuration" in text
-                if not busy or time.monotonic() > deadline:
+                if not busy:
+                    raise WorkspaceError(f"cannot open workspace {self.db_path}: {exc}") from exc
+                if time.monotonic() > deadline:
                     raise WorkspaceError(f"workspace {self.db_path} is busy: {exc}") from exc
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.5)

@@ -65,6 +65,8 @@ def test_identity_from_claims_and_for_jobs(monkeypatch):
     assert ANA.display == "Ana" and BEN.display == "ben@hospital.org"
     with pytest.raises(ValueError, match="sub"):
         actor_from_claims({"email": "x@y.org"})
+    unverified = actor_from_claims({"sub": "s-9", "email": "lea@hospital.org", "email_verified": False})
+    assert unverified.email is None and unverified.keys == ("s-9",)  # cannot take over Lea's e-mail grant
     monkeypatch.setenv("CHIPS_AUTHOR", "dr-who")
     assert local_actor() == Actor("local:dr-who", None, "dr-who", signed_in=False)
     monkeypatch.setenv(ENV_ACTOR, ANA.to_env()[ENV_ACTOR])  # what jobs.launch gives a background job
@@ -110,8 +112,18 @@ def test_a_viewer_write_is_refused_and_logged(team_ws):
         sel.save_selection(ws, "pool", run, 0.5, "top", actor=ANA)  # curators cannot save selections
     with pytest.raises(roles.AccessDenied):
         jobs.launch(ws, "train", ["train", str(ws.root)], actor=ANA)
-    assert jobs.list_jobs(ws) == []  # the refused job never started
+    with pytest.raises(roles.AccessDenied):  # the command decides, not the label
+        jobs.launch(ws, "harmless", ["map", str(ws.root), "pool"], actor=VIC)
+    assert jobs.list_jobs(ws) == []  # the refused jobs never started
+    assert [jobs.job_action(a) for a in (["prepare"], ["map"], ["evaluate"], ["demo"], [])] == [
+        "manage",
+        "manage",
+        "train",
+        None,
+        None,
+    ]
     assert len(audit.activity(ws, kinds=["refused"], users=["ana@hospital.org"])) == 2
+    assert len(audit.activity(ws, kinds=["refused"], users=["vic@hospital.org"])) == 2
 
 
 def test_decisions_carry_identity_and_score_run_in_the_trail(team_ws):
@@ -279,3 +291,15 @@ def test_single_user_mode_reads_no_roles(team_ws):
     assert export.export_bytes(ws, sid, "ids").n_rows == N // 2
     with pytest.raises(Exception, match="members"):
         sel.record_decision(ws, "pool", ids[1], "include", actor=ANA)
+
+
+def test_the_latest_row_names_who_decided_even_without_an_e_mail(team_ws, monkeypatch):
+    """A local (CLI) decision after a signed-in one: the state's e-mail and score run are the latest row's
+    (NULL), not the previous decider's (DuckDB's arg_max skips NULL values; arg_max_null does not)."""
+    ws, pool_id, ids, run = team_ws
+    monkeypatch.setenv("CHIPS_AUTHOR", "night-shift")
+    sel.record_decision(ws, "pool", ids[0], "include", score_run_id=run, actor=ANA)
+    sel.record_decision(ws, "pool", ids[0], "exclude")  # the local user, no e-mail, no score run
+    row = sel.current_decisions(ws, "pool").set_index("pair_id").loc[ids[0]]
+    assert (row["state"], row["author"], row["email"]) == ("exclude", "night-shift", None)
+    assert pd.isna(row["score_run_id"])

@@ -71,7 +71,8 @@ _STATE_CTE = """
             d AS (SELECT * FROM decisions WHERE pool_id = ?),
             state AS (
                 SELECT pair_id, arg_max(action, decision_id) AS action,
-                       arg_max(score_run_id, decision_id) AS score_run_id, max(decision_id) AS decision_id
+                       arg_max_null(score_run_id, decision_id) AS score_run_id,
+                       max(decision_id) AS decision_id
                 FROM d WHERE action IN ('include', 'exclude', 'clear') GROUP BY pair_id)"""
 
 
@@ -87,8 +88,8 @@ def current_decisions(db: Db, pool_id: int) -> pd.DataFrame:
                 SELECT pair_id, arg_max(note, decision_id) AS note
                 FROM d WHERE note IS NOT NULL AND trim(note) <> '' GROUP BY pair_id),
             latest AS (
-                SELECT pair_id, arg_max(author, decision_id) AS author,
-                       arg_max(email, decision_id) AS email,
+                SELECT pair_id, arg_max_null(author, decision_id) AS author,
+                       arg_max_null(email, decision_id) AS email,
                        arg_max(created_at, decision_id) AS decided_at
                 FROM d GROUP BY pair_id)
             SELECT l.pair_id,

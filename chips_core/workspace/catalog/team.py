@@ -188,7 +188,7 @@ def changed_by_others(db: Db, pool_id: int, subject: str, after_decision_id: int
                               arg_max(action, decision_id) AS theirs,
                               arg_max(coalesce(email, subject, author), decision_id) AS by,
                               arg_max(created_at, decision_id) AS decided_at,
-                              arg_max(subject, decision_id) AS their_subject
+                              arg_max_null(subject, decision_id) AS their_subject
                        FROM d GROUP BY pair_id)
             SELECT l.pair_id, m.yours, l.theirs, l.by, l.decided_at, l.decision_id
             FROM mine m JOIN latest l USING (pair_id)
