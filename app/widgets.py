@@ -109,15 +109,32 @@ def decide(ctx: context.ScoringContext, pair_ids: list[int], action: str, note: 
     return True
 
 
+# decision ids are taken before their rows commit, so two sessions deciding at once can commit out of order:
+# each look searches this many ids back and skips the changes it already reported
+LOOKBACK_IDS = 1000
+
+
+def _unreported_changes(ctx: context.ScoringContext, user: Any) -> pd.DataFrame | None:
+    """Changes by other users to this user's pairs that this session has not reported yet (None before its
+    first look)."""
+    seen = st.session_state.get(f"decisions_seen_{ctx.pool_id}")
+    if seen is None:
+        return None
+    ws = store.Workspace(ctx.ws_root)
+    changed = audit.changed_by_others(ws, ctx.pool_id, user, max(seen - LOOKBACK_IDS, 0))
+    reported = st.session_state.get(f"changes_reported_{ctx.pool_id}", set())
+    return changed[~changed["decision_id"].isin(reported)]
+
+
 def _note_changes_by_others(ctx: context.ScoringContext) -> None:
     """After a decision: when another user changed this user's pairs since the page last looked, ask the
     next fragment run for a full page run, which shows who changed what (`changes_by_others`). One query,
     signed-in users only."""
     user = auth.actor()
-    seen = st.session_state.get(f"decisions_seen_{ctx.pool_id}")
-    if not user.signed_in or seen is None:
+    if not user.signed_in:
         return
-    if not audit.changed_by_others(store.Workspace(ctx.ws_root), ctx.pool_id, user, seen).empty:
+    new = _unreported_changes(ctx, user)
+    if new is not None and len(new):
         st.session_state["refresh_page"] = True
 
 
@@ -130,7 +147,7 @@ def refresh_if_others_changed() -> None:
 
 def changes_by_others(ctx: context.ScoringContext) -> None:
     """Warn about the pairs this user decided that another user changed since this session last looked
-    (who, what, when), until dismissed; the watermark is the pool's newest decision id. Nothing in
+    (who, what, when), until dismissed; each change is reported once (`LOOKBACK_IDS`). Nothing in
     single-user mode.
 
     The warning is kept in the session: a rerun that a decision button starts at once would otherwise
@@ -140,17 +157,21 @@ def changes_by_others(ctx: context.ScoringContext) -> None:
         return
     ws = store.Workspace(ctx.ws_root)
     mark_key, found_key = f"decisions_seen_{ctx.pool_id}", f"changed_by_others_{ctx.pool_id}"
+    reported = st.session_state.setdefault(f"changes_reported_{ctx.pool_id}", set())
     latest = audit.latest_decision_id(ws, ctx.pool_id)
-    seen = st.session_state.get(mark_key)
-    st.session_state[mark_key] = latest
-    if seen is not None and latest > seen:
-        changed = audit.changed_by_others(ws, ctx.pool_id, user, seen)
+    new = _unreported_changes(ctx, user)
+    if new is None:  # the first look: what happened before it is not news
+        before = audit.changed_by_others(ws, ctx.pool_id, user, max(latest - LOOKBACK_IDS, 0))
+        reported.update(int(d) for d in before["decision_id"])
+    else:
         found = st.session_state.setdefault(found_key, {})
-        for r in changed.itertuples():  # the newest change per pair
+        for r in new.itertuples():  # the newest change per pair
+            reported.add(int(r.decision_id))
             found[int(r.pair_id)] = (
                 f"pair {int(r.pair_id)}: you set **{r.yours}**; **{r.by}** changed it to **{r.theirs}** at "
                 f"{pd.Timestamp(r.decided_at):%Y-%m-%d %H:%M:%S}"
             )
+    st.session_state[mark_key] = latest
     if st.session_state.get(found_key):
         lines = "\n".join(f"- {line}" for line in st.session_state[found_key].values())
         st.warning(f"Changed by others since you last looked:\n{lines}", icon=":material/group:")

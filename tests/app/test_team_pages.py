@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from chips_core.curation import selection
 from chips_core.team import audit, roles
 from chips_core.team.identity import local_actor
-from chips_core.workspace import store
+from chips_core.workspace import catalog, store
 from tests.app.workspace_build import POOL
 
 pytestmark = pytest.mark.app
@@ -188,3 +188,32 @@ def test_a_curator_sees_what_another_changed_on_the_next_rerun(tiny_workspace):
     assert not any("Changed by others" in w.value for w in vera.warning)
     vera.button(key=f"top-why-{pid}").click().run()  # the detail view says who decided, and when
     assert any("**Decision:** exclude · by Curt Curator" in m.value for m in vera.markdown)
+
+
+def test_a_change_committed_after_a_newer_one_is_still_shown(tiny_workspace):
+    """Two sessions deciding at once: Curt's decision id is taken before Vera's newer decision commits,
+    and his row commits after her page has looked. Her next rerun still shows it, once."""
+    ws = store.Workspace(tiny_workspace)
+    for user in (VERA, CURT):
+        roles.grant(ws, local_actor(), user["email"], "curator")
+    vera = _app("browse", user=VERA)
+    first, second = (int(b.key.removeprefix("top-inc-")) for b in _decision_buttons(vera, "top-inc-")[:2])
+    vera.button(key=f"top-inc-{first}").click().run()
+    early_id = ws.new_id()  # Curt's session takes its id ...
+    vera.button(key=f"top-inc-{second}").click().run()
+    vera.run()  # ... Vera's page looks past it ...
+    pool_id = catalog.pool_id(ws, POOL)
+    row = pd.DataFrame(
+        {"decision_id": [early_id], "pool_id": [pool_id], "pair_id": [first], "action": ["exclude"],
+         "note": [None], "author": ["Curt Curator"], "score_run_id": [None], "subject": [CURT["sub"]],
+         "email": [CURT["email"]]}
+    )  # fmt: skip
+    with ws.connect() as con:  # ... and then his row commits
+        catalog.insert_decisions(con, row)
+    vera.run()
+    warning = next(w.value for w in vera.warning if "Changed by others" in w.value)
+    expected = f"pair {first}: you set **include**; **curt@hospital.example** changed it to **exclude**"
+    assert expected in warning
+    vera.button(key="changes_dismiss").click().run()
+    vera.run()
+    assert not any("Changed by others" in w.value for w in vera.warning)  # reported once
