@@ -38,6 +38,37 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def served(
+    name: str, cmd: list[str], probe: str, log_path: Path, timeout_s: float, **popen: object
+) -> Iterator[None]:
+    """Run `cmd` in its own process group (output to `log_path`) until `probe` answers HTTP 200; stop the
+    group afterwards (SIGTERM, then SIGKILL). A clear error names `name` when it exits or never answers."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(probe, timeout=2) as r:
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not answer on {probe} in {timeout_s:.0f} s; see {log_path}")
+            time.sleep(0.3)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
 def streamlit_server(
     workspace: str | os.PathLike, log_path: Path, timeout_s: float = 120.0, secrets: Path | None = None
 ) -> Iterator[str]:
@@ -50,33 +81,9 @@ def streamlit_server(
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), f"--server.port={port}"]
     cmd += ["--server.headless", "true", "--server.fileWatcherType", "none"]
     cmd += ["--secrets.files", str(secrets or log_path.with_name("no-secrets.toml"))]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log_path}")
-            health = f"{url}/_stcore/health"
-            with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not answer on {url} in {timeout_s:.0f} s; see {log_path}")
-            time.sleep(0.3)
+    with served("streamlit", cmd, f"{url}/_stcore/health", log_path, timeout_s, cwd=ROOT, env=env):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @contextlib.contextmanager

@@ -14,14 +14,10 @@ import hashlib
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.browser.harness import ROOT, free_port
+from tests.browser.harness import ROOT, free_port, served
 
 OIDC_SRC = ROOT / "tests" / "browser" / "oidc"
 CLIENT_ID = "chips-studio-test"
@@ -52,37 +48,10 @@ def oidc_provider(log_path: Path, timeout_s: float = 30.0) -> Iterator[str]:
     node, folder = _require_installed()
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [node, str(OIDC_SRC / "provider.mjs"), str(port), str(folder)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the OIDC provider exited with {proc.returncode}; see {log_path}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{issuer}/.well-known/openid-configuration", timeout=2) as r,
-            ):
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the OIDC provider did not answer on {issuer} in {timeout_s:.0f} s")
-            time.sleep(0.2)
+    cmd = [node, str(OIDC_SRC / "provider.mjs"), str(port), str(folder)]
+    probe = f"{issuer}/.well-known/openid-configuration"
+    with served("the OIDC provider", cmd, probe, log_path, timeout_s):
         yield issuer
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def write_secrets(path: Path, issuer: str) -> Path:
