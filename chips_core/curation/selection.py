@@ -141,14 +141,15 @@ def record_decision(
     return record_decisions(ws, pool, [pair_id], action, note, author, score_run_id, actor)[0]
 
 
-def current_decisions(ws: Workspace, pool: str | int) -> pd.DataFrame:
-    """The decisions in force: one row per pair that has an include/exclude state or a note.
+def current_decisions(ws: Workspace, pool: str | int, with_cleared: bool = False) -> pd.DataFrame:
+    """The decisions in force: one row per pair that has an include/exclude state or a note
+    (`with_cleared`: also per pair whose latest state row is a clear, with state None).
 
     Columns: pair_id, state ('include' | 'exclude' | None), note (the latest non-empty note), author, email
     and decided_at of the latest row, score_run_id and decision_id of the latest state row.
     """
     pool_id = resolve_pool(ws, pool)
-    df = catalog.current_decisions(ws, pool_id)
+    df = catalog.current_decisions(ws, pool_id, with_cleared)
     for col in ("state", "note", "author", "email"):
         df[col] = df[col].astype(object).where(df[col].notna(), None)
     return df
@@ -325,7 +326,8 @@ def save_selection(
     run (method taken from `method`, else `params['method']`, else 'chips'; its scoring cache from
     `params['cache_id']` when given, so exports can name the model). Decisions in force are
     applied (see `choose_members`) and copied into the selection's params, with the score run's params;
-    the exact decision rows applied are recorded (`selection_decisions`). `actor` (default: the local user)
+    the exact decision rows applied (the include / exclude / clear row in force per pair, read in the
+    same snapshot as the members) are recorded (`selection_decisions`). `actor` (default: the local user)
     must be a lead; the save is written to the audit trail.
     """
     if not name or not name.strip():
@@ -351,7 +353,7 @@ def save_selection(
             cache_id=None if cache_id is None else int(cache_id),
         )
     table = load_score_run(ws, score_run_id)
-    decisions = current_decisions(ws, pool_id)
+    decisions = current_decisions(ws, pool_id, with_cleared=True)  # one snapshot: members and applied rows
     n_budget = math.ceil(float(ratio) * len(table))
     members = choose_members(table, decisions, n_budget)
     state = decisions.dropna(subset=["state"])
@@ -381,7 +383,8 @@ def save_selection(
             json.dumps(stored, default=_json_default),
             members,
         )
-        catalog.insert_selection_decisions(con, selection_id, state["decision_id"].astype(np.int64).tolist())
+        applied = decisions["decision_id"].dropna().astype(np.int64).tolist()  # include, exclude, clear
+        catalog.insert_selection_decisions(con, selection_id, applied)
         store.commit(con)
     audit.record(
         ws,

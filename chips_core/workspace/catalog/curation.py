@@ -76,10 +76,12 @@ _STATE_CTE = """
                 FROM d WHERE action IN ('include', 'exclude', 'clear') GROUP BY pair_id)"""
 
 
-def current_decisions(db: Db, pool_id: int) -> pd.DataFrame:
+def current_decisions(db: Db, pool_id: int, with_cleared: bool = False) -> pd.DataFrame:
     """The decisions in force of a pool: pair_id, state ('include' | 'exclude' | NULL), note (latest
     non-empty), author, email and decided_at of the latest row, score_run_id and decision_id of the latest
-    state row; one row per pair with a state or a note."""
+    state row; one row per pair with a state or a note (`with_cleared`: also per pair whose latest state
+    row is a clear)."""
+    shown = "s.action IS NOT NULL" if with_cleared else "s.action IN ('include', 'exclude')"
     with reading(db) as con:
         return con.execute(
             f"""
@@ -96,7 +98,7 @@ def current_decisions(db: Db, pool_id: int) -> pd.DataFrame:
                    CASE WHEN s.action IN ('include', 'exclude') THEN s.action END AS state,
                    n.note, l.author, l.email, l.decided_at, s.score_run_id, s.decision_id
             FROM latest l LEFT JOIN state s USING (pair_id) LEFT JOIN notes n USING (pair_id)
-            WHERE s.action IN ('include', 'exclude') OR n.note IS NOT NULL
+            WHERE {shown} OR n.note IS NOT NULL
             ORDER BY l.pair_id
             """,
             [int(pool_id)],
