@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from chips_core.curation import selection
 from tests.app.workspace_build import POOL, build_tiny_workspace
@@ -55,8 +56,16 @@ def test_review_queue_keyboard_include_survives_a_reload(tmp_path: Path) -> None
 
         page.reload()  # same pair, same tab; the decision is in the workspace
         _heading(page, "Pair 2 of 48 in the queue — rank 16")
-        page.locator("h3").filter(has_text="in the queue").first.click()
-        page.keyboard.press("b")
+        page.locator(".st-key-review-back button:not([disabled])").first.wait_for()
+        back = page.locator("h3").filter(has_text="Pair 1 of 48 in the queue — rank 15").first
+        for _ in range(3):  # on a loaded machine the first key press can come before the page listens;
+            page.locator("h3").filter(has_text="in the queue").first.click()  # a second Back is harmless:
+            page.keyboard.press("b")  # Back is disabled at the queue's first pair
+            try:
+                back.wait_for(timeout=15_000)
+                break
+            except PlaywrightTimeout:
+                continue
         _heading(page, "Pair 1 of 48 in the queue — rank 15")
         decision = page.locator("[data-testid='stMarkdownContainer']").filter(
             has_text=re.compile(r"^Decision:")
