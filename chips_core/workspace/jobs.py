@@ -84,13 +84,13 @@ def launch(ws: Workspace, kind: str, argv: list[str], actor: Actor | None = None
     by the command, not the label); the job runs as that user, so what it records names them.
     """
     ws.check()
-    actor = current_actor(actor)
-    action = job_action([str(a) for a in argv])
-    if action is not None:
-        roles.require(ws, actor, action, detail=f"start a {kind} job: chips {' '.join(map(str, argv))}")
     argv = [str(a) for a in argv]
     if not argv:
         raise JobError("a job needs a chips command to run")
+    actor = current_actor(actor)
+    action = job_action(argv)
+    if action is not None:
+        roles.require(ws, actor, action, detail=f"start a {kind} job: chips {' '.join(argv)}")
     job_id = ws.new_id()
     log_path = ws.root / "logs" / f"job-{job_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,15 @@ def _metric(page, label: str) -> str:
     return tile.locator("[data-testid='stMetricValue']").inner_text().strip()
 
 
+def _step_up_to(page, slider, value: float) -> None:
+    """Press → on `slider` until it holds `value` (a key pressed while the app reruns can be lost)."""
+    for _ in range(30):
+        if float(slider.input_value()) >= value - 1e-9:
+            break
+        slider.press("ArrowRight")
+        page.wait_for_timeout(100)
+
+
 def _slider(page, label: str):
     return page.get_by_role("slider", name=label)
 
@@ -49,13 +58,8 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
         page.locator("[data-testid='stDataFrame'] canvas").first.wait_for()
         page.screenshot(path=str(ARTIFACTS / "scores.png"), full_page=True)
 
-        # A key pressed while the app reruns can be lost: step until the slider itself holds 0.40.
         ratio = _slider(page, "Selection ratio r")
-        for _ in range(30):
-            if float(ratio.input_value()) >= 0.40 - 1e-9:
-                break
-            ratio.press("ArrowRight")
-            page.wait_for_timeout(100)
+        _step_up_to(page, ratio, 0.40)
         assert float(ratio.input_value()) == pytest.approx(0.40)
         page.locator("[data-testid='stMetricValue']").filter(
             has_text=re.compile(r"^\s*20\s*$")
@@ -118,11 +122,7 @@ def test_a_reload_keeps_the_view_in_the_url(tmp_path: Path) -> None:
     with streamlit_server(ws.root, ARTIFACTS / "browser-url-streamlit.log") as url, chromium_page() as page:
         _open_scores(page, url)
         ratio = _slider(page, "Selection ratio r")
-        for _ in range(30):
-            if float(ratio.input_value()) >= 0.40 - 1e-9:
-                break
-            ratio.press("ArrowRight")
-            page.wait_for_timeout(100)
+        _step_up_to(page, ratio, 0.40)
         page.locator("[data-testid='stMetricValue']").filter(
             has_text=re.compile(r"^\s*20\s*$")
         ).first.wait_for()

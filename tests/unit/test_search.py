@@ -10,6 +10,7 @@ import pytest
 from chips_core.curation import selection as sel
 from chips_core.curation.search import search_pairs
 from chips_core.workspace.store import Workspace
+from tests.pool_rows import add_pool
 
 pytestmark = pytest.mark.unit
 
@@ -33,18 +34,7 @@ def _workspace(tmp_path):
             "label": [LABELS[i % 5] for i in range(N)],
         }
     )
-    with ws.connect() as con:
-        pool_id = ws.next_id(con)
-        con.execute(
-            "INSERT INTO pools (pool_id, name, kind, source, format, status) "
-            "VALUES (?, 'pool', 'pool', 'x', 'csv', 'ready')",
-            [pool_id],
-        )
-        con.register("_p", pairs)
-        con.execute(
-            "INSERT INTO pairs (pool_id, pair_id, row_index, filepath, caption, label) "
-            f"SELECT {pool_id}, pair_id, row_index, filepath, caption, label FROM _p"
-        )
+    add_pool(ws, pairs)
     score = rng.normal(size=N)
     rank = np.empty(N, np.int64)
     rank[np.argsort(-score)] = np.arange(1, N + 1)

@@ -19,6 +19,7 @@ from chips_core.team import audit, roles
 from chips_core.team.identity import ENV_ACTOR, Actor, actor_from_claims, current_actor, local_actor
 from chips_core.workspace import jobs, store
 from chips_core.workspace.store import Workspace
+from tests.pool_rows import add_pool
 
 pytestmark = pytest.mark.unit
 
@@ -35,19 +36,9 @@ def team_ws(tmp_path):
     lead (granted by the local user); Vic has no grant (a viewer)."""
     ws = Workspace.init(tmp_path / "ws")
     ids = np.arange(N, dtype=np.int64) * 10 + 3
-    with ws.connect() as con:
-        pool_id = ws.next_id(con)
-        con.execute(
-            "INSERT INTO pools (pool_id, name, kind, source, format, status) "
-            "VALUES (?, 'pool', 'pool', 'x', 'csv', 'ready')",
-            [pool_id],
-        )
-        con.register("_p", pd.DataFrame({"pair_id": ids, "row_index": np.arange(N)}))
-        con.execute(
-            "INSERT INTO pairs (pool_id, pair_id, row_index, filepath, caption) "
-            f"SELECT {pool_id}, pair_id, row_index, '/img/' || pair_id || '.png', 'caption ' || pair_id "
-            "FROM _p"
-        )
+    paths, captions = [f"/img/{i}.png" for i in ids], [f"caption {i}" for i in ids]
+    pairs = pd.DataFrame({"pair_id": ids, "row_index": np.arange(N), "filepath": paths, "caption": captions})
+    pool_id = add_pool(ws, pairs)
     table = pd.DataFrame(
         {"pair_id": ids, "alignment": -np.arange(N, dtype=float), "learnability": 1.0, "relevance": 1.0}
     )
