@@ -39,13 +39,15 @@ PERSISTENT_KEYS = (
     "normalize",
     "guard_on",
     "guard_mads",
+    "agreement",
     "map_space",
     "map_colour",
     "review_skip",
 )
 # the Scores page's choices: methods (TracIn needs checkpoint caches: CLI only), slider ranges, λ multiples
 METHODS = [m for m in SCORING_METHODS if m not in NEEDS_CHECKPOINTS]
-RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0), "ratio": (0.01, 1.0), "guard_mads": (1.0, 5.0)}
+RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0), "ratio": (0.01, 1.0), "guard_mads": (1.0, 5.0),
+          "agreement": (0.0, 1.0)}  # fmt: skip
 LAM_FACTORS = [float(f"{10 ** (e / 4):.3g}") for e in range(-8, 9)]  # 0.01× … 100×, quarter decades
 RANK_RATIO = RankParams().ratio  # the ratio the cached rankings are made at (a ratio change only reselects)
 # the widgets' defaults are RankParams' (chips_core/scoring/params.py; the preset's widgets are set by
@@ -67,11 +69,12 @@ def preset_state(name: str) -> dict[str, Any]:
         "damping": p.damping,
         "normalize": p.normalize,
         "guard_on": p.guard != "none",
+        "agreement": p.agreement,
     }
 
 
 def apply_preset() -> None:
-    """on_change of the preset box: load the preset's blocks, damping, normalisation and guard."""
+    """on_change of the preset box: load the preset's blocks, damping, normalisation, guard and agreement."""
     st.session_state.update(preset_state(st.session_state["preset"]))
 
 
@@ -277,6 +280,7 @@ def rank_params() -> dict[str, Any]:
         "normalize": bool(s["normalize"]),
         "guard": "mad" if s["guard_on"] else "none",
         "guard_mads": float(s["guard_mads"]),
+        "agreement": float(s["agreement"]),
         "preset": s["preset"],
     }
 
@@ -325,6 +329,7 @@ def page_params(ctx: ScoringContext, **changes: Any) -> RankParams:
         normalize=p["normalize"],
         guard=p["guard"] if chips else "none",
         guard_mads=p["guard_mads"],
+        agreement=p["agreement"],
     )
 
 

@@ -19,14 +19,19 @@ WHY = {  # what each component means, in plain words (the formulas are in FORMUL
     "learnability": "How much the model can still learn from this pair (high when it does not match the "
     "image and caption yet).",
     "relevance": "How close the image and caption are to the target domain.",
-    "score": "The three multiplied: the ranking sorts pairs by it.",
+    "agreement": "How well the image and its caption agree, as the share of the pool's pairs that agree "
+    "less (low: a likely caption mistake).",
+    "score": "Expected help (with the two weights above) and agreement, combined as the agreement slider "
+    "says: the ranking sorts pairs by it.",
 }
 FORMULAS = {  # for ML engineers (METHOD.md)
     "alignment": "Â = g̃ᵢ·M̃⁻¹ũ, the sketched Newton direction with M = (1−α)Φ_pos + αΦ_neg + λI "
     "(unit-norm g̃, ũ in the default preset)",
     "learnability": "w_L = (1 − p_corr)(1 + σ(−margin))",
     "relevance": "w_R: soft closeness of image and caption embeddings to the eval set's means (0.27…0.73)",
-    "score": "Â · w_L · w_R (the guard holds CLIPScore outliers back)",
+    "agreement": "P(CLIPScore): the pair's CLIPScore percentile in the pool",
+    "score": "P(Â · w_L · w_R)^(1−γ) · P(CLIPScore)^γ, γ = agreement weight (γ = 0: Â · w_L · w_R); the "
+    "guard holds CLIPScore outliers back",
 }
 
 
@@ -53,9 +58,10 @@ def pair_detail(ctx: context.ScoringContext, table: pd.DataFrame, pair_id: int) 
             if isinstance(meta.get("label"), str) and meta["label"]:
                 st.markdown(f"**Label:** {meta['label']}")
             st.markdown("**Why it ranks here**")
+            shown = [c for c in WHY if c in row.index]  # a score run stored before `agreement` lacks it
             st.dataframe(
                 pd.DataFrame(
-                    {"value": [float(row[c]) for c in WHY], "meaning": list(WHY.values())}, index=list(WHY)
+                    {"value": [float(row[c]) for c in shown], "meaning": [WHY[c] for c in shown]}, index=shown
                 ),
                 key="detail_components",
                 column_config={"meaning": st.column_config.TextColumn(width="large")},

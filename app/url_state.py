@@ -80,6 +80,7 @@ FIELDS: dict[str, Field] = {
     "preset": Field(_one_of(sp.PRESETS)),
     "guard_on": _BOOL,
     "guard_mads": Field(_in_range(float, *context.RANGES["guard_mads"]), repr),
+    "agreement": Field(_in_range(float, *context.RANGES["agreement"]), repr),
     "blocks": Field(_blocks, ",".join),
     "normalize": _BOOL,
     "damping": Field(_one_of(sp.DAMPINGS)),

@@ -13,7 +13,7 @@ from chips_core.curation import gallery, search, selection
 from chips_core.team import audit, roles
 from chips_core.workspace import catalog, store
 
-COMPONENTS = ("alignment", "learnability", "relevance", "score")
+COMPONENTS = ("alignment", "learnability", "relevance", "agreement", "score")
 
 
 def ranking_frame(result: Any) -> pd.DataFrame:
@@ -222,7 +222,7 @@ def pair_card(
     if planted and planted != "none":  # the demo's ground truth, to see whether the ranking catches it
         badge += f" :orange-badge[planted: {planted}]"
     st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
-    st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS))
+    st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS if c in row.index))
     b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
     b1.button(
         "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
@@ -309,7 +309,8 @@ def search_filters(ctx: context.ScoringContext, columns: list[str]) -> dict[str,
                 help="The demo's pool has deliberate mistakes; 'none' marks the clean pairs.",
             )
             pair_ids = truth.index[truth.isin(planted)].tolist() if planted else None
-        for comp, col in zip([c for c in COMPONENTS if c in columns], st.columns(4), strict=False):
+        comps = [c for c in COMPONENTS if c in columns]
+        for comp, col in zip(comps, st.columns(len(comps)), strict=True):
             lo = col.number_input(f"{comp} ≥", value=None, format="%.4g", key=f"browse_min_{comp}")
             hi = col.number_input(f"{comp} ≤", value=None, format="%.4g", key=f"browse_max_{comp}")
             if lo is not None or hi is not None:

@@ -74,7 +74,7 @@ space = c1.radio(
     help="Image: pairs with similar-looking images sit together. Text: pairs with similar captions do.",
 )
 planted = context.demo_planted(ctx)
-colours = ["score", "alignment", "learnability", "relevance", "selected", "decision"]
+colours = ["score", "alignment", "learnability", "relevance", "agreement", "selected", "decision"]
 colours += ["planted (demo ground truth)"] if planted is not None else []
 if st.session_state.get("map_colour") not in colours:  # e.g. a link from the demo to another workspace
     st.session_state.pop("map_colour", None)
@@ -83,6 +83,7 @@ COLOUR_LABELS = {  # what a colour means, in plain words
     "alignment": "expected help for the target set",
     "learnability": "how much the model can still learn",
     "relevance": "closeness to the target domain",
+    "agreement": "how well image and caption agree",
     "selected": "selected by the current ranking",
     "decision": "your include / exclude decisions",
     "planted (demo ground truth)": "planted mistakes (demo ground truth)",

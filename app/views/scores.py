@@ -86,9 +86,21 @@ with left:
         key="guard_mads",
         disabled=not guard_on,
     )
+    st.slider(
+        "How much image–caption agreement counts",
+        *context.RANGES["agreement"],
+        step=0.05,
+        key="agreement",
+        disabled=st.session_state["method"] != "chips",
+        help="0: rank by the expected help for the target set alone (the CHIPS paper). 1: by how well each "
+        "image and its caption agree alone (CLIPScore). In between a pair must do well on both; the "
+        "recommended 0.5 weighs them equally, which on measured pools kept wrong captions out of the top "
+        "(docs/SCORING.md).",
+    )
     with st.expander("How a pair is compared with the target (for ML engineers)"):
         st.markdown(
-            "score = Â · w_L · w_R with Â = g̃ᵢ · M̃⁻¹ ũ (sketched Newton direction), "
+            "score = P(Â · w_L · w_R)^(1−γ) · P(CLIPScore)^γ with P the percentile in the pool, γ the "
+            "agreement weight (γ = 0: score = Â · w_L · w_R), Â = g̃ᵢ · M̃⁻¹ ũ (sketched Newton direction), "
             "M = (1 − α)Φ_pos + αΦ_neg + λI, λ = λ-factor × the default rule below, k = JL sketch rows "
             "(METHOD.md, docs/SCORING.md)."
         )
@@ -196,10 +208,17 @@ with right:
         "alignment": "expected help for the target set",
         "learnability": "how much the model can still learn",
         "relevance": "closeness to the target domain",
+        "agreement": "image–caption agreement (share of the pool below)",
         "score": "overall score (what the ranking sorts by)",
     }
+    comps = {c: title for c, title in comps.items() if c in table.columns}  # older score runs: 4
+    n_rows = -(-len(comps) // 2)
     fig = make_subplots(
-        rows=2, cols=2, subplot_titles=list(comps.values()), horizontal_spacing=0.1, vertical_spacing=0.2
+        rows=n_rows,
+        cols=2,
+        subplot_titles=list(comps.values()),
+        horizontal_spacing=0.1,
+        vertical_spacing=0.14,
     )
     hists = selection.histograms(result.frame, list(comps))
     for i, comp in enumerate(comps):
@@ -220,7 +239,7 @@ with right:
     fig.update_layout(
         barmode="stack",
         bargap=0,
-        height=520,
+        height=260 * n_rows,
         margin=dict(l=10, r=10, t=30, b=60),
         legend=dict(orientation="h", y=-0.2),  # below the bottom axis titles
     )
@@ -242,6 +261,7 @@ st.dataframe(
             "alignment",
             "learnability",
             "relevance",
+            "agreement",
             "selected",
             "decision",
         ]

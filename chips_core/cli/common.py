@@ -136,3 +136,17 @@ def selection_id(ws: Workspace, ref: str | int) -> int:
     from chips_core.curation import selection as sel
 
     return sel.get_selection(ws, sel_ref(str(ref))).selection_id
+
+
+def add_agreement_flag(p: argparse.ArgumentParser) -> None:
+    """--agreement: RankParams.agreement (chips only; `score` and `experiment` share it)."""
+    from chips_core.scoring.params import RankParams
+
+    field_flag(
+        p,
+        RankParams,
+        "agreement",
+        "γ in [0, 1], the weight of image–caption agreement: score = P(CHIPS score)^(1−γ)·P(CLIPScore)^γ "
+        "with P the pool percentile; 0 ranks by the CHIPS score alone (chips only; docs/SCORING.md)",
+        type=UNIT,
+    )

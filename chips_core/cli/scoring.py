@@ -11,6 +11,7 @@ from chips_core.cli.common import (
     FRACTION,
     UNIT,
     CliError,
+    add_agreement_flag,
     field_flag,
     note,
     open_workspace,
@@ -252,6 +253,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-learnability", action="store_true", help="ablation: w_L ≡ 1")
     p.add_argument("--no-relevance", action="store_true", help="ablation: w_R ≡ 1")
     p.add_argument("--rank-normalized", action="store_true", help="use the rank of Â in (0, 1] instead of Â")
+    add_agreement_flag(p)
     g = p.add_argument_group(
         "scoring preset (docs/SCORING.md); each flag below overrides the preset's value",
     )
@@ -328,8 +330,8 @@ def _run_score(args: argparse.Namespace) -> int:
         f"score run {run_id}: {method} on {args.pool} ({info.get('n', len(result.frame))} pairs) against "
         f"{args.eval_name}, cache {cache_id}"
     )
-    for key in ("blocks", "k", "lam", "lam_star", "d_over_k", "frac_positive", "stability", "n_guarded",
-                "n_selected"):  # fmt: skip
+    for key in ("blocks", "k", "lam", "lam_star", "d_over_k", "frac_positive", "stability", "agreement",
+                "n_guarded", "n_selected"):  # fmt: skip
         if info.get(key) is not None:
             value = info[key]
             say(f"  {key:<14}{value:.6g}" if isinstance(value, float) else f"  {key:<14}{value}")
@@ -383,6 +385,7 @@ def rank_params(args: argparse.Namespace) -> RankParams:
             use_relevance=not args.no_relevance,
             rank_normalized=args.rank_normalized,
             guard_mads=args.guard_mads,
+            agreement=args.agreement,
             **{name: value for name, value in overrides.items() if value is not None},
         )
     except ValueError as exc:
@@ -419,6 +422,7 @@ def _score_table(ws: Workspace, pool: str, result: Any) -> Any:
         "alignment",
         "learnability",
         "relevance",
+        "agreement",
         "score",
         "rank",
     ]

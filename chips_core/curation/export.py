@@ -306,7 +306,7 @@ def _write_safe_csv(table: pd.DataFrame, tmp: Path) -> None:
         for c in ("rank", "pair_id", "source", "decision", "note", "caption", "label", "filepath")
         if c in table
     ]
-    cols += [c for c in ("score", "alignment", "learnability", "relevance") if c in table]
+    cols += [c for c in ("score", "alignment", "learnability", "relevance", "agreement") if c in table]
     df = table[cols].copy()
     for c in df.columns:
         if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]):

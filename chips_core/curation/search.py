@@ -20,7 +20,7 @@ from chips_core.curation.selection import SelectionError, rank_frame, resolve_po
 from chips_core.workspace import catalog
 from chips_core.workspace.store import Workspace
 
-COMPONENTS = ("alignment", "learnability", "relevance", "score")
+COMPONENTS = ("alignment", "learnability", "relevance", "agreement", "score")
 DECISION_STATES = ("include", "exclude", "none")
 ORDERS = ("rank", "-rank", "random")
 

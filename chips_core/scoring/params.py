@@ -7,7 +7,10 @@ decide how a pair's gradient is compared with the target's (docs/SCORING.md says
 - `default`: the two projections without the temperature, unit-norm gradients (LESS-style), λ = 0.1·tr C̃
   (the same at every k), and the CLIPScore guard against image–caption disagreement;
 - `paper`: the CHIPS paper's literal score (METHOD.md §1–6): every endpoint block, raw gradients,
-  λ* with d(λ*) = k/4, no guard. Kept so that every comparison can show it beside the default.
+  λ* with d(λ*) = k/4, no guard, no agreement weight. Kept so that every comparison can show it beside
+  the default.
+The agreement weight (`RankParams.agreement`) is an option of every chips ranking, off (0) by default:
+docs/SCORING.md shows where it helped and where it let off-domain pairs in.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "damping": "dimension",
         "normalize": False,
         "guard": "none",
+        "agreement": 0.0,
     },
 }
 DEFAULT_BLOCKS = PRESETS["default"]["blocks"]
@@ -125,16 +129,21 @@ class RankParams:
     #: mad: hold CLIPScore outliers out of the selection; none; None: mad for chips, none for baselines
     guard: str | None = PRESETS["default"]["guard"]
     guard_mads: float = 2.5  # the guard holds out CLIPScore < median − guard_mads · 1.4826 · MAD
+    #: γ, the weight of image–caption agreement in a chips ranking: score = P(Â·w_L·w_R)^(1−γ)·P(CLIPScore)^γ
+    #: with P the pool percentile (`weights.percentile`); 0 (default): the CHIPS score alone
+    agreement: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("alpha", "beta", "ratio", "guard_mads") + (("lam",) if self.lam is not None else ()):
+        for name in ("alpha", "beta", "ratio", "guard_mads", "agreement") + (
+            ("lam",) if self.lam is not None else ()
+        ):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))  # plain floats: the stored JSON round-trips
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta", "agreement"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 < self.ratio <= 1.0:

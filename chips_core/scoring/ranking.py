@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from chips_core.scoring.cache import PrepareError, ScoringCache
 from chips_core.scoring.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
 from chips_core.scoring.params import DAMPING_SCALE, GUARDS, METHODS, RankParams
-from chips_core.scoring.weights import learnability, relevance
+from chips_core.scoring.weights import combine_agreement, learnability, percentile, relevance
 
 if TYPE_CHECKING:
     from chips_core.scoring.prepare import FeatureSource
@@ -291,17 +291,12 @@ def guard_mask(clipscore: np.ndarray, guard: str, mads: float) -> tuple[np.ndarr
                   "n_guarded": int(held.sum())}  # fmt: skip
 
 
-def _rank_normalize(a: np.ndarray) -> np.ndarray:
-    r = np.empty(len(a))
-    r[np.argsort(a, kind="stable")] = np.arange(1, len(a) + 1)
-    return r / len(a)
-
-
 def _table(
     ids: np.ndarray,
     A: np.ndarray,
     wl: np.ndarray,
     wr: np.ndarray,
+    agree: np.ndarray,
     score: np.ndarray,
     ratio: float,
     guarded: np.ndarray,
@@ -318,6 +313,7 @@ def _table(
             "alignment": A,
             "learnability": wl,
             "relevance": wr,
+            "agreement": agree,
             "score": score,
             "rank": rank_,
             "selected": (rank_ <= n_sel) & ~guarded,
@@ -335,15 +331,19 @@ def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tupl
 
 
 def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, weighted: bool) -> RankResult:
-    """The ranking of alignments A under `params`: weights (unless not `weighted`: the baselines stay
-    literal), the guard and the selection."""
+    """The ranking of alignments A under `params`: weights and the agreement percentile (unless not
+    `weighted`: the baselines stay literal), the guard and the selection. The `agreement` column is every
+    pair's CLIPScore percentile in the pool, whether or not it weighs in."""
     p = params
     use_l, use_r = (p.use_learnability, p.use_relevance) if weighted else (False, False)
     wl, wr = _weights(cache, p.beta, use_l, use_r)
-    base = _rank_normalize(A) if p.rank_normalized and weighted else A
-    guarded, guard_info = guard_mask(cache.column("clipscore"), p.guard_rule, p.guard_mads)
-    frame, n_sel = _table(cache.pair_ids, A, wl, wr, base * wl * wr, p.ratio, guarded)
-    info.update(guard_info)
+    base = percentile(A) if p.rank_normalized and weighted else A
+    clipscore = cache.column("clipscore")
+    gamma = p.agreement if weighted else 0.0
+    score = combine_agreement(base * wl * wr, clipscore, gamma)
+    guarded, guard_info = guard_mask(clipscore, p.guard_rule, p.guard_mads)
+    frame, n_sel = _table(cache.pair_ids, A, wl, wr, percentile(clipscore), score, p.ratio, guarded)
+    info.update(guard_info, agreement=gamma)
     info.update(frac_positive=float(np.mean(A > 0)), n_selected=int(frame["selected"].sum()), n=cache.n)
     return RankResult(frame, info, params.replace(blocks=cache.config.blocks))
 
@@ -367,7 +367,9 @@ def rank(
     """Rank every pair of the cache's pool by `params.method`; keep the top ceil(ratio·N) (`selected`).
 
     chips: Â = g̃·(C̃(α) + λI)⁻¹ũ at sketch prefix k over the cache's parameter blocks, times w_L and w_R
-    (each switchable; rank_normalized replaces Â by its rank in (0, 1]). λ: the `damping` rule's
+    (each switchable; rank_normalized replaces Â by its rank in (0, 1]); with agreement γ > 0 the score is
+    P(Â·w_L·w_R)^(1−γ)·P(CLIPScore)^γ (pool percentiles), so that a pair ranks high only when it is
+    expected to help and its image and caption agree. λ: the `damping` rule's
     (`default_lambda`) unless given. normalize: unit-norm g̃ and ũ (LESS-style cosine in the Newton
     metric's numerator), so a pair's gradient size (its loss) does not decide its rank.
     guard: 'mad' holds CLIPScore outliers out of the selection before ranking (`guard_mask`), 'none'

@@ -1,4 +1,4 @@
-"""Learnability, relevance and CLIPScore (METHOD.md §6, §7).
+"""Learnability, relevance, CLIPScore and the agreement percentile (METHOD.md §6, §7, §9).
 
 prepare stores the ingredients per pair (1 − p_corr computed stably, margin, cosines to the eval means,
 CLIPScore) so that rank can change β or switch a weight off without touching features.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.special import expit
+from scipy.stats import rankdata
 
 from chips_core.scoring.endpoint import BatchState
 from chips_core.scoring.params import RankParams
@@ -40,6 +41,24 @@ def relevance(cos_x: np.ndarray, cos_y: np.ndarray, beta: float = RankParams.bet
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     return _sigmoid((1.0 - beta) * cos_x + beta * cos_y)
+
+
+def percentile(x: np.ndarray) -> np.ndarray:
+    """P(x): the share of the pool at or below each value, in (0, 1] (ties share their highest rank).
+
+    The scale-free form in which the CHIPS score and CLIPScore are combined (`RankParams.agreement`): a
+    pair must rank high on both, whatever the spread of either."""
+    x = np.asarray(x, dtype=np.float64)
+    return rankdata(x, method="max") / max(len(x), 1)
+
+
+def combine_agreement(score: np.ndarray, clipscore: np.ndarray, gamma: float) -> np.ndarray:
+    """P(score)^(1−γ) · P(clipscore)^γ (γ = `RankParams.agreement`); γ = 0 returns `score` itself."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"agreement must lie in [0, 1], got {gamma}")
+    if gamma == 0.0:
+        return score
+    return percentile(score) ** (1.0 - gamma) * percentile(clipscore) ** gamma
 
 
 def eval_means(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,8 @@ def _metric(at: AppTest, label: str) -> str:
 
 
 def test_scores_sliders_rerank_without_a_model(tiny_workspace):
+    from chips_core.scoring.ranking import rank
+
     at = _app()
     assert at.title[0].value == "Scores"
     before = _ranking(at)["pair_id"].tolist()
@@ -63,6 +65,15 @@ def test_scores_sliders_rerank_without_a_model(tiny_workspace):
     assert any("No scoring cache" in w.value for w in at.warning)  # this workspace has no such cache yet
     at.selectbox(key="preset").set_value("default").run()
     assert not any("No scoring cache" in w.value for w in at.warning)
+    assert _ranking(at)["pair_id"].tolist() == before
+
+    at.slider(key="agreement").set_value(0.5).run()  # the agreement weight re-ranks: the library's order
+    _ok(at)
+    ranked = rank(cache, RankParams(k=k, agreement=0.5)).frame.sort_values("rank")
+    assert _ranking(at)["pair_id"].tolist() == ranked["pair_id"].astype(str).tolist() != before
+    at.selectbox(key="preset").set_value("paper").run()
+    assert at.session_state["agreement"] == 0.0  # the paper's literal score has no agreement weight
+    at.selectbox(key="preset").set_value("default").run()
     assert _ranking(at)["pair_id"].tolist() == before
 
     at.slider(key="alpha").set_value(0.0).run()
@@ -116,7 +127,7 @@ def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     _ok(at)
     assert any(f"Pair {pid}" in s.value for s in at.subheader)
     comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
-    assert list(comps.index) == ["alignment", "learnability", "relevance", "score"]
+    assert list(comps.index) == ["alignment", "learnability", "relevance", "agreement", "score"]
     # plain words in the table; the formulas only in the engineers' expander
     assert not any(sym in text for text in comps["meaning"] for sym in ("Â", "w_L", "σ", "Φ", "M⁻¹"))
     formulas = next(e for e in at.expander if e.label == "For ML engineers: the formulas")
@@ -310,10 +321,12 @@ def test_score_histograms_say_what_they_show(tiny_workspace):
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     layout = spec["layout"]
     titles = [a["text"] for a in layout["annotations"]]
-    assert titles[0] == "expected help for the target set" and "overall score" in titles[3]
-    x_titles = [layout[k]["title"]["text"] for k in ("xaxis", "xaxis2", "xaxis3", "xaxis4")]
-    assert x_titles == ["alignment", "learnability", "relevance", "score"]
-    assert all(layout[k]["title"]["text"] == "pairs" for k in ("yaxis", "yaxis2", "yaxis3", "yaxis4"))
+    assert titles[0] == "expected help for the target set" and "overall score" in titles[4]
+    assert "image–caption agreement" in titles[3]
+    axes = ("", "2", "3", "4", "5")
+    x_titles = [layout[f"xaxis{k}"]["title"]["text"] for k in axes]
+    assert x_titles == ["alignment", "learnability", "relevance", "agreement", "score"]
+    assert all(layout[f"yaxis{k}"]["title"]["text"] == "pairs" for k in axes)
     n_pairs = len(_ranking(at))
     first = [t for t in spec["data"] if t.get("xaxis", "x") == "x"]
     assert sum(int(_plotly_array(t["y"]).sum()) for t in first) == n_pairs

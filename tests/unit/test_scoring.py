@@ -139,7 +139,10 @@ def test_rank_chips_paper_preset_against_reference(built):
     G, _, _ = _reference_G(pool, params, cache.config)
     k, alpha = 32, 0.7
     res = rank(
-        cache, RankParams(alpha=alpha, k=k, ratio=0.25, damping="dimension", normalize=False, guard="none")
+        cache,
+        RankParams(
+            alpha=alpha, k=k, ratio=0.25, damping="dimension", normalize=False, guard="none", agreement=0.0
+        ),
     )
     C = combine(cache.phi_pos[:k, :k], cache.phi_neg[:k, :k], alpha) / k
     lam = lambda_star(eigenvalues(C), k / 4)
@@ -150,6 +153,7 @@ def test_rank_chips_paper_preset_against_reference(built):
         "alignment",
         "learnability",
         "relevance",
+        "agreement",
         "score",
         "rank",
         "selected",
@@ -209,6 +213,45 @@ def test_rank_chips_default_against_reference(built, k):
     kept = f.loc[~f["guarded"]].sort_values("rank")
     assert kept["score"].is_monotonic_decreasing
     assert f["selected"].sum() == min(math.ceil(0.2 * 230), (~held).sum())
+    assert np.allclose(f["score"], f["alignment"] * f["learnability"] * f["relevance"])  # agreement off
+    # agreement 0.5: the geometric mean of two pool percentiles, written out by counting
+    half = rank(cache, RankParams(k=k, ratio=0.2, agreement=0.5)).frame
+    chips = f["alignment"] * f["learnability"] * f["relevance"]
+    assert np.allclose(half["agreement"], _share_at_or_below(cs))
+    assert np.allclose(half["score"], np.sqrt(_share_at_or_below(chips) * _share_at_or_below(cs)))
+    assert np.array_equal(half["guarded"], f["guarded"])  # the guard is its own control
+
+
+def _share_at_or_below(x) -> np.ndarray:
+    """P(x): for each value, the share of all values at or below it (brute force)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x[None, :] <= x[:, None]).sum(1) / len(x)
+
+
+def test_agreement_weight_moves_between_chips_and_clipscore(built):
+    """γ = 0: the CHIPS score itself; γ = 1: CLIPScore's order; the γ in between, P^(1−γ)·P^γ by counting;
+    baselines ignore it; the agreement column is the CLIPScore percentile for every method."""
+    cache = built[3]
+    cs = cache.column("clipscore")
+    plain = rank(cache, RankParams(k=16, guard="none", agreement=0.0)).frame
+    product = plain["alignment"] * plain["learnability"] * plain["relevance"]
+    assert np.allclose(plain["score"], product) and np.allclose(plain["agreement"], _share_at_or_below(cs))
+    only = rank(cache, RankParams(k=16, guard="none", agreement=1.0)).frame
+    assert np.allclose(only["score"], _share_at_or_below(cs))
+    by_cs = rank(cache, RankParams(method="clipscore", guard="none")).frame
+    assert (
+        only.sort_values("rank")["pair_id"].to_numpy() == by_cs.sort_values("rank")["pair_id"].to_numpy()
+    ).all()
+    quarter = rank(cache, RankParams(k=16, guard="none", agreement=0.25))
+    want = _share_at_or_below(product) ** 0.75 * _share_at_or_below(cs) ** 0.25
+    assert np.allclose(quarter.frame["score"], want) and quarter.info["agreement"] == 0.25
+    top = quarter.frame.sort_values("rank")["pair_id"].to_numpy()
+    assert (top == plain["pair_id"].to_numpy()[np.lexsort((np.arange(len(want)), -want))]).all()
+    # agreement lowers the rank of the pairs whose image and caption agree least
+    worst = np.argsort(cs)[:10]
+    assert quarter.frame["rank"].to_numpy()[worst].mean() > plain["rank"].to_numpy()[worst].mean()
+    dot = rank(cache, RankParams(method="dot", k=16, agreement=1.0))
+    assert dot.info["agreement"] == 0.0 and np.allclose(dot.frame["score"], dot.frame["alignment"])
 
 
 def test_guard_catches_planted_outliers_and_switches_off(built):
@@ -261,9 +304,11 @@ def test_damping_rules_and_normalisation_change_the_ranking(built):
 
 def test_flags_and_baselines(built):
     pool, ev, params, cache = built
-    off = rank(cache, RankParams(use_learnability=False, use_relevance=False, k=16, guard="none"))
+    off = rank(
+        cache, RankParams(use_learnability=False, use_relevance=False, k=16, guard="none", agreement=0.0)
+    )
     assert (off.frame["learnability"] == 1).all() and np.allclose(off.frame["score"], off.frame["alignment"])
-    rn = rank(cache, RankParams(rank_normalized=True, k=16, guard="none")).frame
+    rn = rank(cache, RankParams(rank_normalized=True, k=16, guard="none", agreement=0.0)).frame
     assert (rn["score"] > 0).all()
     ranks_a = rn["alignment"].rank(method="first").to_numpy() / len(rn)
     assert np.allclose(rn["score"], ranks_a * rn["learnability"] * rn["relevance"])
@@ -433,6 +478,8 @@ def test_rank_params_validate_and_presets():
         "none",
         0.5,
     )
+    assert paper.agreement == 0.0 and RankParams().agreement == 0.0
+    assert RankParams.preset("paper", agreement=0.5).agreement == 0.5  # an explicit value wins
     assert RankParams().guard_rule == "mad" and RankParams(method="dot").guard_rule == "none"
     assert RankParams(blocks="text, visual").blocks == "visual,text"
     for bad, name in (
@@ -442,6 +489,8 @@ def test_rank_params_validate_and_presets():
         ({"lam": -1.0}, "lam"),
         ({"k": 0}, "k"),
         ({"guard_mads": 0.0}, "guard_mads"),
+        ({"agreement": 1.5}, "agreement"),
+        ({"agreement": float("nan")}, "agreement"),
         ({"damping": "k/4"}, "damping"),
         ({"guard": "median"}, "guard"),
         ({"method": "influence"}, "method"),
