@@ -4,6 +4,7 @@ CHIPS ranking pushes the planted mistakes down."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,30 @@ def test_bundle_manifests_complete_and_disjoint():
     # target-domain labels come from more than one package (DICOM files and scikit-image images)
     clean = pool[pool["planted"] == "none"]
     assert {"pydicom", "pydicom-data", "skimage"} <= set(clean["source_package"])
+
+
+# "a" before a vowel sound (ultrasound, MR/MRI/X-ray read letter by letter), "an" before a consonant sound
+VOWEL_SOUND = r"[aeiouAEIOU]|MRI?\b|X-ray"
+WRONG_ARTICLE = re.compile(rf"(?:^|[\s,(:])(?:a (?={VOWEL_SOUND})|an (?!{VOWEL_SOUND}))")
+
+
+def test_bundle_captions_clean():
+    """No shipped caption carries a DICOM leftover ("series marked lesion<MPR Collection>") or an article slip
+    ("a ultrasound image"); data/build_demo.py cleans them (tests/unit/test_build_demo.py)."""
+    for split in demo.MANIFESTS:
+        df = demo.manifest(split)
+        for col in ("title", "true_caption"):
+            texts = df[col].fillna("").astype(str)
+            leftovers = texts[texts.str.contains("[<>^]", regex=True)]
+            assert leftovers.empty, f"{split}.{col}: {leftovers.head(3).tolist()}"
+            slips = texts[texts.str.contains(WRONG_ARTICLE)]
+            assert slips.empty, f"{split}.{col}: {slips.head(3).tolist()}"
+            spaces = texts.str.contains(r"\s{2}|\s,|^\s|\s$", regex=True)
+            assert not spaces.any(), f"{split}.{col}: stray spaces {texts[spaces].head(3).tolist()}"
+    # the cleaned texts are still there
+    titles = pd.concat([demo.manifest(s)["title"] for s in demo.MANIFESTS])
+    assert titles.str.contains("series marked lesion", regex=False).any()
+    assert titles.str.contains("an ultrasound image", regex=False).any()
 
 
 def test_bundle_images_and_size():
