@@ -61,7 +61,7 @@ MANIFEST_COLUMNS = [
 # chips_core.features.models.load_model loads the checkpoint by name; the bundle also carries the config
 # (open_clip "local-dir:" format).
 MODEL_NAME = "chips-tiny-vit"
-MODEL_CONFIG_FILE = ROOT.parent / "chips_core" / "model_configs" / f"{MODEL_NAME}.json"
+MODEL_CONFIG_FILE = ROOT.parent / "chips_core" / "features" / "model_configs" / f"{MODEL_NAME}.json"
 CHECKPOINT_NAME = "open_clip_pytorch_model.bin"
 TRAIN_ARGS = {"batch_size": 64, "lr": 1e-3, "wd": 0.1, "warmup": 50, "epochs": 4, "seed": 0}
 

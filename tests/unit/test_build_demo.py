@@ -94,3 +94,9 @@ def test_dicom_series_tag_is_cleaned(bd):
     assert bd._tag(ds, "SeriesDescription") == "marked lesion"
     assert bd._tag(ds, "StudyDescription") == ""
     assert bd._tag(ds, "BodyPartExamined") == ""
+
+
+def test_model_config_found(bd):
+    """The training step reads the registered tiny-CLIP config (it moved under chips_core/features/)."""
+    assert bd.MODEL_CONFIG_FILE.is_file()
+    assert bd.open_clip_config()["model_name"] == bd.MODEL_NAME
