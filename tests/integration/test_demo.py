@@ -205,13 +205,13 @@ def test_chips_pushes_planted_pairs_down(built):
     assert share >= 0.5 + margin and share >= 0.6, (
         f"CHIPS put {share:.0%} of planted pairs in the bottom half"
     )
-    # mismatched captions are what the influence score catches (measured: 76 %) ...
+    # mismatched captions are what the influence score catches (measured: 85 %) ...
     assert _bottom_half_share(chips, truth, "mismatch") >= 0.65
-    # ... and off-domain pairs stay out of the default's top 30 % (pool rate 12.5 %; measured 4 %)
+    # ... and off-domain pairs stay out of the default's top 30 % (pool rate 12.5 %; measured 5.9 %)
     top30 = truth.set_index("pair_id")["planted"].reindex(chips.nsmallest(288, "rank")["pair_id"].to_numpy())
     assert (top30 == "off_domain").mean() <= 0.0625
     # with raw gradients (the paper preset) off-domain pairs get Â near 0 and only the soft relevance weight;
-    # the rank-normalised option (METHOD.md §6) pushes them down (measured: 97 %)
+    # the rank-normalised option (METHOD.md §6) pushes them down (measured: 84 %)
     ranked_norm = rank(
         cache, RankParams(method="chips", rank_normalized=True, normalize=False, damping="dimension")
     ).frame
@@ -264,7 +264,7 @@ def test_default_top_ranks_hold_no_planted_mismatch(built):
     pool_rate = float((truth == "mismatch").mean())
     assert (top("default", 10) == "mismatch").sum() == 0
     assert (top("default", len(truth) // 10) == "mismatch").mean() <= pool_rate / 2
-    assert (top("paper", 10) == "mismatch").sum() >= 3  # measured: 8 of 10 at k = 512
+    assert (top("paper", 10) == "mismatch").sum() >= 3  # measured: 5 of 10 at k = 512
 
 
 @pytest.mark.slow
