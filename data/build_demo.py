@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,7 @@ MANIFEST_COLUMNS = [
 # chips_core.features.models.load_model loads the checkpoint by name; the bundle also carries the config
 # (open_clip "local-dir:" format).
 MODEL_NAME = "chips-tiny-vit"
-MODEL_CONFIG_FILE = ROOT.parent / "chips_core" / "model_configs" / f"{MODEL_NAME}.json"
+MODEL_CONFIG_FILE = ROOT.parent / "chips_core" / "features" / "model_configs" / f"{MODEL_NAME}.json"
 CHECKPOINT_NAME = "open_clip_pytorch_model.bin"
 TRAIN_ARGS = {"batch_size": 64, "lr": 1e-3, "wd": 0.1, "warmup": 50, "epochs": 4, "seed": 0}
 
@@ -99,9 +100,25 @@ class Source:
 
 
 # ----------------------------------------------------------------------------------------------- sources
+_BRACKETED = re.compile(r"<[^<>]*>")  # "<MPR Collection>": a vendor's series-type leftover
+_SPACE_BEFORE_SEP = re.compile(r"\s+([,;:])")
+_END_SEPARATORS = " ,;:/-_.|"
+
+
+def clean_description(value: object) -> str:
+    """A DICOM tag value as caption text: "" for a missing value, angle-bracketed leftovers
+    ("marked lesion<MPR Collection>" -> "marked lesion") and stray angle brackets removed, the person-name
+    separator ^ read as a space, whitespace collapsed, separators trimmed from both ends and the space
+    before a comma dropped. A value with nothing left is "" (the caption templates then skip it)."""
+    if value is None:
+        return ""
+    text = _BRACKETED.sub(" ", str(value).replace("^", " "))
+    text = " ".join(text.replace("<", " ").replace(">", " ").split())
+    return _SPACE_BEFORE_SEP.sub(r"\1", text).strip(_END_SEPARATORS)
+
+
 def _tag(ds, name: str) -> str:
-    value = ds.get(name)
-    return " ".join(str(value).replace("^", " ").split()) if value not in (None, "") else ""
+    return clean_description(ds.get(name))
 
 
 def _package_of(path: str) -> tuple[str, str]:
@@ -213,6 +230,27 @@ CATEGORY_TEMPLATES = {
 }  # fmt: skip
 
 
+_LETTER_VOWEL_SOUND = set("AEFHILMNORSX")  # letters whose name starts with a vowel sound: "an MR scan"
+_VOWEL_LETTER_CONSONANT_SOUND = ("uni", "use", "usu", "uro", "eu", "one")  # "a unit", "a European"
+_SILENT_H = ("hour", "honest", "honor", "honour", "heir")
+
+
+def with_article(phrase: str) -> str:
+    """The phrase with "a" or "an" by the sound of its first word: "an ultrasound image", "an MR scan",
+    "an X-ray", "a CT scan", "a sonogram", "a unit". An initialism (all capitals, or one capital before a
+    hyphen) is read letter by letter; any other word by its spelling, with the common exceptions."""
+    word = phrase.split()[0] if phrase.split() else ""
+    head = word.split("-")[0]
+    if head.isalpha() and head.isupper() and (len(head) > 1 or "-" in word or len(word) == 1):
+        vowel_sound = head[0] in _LETTER_VOWEL_SOUND
+    else:
+        w = word.lower()
+        vowel_sound = (w[:1] in tuple("aeiou") and not w.startswith(_VOWEL_LETTER_CONSONANT_SOUND)) or (
+            w.startswith(_SILENT_H)
+        )
+    return f"{'an' if vowel_sound else 'a'} {phrase}"
+
+
 def caption_for(src: Source, rng: np.random.Generator) -> str:
     """A caption from the source's DICOM tags or description, through a randomly chosen template."""
     f = src.fields
@@ -220,7 +258,7 @@ def caption_for(src: Source, rng: np.random.Generator) -> str:
         _, short, longs = MODALITY[f["modality"]]
         long = longs[int(rng.integers(len(longs)))]
         body, study, series = f["body"], f["study"], f["series"]
-        options = [f"{long}", f"{short} image", f"a {long}"]
+        options = [f"{long}", f"{short} image", with_article(long)]
         if body:
             options += [f"{long} of the {body}", f"{short} {body}", f"{body} {short} image"]
         if study:
