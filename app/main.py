@@ -23,6 +23,7 @@ WARM_IMPORTS = ("torch", "scipy.linalg", "scipy.special")
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
+    """Import `modules` in order (the warm-up thread's work)."""
     for module in modules:
         importlib.import_module(module)
 
