@@ -7,7 +7,9 @@ pages live in app/views/ and only call chips_core and render. The view's state l
 
 from __future__ import annotations
 
+import importlib
 import sys
+import threading
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +17,27 @@ if str(_ROOT) not in sys.path:  # run from a checkout: use this checkout's chips
     sys.path.insert(0, str(_ROOT))
 
 import streamlit as st  # noqa: E402
+
+# what the ranking imports that takes seconds (torch, scipy): a server's first run starts loading it at once
+WARM_IMPORTS = ("torch", "scipy.linalg", "scipy.special")
+
+
+def _import_all(modules: tuple[str, ...]) -> None:
+    """Import `modules` in order (the warm-up thread's work)."""
+    for module in modules:
+        importlib.import_module(module)
+
+
+@st.cache_resource(show_spinner=False)
+def warm_imports() -> threading.Thread:
+    """Import WARM_IMPORTS in a background thread, once per server: the first run's other work (pandas,
+    the workspace, the controls) overlaps with them instead of the Scores page waiting for all of it."""
+    thread = threading.Thread(target=_import_all, args=(WARM_IMPORTS,), name="warm-imports", daemon=True)
+    thread.start()
+    return thread
+
+
+warm_imports()
 
 from app import auth, context, url_state  # noqa: E402
 

@@ -183,7 +183,8 @@ with left:
             st.info(
                 f"α has little to work with here: the model is so unsure of this pool that the curvature "
                 f"of the matching pairs is {info['curvature_ratio']:.1%} of that of the non-matching ones, "
-                "so α mostly rescales λ."
+                "so α mostly rescales λ.",
+                icon=":material/info:",  # given, so Streamlit does not compile its emoji regex for this text
             )
         st.caption(
             f"Across its whole range (α = 0 → 1), α swaps {len(moved['entering'])} of the {n_sel:,} "

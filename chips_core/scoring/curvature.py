@@ -10,7 +10,12 @@ per row drawn from P_i·/(1 − P_ii) with weight (1 − P_ii)/K, which keeps it
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -129,9 +134,39 @@ def combine(phi_pos: np.ndarray, phi_neg: np.ndarray, alpha: float) -> np.ndarra
     return (1.0 - alpha) * phi_pos + alpha * phi_neg
 
 
+#: up to this k a k×k system runs on one BLAS thread (`_one_blas_thread`)
+SMALL_SYSTEM = 1024
+_BLAS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    """numpy's and scipy's BLAS libraries (threadpoolctl), found once they are loaded."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _one_blas_thread(k: int) -> Iterator[None]:
+    """numpy/scipy BLAS on one thread for a k×k eigen- or Cholesky decomposition with k ≤ SMALL_SYSTEM.
+
+    Waking OpenBLAS's threads costs more than such a decomposition, and far more when the cores are busy:
+    on 2 shared cores (load 4) a k = 128 Cholesky took 240 ms on two threads and 0.2 ms on one, eigvalsh
+    at k = 512 2.7 s and 25 ms. The lock keeps concurrent callers (dashboard sessions) from restoring each
+    other's thread counts out of order.
+    """
+    if k > SMALL_SYSTEM:
+        yield
+        return
+    with _BLAS_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
 def eigenvalues(C: np.ndarray) -> np.ndarray:
     """Eigenvalues of the symmetric PSD matrix C (tiny negatives from rounding clipped to 0)."""
-    return np.clip(np.linalg.eigvalsh(0.5 * (C + C.T)), 0.0, None)
+    with _one_blas_thread(C.shape[0]):
+        return np.clip(np.linalg.eigvalsh(0.5 * (C + C.T)), 0.0, None)
 
 
 def effective_dimension(eigs: np.ndarray, lam: float) -> float:
@@ -167,7 +202,8 @@ def newton_solve(C: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
     if lam <= 0:
         raise ValueError(f"lambda must be positive, got {lam}")
     M = 0.5 * (C + C.T) + lam * np.eye(C.shape[0])
-    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(M, lower=True), u)
+    with _one_blas_thread(C.shape[0]):
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(M, lower=True), u)
 
 
 def rank_bound(n_pairs: int, batch_size: int, curvature_pairs: int, K: int) -> int:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
 from chips_core.scoring.cache import PrepareError, ScoringCache
 from chips_core.scoring.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
@@ -245,7 +244,27 @@ def _stability(
         return float("nan"), 0
     m = min(cache.n, STABILITY_ROWS)
     A2, _ = _newton_alignment(cache, k, alpha, lam, start=k, max_rows=m, damping=damping, normalize=normalize)
-    return float(spearmanr(A[:m], A2).statistic), m
+    return _spearman(A[:m], A2), m
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1…n of `a`, ties sharing their mean rank (scipy.stats.rankdata's 'average')."""
+    order = np.argsort(a, kind="mergesort")
+    ordered = a[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    group = np.empty(len(a), np.int64)
+    group[order] = np.cumsum(first)
+    ends = np.r_[np.flatnonzero(first), len(a)]
+    return 0.5 * (ends[group] + ends[group - 1] + 1)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation, as scipy.stats.spearmanr computes it (Pearson's r of the average ranks;
+    nan when either side holds a nan or is constant), without importing scipy.stats (a second on a
+    dashboard server's first run)."""
+    if len(a) < 2 or np.isnan(a).any() or np.isnan(b).any() or (a == a[0]).all() or (b == b[0]).all():
+        return float("nan")
+    return float(np.corrcoef(np.column_stack((_average_ranks(a), _average_ranks(b))), rowvar=False)[1, 0])
 
 
 def reselect(result: RankResult, ratio: float) -> RankResult:

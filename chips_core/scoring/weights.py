@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.special import expit
-from scipy.stats import rankdata
 
 from chips_core.scoring.endpoint import BatchState
 from chips_core.scoring.params import RankParams
@@ -49,7 +48,7 @@ def percentile(x: np.ndarray) -> np.ndarray:
     The scale-free form in which the CHIPS score and CLIPScore are combined (`RankParams.agreement`): a
     pair must rank high on both, whatever the spread of either."""
     x = np.asarray(x, dtype=np.float64)
-    return rankdata(x, method="max") / max(len(x), 1)
+    return np.searchsorted(np.sort(x), x, side="right") / max(len(x), 1)
 
 
 def combine_agreement(score: np.ndarray, clipscore: np.ndarray, gamma: float) -> np.ndarray:

@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 
 from chips_core.scoring.batches import assign_batches
 from chips_core.scoring.cache import PrepareError, ScoringCache
-from chips_core.scoring.curvature import CurvatureAccumulator, combine, eigenvalues, lambda_star
+from chips_core.scoring.curvature import CurvatureAccumulator, combine, eigenvalues, lambda_star, newton_solve
 from chips_core.scoring.endpoint import (
     EndpointGrads,
     EndpointParams,
@@ -23,7 +23,15 @@ from chips_core.scoring.endpoint import (
 from chips_core.scoring.exact import unflat
 from chips_core.scoring.params import PrepareConfig, RankParams
 from chips_core.scoring.prepare import ArrayFeatures, ZeroShotEval, prepare
-from chips_core.scoring.ranking import eval_contributions, guard_mask, project, rank, rank_exact, reselect
+from chips_core.scoring.ranking import (
+    eval_contributions,
+    guard_mask,
+    project,
+    rank,
+    rank_exact,
+    reselect,
+    sketched_system,
+)
 from chips_core.scoring.sketch import make_sketch
 
 pytestmark = pytest.mark.unit
@@ -179,6 +187,10 @@ def test_rank_chips_paper_preset_against_reference(built):
     C2 = combine(cache.phi_pos[k:, k:], cache.phi_neg[k:, k:], alpha) / k
     x2 = np.linalg.solve(C2 + lam * np.eye(k), cache.u[k:] / math.sqrt(k))
     assert res.info["stability"] == pytest.approx(spearmanr(A, G[:, k:] @ x2).statistic, abs=0.01)
+    # …and it is scipy's Spearman of the two halves' scores to the last bit (rank computes it without scipy)
+    C2s, u2, _ = sketched_system(cache, k, alpha, start=k)
+    A2 = project(cache, newton_solve(C2s, u2, res.info["lam"]), start=k) / math.sqrt(k)
+    assert res.info["stability"] == spearmanr(f["alignment"], A2).statistic
     # λ is honoured, k defaults to k_max/2, stability needs 2k ≤ k_max
     assert rank(cache, RankParams(lam=10 * lam, k=k)).info["d_over_k"] < 0.25
     assert rank(cache).info["k"] == 32
@@ -514,6 +526,15 @@ def test_params_module_imports_no_torch():
         "[COMMANDS[c].add_arguments(argparse.ArgumentParser()) for c in ('prepare', 'score', 'train')]; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ranking_module_imports_no_scipy_stats():
+    """The dashboard's first Scores run imports the ranking, without scipy.stats (a second to import)."""
+    import subprocess
+    import sys
+
+    code = "import sys, chips_core.scoring.ranking; assert 'scipy.stats' not in sys.modules, 'scipy.stats'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
