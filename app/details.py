@@ -19,18 +19,18 @@ WHY = {  # what each component means, in plain words (the formulas are in FORMUL
     "learnability": "How much the model can still learn from this pair (high when it does not match the "
     "image and caption yet).",
     "relevance": "How close the image and caption are to the target domain.",
-    "agreement": "How well the image and its caption agree, as the share of the pool's pairs that agree "
-    "less (low: a likely caption mistake).",
-    "score": "Expected help (with the two weights above) and agreement, combined as the agreement slider "
-    "says: the ranking sorts pairs by it.",
+    "agreement": "How well the caption fits its image compared with pairs just as close to the target set, "
+    "as the share of the pool that fits worse (low: a likely caption mistake).",
+    "score": "The expected help (with the two weights above) and the agreement, combined as the agreement "
+    "slider says: the ranking sorts pairs by it.",
 }
 FORMULAS = {  # for ML engineers (METHOD.md)
     "alignment": "Â = g̃ᵢ·M̃⁻¹ũ, the sketched Newton direction with M = (1−α)Φ_pos + αΦ_neg + λI "
     "(unit-norm g̃, ũ in the default preset)",
     "learnability": "w_L = (1 − p_corr)(1 + σ(−margin))",
     "relevance": "w_R: soft closeness of image and caption embeddings to the eval set's means (0.27…0.73)",
-    "agreement": "P(CLIPScore): the pair's CLIPScore percentile in the pool",
-    "score": "P(Â · w_L · w_R)^(1−γ) · P(CLIPScore)^γ, γ = agreement weight (γ = 0: Â · w_L · w_R); the "
+    "agreement": "P(CLIPScore − its least-squares fit on (1, cos_x, cos_y)), the pool percentile",
+    "score": "P(Â · w_L · w_R)^(1−γ) · agreement^γ, γ = agreement weight (γ = 0: Â · w_L · w_R); the "
     "guard holds CLIPScore outliers back",
 }
 

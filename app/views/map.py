@@ -83,7 +83,7 @@ COLOUR_LABELS = {  # what a colour means, in plain words
     "alignment": "expected help for the target set",
     "learnability": "how much the model can still learn",
     "relevance": "closeness to the target domain",
-    "agreement": "how well image and caption agree",
+    "agreement": "how well the caption fits the image",
     "selected": "selected by the current ranking",
     "decision": "your include / exclude decisions",
     "planted (demo ground truth)": "planted mistakes (demo ground truth)",

@@ -68,7 +68,8 @@ with left:
         on_change=context.apply_preset,
         format_func={"default": "Recommended (default)", "paper": "CHIPS paper, literal"}.get,
         help="Recommended: compares what a pair teaches the two projection heads with what the target set "
-        "needs, by direction rather than size, and holds obvious caption mistakes out. The paper's literal "
+        "needs, by direction rather than size, weighs in how well each caption fits its image, and holds "
+        "obvious caption mistakes out. The paper's literal "
         "score also counts the temperature and raw gradient sizes, which on measured pools lifted wrong "
         "captions to the top (docs/SCORING.md).",
     )
@@ -92,15 +93,17 @@ with left:
         step=0.05,
         key="agreement",
         disabled=st.session_state["method"] != "chips",
-        help="0: rank by the expected help for the target set alone (the CHIPS paper). 1: by how well each "
-        "image and its caption agree alone (CLIPScore). In between a pair must do well on both; the "
-        "recommended 0.5 weighs them equally, which on measured pools kept wrong captions out of the top "
+        help="How well each caption fits its image, compared with pairs just as close to the target set. "
+        "0: rank by the expected help for the target set alone (the CHIPS paper). 1: by the agreement "
+        "alone. The recommended 0.5 weighs them equally: a pair must be expected to help and have a caption "
+        "that fits its image; on measured pools it kept wrong captions and off-target pairs out of the top "
         "(docs/SCORING.md).",
     )
     with st.expander("How a pair is compared with the target (for ML engineers)"):
         st.markdown(
-            "score = P(Â · w_L · w_R)^(1−γ) · P(CLIPScore)^γ with P the percentile in the pool, γ the "
-            "agreement weight (γ = 0: score = Â · w_L · w_R), Â = g̃ᵢ · M̃⁻¹ ũ (sketched Newton direction), "
+            "score = P(Â · w_L · w_R)^(1−γ) · agreement^γ with P the percentile in the pool, γ the agreement "
+            "weight (γ = 0: score = Â · w_L · w_R), agreement = P(CLIPScore − its least-squares fit on the "
+            "relevance cosines), Â = g̃ᵢ · M̃⁻¹ ũ (sketched Newton direction), "
             "M = (1 − α)Φ_pos + αΦ_neg + λI, λ = λ-factor × the default rule below, k = JL sketch rows "
             "(METHOD.md, docs/SCORING.md)."
         )
@@ -209,7 +212,7 @@ with right:
         "alignment": "expected help for the target set",
         "learnability": "how much the model can still learn",
         "relevance": "closeness to the target domain",
-        "agreement": "image–caption agreement (share of the pool below)",
+        "agreement": "how well the caption fits the image (share of the pool below)",
         "score": "overall score (what the ranking sorts by)",
     }
     comps = {c: title for c, title in comps.items() if c in table.columns}  # older score runs: 4

@@ -5,12 +5,11 @@ check them before anything heavy is imported (the flags' defaults are read from 
 A preset fixes the parameter blocks of the scoring cache (a prepare option) and the rank options that
 decide how a pair's gradient is compared with the target's (docs/SCORING.md says why each default):
 - `default`: the two projections without the temperature, unit-norm gradients (LESS-style), λ = 0.1·tr C̃
-  (the same at every k), and the CLIPScore guard against image–caption disagreement;
+  (the same at every k), the CLIPScore guard against image–caption disagreement, and the image–caption
+  agreement weighted equally with the CHIPS score (`agreement` 0.5, the field's default);
 - `paper`: the CHIPS paper's literal score (METHOD.md §1–6): every endpoint block, raw gradients,
   λ* with d(λ*) = k/4, no guard, no agreement weight. Kept so that every comparison can show it beside
   the default.
-The agreement weight (`RankParams.agreement`) is an option of every chips ranking, off (0) by default:
-docs/SCORING.md shows where it helped and where it let off-domain pairs in.
 """
 
 from __future__ import annotations
@@ -129,9 +128,9 @@ class RankParams:
     #: mad: hold CLIPScore outliers out of the selection; none; None: mad for chips, none for baselines
     guard: str | None = PRESETS["default"]["guard"]
     guard_mads: float = 2.5  # the guard holds out CLIPScore < median − guard_mads · 1.4826 · MAD
-    #: γ, the weight of image–caption agreement in a chips ranking: score = P(Â·w_L·w_R)^(1−γ)·P(CLIPScore)^γ
-    #: with P the pool percentile (`weights.percentile`); 0 (default): the CHIPS score alone
-    agreement: float = 0.0
+    #: γ, the weight of image–caption agreement in a chips ranking: score = P(Â·w_L·w_R)^(1−γ)·agreement^γ
+    #: (P: the pool percentile; `weights.agreement`); 0: the CHIPS score alone (the paper preset's)
+    agreement: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -18,7 +18,7 @@ import torch
 from chips_core.scoring.cache import PrepareError, ScoringCache
 from chips_core.scoring.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
 from chips_core.scoring.params import DAMPING_SCALE, GUARDS, METHODS, RankParams
-from chips_core.scoring.weights import combine_agreement, learnability, percentile, relevance
+from chips_core.scoring.weights import agreement, combine_agreement, learnability, percentile, relevance
 
 if TYPE_CHECKING:
     from chips_core.scoring.prepare import FeatureSource
@@ -350,18 +350,19 @@ def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tupl
 
 
 def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, weighted: bool) -> RankResult:
-    """The ranking of alignments A under `params`: weights and the agreement percentile (unless not
-    `weighted`: the baselines stay literal), the guard and the selection. The `agreement` column is every
-    pair's CLIPScore percentile in the pool, whether or not it weighs in."""
+    """The ranking of alignments A under `params`: weights and the agreement (unless not `weighted`: the
+    baselines stay literal), the guard and the selection. The `agreement` column (`weights.agreement`) is
+    every pair's, whether or not it weighs in."""
     p = params
     use_l, use_r = (p.use_learnability, p.use_relevance) if weighted else (False, False)
     wl, wr = _weights(cache, p.beta, use_l, use_r)
     base = percentile(A) if p.rank_normalized and weighted else A
     clipscore = cache.column("clipscore")
+    agree = agreement(clipscore, cache.column("cos_x"), cache.column("cos_y"))
     gamma = p.agreement if weighted else 0.0
-    score = combine_agreement(base * wl * wr, clipscore, gamma)
+    score = combine_agreement(base * wl * wr, agree, gamma)
     guarded, guard_info = guard_mask(clipscore, p.guard_rule, p.guard_mads)
-    frame, n_sel = _table(cache.pair_ids, A, wl, wr, percentile(clipscore), score, p.ratio, guarded)
+    frame, n_sel = _table(cache.pair_ids, A, wl, wr, agree, score, p.ratio, guarded)
     info.update(guard_info, agreement=gamma)
     info.update(frac_positive=float(np.mean(A > 0)), n_selected=int(frame["selected"].sum()), n=cache.n)
     return RankResult(frame, info, params.replace(blocks=cache.config.blocks))
@@ -387,8 +388,9 @@ def rank(
 
     chips: Â = g̃·(C̃(α) + λI)⁻¹ũ at sketch prefix k over the cache's parameter blocks, times w_L and w_R
     (each switchable; rank_normalized replaces Â by its rank in (0, 1]); with agreement γ > 0 the score is
-    P(Â·w_L·w_R)^(1−γ)·P(CLIPScore)^γ (pool percentiles), so that a pair ranks high only when it is
-    expected to help and its image and caption agree. λ: the `damping` rule's
+    P(Â·w_L·w_R)^(1−γ)·agreement^γ (`weights.agreement`: the percentile of CLIPScore against pairs as
+    close to the target), so that a pair ranks high only when it is expected to help and its image and
+    caption agree. λ: the `damping` rule's
     (`default_lambda`) unless given. normalize: unit-norm g̃ and ũ (LESS-style cosine in the Newton
     metric's numerator), so a pair's gradient size (its loss) does not decide its rank.
     guard: 'mad' holds CLIPScore outliers out of the selection before ranking (`guard_mask`), 'none'

@@ -45,19 +45,33 @@ def relevance(cos_x: np.ndarray, cos_y: np.ndarray, beta: float = RankParams.bet
 def percentile(x: np.ndarray) -> np.ndarray:
     """P(x): the share of the pool at or below each value, in (0, 1] (ties share their highest rank).
 
-    The scale-free form in which the CHIPS score and CLIPScore are combined (`RankParams.agreement`): a
-    pair must rank high on both, whatever the spread of either."""
+    The scale-free form in which the CHIPS score and the agreement are combined (`RankParams.agreement`):
+    a pair must rank high on both, whatever the spread of either."""
     x = np.asarray(x, dtype=np.float64)
     return np.searchsorted(np.sort(x), x, side="right") / max(len(x), 1)
 
 
-def combine_agreement(score: np.ndarray, clipscore: np.ndarray, gamma: float) -> np.ndarray:
-    """P(score)^(1−γ) · P(clipscore)^γ (γ = `RankParams.agreement`); γ = 0 returns `score` itself."""
+def agreement(clipscore: np.ndarray, cos_x: np.ndarray, cos_y: np.ndarray) -> np.ndarray:
+    """How well a pair's caption fits its image compared with pairs as close to the target set: the pool
+    percentile of CLIPScore minus its least-squares fit on [1, cos_x, cos_y] (the relevance cosines).
+
+    Raw CLIPScore also measures how familiar a kind of image is to the model: off-target pairs the model
+    knows well score high, unfamiliar target pairs low. Compared with pairs of the same closeness to the
+    target, a low value means a caption that fits its image badly for its kind (docs/SCORING.md)."""
+    cs = np.asarray(clipscore, dtype=np.float64)
+    design = np.column_stack([np.ones_like(cs), cos_x, cos_y])
+    fit, *_ = np.linalg.lstsq(design, cs, rcond=None)
+    return percentile(cs - design @ fit)
+
+
+def combine_agreement(score: np.ndarray, agree: np.ndarray, gamma: float) -> np.ndarray:
+    """P(score)^(1−γ) · agree^γ (agree: `agreement`, in (0, 1]; γ = `RankParams.agreement`); γ = 0
+    returns `score` itself."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"agreement must lie in [0, 1], got {gamma}")
     if gamma == 0.0:
         return score
-    return percentile(score) ** (1.0 - gamma) * percentile(clipscore) ** gamma
+    return percentile(score) ** (1.0 - gamma) * np.asarray(agree, dtype=np.float64) ** gamma
 
 
 def eval_means(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,9 +67,10 @@ def test_scores_sliders_rerank_without_a_model(tiny_workspace):
     assert not any("No scoring cache" in w.value for w in at.warning)
     assert _ranking(at)["pair_id"].tolist() == before
 
-    at.slider(key="agreement").set_value(0.5).run()  # the agreement weight re-ranks: the library's order
+    assert at.session_state["agreement"] == 0.5  # the default preset's
+    at.slider(key="agreement").set_value(0.0).run()  # the agreement weight re-ranks: the library's order
     _ok(at)
-    ranked = rank(cache, RankParams(k=k, agreement=0.5)).frame.sort_values("rank")
+    ranked = rank(cache, RankParams(k=k, agreement=0.0)).frame.sort_values("rank")
     assert _ranking(at)["pair_id"].tolist() == ranked["pair_id"].astype(str).tolist() != before
     at.selectbox(key="preset").set_value("paper").run()
     assert at.session_state["agreement"] == 0.0  # the paper's literal score has no agreement weight
@@ -322,7 +323,7 @@ def test_score_histograms_say_what_they_show(tiny_workspace):
     layout = spec["layout"]
     titles = [a["text"] for a in layout["annotations"]]
     assert titles[0] == "expected help for the target set" and "overall score" in titles[4]
-    assert "image–caption agreement" in titles[3]
+    assert "how well the caption fits the image" in titles[3]
     axes = ("", "2", "3", "4", "5")
     x_titles = [layout[f"xaxis{k}"]["title"]["text"] for k in axes]
     assert x_titles == ["alignment", "learnability", "relevance", "agreement", "score"]

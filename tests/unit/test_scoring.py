@@ -33,6 +33,7 @@ from chips_core.scoring.ranking import (
     sketched_system,
 )
 from chips_core.scoring.sketch import make_sketch
+from chips_core.scoring.weights import agreement, percentile
 
 pytestmark = pytest.mark.unit
 
@@ -225,13 +226,15 @@ def test_rank_chips_default_against_reference(built, k):
     kept = f.loc[~f["guarded"]].sort_values("rank")
     assert kept["score"].is_monotonic_decreasing
     assert f["selected"].sum() == min(math.ceil(0.2 * 230), (~held).sum())
-    assert np.allclose(f["score"], f["alignment"] * f["learnability"] * f["relevance"])  # agreement off
-    # agreement 0.5: the geometric mean of two pool percentiles, written out by counting
-    half = rank(cache, RankParams(k=k, ratio=0.2, agreement=0.5)).frame
+    # agreement 0.5 (the default): the geometric mean of two pool percentiles, written out by counting
     chips = f["alignment"] * f["learnability"] * f["relevance"]
-    assert np.allclose(half["agreement"], _share_at_or_below(cs))
-    assert np.allclose(half["score"], np.sqrt(_share_at_or_below(chips) * _share_at_or_below(cs)))
-    assert np.array_equal(half["guarded"], f["guarded"])  # the guard is its own control
+    agree = _agreement_reference(cache)
+    assert np.allclose(f["agreement"], agree)
+    assert np.allclose(f["score"], np.sqrt(_share_at_or_below(chips) * agree))
+    off = rank(cache, RankParams(k=k, ratio=0.2, agreement=0.0)).frame
+    assert np.allclose(off["score"], chips) and np.array_equal(
+        off["guarded"], f["guarded"]
+    )  # its own control
 
 
 def _share_at_or_below(x) -> np.ndarray:
@@ -240,27 +243,46 @@ def _share_at_or_below(x) -> np.ndarray:
     return (x[None, :] <= x[:, None]).sum(1) / len(x)
 
 
-def test_agreement_weight_moves_between_chips_and_clipscore(built):
-    """γ = 0: the CHIPS score itself; γ = 1: CLIPScore's order; the γ in between, P^(1−γ)·P^γ by counting;
-    baselines ignore it; the agreement column is the CLIPScore percentile for every method."""
+def _agreement_reference(cache) -> np.ndarray:
+    """CLIPScore's residual from its least-squares fit on (1, cos_x, cos_y), by the normal equations, as
+    a percentile by counting."""
+    cs, cx, cy = (cache.column(c).astype(np.float64) for c in ("clipscore", "cos_x", "cos_y"))
+    X = np.column_stack([np.ones_like(cs), cx, cy])
+    return _share_at_or_below(cs - X @ np.linalg.solve(X.T @ X, X.T @ cs))
+
+
+def test_agreement_compares_pairs_equally_close_to_the_target():
+    """The agreement ignores the part of CLIPScore that closeness to the target explains: adding any linear
+    function of the relevance cosines changes nothing, while a caption that fits worse ranks lower."""
+    rng = np.random.default_rng(0)
+    cx, cy, noise = rng.normal(size=(3, 400))
+    base = agreement(0.1 * noise, cx, cy)
+    assert np.allclose(agreement(0.1 * noise + 3.0 * cx - 2.0 * cy + 1.0, cx, cy), base)
+    familiar = 0.1 * noise - 2.0 * cx  # off-target pairs (low cos_x) the model reads well score high
+    assert np.allclose(agreement(familiar, cx, cy), base)
+    worse = noise.copy()
+    worse[:20] -= 5.0  # twenty captions that fit their images badly
+    assert agreement(0.1 * worse, cx, cy)[:20].max() < 0.1
+    assert not np.allclose(percentile(familiar), base)  # raw CLIPScore's percentile would differ
+
+
+def test_agreement_weight_moves_between_chips_and_agreement(built):
+    """γ = 0: the CHIPS score itself; γ = 1: the agreement's order; the γ in between, P^(1−γ)·agreement^γ
+    by counting; baselines ignore it; the agreement column is there for every method."""
     cache = built[3]
-    cs = cache.column("clipscore")
+    agree = _agreement_reference(cache)
     plain = rank(cache, RankParams(k=16, guard="none", agreement=0.0)).frame
     product = plain["alignment"] * plain["learnability"] * plain["relevance"]
-    assert np.allclose(plain["score"], product) and np.allclose(plain["agreement"], _share_at_or_below(cs))
+    assert np.allclose(plain["score"], product) and np.allclose(plain["agreement"], agree)
     only = rank(cache, RankParams(k=16, guard="none", agreement=1.0)).frame
-    assert np.allclose(only["score"], _share_at_or_below(cs))
-    by_cs = rank(cache, RankParams(method="clipscore", guard="none")).frame
-    assert (
-        only.sort_values("rank")["pair_id"].to_numpy() == by_cs.sort_values("rank")["pair_id"].to_numpy()
-    ).all()
+    assert np.allclose(only["score"], agree)
     quarter = rank(cache, RankParams(k=16, guard="none", agreement=0.25))
-    want = _share_at_or_below(product) ** 0.75 * _share_at_or_below(cs) ** 0.25
+    want = _share_at_or_below(product) ** 0.75 * agree**0.25
     assert np.allclose(quarter.frame["score"], want) and quarter.info["agreement"] == 0.25
     top = quarter.frame.sort_values("rank")["pair_id"].to_numpy()
     assert (top == plain["pair_id"].to_numpy()[np.lexsort((np.arange(len(want)), -want))]).all()
     # agreement lowers the rank of the pairs whose image and caption agree least
-    worst = np.argsort(cs)[:10]
+    worst = np.argsort(agree)[:10]
     assert quarter.frame["rank"].to_numpy()[worst].mean() > plain["rank"].to_numpy()[worst].mean()
     dot = rank(cache, RankParams(method="dot", k=16, agreement=1.0))
     assert dot.info["agreement"] == 0.0 and np.allclose(dot.frame["score"], dot.frame["alignment"])
@@ -490,7 +512,7 @@ def test_rank_params_validate_and_presets():
         "none",
         0.5,
     )
-    assert paper.agreement == 0.0 and RankParams().agreement == 0.0
+    assert paper.agreement == 0.0 and RankParams().agreement == 0.5
     assert RankParams.preset("paper", agreement=0.5).agreement == 0.5  # an explicit value wins
     assert RankParams().guard_rule == "mad" and RankParams(method="dot").guard_rule == "none"
     assert RankParams(blocks="text, visual").blocks == "visual,text"
