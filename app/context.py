@@ -329,7 +329,7 @@ def page_params(ctx: ScoringContext, **changes: Any) -> RankParams:
         normalize=p["normalize"],
         guard=p["guard"] if chips else "none",
         guard_mads=p["guard_mads"],
-        agreement=p["agreement"],
+        agreement=p["agreement"] if chips else 0.0,  # the baselines ignore it: one cached ranking each
     )
 
 

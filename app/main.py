@@ -30,8 +30,10 @@ def _import_all(modules: tuple[str, ...]) -> None:
 
 @st.cache_resource(show_spinner=False)
 def warm_imports() -> threading.Thread:
-    """Import WARM_IMPORTS in a background thread, once per server: the first run's other work (pandas,
-    the workspace, the controls) overlaps with them instead of the Scores page waiting for all of it."""
+    """Import WARM_IMPORTS in a background thread, once per server: the first run's own imports (pandas,
+    the app's modules) and the workspace reads below overlap with them. The page runs only after the thread
+    ends, so that no page imports torch or scipy while this thread is inside them (two threads importing
+    one package's modules at once can see it half initialised)."""
     thread = threading.Thread(target=_import_all, args=(WARM_IMPORTS,), name="warm-imports", daemon=True)
     thread.start()
     return thread
@@ -91,6 +93,7 @@ with st.sidebar:
     auth.sidebar(ws)
 
 url_state.write()  # the widgets' values as the browser sent them (a page's st.stop drops later writes)
+warm_imports().join()  # at once after the server's first run
 try:
     st.navigation(pages).run()
 finally:  # values the page itself set (a default k, a closed detail view, ...)

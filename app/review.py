@@ -105,10 +105,11 @@ def review_queue(ctx: context.ScoringContext, table: pd.DataFrame) -> None:
         st.markdown(f"**Caption:** {meta['caption']}")
         if isinstance(meta.get("label"), str) and meta["label"]:
             st.markdown(f"**Label:** {meta['label']}")
+        shown = [c for c in details.WHY if c in row.index]  # a score run stored before `agreement` lacks it
         st.dataframe(
             pd.DataFrame(
-                {"value": [float(row[c]) for c in details.WHY], "meaning": list(details.WHY.values())},
-                index=list(details.WHY),
+                {"value": [float(row[c]) for c in shown], "meaning": [details.WHY[c] for c in shown]},
+                index=shown,
             ),
             key="review_components",
             column_config={"meaning": st.column_config.TextColumn(width="large")},

@@ -138,15 +138,14 @@ def selection_id(ws: Workspace, ref: str | int) -> int:
     return sel.get_selection(ws, sel_ref(str(ref))).selection_id
 
 
-def add_agreement_flag(p: argparse.ArgumentParser) -> None:
-    """--agreement: RankParams.agreement (chips only; `score` and `experiment` share it)."""
-    from chips_core.scoring.params import RankParams
-
-    field_flag(
-        p,
-        RankParams,
-        "agreement",
-        "γ in [0, 1], the weight of image–caption agreement: score = P(CHIPS score)^(1−γ)·P(CLIPScore)^γ "
-        "with P the pool percentile; 0 ranks by the CHIPS score alone (chips only; docs/SCORING.md)",
+def add_agreement_flag(p: Any) -> None:
+    """--agreement: RankParams.agreement, default None (the preset's: `score` and `experiment` share it)."""
+    p.add_argument(
+        "--agreement",
         type=UNIT,
+        default=None,
+        help="γ in [0, 1], the weight of image–caption agreement: score = P(CHIPS score)^(1−γ)·agreement^γ, "
+        "agreement = the pool percentile of CLIPScore minus its least-squares fit on the relevance cosines "
+        "(docs/SCORING.md); 0 ranks by the CHIPS score alone (default: the preset's, 0.5; the paper "
+        "preset's and chips-paper's 0; chips only)",
     )

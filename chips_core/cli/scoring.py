@@ -253,7 +253,6 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-learnability", action="store_true", help="ablation: w_L ≡ 1")
     p.add_argument("--no-relevance", action="store_true", help="ablation: w_R ≡ 1")
     p.add_argument("--rank-normalized", action="store_true", help="use the rank of Â in (0, 1] instead of Â")
-    add_agreement_flag(p)
     g = p.add_argument_group(
         "scoring preset (docs/SCORING.md); each flag below overrides the preset's value",
     )
@@ -261,8 +260,9 @@ def _add_score(p: argparse.ArgumentParser) -> None:
         "--preset",
         default="default",
         choices=list(sp.PRESETS),
-        help="default: projections only, unit-norm gradients, λ = 0.1·tr C̃, CLIPScore guard; "
-        "paper: the CHIPS paper's literal score (every block, raw gradients, d(λ*) = k/4, no guard)",
+        help="default: projections only, unit-norm gradients, λ = 0.1·tr C̃, CLIPScore guard, agreement 0.5; "
+        "paper: the CHIPS paper's literal score (every block, raw gradients, d(λ*) = k/4, no guard, "
+        "agreement 0)",
     )
     g.add_argument("--damping", choices=sp.DAMPINGS, default=None, help="λ rule: trace | dimension")
     g.add_argument(
@@ -281,6 +281,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     field_flag(
         g, RankParams, "guard_mads", "guard threshold in robust standard deviations", type=positive(float)
     )
+    add_agreement_flag(g)
     p.add_argument(
         "--tracin-cache",
         action="append",
@@ -369,7 +370,7 @@ def _blocks_arg(text: str) -> str:
 def rank_params(args: argparse.Namespace) -> RankParams:
     """The RankParams of `score`'s flags: --preset's values with the flags that override it (the
     baselines stay literal unless a guard is asked for). The cache's blocks are set by the caller."""
-    overrides = {name: getattr(args, name) for name in ("damping", "normalize", "guard")}
+    overrides = {name: getattr(args, name) for name in ("damping", "normalize", "guard", "agreement")}
     try:
         return RankParams.preset(
             args.preset,
@@ -385,7 +386,6 @@ def rank_params(args: argparse.Namespace) -> RankParams:
             use_relevance=not args.no_relevance,
             rank_normalized=args.rank_normalized,
             guard_mads=args.guard_mads,
-            agreement=args.agreement,
             **{name: value for name, value in overrides.items() if value is not None},
         )
     except ValueError as exc:

@@ -83,8 +83,12 @@ def search_pairs(
             raise SelectionError(
                 f"the ranking has no component {name!r}; it has {', '.join(sorted(columns))}"
             )
-    if order.removeprefix("-") not in (*COMPONENTS, "rank") and order != "random":
-        raise SelectionError(f"cannot order by {order!r}; use rank, -rank, random or a component")
+    key = order.removeprefix("-")
+    if order != "random" and (key not in (*COMPONENTS, "rank") or key not in columns):
+        raise SelectionError(
+            f"cannot order by {order!r}; use rank, -rank, random or a component of this ranking "
+            f"({', '.join(c for c in COMPONENTS if c in columns)})"
+        )
     labels = [label] if isinstance(label, str) else list(label or [])
     return catalog.search_ranked_pairs(
         ws,

@@ -153,14 +153,17 @@ def _one_blas_thread(k: int) -> Iterator[None]:
 
     Waking OpenBLAS's threads costs more than such a decomposition, and far more when the cores are busy:
     on 2 shared cores (load 4) a k = 128 Cholesky took 240 ms on two threads and 0.2 ms on one, eigvalsh
-    at k = 512 2.7 s and 25 ms. The lock keeps concurrent callers (dashboard sessions) from restoring each
-    other's thread counts out of order.
+    at k = 512 2.7 s and 25 ms. The limit is process-wide, so every decomposition (a larger one too) takes
+    the lock: concurrent callers (dashboard sessions) neither restore each other's thread counts out of
+    order nor run a large decomposition under another's limit. Other BLAS work of the process (torch's
+    own, numpy products elsewhere) can run on one thread for those milliseconds.
     """
-    if k > SMALL_SYSTEM:
-        yield
-        return
-    with _BLAS_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
-        yield
+    with _BLAS_LOCK:
+        if k > SMALL_SYSTEM:
+            yield
+            return
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            yield
 
 
 def eigenvalues(C: np.ndarray) -> np.ndarray:

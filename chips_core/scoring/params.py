@@ -129,7 +129,8 @@ class RankParams:
     guard: str | None = PRESETS["default"]["guard"]
     guard_mads: float = 2.5  # the guard holds out CLIPScore < median − guard_mads · 1.4826 · MAD
     #: γ, the weight of image–caption agreement in a chips ranking: score = P(Â·w_L·w_R)^(1−γ)·agreement^γ
-    #: (P: the pool percentile; `weights.agreement`); 0: the CHIPS score alone (the paper preset's)
+    #: (P: the pool percentile; `weights.agreement`); 0: the CHIPS score alone (the paper preset's). A score
+    #: run stored before this field existed ranked with 0: RankParams(**stored, agreement=0.0) repeats it
     agreement: float = 0.5
 
     def __post_init__(self) -> None:

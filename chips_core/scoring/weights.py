@@ -43,12 +43,21 @@ def relevance(cos_x: np.ndarray, cos_y: np.ndarray, beta: float = RankParams.bet
 
 
 def percentile(x: np.ndarray) -> np.ndarray:
-    """P(x): the share of the pool at or below each value, in (0, 1] (ties share their highest rank).
+    """P(x): the share of the pool at or below each value, in (0, 1] (ties share their highest rank);
+    0 for a value that is not finite, so that it ranks last.
 
     The scale-free form in which the CHIPS score and the agreement are combined (`RankParams.agreement`):
     a pair must rank high on both, whatever the spread of either."""
     x = np.asarray(x, dtype=np.float64)
-    return np.searchsorted(np.sort(x), x, side="right") / max(len(x), 1)
+    finite = np.isfinite(x)
+    out = np.zeros(len(x))
+    out[finite] = np.searchsorted(np.sort(x[finite]), x[finite], side="right") / max(len(x), 1)
+    return out
+
+
+#: residuals this close to 0 (relative to the CLIPScores' size) are ties: a fit that is exact up to rounding
+#: (a tiny or degenerate pool) must not turn rounding noise into an order
+EXACT_FIT_TOL = 1e-9
 
 
 def agreement(clipscore: np.ndarray, cos_x: np.ndarray, cos_y: np.ndarray) -> np.ndarray:
@@ -57,11 +66,18 @@ def agreement(clipscore: np.ndarray, cos_x: np.ndarray, cos_y: np.ndarray) -> np
 
     Raw CLIPScore also measures how familiar a kind of image is to the model: off-target pairs the model
     knows well score high, unfamiliar target pairs low. Compared with pairs of the same closeness to the
-    target, a low value means a caption that fits its image badly for its kind (docs/SCORING.md)."""
+    target, a low value means a caption that fits its image badly for its kind (docs/SCORING.md). The fit
+    uses the pairs whose three values are finite; the others get agreement 0."""
     cs = np.asarray(clipscore, dtype=np.float64)
-    design = np.column_stack([np.ones_like(cs), cos_x, cos_y])
-    fit, *_ = np.linalg.lstsq(design, cs, rcond=None)
-    return percentile(cs - design @ fit)
+    design = np.column_stack([np.ones_like(cs), cos_x, cos_y]).astype(np.float64)
+    ok = np.isfinite(cs) & np.isfinite(design).all(1)
+    residual = np.full(len(cs), np.nan)
+    if ok.any():
+        fit, *_ = np.linalg.lstsq(design[ok], cs[ok], rcond=None)
+        r = cs[ok] - design[ok] @ fit
+        r[np.abs(r) <= EXACT_FIT_TOL * max(1.0, float(np.abs(cs[ok]).max()))] = 0.0
+        residual[ok] = r
+    return percentile(residual)
 
 
 def combine_agreement(score: np.ndarray, agree: np.ndarray, gamma: float) -> np.ndarray:

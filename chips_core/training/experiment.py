@@ -109,7 +109,21 @@ def run_experiment(
     spec = {"pool": pool, "eval": str(eval_source), "methods": list(methods), "ratios": list(ratios),
             "seeds": list(seeds), "recipe": asdict(recipe), "cache": str(sc.root),
             "rank_params": asdict(base), "primary": primary}  # fmt: skip
-    atomic_write_bytes(out / "experiment.json", json.dumps(spec, indent=2, default=str).encode())
+    started = out / "experiment.json"
+    if started.is_file():  # a rerun resumes: its cells must rank the same way as the finished ones
+        before = json.loads(started.read_text()).get("rank_params", {})
+        now = json.loads(json.dumps(spec["rank_params"], default=str))
+        changes = [
+            f"{k}: {before.get(k, 'absent')} → {now.get(k, 'absent')}"
+            for k in sorted({*before, *now})
+            if before.get(k, "absent") != now.get(k, "absent")
+        ]
+        if changes:
+            raise ValueError(
+                f"{out} was started with other rank parameters ({'; '.join(changes)}); resuming would mix "
+                "them in one table: use another --out"
+            )
+    atomic_write_bytes(started, json.dumps(spec, indent=2, default=str).encode())
     cells_path = out / "cells.csv"
     done = pd.read_csv(cells_path) if cells_path.is_file() else pd.DataFrame(columns=KEY)
     rows = done.to_dict("records")

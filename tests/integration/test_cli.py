@@ -246,7 +246,15 @@ def test_argparse_errors_and_help(capsys):
 
 # flags whose default is not the dataclass's on purpose: device 'auto' (cuda if present), blocks and the
 # rank options a preset sets (None: the --preset's value), model (required)
-NOT_FROM_DATACLASS = {"device", "blocks", "damping", "normalize", "guard", "model"}
+NOT_FROM_DATACLASS = {
+    "device",
+    "blocks",
+    "damping",
+    "normalize",
+    "guard",
+    "agreement",
+    "model",
+}  # the preset's
 
 
 @pytest.mark.parametrize(
@@ -291,6 +299,28 @@ def test_flag_defaults_are_the_dataclasses(command, cls, argv, renamed):
         from chips_core.cli.training import _recipe
 
         assert _recipe(argparse.Namespace(**args)) == cpt.Recipe("m")
+
+
+def test_agreement_flag_follows_the_preset():
+    """--agreement is the preset's unless given: the paper preset stays literal (0), an explicit value wins,
+    and `experiment` passes it to the chips cells only when given."""
+    import argparse
+
+    from chips_core.cli import main as cli_main  # noqa: F401  (registers every command)
+    from chips_core.cli.common import COMMANDS
+    from chips_core.cli.scoring import rank_params
+
+    p = argparse.ArgumentParser()
+    COMMANDS["score"].add_arguments(p)
+
+    def params(*argv: str):
+        return rank_params(p.parse_args(["ws", "pool", "--eval", "e", *argv]))
+
+    assert params().agreement == 0.5 and params("--preset", "paper").agreement == 0.0
+    assert params("--preset", "paper", "--agreement", "0.3").agreement == 0.3
+    assert params("--agreement", "0").agreement == 0.0
+    with pytest.raises(SystemExit):
+        params("--agreement", "1.5")
 
 
 def test_negative_pair_ids_parse():

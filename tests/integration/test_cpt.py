@@ -9,6 +9,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from chips_core.scoring.params import RankParams
 from chips_core.training import cpt
 from chips_core.training.cpt import Recipe
 from chips_core.training.evaluate import evaluate_run
@@ -235,6 +236,11 @@ def test_experiment_end_to_end_with_tracin(tmp_path):
     with ws.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM cpt_runs").fetchone()[0] == n_runs  # finished cells skipped
     assert len(again) == 3
+    with pytest.raises(ValueError, match="agreement: 0.5 → 0.0"):  # resuming with other rank parameters
+        ex.run_experiment(
+            ws, "pool", "val", ["random"], [0.5], [0], recipe, cache=cache_id,
+            rank_params=RankParams(agreement=0.0), include_full=False, out_dir=out,
+        )  # fmt: skip
 
 
 def test_cli_train_and_evaluate(ws_csv, capsys):

@@ -264,6 +264,14 @@ def test_agreement_compares_pairs_equally_close_to_the_target():
     worse[:20] -= 5.0  # twenty captions that fit their images badly
     assert agreement(0.1 * worse, cx, cy)[:20].max() < 0.1
     assert not np.allclose(percentile(familiar), base)  # raw CLIPScore's percentile would differ
+    # a pair without a finite CLIPScore ranks last and leaves the others' fit alone; an exact fit is a tie
+    holed = 0.1 * noise.copy()
+    holed[5] = np.nan
+    got = agreement(holed, cx, cy)
+    keep = np.arange(400) != 5
+    assert got[5] == 0.0 and np.allclose(got[keep] * 400 / 399, agreement(holed[keep], cx[keep], cy[keep]))
+    assert (agreement(1.0 + 2.0 * cx, cx, cy) == 1.0).all()  # CLIPScore explained exactly: every pair ties
+    assert list(percentile(np.array([2.0, np.nan, 1.0, np.inf]))) == [0.5, 0.0, 0.25, 0.0]
 
 
 def test_agreement_weight_moves_between_chips_and_agreement(built):

@@ -143,6 +143,11 @@ def test_search_refuses_unknown_filters(tmp_path):
         search_pairs(ws, "pool", run, decision="maybe")
     with pytest.raises(sel.SelectionError, match="order by"):
         search_pairs(ws, "pool", run, order="caption")
+    # a score run stored before the agreement component existed has no such column: a clear refusal
+    with pytest.raises(sel.SelectionError, match="order by"):
+        search_pairs(ws, "pool", run, order="-agreement")
+    with pytest.raises(sel.SelectionError, match="no component"):
+        search_pairs(ws, "pool", run, ranges={"agreement": (0.5, None)})
     with pytest.raises(sel.SelectionError):
         search_pairs(ws, "pool", run + 999)
     page, total = search_pairs(ws, "pool", run, text="it's 100% _odd_", label="o'brien")  # literal text
