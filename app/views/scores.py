@@ -212,7 +212,7 @@ with right:
         "alignment": "expected help for the target set",
         "learnability": "how much the model can still learn",
         "relevance": "closeness to the target domain",
-        "agreement": "how well the caption fits the image (share of the pool below)",
+        "agreement": "how well the caption fits the image",
         "score": "overall score (what the ranking sorts by)",
     }
     comps = {c: title for c, title in comps.items() if c in table.columns}  # older score runs: 4
