@@ -31,11 +31,6 @@ from chips_core.workspace.progress import progress_bar
 from chips_core.workspace.store import Workspace
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """The keyword arguments whose flag was given (not None): the rest keep RankParams' defaults."""
-    return {name: value for name, value in values.items() if value is not None}
-
-
 def _add_recipe(p: Any) -> None:
     """The Recipe flags; their defaults are Recipe's (CHIPS paper, METHOD.md §8)."""
     g = p.add_argument_group("CPT recipe (open_clip_train; defaults from the CHIPS paper)")
@@ -234,9 +229,10 @@ def _run_experiment(args: Any) -> int:
         tracin = tracin_checkpoints(ws, args.pool, args.tracin_eval, warm, sc.config, device=args.device)
     cells = run_experiment(
         ws, args.pool, args.test, args.methods, args.ratios, args.seeds, recipe, cache=args.cache,
-        rank_params=RankParams(alpha=args.alpha, k=args.k, **_given(agreement=args.agreement)), tracin=tracin,
-        include_full=not args.no_full,
-        out_dir=args.out, primary=args.primary, progress=say,
+        rank_params=RankParams(alpha=args.alpha, k=args.k).replace(
+            **({} if args.agreement is None else {"agreement": args.agreement})  # None: RankParams' default
+        ),
+        tracin=tracin, include_full=not args.no_full, out_dir=args.out, primary=args.primary, progress=say,
     )  # fmt: skip
     say(markdown_table(cells, args.primary, args.methods))
     return 0

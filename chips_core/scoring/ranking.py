@@ -349,6 +349,17 @@ def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tupl
     return wl, wr
 
 
+def _agreement(cache: ScoringCache) -> np.ndarray:
+    """`weights.agreement` of the cache's pairs: a property of the cache alone, kept in cache.memo so that
+    a slider step does not sort and fit the pool again."""
+    if "agreement" not in cache.memo:
+        cols = (cache.column(c) for c in ("clipscore", "cos_x", "cos_y"))
+        agree = agreement(*cols)
+        agree.flags.writeable = False  # shared by every ranking of this cache
+        cache.memo["agreement"] = agree
+    return cache.memo["agreement"]
+
+
 def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, weighted: bool) -> RankResult:
     """The ranking of alignments A under `params`: weights and the agreement (unless not `weighted`: the
     baselines stay literal), the guard and the selection. The `agreement` column (`weights.agreement`) is
@@ -358,7 +369,7 @@ def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, 
     wl, wr = _weights(cache, p.beta, use_l, use_r)
     base = percentile(A) if p.rank_normalized and weighted else A
     clipscore = cache.column("clipscore")
-    agree = agreement(clipscore, cache.column("cos_x"), cache.column("cos_y"))
+    agree = _agreement(cache)
     gamma = p.agreement if weighted else 0.0
     score = combine_agreement(base * wl * wr, agree, gamma)
     guarded, guard_info = guard_mask(clipscore, p.guard_rule, p.guard_mads)

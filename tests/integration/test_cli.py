@@ -306,7 +306,6 @@ def test_agreement_flag_follows_the_preset():
     and `experiment` passes it to the chips cells only when given."""
     import argparse
 
-    from chips_core.cli import main as cli_main  # noqa: F401  (registers every command)
     from chips_core.cli.common import COMMANDS
     from chips_core.cli.scoring import rank_params
 

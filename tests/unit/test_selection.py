@@ -6,6 +6,7 @@ import pytest
 
 from chips_core.curation import selection as sel
 from chips_core.workspace.store import Workspace
+from tests.pool_rows import add_pool
 
 pytestmark = pytest.mark.unit
 
@@ -16,28 +17,15 @@ def make_ws(tmp_path, n=N, name="pool"):
     """A workspace with one pool of n pairs written straight into the schema (no images needed here)."""
     ws = Workspace.init(tmp_path / "ws")
     ids = np.arange(n, dtype=np.int64) * 7919 - 50_000
-    with ws.connect() as con:
-        pool_id = ws.next_id(con)
-        con.execute(
-            "INSERT INTO pools (pool_id, name, kind, source, format, status) "
-            "VALUES (?, ?, 'pool', 'x', 'csv', 'ready')",
-            [pool_id, name],
-        )
-        con.register(
-            "_p",
-            pd.DataFrame(
-                {
-                    "pair_id": ids,
-                    "row_index": np.arange(n),
-                    "filepath": [f"/img/{i}.png" for i in range(n)],
-                    "caption": [f"caption {i}" for i in range(n)],
-                }
-            ),
-        )
-        con.execute(
-            "INSERT INTO pairs (pool_id, pair_id, row_index, filepath, caption) "
-            f"SELECT {pool_id}, pair_id, row_index, filepath, caption FROM _p"
-        )
+    pairs = pd.DataFrame(
+        {
+            "pair_id": ids,
+            "row_index": np.arange(n),
+            "filepath": [f"/img/{i}.png" for i in range(n)],
+            "caption": [f"caption {i}" for i in range(n)],
+        }
+    )
+    add_pool(ws, pairs, name)
     return ws, ids
 
 
