@@ -57,9 +57,12 @@ with left:
         context.METHODS,
         format_func=lambda m: LABELS.get(m, m),
         key="method",
-        help="CHIPS: how much a pair is expected to help the target set, times how much the model can still "
-        "learn from it, times how close it is to the target domain. The others are the paper's comparison "
-        "methods on the same data. TracIn needs training checkpoints (command line).",
+        help="CHIPS (recommended): pairs expected to help the target set whose captions fit their images; "
+        "use it for a selection aimed at your target. CLIPScore: how well each caption fits its image, "
+        "whatever the domain; prefer it when you only want clean captions, and compare the two after "
+        "training (Export and train page) before a large run. Random: the baseline any method must "
+        "beat. Dot and TRAK-style: the paper's comparison methods, for comparison only. TracIn needs "
+        "training checkpoints (command line).",
     )
     st.selectbox(
         "Scoring preset",

@@ -354,6 +354,8 @@ def test_scores_controls_speak_plain_words(tiny_workspace):
         assert not any(sym in text for sym in formula), text
     ml = next(e for e in at.expander if "for ML engineers" in e.label)
     assert any("M = (1 − α)Φ_pos + αΦ_neg + λI" in m.value for m in ml.markdown)
+    method = next(w for w in at.selectbox if w.label == "Method")
+    assert "recommended" in method.help and "prefer it when you only want clean captions" in method.help
 
 
 # ML jargon and formula symbols that belong only in the "For ML engineers" expanders
