@@ -98,8 +98,9 @@ with left:
         disabled=st.session_state["method"] != "chips",
         help="How well each caption fits its image, compared with pairs just as close to the target set. "
         "0: rank by the expected help for the target set alone (the CHIPS paper). 1: by the agreement "
-        "alone. The recommended 0.5 weighs them equally: a pair must be expected to help and have a caption "
-        "that fits its image; on measured pools it kept wrong captions and off-target pairs out of the top "
+        "alone. The recommended 0.75 leans on the agreement and keeps the expected help in: a pair must "
+        "have a caption that fits its image and be expected to help; after training on measured pools it "
+        "gave better models than 0.5 and kept wrong captions and off-target pairs out of the top "
         "(docs/SCORING.md).",
     )
     with st.expander("How a pair is compared with the target (for ML engineers)"):

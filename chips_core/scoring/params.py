@@ -6,7 +6,8 @@ A preset fixes the parameter blocks of the scoring cache (a prepare option) and 
 decide how a pair's gradient is compared with the target's (docs/SCORING.md says why each default):
 - `default`: the two projections without the temperature, unit-norm gradients (LESS-style), λ = 0.1·tr C̃
   (the same at every k), the CLIPScore guard against image–caption disagreement, and the image–caption
-  agreement weighted equally with the CHIPS score (`agreement` 0.5, the field's default);
+  agreement weighted three to one against the CHIPS score (`agreement` 0.75, the field's default; chosen
+  after CPT on three benchmarks, docs/SCORING.md);
 - `paper`: the CHIPS paper's literal score (METHOD.md §1–6): every endpoint block, raw gradients,
   λ* with d(λ*) = k/4, no guard, no agreement weight. Kept so that every comparison can show it beside
   the default.
@@ -131,7 +132,7 @@ class RankParams:
     #: γ, the weight of image–caption agreement in a chips ranking: score = P(Â·w_L·w_R)^(1−γ)·agreement^γ
     #: (P: the pool percentile; `weights.agreement`); 0: the CHIPS score alone (the paper preset's). A score
     #: run stored before this field existed ranked with 0: RankParams(**stored, agreement=0.0) repeats it
-    agreement: float = 0.5
+    agreement: float = 0.75
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

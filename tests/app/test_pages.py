@@ -67,7 +67,7 @@ def test_scores_sliders_rerank_without_a_model(tiny_workspace):
     assert not any("No scoring cache" in w.value for w in at.warning)
     assert _ranking(at)["pair_id"].tolist() == before
 
-    assert at.session_state["agreement"] == 0.5  # the default preset's
+    assert at.session_state["agreement"] == 0.75  # the default preset's
     at.slider(key="agreement").set_value(0.0).run()  # the agreement weight re-ranks: the library's order
     _ok(at)
     ranked = rank(cache, RankParams(k=k, agreement=0.0)).frame.sort_values("rank")

@@ -315,7 +315,7 @@ def test_agreement_flag_follows_the_preset():
     def params(*argv: str):
         return rank_params(p.parse_args(["ws", "pool", "--eval", "e", *argv]))
 
-    assert params().agreement == 0.5 and params("--preset", "paper").agreement == 0.0
+    assert params().agreement == 0.75 and params("--preset", "paper").agreement == 0.0
     assert params("--preset", "paper", "--agreement", "0.3").agreement == 0.3
     assert params("--agreement", "0").agreement == 0.0
     with pytest.raises(SystemExit):

@@ -236,7 +236,7 @@ def test_experiment_end_to_end_with_tracin(tmp_path):
     with ws.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM cpt_runs").fetchone()[0] == n_runs  # finished cells skipped
     assert len(again) == 3
-    with pytest.raises(ValueError, match="agreement: 0.5 → 0.0"):  # resuming with other rank parameters
+    with pytest.raises(ValueError, match="agreement: 0.75 → 0.0"):  # resuming with other rank parameters
         ex.run_experiment(
             ws, "pool", "val", ["random"], [0.5], [0], recipe, cache=cache_id,
             rank_params=RankParams(agreement=0.0), include_full=False, out_dir=out,

@@ -226,11 +226,11 @@ def test_rank_chips_default_against_reference(built, k):
     kept = f.loc[~f["guarded"]].sort_values("rank")
     assert kept["score"].is_monotonic_decreasing
     assert f["selected"].sum() == min(math.ceil(0.2 * 230), (~held).sum())
-    # agreement 0.5 (the default): the geometric mean of two pool percentiles, written out by counting
+    # agreement 0.75 (the default): P(CHIPS)^¼ · agreement^¾, both pool percentiles written out by counting
     chips = f["alignment"] * f["learnability"] * f["relevance"]
     agree = _agreement_reference(cache)
     assert np.allclose(f["agreement"], agree)
-    assert np.allclose(f["score"], np.sqrt(_share_at_or_below(chips) * agree))
+    assert np.allclose(f["score"], _share_at_or_below(chips) ** 0.25 * agree**0.75)
     off = rank(cache, RankParams(k=k, ratio=0.2, agreement=0.0)).frame
     assert np.allclose(off["score"], chips) and np.array_equal(
         off["guarded"], f["guarded"]
@@ -520,7 +520,7 @@ def test_rank_params_validate_and_presets():
         "none",
         0.5,
     )
-    assert paper.agreement == 0.0 and RankParams().agreement == 0.5
+    assert paper.agreement == 0.0 and RankParams().agreement == 0.75
     assert RankParams.preset("paper", agreement=0.5).agreement == 0.5  # an explicit value wins
     assert RankParams().guard_rule == "mad" and RankParams(method="dot").guard_rule == "none"
     assert RankParams(blocks="text, visual").blocks == "visual,text"
