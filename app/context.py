@@ -295,10 +295,12 @@ def _key(params: RankParams) -> Key:
 @st.cache_resource(max_entries=12, show_spinner=False)
 def _rank_cached(cache_dir: str, params: Key, stability: bool) -> Any:
     """One ranking per (cache, parameters but the selection ratio): page switches, reruns and ratio changes
-    reuse it instead of re-ranking (`stability`: whether the ranking stability is computed)."""
+    reuse it instead of re-ranking (`stability`: whether the ranking stability is computed). The solve is
+    read from the cache folder when stored there (by prepare, or by an earlier server: `stored=True`), so a
+    server's first page shows the default ranking without solving or importing torch."""
     from chips_core.scoring.ranking import rank
 
-    return rank(load_cache(cache_dir), RankParams(**dict(params)), stability=stability)
+    return rank(load_cache(cache_dir), RankParams(**dict(params)), stability=stability, stored=True)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
