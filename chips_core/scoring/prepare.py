@@ -55,7 +55,6 @@ from chips_core.scoring.endpoint import (
     zeroshot_grad_sum,
 )
 from chips_core.scoring.params import PrepareConfig
-from chips_core.scoring.ranking import store_rankings
 from chips_core.scoring.sketch import Sketch, make_sketch
 from chips_core.scoring.weights import eval_means, pair_stats
 
@@ -367,12 +366,10 @@ class PrepareRun:
             self.progress(PrepareProgress("pool", self.done, N, rate, eta))
 
     def finish(self) -> ScoringCache:
-        """Complete the cache (meta.json once every chunk is done), store the default ranking's solves with
-        it (`ranking.store_rankings`: a first dashboard page reads them instead of solving) and open it."""
+        """Complete the cache (meta.json once every chunk is done) and open it."""
         if self.plan is None:
             return ScoringCache.load(self.out)
         cache = finish(self.out, self.plan, self.scorer)
-        store_rankings(cache)
         if self.progress:
             N = len(self.ids)
             self.progress(
