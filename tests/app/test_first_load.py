@@ -49,6 +49,19 @@ def _cache(ws_root: Path) -> ScoringCache:
     return ScoringCache.load(row[0])
 
 
+def _settings(k: int, alpha: float) -> dict:
+    """The solve settings the page's default ranking (or one of its α ends) is stored under."""
+    p = RankParams()
+    return {
+        "solve": "newton",
+        "k": k,
+        "alpha": alpha,
+        "lam": None,
+        "damping": p.damping,
+        "normalize": p.normalize,
+    }
+
+
 def _page_ids_are_the_library_ranking(ids: list[str], cache: ScoringCache, k: int) -> None:
     frame = rank(cache, RankParams(k=k)).frame.sort_values("rank")
     assert ids == frame["pair_id"].astype(str).head(len(ids)).tolist()
@@ -56,7 +69,8 @@ def _page_ids_are_the_library_ranking(ids: list[str], cache: ScoringCache, k: in
 
 def test_first_run_reads_the_stored_ranking_without_torch(tiny_workspace):
     cache = _cache(tiny_workspace)
-    assert len(list((cache.root / stored.FOLDER).glob("*.npz"))) == 3  # stored by prepare
+    for alpha in (RankParams().alpha, 0.0, 1.0):  # stored by the workspace's prepare step
+        assert stored.read(cache, _settings(cache.k_max // 2, alpha)) is not None
     out = subprocess.run(
         [sys.executable, "-c", FIRST_RUN, MAIN], check=True, capture_output=True, text=True, cwd=ROOT
     )
@@ -69,8 +83,11 @@ def test_first_run_reads_the_stored_ranking_without_torch(tiny_workspace):
 def test_a_cache_without_stored_solves_gets_them_on_its_first_page(tiny_workspace):
     """A cache prepared before solves were stored: the first page solves (the library's ranking) and stores
     them, so the next server's first page reads them."""
+    import streamlit as st
+
     cache = _cache(tiny_workspace)
     shutil.rmtree(cache.root / stored.FOLDER)
+    st.cache_resource.clear()  # a new server: no ranking of this cache in memory (other tests ranked it)
     at = AppTest.from_file(MAIN, default_timeout=180)
     at.run()
     assert not at.exception and not at.error
@@ -81,9 +98,7 @@ def test_a_cache_without_stored_solves_gets_them_on_its_first_page(tiny_workspac
     fresh = ScoringCache.load(cache.root)
     k = at.session_state["k"]
     for alpha, stability in ((RankParams().alpha, True), (0.0, False), (1.0, False)):
-        settings = {"solve": "newton", "k": k, "alpha": alpha, "lam": None, "damping": RankParams().damping,
-                    "normalize": RankParams().normalize}  # fmt: skip
-        hit = stored.read(fresh, settings)
+        hit = stored.read(fresh, _settings(k, alpha))
         assert hit is not None
         assert (hit[1].get("stability_rows") is not None) == stability
 
