@@ -263,6 +263,13 @@ def pool_pairs(ctx: ScoringContext) -> pd.DataFrame:
     return pairs_table(ctx.ws_root, ctx.pool_id, n)
 
 
+def pairs_of(ctx: ScoringContext, pair_ids: list[int]) -> pd.DataFrame:
+    """pair_id (index), filepath, caption, label of just these pairs of the pool (a page's visible rows:
+    a server's first page does not read the whole pool's table for them)."""
+    df = catalog.pairs_frame(store.Workspace(ctx.ws_root), ctx.pool_id, pair_ids=[int(i) for i in pair_ids])
+    return df.set_index("pair_id")
+
+
 def rank_params() -> dict[str, Any]:
     """The ranking parameters chosen on the Scores page (shared by every page)."""
     s = st.session_state

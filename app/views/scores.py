@@ -219,8 +219,8 @@ with right:
     st.markdown(histograms.histograms_html(hists, comps), unsafe_allow_html=True)
 
 st.subheader("Ranking")
-pairs = context.pool_pairs(ctx)
-top = table.head(200).join(pairs[["caption"]], on="pair_id")
+top = table.head(200)
+top = top.join(context.pairs_of(ctx, top["pair_id"].tolist())[["caption"]], on="pair_id")
 decisions = widgets.decisions(ctx)
 top["decision"] = top["pair_id"].map(decisions["state"]) if len(decisions) else None
 top["pair_id"] = top["pair_id"].astype(str)  # int64 ids exceed JavaScript's exact integers

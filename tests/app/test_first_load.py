@@ -18,7 +18,8 @@ from chips_core.scoring import stored
 from chips_core.scoring.cache import ScoringCache
 from chips_core.scoring.params import RankParams
 from chips_core.scoring.ranking import rank
-from chips_core.workspace import store
+from chips_core.workspace import catalog, store
+from tests.app.workspace_build import POOL
 
 pytestmark = pytest.mark.app
 
@@ -39,7 +40,8 @@ at = AppTest.from_file(sys.argv[1], default_timeout=180)
 at.run()
 assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
 table = next(df.value for df in at.dataframe if "rank" in df.value.columns)
-print(json.dumps({"first": first, "ids": table["pair_id"].tolist(), "k": at.session_state["k"]}))
+print(json.dumps({"first": first, "ids": table["pair_id"].tolist(), "captions": table["caption"].tolist(),
+                  "k": at.session_state["k"]}))
 """
 
 
@@ -78,6 +80,10 @@ def test_first_run_reads_the_stored_ranking_without_torch(tiny_workspace):
     # torch and scipy.linalg: not imported by the page's run, only by the warm-up thread after it (if yet)
     assert all(who == ["warm-imports", True] for who in seen["first"].values()), seen["first"]
     _page_ids_are_the_library_ranking(seen["ids"], cache, seen["k"])
+    ws = store.Workspace(tiny_workspace)
+    pairs = catalog.pairs_frame(ws, catalog.pool_id(ws, POOL)).set_index("pair_id")
+    assert pairs.index.is_unique and len(pairs) >= len(seen["ids"])
+    assert seen["captions"] == [pairs.loc[int(i), "caption"] for i in seen["ids"]]  # each row's own caption
 
 
 def test_a_cache_without_stored_solves_gets_them_on_its_first_page(tiny_workspace):
