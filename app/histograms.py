@@ -53,7 +53,7 @@ def chart_svg(h: Histogram, title: str, x_title: str) -> str:
         return TOP + ph - v / y_max * ph
 
     parts = []
-    for yt in nice_ticks(0, y_max, 4):
+    for yt in (t for t in nice_ticks(0, y_max, 4) if float(t).is_integer()):  # whole numbers of pairs
         parts.append(
             f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(yt):.1f}" y2="{y(yt):.1f}" '
             'stroke="currentColor" stroke-opacity="0.12"/>'

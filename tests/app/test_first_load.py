@@ -114,3 +114,22 @@ def test_nice_ticks_are_round_and_inside_the_range():
     assert nice_ticks(-0.0055, 0.0115, 5) == [-0.005, 0.0, 0.005, 0.01]
     assert nice_ticks(0.47, 0.63, 5) == [0.5, 0.55, 0.6]
     assert nice_ticks(1.0, 1.0) == [1.0]
+
+
+def test_a_histogram_counts_whole_pairs():
+    """Small counts: y ticks at whole numbers of pairs only; each non-empty bin's tooltip gives its counts."""
+    import re
+
+    import numpy as np
+
+    from app.histograms import chart_svg
+    from chips_core.curation.selection import Histogram
+
+    svg = chart_svg(
+        Histogram(np.array([0.1, 0.2, 0.3]), np.array([1, 0, 0]), np.array([0, 0, 1])), "t", "score"
+    )
+    assert re.findall(r'text-anchor="end">([^<]+)<', svg) == ["0", "1"]
+    assert re.findall(r"<title>([^<]+)</title>", svg) == [
+        "0.05 to 0.15: 1 selected, 0 not selected",
+        "0.25 to 0.35: 0 selected, 1 not selected",
+    ]
