@@ -263,6 +263,13 @@ def pool_pairs(ctx: ScoringContext) -> pd.DataFrame:
     return pairs_table(ctx.ws_root, ctx.pool_id, n)
 
 
+def pairs_of(ctx: ScoringContext, pair_ids: list[int]) -> pd.DataFrame:
+    """pair_id (index), filepath, caption, label of just these pairs of the pool (a page's visible rows:
+    a server's first page does not read the whole pool's table for them)."""
+    df = catalog.pairs_frame(store.Workspace(ctx.ws_root), ctx.pool_id, pair_ids=[int(i) for i in pair_ids])
+    return df.set_index("pair_id")
+
+
 def rank_params() -> dict[str, Any]:
     """The ranking parameters chosen on the Scores page (shared by every page)."""
     s = st.session_state
@@ -295,10 +302,12 @@ def _key(params: RankParams) -> Key:
 @st.cache_resource(max_entries=12, show_spinner=False)
 def _rank_cached(cache_dir: str, params: Key, stability: bool) -> Any:
     """One ranking per (cache, parameters but the selection ratio): page switches, reruns and ratio changes
-    reuse it instead of re-ranking (`stability`: whether the ranking stability is computed)."""
+    reuse it instead of re-ranking (`stability`: whether the ranking stability is computed). The solve is
+    read from the cache folder when stored there (by prepare, or by an earlier server: `stored=True`), so a
+    server's first page shows the default ranking without solving or importing torch."""
     from chips_core.scoring.ranking import rank
 
-    return rank(load_cache(cache_dir), RankParams(**dict(params)), stability=stability)
+    return rank(load_cache(cache_dir), RankParams(**dict(params)), stability=stability, stored=True)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)

@@ -18,8 +18,9 @@ if str(_ROOT) not in sys.path:  # run from a checkout: use this checkout's chips
 
 import streamlit as st  # noqa: E402
 
-# what the ranking imports that takes seconds (torch, scipy): a server's first run starts loading it at once
-WARM_IMPORTS = ("torch", "scipy.linalg", "scipy.special")
+# what a re-ranking imports that takes seconds (torch, scipy): loaded in the background after a server's first
+# run, which needs none of it when the ranking on screen is stored with its scoring cache
+WARM_IMPORTS = ("torch", "scipy.linalg")
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
@@ -29,17 +30,29 @@ def _import_all(modules: tuple[str, ...]) -> None:
 
 
 @st.cache_resource(show_spinner=False)
-def warm_imports() -> threading.Thread:
-    """Import WARM_IMPORTS in a background thread, once per server: the first run's own imports (pandas,
-    the app's modules) and the workspace reads below overlap with them. The page runs only after the thread
-    ends, so that no page imports torch or scipy while this thread is inside them (two threads importing
-    one package's modules at once can see it half initialised)."""
-    thread = threading.Thread(target=_import_all, args=(WARM_IMPORTS,), name="warm-imports", daemon=True)
-    thread.start()
-    return thread
+def _warm_up() -> dict[str, threading.Thread]:
+    """The server's warm-up thread, once started (one dict per server)."""
+    return {}
 
 
-warm_imports()
+def start_warm_imports() -> None:
+    """Import WARM_IMPORTS in a background thread, once per server, when a run has ended: the first page is
+    drawn without waiting for them, and a slider step a moment later finds them loaded."""
+    state = _warm_up()
+    if "thread" not in state:
+        thread = threading.Thread(target=_import_all, args=(WARM_IMPORTS,), name="warm-imports", daemon=True)
+        if state.setdefault("thread", thread) is thread:
+            thread.start()
+
+
+def wait_for_warm_imports() -> None:
+    """Wait for the warm-up thread if it has started, so that no page imports torch or scipy while that
+    thread is inside them (two threads importing one package's modules at once can see it half
+    initialised). A server's first run, which starts no thread, does not wait."""
+    thread = _warm_up().get("thread")
+    if thread is not None:
+        thread.join()
+
 
 from app import auth, context, url_state  # noqa: E402
 
@@ -93,8 +106,9 @@ with st.sidebar:
     auth.sidebar(ws)
 
 url_state.write()  # the widgets' values as the browser sent them (a page's st.stop drops later writes)
-warm_imports().join()  # at once after the server's first run
+wait_for_warm_imports()
 try:
     st.navigation(pages).run()
 finally:  # values the page itself set (a default k, a closed detail view, ...)
     url_state.write()
+    start_warm_imports()  # after the first run's page is drawn

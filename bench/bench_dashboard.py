@@ -4,7 +4,9 @@ Measured in the real browser: `streamlit run app/main.py` on a synthetic workspa
 structure written as a real feature store, a real scoring cache made by chips_core.scoring.prepare.prepare,
 a stored map, real pairs rows pointing at a few real images) driven by headless Debian Chromium through
 Playwright. Times are seconds from the user's action:
-  first Scores load – from opening the URL until the score histograms are drawn and the run is done;
+  first Scores load – the server's first page, from opening the URL until: shell (Streamlit's own page is
+                      mounted, before any of the script's output: the frontend's floor), title (the page's
+                      heading), shown (the score histograms are drawn), idle (the run is done);
   slider steps      – for each slider (α, λ, ratio) one arrow key, until: metrics (the dependent headline
                       metric shows its new value), charts (the score histograms hold new data), idle (the
                       script run has finished: the ranking table and everything else is drawn);
@@ -41,7 +43,7 @@ from chips_core.curation import maps  # noqa: E402
 from chips_core.scoring.endpoint import EndpointParams  # noqa: E402
 from chips_core.scoring.params import PrepareConfig, RankParams  # noqa: E402
 from chips_core.scoring.prepare import ArrayFeatures, prepare  # noqa: E402
-from chips_core.scoring.ranking import rank  # noqa: E402
+from chips_core.scoring.ranking import rank, store_rankings  # noqa: E402
 from chips_core.workspace import store  # noqa: E402
 from tests.browser.harness import chromium_page, streamlit_server, wait_idle  # noqa: E402
 from tests.fixtures_build import write_images  # noqa: E402
@@ -130,7 +132,7 @@ def build_workspace(root: Path, n_pairs: int, n_eval: int, k_max: int) -> tuple[
     cfg = PrepareConfig(k_max=k_max, batch_size=1024, curvature_pairs=min(n_pairs, 20_000))
     out = ws.root / "caches" / "synthetic"
     t0 = time.perf_counter()
-    prepare(pool, ev, params, cfg, out)
+    store_rankings(prepare(pool, ev, params, cfg, out))  # as the prepare job (engines/pipeline.py) does
     print(f"prepare: {n_pairs:,} pairs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     with ws.connect() as con:
         con.execute(
@@ -153,10 +155,25 @@ def _metric(page, label: str) -> str:
     return page.evaluate(_METRIC, label)
 
 
+# the Scores page's histograms drawn: inline SVG (app/histograms.py), or plotly's bars (before 2026-12-01,
+# for --app on an older checkout)
+HISTOGRAMS = ".chips-histograms svg rect, [data-testid='stPlotlyChart'] .js-plotly-plot .bars"
 _CHART_DATA = (
-    "() => { const g = document.querySelector(\"[data-testid='stPlotlyChart'] .js-plotly-plot\");"
+    "() => { const f = [...document.querySelectorAll('.chips-histograms figure')];"
+    " if (f.length) return f.map(e => e.getAttribute('data-counts')).join('|');"
+    " const g = document.querySelector(\"[data-testid='stPlotlyChart'] .js-plotly-plot\");"
     " return g && g.data ? JSON.stringify(g.data.map(d => d.y)) : ''; }"
 )
+# when each stage of the first load happened (ms after navigation start), recorded in the page
+_FIRST_LOAD_MARKS = """
+window.__marks = {};
+const mark = (k) => { if (!(k in window.__marks)) window.__marks[k] = performance.now(); };
+new MutationObserver(() => {
+  if (document.querySelector("[data-testid='stApp']")) mark('shell');
+  if ([...document.querySelectorAll('h1')].some(e => e.innerText.trim() === 'Scores')) mark('title');
+  if (document.querySelector("HISTOGRAMS")) mark('shown');
+}).observe(document, {subtree: true, childList: true});
+""".replace("HISTOGRAMS", HISTOGRAMS)
 
 
 def measure(page, slider: str, metric: str, key: str, repeats: int) -> dict[str, list[float]]:
@@ -193,7 +210,7 @@ def open_page(page, link: str, shown: str, repeats: int) -> dict[str, list[float
     out: dict[str, list[float]] = {"shown": [], "idle": []}
     for _ in range(repeats):
         page.get_by_role("link", name="Scores", exact=True).click()
-        page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .bars").first.wait_for(timeout=300_000)
+        page.locator(HISTOGRAMS).first.wait_for(timeout=300_000)
         wait_idle(page, timeout_ms=300_000)
         t0 = time.perf_counter()
         page.get_by_role("link", name=link, exact=True).click()
@@ -236,10 +253,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-sliders", action="store_true", help="measure page openings and clicks only")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "dashboard")
+    ap.add_argument(
+        "--app",
+        type=Path,
+        default=ROOT,
+        help="the checkout whose app/main.py is served (default this one; another, e.g. main's, to compare)",
+    )
     args = ap.parse_args()
 
     import shutil
 
+    load0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     shutil.rmtree(args.out, ignore_errors=True)
     ws, cache_dir = build_workspace(args.out, args.pairs, args.eval_pairs, args.k_max)
     from chips_core.scoring.cache import ScoringCache
@@ -252,13 +276,22 @@ def main() -> None:
         rank_s.append(time.perf_counter() - t0)
 
     rows = [("rank() in-process, chips, k=k_max/2", "—", statistics.median(rank_s), max(rank_s))]
-    with streamlit_server(ws.root, args.out / "streamlit.log") as url, chromium_page() as page:
-        t0 = time.perf_counter()
+    server = streamlit_server(ws.root, args.out / "streamlit.log", root=args.app)
+    with server as url, chromium_page() as page:
+        page.add_init_script(_FIRST_LOAD_MARKS)
+        wall0, t0 = time.time(), time.perf_counter()
         page.goto(url)
-        page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .bars").first.wait_for(timeout=300_000)
+        page.locator(HISTOGRAMS).first.wait_for(timeout=300_000)
         wait_idle(page)
         first = time.perf_counter() - t0
-        rows.append(("first Scores load (cache load + rank + draw)", "idle", first, first))
+        # the marks count from the navigation's start (performance.timeOrigin, wall clock): from goto's here
+        origin = page.evaluate("performance.timeOrigin") / 1000 - wall0
+        marks = page.evaluate("window.__marks")
+        for stage in ("shell", "title", "shown"):
+            if stage in marks:
+                at = origin + marks[stage] / 1000
+                rows.append(("first Scores load", stage, at, at))
+        rows.append(("first Scores load", "idle", first, first))
         sliders = (
             ("α — how much confusions with other pairs count", "λ", "ArrowLeft"),
             ("λ — caution of the estimate (× the default)", "λ", "ArrowRight"),
@@ -285,7 +318,9 @@ def main() -> None:
         f"clicks, {min(args.repeats, 3)} openings per page; seconds"
     )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"machine: {os.cpu_count()} CPUs, load average {load} at the end (other work slows every figure)")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load0} at the start, {load} at the end (other work "
+          "slows every figure)")  # fmt: skip
+    print(f"app: {args.app}")
     print()
     print(f"| {'what':<44} | {'until':<8} | {'median':>7} | {'max':>7} |")
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 9}|{'-' * 9}|")

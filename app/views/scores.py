@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
-from app import auth, context, jobs_view, widgets
+from app import auth, context, histograms, jobs_view, widgets
 from chips_core.curation import selection
 from chips_core.scoring import params as sp
 from chips_core.scoring.diagnostics import stability_warning
@@ -220,42 +218,13 @@ with right:
         "score": "overall score (what the ranking sorts by)",
     }
     comps = {c: title for c, title in comps.items() if c in table.columns}  # older score runs: 4
-    n_rows = -(-len(comps) // 2)
-    fig = make_subplots(
-        rows=n_rows,
-        cols=2,
-        subplot_titles=list(comps.values()),
-        horizontal_spacing=0.1,
-        vertical_spacing=0.14,
-    )
+    # inline SVG, not plotly: a browser's first plotly chart costs about a second (app/histograms.py)
     hists = selection.histograms(result.frame, list(comps))
-    for i, comp in enumerate(comps):
-        h = hists[comp]
-        for counts, name, color in (
-            (h.selected, "selected", "#2e7d32"),
-            (h.not_selected, "not selected", "#b0bec5"),
-        ):
-            fig.add_trace(
-                go.Bar(
-                    x=h.centers, y=counts, name=name, marker_color=color, showlegend=i == 0, legendgroup=name
-                ),
-                row=i // 2 + 1,
-                col=i % 2 + 1,
-            )
-        fig.update_xaxes(title_text=comp, row=i // 2 + 1, col=i % 2 + 1)
-        fig.update_yaxes(title_text="pairs", row=i // 2 + 1, col=i % 2 + 1)
-    fig.update_layout(
-        barmode="stack",
-        bargap=0,
-        height=260 * n_rows,
-        margin=dict(l=10, r=10, t=30, b=60),
-        legend=dict(orientation="h", y=-0.2),  # below the bottom axis titles
-    )
-    st.plotly_chart(fig, key="score_hist")
+    st.markdown(histograms.histograms_html(hists, comps), unsafe_allow_html=True)
 
 st.subheader("Ranking")
-pairs = context.pool_pairs(ctx)
-top = table.head(200).join(pairs[["caption"]], on="pair_id")
+top = table.head(200)
+top = top.join(context.pairs_of(ctx, top["pair_id"].tolist())[["caption"]], on="pair_id")
 decisions = widgets.decisions(ctx)
 top["decision"] = top["pair_id"].map(decisions["state"]) if len(decisions) else None
 top["pair_id"] = top["pair_id"].astype(str)  # int64 ids exceed JavaScript's exact integers

@@ -150,7 +150,8 @@ def prepare_workspace(
 ) -> int:
     """The scoring cache of (pool, eval set, config) in ws/caches/<id>: reused when finished, resumed when
     interrupted, else built with `chips_core.scoring.prepare.prepare` (or on Ray when `engine` gives its
-    keyword arguments: address, num_gpus_per_worker); returns its cache_id (`scoring_caches`).
+    keyword arguments: address, num_gpus_per_worker), with the default ranking's solves stored in it
+    (`ranking.store_rankings`); returns its cache_id (`scoring_caches`).
 
     k_max is capped to the rank the pool's curvature can have (`curvature.rank_bound`); `notice` gets a
     line saying so, and one naming the feature runs used (`feature_runs_for`: `model_id` or `model`)."""
@@ -158,6 +159,7 @@ def prepare_workspace(
 
     from chips_core.features.featurize import FeatureStore
     from chips_core.scoring.curvature import rank_bound
+    from chips_core.scoring.ranking import store_rankings
 
     pool_run, eval_run = feature_runs_for(ws, pool, eval_name, model_id, model, notice)
     pool_src = FeatureStore(ws, pool_run)
@@ -189,7 +191,8 @@ def prepare_workspace(
         from chips_core.engines.ray_prepare import prepare_ray
 
         prepare = functools.partial(prepare_ray, **engine)
-    prepare(pool_src, FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress)
+    cache = prepare(pool_src, FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress)
+    store_rankings(cache)  # the default ranking's solves: a first dashboard page reads them, no solve
     catalog.finish_scoring_cache(ws, cache_id)
     return cache_id
 

@@ -2,7 +2,9 @@
 
 rank solves a k×k system (Cholesky), multiplies the memory-mapped fp16 sketch prefix by the solution,
 applies the weights and sorts: milliseconds per 10⁵ pairs. Scaling of the stored unscaled sketch at a
-prefix of k rows: vectors /√k, matrices /k (METHOD.md §5).
+prefix of k rows: vectors /√k, matrices /k (METHOD.md §5). With `stored=True` the solve's result is read
+from the cache folder when an earlier call stored it (stored.py): then no torch or scipy.linalg is imported
+(torch and the k×k solvers are imported where they are used, not with this module).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
+from chips_core.scoring import stored as stored_alignments
 from chips_core.scoring.cache import PrepareError, ScoringCache
-from chips_core.scoring.curvature import combine, effective_dimension, eigenvalues, lambda_star, newton_solve
 from chips_core.scoring.params import DAMPING_SCALE, GUARDS, METHODS, RankParams
 from chips_core.scoring.weights import agreement, combine_agreement, learnability, percentile, relevance
 
@@ -34,6 +35,7 @@ __all__ = [
     "row_norms",
     "selection_change",
     "sketched_system",
+    "store_rankings",
 ]
 
 STABILITY_ROWS = 100_000
@@ -41,6 +43,8 @@ STABILITY_ROWS = 100_000
 
 def project(cache: ScoringCache, x: np.ndarray, start: int = 0, max_rows: int | None = None) -> np.ndarray:
     """G[:, start:start+len(x)] @ x over the cache's unscaled stored sketch (float64), first max_rows rows."""
+    import torch
+
     k = len(x)
     cb = cache.meta["col_block"]
     out = []
@@ -68,6 +72,8 @@ def row_norms(cache: ScoringCache, k: int, start: int = 0) -> np.ndarray:
     """‖g̃‖ of every pair over sketch rows [start, start+k), scaled by 1/√k (kept in cache.memo)."""
     key = ("norms", k, start)
     if key not in cache.memo:
+        import torch
+
         cb = cache.meta["col_block"]
         out = []
         for G, sc in zip(cache.G, cache.scales, strict=True):
@@ -85,6 +91,8 @@ def sketched_system(
     cache: ScoringCache, k: int, alpha: float, start: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(C̃(α), ũ, eigenvalues of C̃) at sketch rows [start, start+k) of the cache, scaled."""
+    from chips_core.scoring.curvature import combine, eigenvalues
+
     sl = slice(start, start + k)
     C = combine(cache.phi_pos[sl, sl], cache.phi_neg[sl, sl], alpha) / k
     key = (k, float(alpha), start)
@@ -120,6 +128,8 @@ def default_lambda(eigs: np.ndarray, k: int, damping: str, scale: float = DAMPIN
     (METHOD.md §9: λ* fell 15× from k = 256 to 1024 on the demo and lifted mismatches with it).
     'dimension': λ* with d(λ*) = k/4 (METHOD.md §4, the paper preset): a fidelity choice.
     """
+    from chips_core.scoring.curvature import lambda_star
+
     if damping == "trace":
         return float(scale) * float(np.sum(np.clip(eigs, 0, None)))
     if damping == "dimension":
@@ -139,6 +149,8 @@ def _newton_system(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(C̃(α), scaled ũ, info with the λ used): the system Â solves; λ = the damping rule's λ unless
     given. normalize: ũ is scaled to unit norm (LESS-style cosine; the ranking is unchanged by it)."""
+    from chips_core.scoring.curvature import effective_dimension, lambda_star
+
     C, u, eigs = sketched_system(cache, k, alpha, start)
     lam_s = lambda_star(eigs, k / 4)
     lam_base = default_lambda(eigs, k, damping)
@@ -170,6 +182,8 @@ def _newton_alignment(
     normalize: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Â = g̃·M̃⁻¹ũ for every pair (the first max_rows); normalize divides each g̃ by its norm."""
+    from chips_core.scoring.curvature import newton_solve
+
     C, u, info = _newton_system(cache, k, alpha, lam, start, damping=damping, normalize=normalize)
     x = newton_solve(C, u, info["lam"])
     A = project(cache, x, start, max_rows) / math.sqrt(k)
@@ -211,6 +225,8 @@ def eval_contributions(
         )
     if top is not None and top < 1:
         raise ValueError(f"top must be at least 1 (or None for all), got {top}")
+    from chips_core.scoring.curvature import newton_solve
+
     params = RankParams() if params is None else params
     alpha, damping, normalize = _newton_settings(params)
     k = _check_k(cache, params.k)
@@ -388,12 +404,57 @@ def _check_blocks(cache: ScoringCache, params: RankParams) -> None:
         )
 
 
+def _solved_alignment(
+    cache: ScoringCache,
+    k: int,
+    alpha: float,
+    lam: float | None,
+    damping: str,
+    normalize: bool,
+    stability: bool,
+    stored: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """(Â, the solve's info) of rank's Newton methods, with the ranking stability when `stability`;
+    `stored`: read from / written to the cache folder (`stored.py`), keyed by exactly these settings."""
+    settings = {"solve": "newton", "k": k, "alpha": float(alpha), "lam": None if lam is None else float(lam),
+                "damping": damping, "normalize": bool(normalize)}  # fmt: skip
+    hit = stored_alignments.read(cache, settings) if stored else None
+    if hit is not None and (not stability or hit[1].get("stability_rows") is not None):
+        A, info = hit
+        if not stability:  # as computed without it
+            info = {key: v for key, v in info.items() if key not in ("stability", "stability_rows")}
+        return A, info
+    if hit is not None:  # stored without the stability: compute only that
+        A, info = hit
+    else:
+        A, info = _newton_alignment(cache, k, alpha, lam, damping=damping, normalize=normalize)
+    if stability:
+        stab, m = _stability(cache, A, k, alpha, info["lam"], damping, normalize)
+        info = {**info, "stability": stab, "stability_rows": m}
+    if stored:
+        stored_alignments.write(cache, settings, A, info)
+    return A, info
+
+
+def store_rankings(cache: ScoringCache, params: RankParams | None = None) -> list[RankResult]:
+    """Rank `params` (default: RankParams()) with its stability, and at α = 0 and 1 (the ends of its α
+    range, which the dashboard compares it with), storing each solve with the cache (`rank(...,
+    stored=True)`): a first dashboard page on this cache then reads them instead of solving. A prepare
+    calls it once the cache is finished."""
+    p = RankParams() if params is None else params
+    out = [rank(cache, p, stored=True)]
+    if p.method == "chips":
+        out += [rank(cache, p.replace(alpha=a), stability=False, stored=True) for a in (0.0, 1.0)]
+    return out
+
+
 def rank(
     cache: ScoringCache,
     params: RankParams | None = None,
     checkpoints: list[tuple[ScoringCache, float]] | None = None,
     *,
     stability: bool = True,
+    stored: bool = False,
 ) -> RankResult:
     """Rank every pair of the cache's pool by `params.method`; keep the top ceil(ratio·N) (`selected`).
 
@@ -412,6 +473,9 @@ def rank(
     `stability=False` skips it (a second solve and a Spearman over up to STABILITY_ROWS rows; info
     'stability' None) for a ranking only compared with others.
     `params` defaults to RankParams() (the default preset); RankParams validates every value.
+    `stored=True` (chips, trak): read the Newton solve's alignment from the cache folder when an earlier
+    call stored it, and store it when computed (`stored.py`): the same result, without the solve and the
+    projection (nor the torch import) when it is there.
     """
     p = RankParams() if params is None else params
     if not isinstance(p, RankParams):
@@ -434,11 +498,8 @@ def rank(
     }
     if method in ("chips", "trak"):
         a, damp, norm = _newton_settings(p)
-        A, sys_info = _newton_alignment(cache, k, a, p.lam, damping=damp, normalize=norm)
+        A, sys_info = _solved_alignment(cache, k, a, p.lam, damp, norm, stability, stored)
         info.update(sys_info, alpha=a, damping=damp, normalize=norm)
-        if stability:
-            stab, m = _stability(cache, A, k, a, sys_info["lam"], damp, norm)
-            info.update(stability=stab, stability_rows=m)
         return _finish(cache, A, info, p, weighted=method == "chips")
     if method == "random":
         A = np.random.default_rng(p.seed).random(cache.n)
@@ -478,6 +539,9 @@ def rank_exact(
     B·p floats). Reads pool features again (float64), runs no encoder. `endpoint`: the model's
     EndpointParams; `params.method` must be chips.
     """
+    import torch
+
+    from chips_core.scoring.curvature import effective_dimension, lambda_star
     from chips_core.scoring.endpoint import grads_from_state, mask_grads, parse_blocks
     from chips_core.scoring.exact import ExactSystem, exact_scores
     from chips_core.scoring.prepare import exact_batches

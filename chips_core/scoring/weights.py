@@ -6,17 +6,24 @@ CLIPScore) so that rank can change β or switch a weight off without touching fe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from scipy.special import expit
 
-from chips_core.scoring.endpoint import BatchState
 from chips_core.scoring.params import RankParams
+
+if TYPE_CHECKING:  # torch only where prepare computes the ingredients: rank's weights are numpy
+    import torch
+
+    from chips_core.scoring.endpoint import BatchState
 
 
 def pair_stats(st: BatchState) -> dict[str, torch.Tensor]:
     """Per pair of a batch: p_corr = ½(P_ii + Q_ii), one_minus_p = ½(Σ_{j≠i}P_ij + Σ_{a≠i}Q_ai) (stable),
     margin m = S_ii − max(max_{j≠i} S_ij, max_{j≠i} S_ji) in logit units, clipscore = cos(x_i, y_i)."""
+    import torch
+
     B = st.S.shape[0]
     eye = torch.eye(B, dtype=torch.bool, device=st.S.device)
     off = st.S.masked_fill(eye, float("-inf"))

@@ -70,19 +70,24 @@ def served(
 
 @contextlib.contextmanager
 def streamlit_server(
-    workspace: str | os.PathLike, log_path: Path, timeout_s: float = 120.0, secrets: Path | None = None
+    workspace: str | os.PathLike,
+    log_path: Path,
+    timeout_s: float = 120.0,
+    secrets: Path | None = None,
+    root: Path = ROOT,
 ) -> Iterator[str]:
     """Run the dashboard on `workspace`; yields its URL; stops the server (its process group) afterwards.
 
     `secrets`: the secrets.toml it reads (an [auth] section turns sign-in on); without one it reads none, so
-    a developer's own .streamlit/secrets.toml never changes what a test sees (single-user mode)."""
+    a developer's own .streamlit/secrets.toml never changes what a test sees (single-user mode). `root`: the
+    checkout whose app and chips_core run (this one unless a benchmark compares another)."""
     port = free_port()
-    env = {**os.environ, "CHIPS_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), f"--server.port={port}"]
+    env = {**os.environ, "CHIPS_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(root / "app" / "main.py"), f"--server.port={port}"]
     cmd += ["--server.headless", "true", "--server.fileWatcherType", "none"]
     cmd += ["--secrets.files", str(secrets or log_path.with_name("no-secrets.toml"))]
     url = f"http://127.0.0.1:{port}"
-    with served("streamlit", cmd, f"{url}/_stcore/health", log_path, timeout_s, cwd=ROOT, env=env):
+    with served("streamlit", cmd, f"{url}/_stcore/health", log_path, timeout_s, cwd=root, env=env):
         yield url
 
 

@@ -54,7 +54,7 @@ def test_open_slide_lasso_export(tmp_path: Path) -> None:
     with streamlit_server(ws.root, ARTIFACTS / "browser-streamlit.log") as url, chromium_page() as page:
         _open_scores(page, url)
         assert _metric(page, "Selected") == "15"
-        page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .bars").first.wait_for()
+        page.locator(".chips-histograms svg rect").first.wait_for()  # the score histograms (inline SVG)
         page.locator("[data-testid='stDataFrame'] canvas").first.wait_for()
         page.screenshot(path=str(ARTIFACTS / "scores.png"), full_page=True)
 

@@ -184,13 +184,16 @@ def reject_counts(db: Db, pool_id: int) -> dict[str, int]:
     return {str(k): int(v) for k, v in rows}
 
 
-def pairs_frame(db: Db, pool_id: int, ordered: bool = False, with_ids: bool = True) -> pd.DataFrame:
+def pairs_frame(
+    db: Db, pool_id: int, ordered: bool = False, with_ids: bool = True, pair_ids: list[int] | None = None
+) -> pd.DataFrame:
     """pair_id, filepath, caption, label of a pool's pairs (`ordered`: in ingest order; without
-    `with_ids`: no pair_id column)."""
+    `with_ids`: no pair_id column; `pair_ids`: only those pairs, e.g. the rows a page shows)."""
     cols = "pair_id, filepath, caption, label" if with_ids else "filepath, caption, label"
+    only = f" AND pair_id IN {in_list(pair_ids)}" if pair_ids is not None else ""
     order = " ORDER BY row_index" if ordered else ""
     with reading(db) as con:
-        return con.execute(f"SELECT {cols} FROM pairs WHERE pool_id = ?{order}", [int(pool_id)]).df()
+        return con.execute(f"SELECT {cols} FROM pairs WHERE pool_id = ?{only}{order}", [int(pool_id)]).df()
 
 
 def duplicate_pairs(con: Con, pool_id: int, pair_ids: pa.Table) -> list[tuple[int, int, str]]:
