@@ -16,7 +16,14 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from chips_core.scoring.params import BLOCKS, DEFAULT_BLOCKS, NEEDS_CHECKPOINTS, RankParams, parse_blocks
+from chips_core.scoring.params import (
+    BLOCKS,
+    DEFAULT_BLOCKS,
+    NEEDS_CHECKPOINTS,
+    RankParams,
+    default_k,
+    parse_blocks,
+)
 from chips_core.scoring.params import METHODS as SCORING_METHODS
 from chips_core.workspace import catalog, store
 
@@ -207,7 +214,7 @@ def scoring_context(ws: store.Workspace) -> ScoringContext:
     r = (hit if len(hit) else df).iloc[0]
     choices = k_choices(int(load_cache(str(r["dir"])).k_max))
     if st.session_state.get("k") not in choices:  # none yet, or a k this cache lacks (another cache, a URL)
-        st.session_state["k"] = default_k(choices)
+        st.session_state["k"] = default_k(choices[-1])
     return ScoringContext(
         ws.root.as_posix(),
         int(r["pool_id"]),
@@ -230,14 +237,9 @@ def _cache_blocks(config_json: str) -> str:
 
 
 def k_choices(k_max: int) -> list[int]:
-    """The sketch dimensions the Scores page offers: powers of two from 8 up to k_max, and k_max."""
-    choices = [k for k in (2**i for i in range(3, 20)) if k <= k_max]
-    return choices if k_max in choices else [*choices, k_max]
-
-
-def default_k(choices: list[int]) -> int:
-    """The largest k that still leaves [k, 2k) of the sketch for the stability check."""
-    return max([k for k in choices if 2 * k <= choices[-1]] or [choices[-1]])
+    """The sketch dimensions the Scores page offers: powers of two from 8 up to k_max, the library's default
+    k (`params.default_k`, whose ranking prepare stores with the cache) and k_max."""
+    return sorted({*(k for k in (2**i for i in range(3, 20)) if k <= k_max), default_k(k_max), k_max})
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the scoring cache…")

@@ -7,9 +7,7 @@ pages live in app/views/ and only call chips_core and render. The view's state l
 
 from __future__ import annotations
 
-import importlib
 import sys
-import threading
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -18,40 +16,13 @@ if str(_ROOT) not in sys.path:  # run from a checkout: use this checkout's chips
 
 import streamlit as st  # noqa: E402
 
-# what a re-ranking imports that takes seconds (torch, scipy): loaded in the background after a server's first
-# run, which needs none of it when the ranking on screen is stored with its scoring cache
-WARM_IMPORTS = ("torch", "scipy.linalg")
-
-
-def _import_all(modules: tuple[str, ...]) -> None:
-    """Import `modules` in order (the warm-up thread's work)."""
-    for module in modules:
-        importlib.import_module(module)
+from app.warmup import WarmImports  # noqa: E402
 
 
 @st.cache_resource(show_spinner=False)
-def _warm_up() -> dict[str, threading.Thread]:
-    """The server's warm-up thread, once started (one dict per server)."""
-    return {}
-
-
-def start_warm_imports() -> None:
-    """Import WARM_IMPORTS in a background thread, once per server, when a run has ended: the first page is
-    drawn without waiting for them, and a slider step a moment later finds them loaded."""
-    state = _warm_up()
-    if "thread" not in state:
-        thread = threading.Thread(target=_import_all, args=(WARM_IMPORTS,), name="warm-imports", daemon=True)
-        if state.setdefault("thread", thread) is thread:
-            thread.start()
-
-
-def wait_for_warm_imports() -> None:
-    """Wait for the warm-up thread if it has started, so that no page imports torch or scipy while that
-    thread is inside them (two threads importing one package's modules at once can see it half
-    initialised). A server's first run, which starts no thread, does not wait."""
-    thread = _warm_up().get("thread")
-    if thread is not None:
-        thread.join()
+def warm_imports() -> WarmImports:
+    """The server's background import of torch and scipy.linalg (app/warmup.py), one per server."""
+    return WarmImports()
 
 
 from app import auth, context, url_state  # noqa: E402
@@ -106,9 +77,12 @@ with st.sidebar:
     auth.sidebar(ws)
 
 url_state.write()  # the widgets' values as the browser sent them (a page's st.stop drops later writes)
-wait_for_warm_imports()
+warm = warm_imports()
+warm.run_started()
 try:
     st.navigation(pages).run()
-finally:  # values the page itself set (a default k, a closed detail view, ...)
-    url_state.write()
-    start_warm_imports()  # after the first run's page is drawn
+finally:
+    try:  # values the page itself set (a default k, a closed detail view, ...)
+        url_state.write()
+    finally:
+        warm.run_ended()  # the import starts once no run is active: after the first page is drawn

@@ -45,6 +45,7 @@ LABELS = {
     "random": "Random",
 }
 DEFAULT_ALPHA = sp.default_of(sp.RankParams, "alpha")
+DEFAULT_AGREEMENT = sp.default_of(sp.RankParams, "agreement")
 k_max = int(cache.k_max)
 k_choices = context.k_choices(k_max)  # scoring_context has checked the session's k against them
 
@@ -96,9 +97,10 @@ with left:
         disabled=st.session_state["method"] != "chips",
         help="How well each caption fits its image, compared with pairs just as close to the target set. "
         "0: rank by the expected help for the target set alone (the CHIPS paper). 1: by the agreement "
-        "alone. The recommended 0.75 leans on the agreement and keeps the expected help in: a pair must "
-        "have a caption that fits its image and be expected to help; after training on measured pools it "
-        "gave better models than 0.5 and kept wrong captions and off-target pairs out of the top "
+        f"alone. The recommended {DEFAULT_AGREEMENT:g} leans on the agreement and keeps the expected help "
+        "in: a pair must have a caption that fits its image and be expected to help; after training on "
+        "measured pools it gave better models than 0.5 and kept wrong captions and off-target pairs out of "
+        "the top "
         "(docs/SCORING.md).",
     )
     with st.expander("How a pair is compared with the target (for ML engineers)"):

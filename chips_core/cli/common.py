@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chips_core.errors import ChipsError
+from chips_core.scoring import params as sp
 from chips_core.workspace.store import Workspace
 
 
@@ -146,6 +147,6 @@ def add_agreement_flag(p: Any) -> None:
         default=None,
         help="γ in [0, 1], the weight of image–caption agreement: score = P(CHIPS score)^(1−γ)·agreement^γ, "
         "agreement = the pool percentile of CLIPScore minus its least-squares fit on the relevance cosines "
-        "(docs/SCORING.md); 0 ranks by the CHIPS score alone (default: the preset's, 0.5; the paper "
-        "preset's and chips-paper's 0; chips only)",
+        "(docs/SCORING.md); 0 ranks by the CHIPS score alone (default: the preset's, "
+        f"{sp.default_of(sp.RankParams, 'agreement'):g}; the paper preset's and chips-paper's 0; chips only)",
     )

@@ -260,7 +260,8 @@ def _add_score(p: argparse.ArgumentParser) -> None:
         "--preset",
         default="default",
         choices=list(sp.PRESETS),
-        help="default: projections only, unit-norm gradients, λ = 0.1·tr C̃, CLIPScore guard, agreement 0.75; "
+        help="default: projections only, unit-norm gradients, λ = 0.1·tr C̃, CLIPScore guard, agreement "
+        f"{sp.default_of(sp.RankParams, 'agreement'):g}; "
         "paper: the CHIPS paper's literal score (every block, raw gradients, d(λ*) = k/4, no guard, "
         "agreement 0)",
     )

@@ -192,8 +192,12 @@ def prepare_workspace(
 
         prepare = functools.partial(prepare_ray, **engine)
     cache = prepare(pool_src, FeatureStore(ws, eval_run), params, config, cache_dir, progress=progress)
-    store_rankings(cache)  # the default ranking's solves: a first dashboard page reads them, no solve
     catalog.finish_scoring_cache(ws, cache_id)
+    try:  # the default ranking's solves, so that a first dashboard page reads them: a speed-up, not a need
+        store_rankings(cache)
+    except Exception as e:  # noqa: BLE001 - the cache is finished and usable; rank() will say what fails
+        if notice is not None:
+            notice(f"scoring cache {cache_id} is ready, but storing its default ranking failed: {e}")
     return cache_id
 
 

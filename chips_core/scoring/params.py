@@ -52,6 +52,12 @@ PRESET_METHODS = {"chips-paper": ("chips", "paper"), "chips": ("chips", "default
 EXPERIMENT_METHODS = (*(m for m in METHODS if m != "chips" and m not in NEEDS_CHECKPOINTS), *PRESET_METHODS)
 
 
+def default_k(k_max: int) -> int:
+    """The default sketch prefix k of a cache with k_max stored rows: half of them, so that rows [k, 2k)
+    remain for the stability check (the CLI's, the library's and the dashboard's default alike)."""
+    return max(int(k_max) // 2, 1)
+
+
 def parse_blocks(blocks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Canonical tuple (in BLOCKS order) of a block list given as 'visual,text' or a sequence."""
     names = [b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip()]

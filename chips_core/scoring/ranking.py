@@ -18,7 +18,7 @@ import pandas as pd
 
 from chips_core.scoring import stored as stored_alignments
 from chips_core.scoring.cache import PrepareError, ScoringCache
-from chips_core.scoring.params import DAMPING_SCALE, GUARDS, METHODS, RankParams
+from chips_core.scoring.params import DAMPING_SCALE, GUARDS, METHODS, RankParams, default_k
 from chips_core.scoring.weights import agreement, combine_agreement, learnability, percentile, relevance
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class RankResult:
 
 
 def _check_k(cache: ScoringCache, k: int | None) -> int:
-    k = cache.k_max // 2 if k is None else int(k)
+    k = default_k(cache.k_max) if k is None else int(k)
     if not 1 <= k <= cache.k_max:
         raise ValueError(f"k must lie in [1, k_max={cache.k_max}], got {k}")
     return max(k, 1)

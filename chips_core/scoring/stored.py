@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,13 @@ def read(cache: ScoringCache, settings: Settings) -> tuple[np.ndarray, dict[str,
             ):
                 return None
             alignment = z["alignment"]
-    except (OSError, KeyError, ValueError):  # none, removed meanwhile, or unreadable: compute it
+    except (
+        OSError,
+        EOFError,
+        KeyError,
+        ValueError,
+        zipfile.BadZipFile,
+    ):  # none, gone, or damaged: compute it
         return None
     if alignment.shape != (cache.n,) or alignment.dtype != np.float64:
         return None

@@ -133,3 +133,13 @@ def test_a_histogram_counts_whole_pairs():
         "0.05 to 0.15: 1 selected, 0 not selected",
         "0.25 to 0.35: 0 selected, 1 not selected",
     ]
+
+
+def test_the_page_offers_and_defaults_to_the_library_default_k():
+    """The k the Scores page starts at is the one `rank` and `chips score` default to (half of k_max) and
+    whose solve prepare stores, also when k_max is not a power of two (prepare caps it to the pool's rank)."""
+    from app import context
+
+    assert context.k_choices(48) == [8, 16, 24, 32, 48]  # rank's default for k_max 48: 24
+    assert context.k_choices(1000) == [8, 16, 32, 64, 128, 256, 500, 512, 1000]
+    assert context.k_choices(64) == [8, 16, 32, 64]

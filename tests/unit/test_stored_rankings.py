@@ -178,3 +178,24 @@ def test_prepare_of_another_config_is_another_cache(tmp_path):
     assert stored.cache_identity(first) != stored.cache_identity(second)
     fresh = ScoringCache.load(second.root)
     _same(rank(fresh, RankParams(), stored=True), rank(second, RankParams()))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_record_is_solved_again(caches, tmp_path, damage):
+    """A record cut short (an interrupted copy of the cache) is not an error: the solve runs as if none were
+    stored, and the record is written again."""
+    a, _ = caches
+    copy = _fresh_copy(a, tmp_path)
+    for path in _records(copy):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    _same(rank(copy, stored=True), rank(a))
+    assert stored.read(copy, _default_settings(copy)) is not None  # written again, readable
+
+
+def _default_settings(cache) -> dict:
+    """The solve settings under which rank(stored=True) keeps the default ranking (as ranking.py keys it)."""
+    from chips_core.scoring.params import default_k
+
+    return {"solve": "newton", "k": default_k(cache.k_max), "alpha": 0.7, "lam": None, "damping": "trace",
+            "normalize": True}  # fmt: skip
