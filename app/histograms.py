@@ -83,11 +83,15 @@ def chart_svg(h: Histogram, title: str, x_title: str) -> str:
         f'<text transform="translate(12 {TOP + ph / 2}) rotate(-90)" text-anchor="middle">pairs</text>'
     )
     counts = ",".join(map(str, sel)) + ";" + ",".join(map(str, other))
+    summary = (  # what a screen reader says instead of the bars (their colours carry the selection)
+        f"{title}: histogram of {int(total.sum()):,} pairs, {int(sel.sum()):,} of them selected, "
+        f"{x_title} from {_fmt(lo)} to {_fmt(hi)}"
+    )
     return (
         f'<figure class="chips-hist" data-column="{html.escape(x_title)}" data-counts="{counts}" '
         'style="margin:0">'
         f'<figcaption style="text-align:center;font-size:0.9rem">{html.escape(title)}</figcaption>'
-        f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" role="img" aria-label="{html.escape(title)}" '
+        f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" role="img" aria-label="{html.escape(summary)}" '
         f'style="font-size:12px;fill:currentColor;display:block">{"".join(parts)}</svg></figure>'
     )
 

@@ -340,6 +340,10 @@ def test_score_histograms_say_what_they_show(tiny_workspace):
             other, hists[column].not_selected
         )
         assert sel.sum() == int(result.frame["selected"].sum())
+    labels = re.findall(r'role="img" aria-label="([^"]+)"', drawn)  # a screen reader's summary per chart
+    n, n_sel = len(result.frame), int(result.frame["selected"].sum())
+    assert all(f"histogram of {n:,} pairs, {n_sel:,} of them selected" in label for label in labels)
+    assert len(labels) == 5 and labels[0].startswith("expected help for the target set: ")
     assert drawn.count("<rect") == sum(
         int((h.selected > 0).sum() + (h.not_selected > 0).sum()) for h in hists.values()
     )  # one bar segment per non-empty (bin, selected or not)
