@@ -416,8 +416,7 @@ def _solved_alignment(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(Â, the solve's info) of rank's Newton methods, with the ranking stability when `stability`;
     `stored`: read from / written to the cache folder (`stored.py`), keyed by exactly these settings."""
-    settings = {"solve": "newton", "k": k, "alpha": float(alpha), "lam": None if lam is None else float(lam),
-                "damping": damping, "normalize": bool(normalize)}  # fmt: skip
+    settings = stored_alignments.newton_settings(k, alpha, lam, damping, normalize)
     hit = stored_alignments.read(cache, settings) if stored else None
     if hit is not None and (not stability or hit[1].get("stability_rows") is not None):
         A, info = hit

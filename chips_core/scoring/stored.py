@@ -39,6 +39,12 @@ FOLDER = "rankings"
 Settings = dict[str, Any]
 
 
+def newton_settings(k: int, alpha: float, lam: float | None, damping: str, normalize: bool) -> Settings:
+    """The key of a Newton solve's record: every setting its alignment depends on."""
+    return {"solve": "newton", "k": int(k), "alpha": float(alpha), "lam": None if lam is None else float(lam),
+            "damping": damping, "normalize": bool(normalize)}  # fmt: skip
+
+
 def cache_identity(cache: ScoringCache) -> str:
     """A hash of the cache's config.json and meta.json records (meta.json holds the time it finished, so a
     cache prepared again in the same folder has another identity)."""

@@ -15,7 +15,7 @@ import pytest
 
 from chips_core.scoring import stored
 from chips_core.scoring.cache import ScoringCache
-from chips_core.scoring.params import PrepareConfig, RankParams
+from chips_core.scoring.params import PrepareConfig, RankParams, default_k
 from chips_core.scoring.prepare import prepare
 from chips_core.scoring.ranking import rank, store_rankings
 from tests.unit.test_scoring import CFG, _features, _params
@@ -190,12 +190,5 @@ def test_a_damaged_record_is_solved_again(caches, tmp_path, damage):
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     _same(rank(copy, stored=True), rank(a))
-    assert stored.read(copy, _default_settings(copy)) is not None  # written again, readable
-
-
-def _default_settings(cache) -> dict:
-    """The solve settings under which rank(stored=True) keeps the default ranking (as ranking.py keys it)."""
-    from chips_core.scoring.params import default_k
-
-    return {"solve": "newton", "k": default_k(cache.k_max), "alpha": 0.7, "lam": None, "damping": "trace",
-            "normalize": True}  # fmt: skip
+    settings = stored.newton_settings(default_k(copy.k_max), 0.7, None, "trace", True)  # the default's solve
+    assert stored.read(copy, settings) is not None  # written again, readable
