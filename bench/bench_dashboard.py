@@ -7,6 +7,9 @@ Playwright. Times are seconds from the user's action:
   first Scores load – the server's first page, from opening the URL until: shell (Streamlit's own page is
                       mounted, before any of the script's output: the frontend's floor), title (the page's
                       heading), shown (the score histograms are drawn), idle (the run is done);
+  the floor         – the same first load of a server whose app only writes the title (a fresh server in the
+                      same run): what Streamlit itself takes on this machine before any of our code runs;
+  another session   – the Scores page opened again (a new session, as a reload or a second user makes);
   slider steps      – for each slider (α, λ, ratio) one arrow key, until: metrics (the dependent headline
                       metric shows its new value), charts (the score histograms hold new data), idle (the
                       script run has finished: the ranking table and everything else is drawn);
@@ -245,6 +248,21 @@ def include_clicks(page, repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def load_phases(page, url: str, what: str, done: str) -> list[tuple[str, str, float, float]]:
+    """Open `url` in `page` (a new session of the server); seconds from the navigation until each stage of
+    _FIRST_LOAD_MARKS and until the run is done (`done`: the element that is there when the page is drawn)."""
+    wall0, t0 = time.time(), time.perf_counter()
+    page.goto(url)
+    page.locator(done).first.wait_for(timeout=300_000)
+    wait_idle(page)
+    idle = time.perf_counter() - t0
+    # the marks count from the navigation's start (performance.timeOrigin, wall clock): from goto's here
+    origin = page.evaluate("performance.timeOrigin") / 1000 - wall0
+    marks = page.evaluate("window.__marks")
+    at = {stage: origin + marks[stage] / 1000 for stage in ("shell", "title", "shown") if stage in marks}
+    return [(what, stage, t, t) for stage, t in [*at.items(), ("idle", idle)]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=100_000)
@@ -276,22 +294,18 @@ def main() -> None:
         rank_s.append(time.perf_counter() - t0)
 
     rows = [("rank() in-process, chips, k=k_max/2", "—", statistics.median(rank_s), max(rank_s))]
+    floor = args.out / "floor"  # Streamlit's own floor: an app that only writes the page's title
+    (floor / "app").mkdir(parents=True)
+    (floor / "app" / "main.py").write_text('import streamlit as st\n\nst.title("Scores")\n')
+    with streamlit_server(ws.root, args.out / "floor.log", root=floor) as url, chromium_page() as page:
+        page.add_init_script(_FIRST_LOAD_MARKS)
+        rows += load_phases(page, url, "first load, a title-only app (the floor)", "h1")
+
     server = streamlit_server(ws.root, args.out / "streamlit.log", root=args.app)
     with server as url, chromium_page() as page:
         page.add_init_script(_FIRST_LOAD_MARKS)
-        wall0, t0 = time.time(), time.perf_counter()
-        page.goto(url)
-        page.locator(HISTOGRAMS).first.wait_for(timeout=300_000)
-        wait_idle(page)
-        first = time.perf_counter() - t0
-        # the marks count from the navigation's start (performance.timeOrigin, wall clock): from goto's here
-        origin = page.evaluate("performance.timeOrigin") / 1000 - wall0
-        marks = page.evaluate("window.__marks")
-        for stage in ("shell", "title", "shown"):
-            if stage in marks:
-                at = origin + marks[stage] / 1000
-                rows.append(("first Scores load", stage, at, at))
-        rows.append(("first Scores load", "idle", first, first))
+        rows += load_phases(page, url, "first Scores load", HISTOGRAMS)
+        rows += load_phases(page, url, "Scores load, another session", HISTOGRAMS)
         sliders = (
             ("α — how much confusions with other pairs count", "λ", "ArrowLeft"),
             ("λ — caution of the estimate (× the default)", "λ", "ArrowRight"),
