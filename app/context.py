@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from chips_core.curation.search import COMPONENTS
 from chips_core.scoring.params import (
     BLOCKS,
     DEFAULT_BLOCKS,
@@ -50,7 +51,18 @@ PERSISTENT_KEYS = (
     "map_space",
     "map_colour",
     "review_skip",
+    # the Browse page's search and filters (widgets.search_filters), pairs per page and gallery positions
+    "browse_text",
+    "browse_decision",
+    "browse_label",
+    "browse_planted",
+    *(f"browse_{end}_{comp}" for end in ("min", "max") for comp in COMPONENTS),
+    "browse_per_page",
+    "browse_top_start",
+    "browse_bottom_start",
 )
+PER_PAGE = (8, 12, 16, 24, 32)  # the Browse galleries' page sizes; 12 unless chosen
+PER_PAGE_DEFAULT = 12
 # the Scores page's choices: methods (TracIn needs checkpoint caches: CLI only), slider ranges, λ multiples
 METHODS = [m for m in SCORING_METHODS if m not in NEEDS_CHECKPOINTS]
 RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0), "ratio": (0.01, 1.0), "guard_mads": (1.0, 5.0),

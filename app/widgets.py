@@ -309,6 +309,8 @@ def search_filters(ctx: context.ScoringContext, columns: list[str]) -> dict[str,
                 help="The demo's pool has deliberate mistakes; 'none' marks the clean pairs.",
             )
             pair_ids = truth.index[truth.isin(planted)].tolist() if planted else None
+        else:  # no ground truth here: a planted filter from the URL or the demo does not apply
+            st.session_state.pop("browse_planted", None)
         comps = [c for c in COMPONENTS if c in columns]
         for comp, col in zip(comps, st.columns(len(comps)), strict=True):
             lo = col.number_input(f"{comp} ≥", value=None, format="%.4g", key=f"browse_min_{comp}")

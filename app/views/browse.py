@@ -25,11 +25,14 @@ if st.session_state.get("detail_pair") is not None:
     st.divider()
 
 filters = widgets.search_filters(ctx, list(table.columns))
-if st.session_state.get("browse_filters_seen") != repr(filters):  # new search: back to the first page
+seen = st.session_state.get("browse_filters_seen")
+if seen != repr(filters):  # a changed search: back to the first page (the first look keeps the URL's page)
     st.session_state["browse_filters_seen"] = repr(filters)
-    st.session_state["browse_top_start"] = st.session_state["browse_bottom_start"] = 1
+    if seen is not None:
+        st.session_state["browse_top_start"] = st.session_state["browse_bottom_start"] = 1
+st.session_state.setdefault("browse_per_page", context.PER_PAGE_DEFAULT)
 per_page = st.columns([1, 3])[0].select_slider(
-    "Pairs per page", options=[8, 12, 16, 24, 32], value=12, key="browse_per_page"
+    "Pairs per page", options=context.PER_PAGE, key="browse_per_page"
 )
 
 

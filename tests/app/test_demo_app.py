@@ -76,3 +76,11 @@ def test_no_arguments_builds_the_demo_in_a_job_then_opens_it(tmp_path, monkeypat
     assert 0 < len(shown) == min(n_mismatch, 12)
     assert (truth.loc[shown] == "mismatch").all()
     assert any(f"of {n_mismatch} matching" in c.value for c in top.caption)
+
+    assert at.query_params["browse_planted"] == "mismatch"  # in the URL (app/url_state.py): a reload keeps it
+    reloaded = AppTest.from_file(MAIN, default_timeout=900)
+    reloaded.query_params.update(dict(at.query_params))
+    reloaded.switch_page("views/browse.py").run()
+    assert not reloaded.exception, [e.value for e in reloaded.exception]
+    assert reloaded.multiselect(key="browse_planted").value == ["mismatch"]
+    assert any(f"of {n_mismatch} matching" in c.value for c in reloaded.caption)

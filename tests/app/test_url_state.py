@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from app import context, url_state
 from chips_core.curation import export, selection
 from chips_core.workspace import catalog, store
+from tests.app.test_browse_search import _pairs, _ranking, _shown
 from tests.app.workspace_build import POOL
 
 pytestmark = pytest.mark.app
@@ -79,6 +81,39 @@ def test_fields_round_trip_exactly():
         with pytest.raises(ValueError):
             url_state.parse(key, text)
     assert set(context.PERSISTENT_KEYS) <= set(url_state.FIELDS)
+
+
+def test_browse_fields_round_trip_and_refuse_hand_edited_values():
+    for key, value in {
+        "browse_text": "  Axial, CHEST & co ",
+        "browse_decision": ["none", "include"],
+        "browse_label": ["CT, chest", 'say "x"', "é"],  # free text: commas and quotes survive
+        "browse_planted": ["mismatch", "none"],
+        "browse_min_score": -0.1 + 0.2,
+        "browse_max_alignment": 1e-300,
+        "browse_per_page": 24,
+        "browse_top_start": 25,
+    }.items():
+        assert url_state.parse(key, url_state.to_text(key, value)) == value, key
+    for key, text in [
+        ("browse_decision", "include,maybe"),
+        ("browse_decision", "include,include"),
+        ("browse_decision", ""),
+        ("browse_label", "retina"),  # not JSON
+        ("browse_label", '{"a": 1}'),
+        ("browse_label", "[1, 2]"),
+        ("browse_label", '["a", "a"]'),
+        ("browse_planted", "mistake"),
+        ("browse_min_score", "nan"),
+        ("browse_max_relevance", "-inf"),
+        ("browse_min_agreement", "low"),
+        ("browse_per_page", "13"),
+        ("browse_per_page", "12.5"),
+        ("browse_top_start", "0"),
+        ("browse_bottom_start", "2.5"),
+    ]:
+        with pytest.raises(ValueError):
+            url_state.parse(key, text)
 
 
 def test_query_params_seed_the_scores_widgets_and_widgets_write_them(tiny_workspace):
@@ -182,3 +217,118 @@ def test_export_page_names_the_k_used_and_downloads_the_exported_bytes(tiny_work
         assert default.read_bytes() == data
     df = pd.read_csv(default.with_name("linked-v1.csv"))
     assert len(df) == 24
+
+
+def _browse_view(at: AppTest) -> dict:
+    """What the Browse page shows: its search and filter widgets, page size, positions and galleries."""
+    return {
+        "text": at.text_input(key="browse_text").value,
+        "decision": at.multiselect(key="browse_decision").value,
+        "label": at.multiselect(key="browse_label").value,
+        "min_score": at.number_input(key="browse_min_score").value,
+        "per_page": at.select_slider(key="browse_per_page").value,
+        "top_start": at.number_input(key="browse_top_start").value,
+        "bottom_start": at.number_input(key="browse_bottom_start").value,
+        "top": _shown(at, "Top ranked", "top"),
+        "bottom": _shown(at, "Bottom ranked", "bottom"),
+    }
+
+
+def _browse_params(at: AppTest) -> dict[str, str]:
+    """The URL's Browse parameters that app/url_state.py keeps (the tab binds itself)."""
+    return {k: v for k, v in at.query_params.items() if k.startswith("browse_") and k != "browse_tab"}
+
+
+def test_a_link_restores_the_browse_search_filters_and_pages(tiny_workspace):
+    default = _open(page="browse")
+    assert _browse_params(default) == {}  # an empty search, no filter and the first pages add nothing
+    pairs = _pairs(tiny_workspace)
+    ranking = _ranking(default, tiny_workspace)
+    text = ranking["pair_id"].map(pairs["caption"]).str.lower().str.contains("photograph")
+    labelled = ranking["pair_id"].map(pairs["label"]).isin(["retina", "other"])
+    low = float(ranking.loc[text & labelled, "score"].quantile(0.2))
+    match = ranking[text & labelled & (ranking["score"] >= low)]["pair_id"].tolist()
+    assert 12 < len(match) < text.sum()  # the filters narrow the search, and it spans pages
+    link = {
+        "browse_text": "Photograph",
+        "browse_label": json.dumps(["retina", "other"]),
+        "browse_decision": "none",  # nothing is decided yet: every pair
+        "browse_min_score": repr(low),
+        "browse_per_page": "8",
+        "browse_top_start": "3",
+        "browse_bottom_start": "9",
+    }
+    at = _open(link, page="browse")
+    assert (
+        _browse_view(at)
+        == {
+            "text": "Photograph",
+            "decision": ["none"],
+            "label": ["retina", "other"],
+            "min_score": low,
+            "per_page": 8,
+            "top_start": 3,
+            "bottom_start": 9,
+            "top": match[2:10],  # the third to tenth best of the matches: the page the link was on
+            "bottom": match[::-1][8:16],
+        }
+    )
+    assert any(f"Showing 3–10 of {len(match)} matching pairs." == c.value for c in at.caption)
+    assert _browse_params(at) == link  # the first look at the filters keeps the link's pages
+
+    at.switch_page("views/scores.py").run()  # the search and pages survive a visit to another page
+    _ok(at)
+    assert _browse_params(at) == link
+    at.switch_page("views/browse.py").run()
+    _ok(at)
+    assert _browse_view(at)["top"] == match[2:10]
+
+
+def test_browse_changes_go_into_the_url_and_a_reload_shows_them(tiny_workspace):
+    at = _open(page="browse")
+    at.text_input(key="browse_text").input("fundus photograph").run()
+    at.number_input(key="browse_top_start").set_value(4).run()
+    at.multiselect(key="browse_label").set_value(["retina"]).run()  # a new filter: back to the first page
+    _ok(at)
+    assert _browse_params(at) == {"browse_text": "fundus photograph", "browse_label": '["retina"]'}
+    at.multiselect(key="browse_decision").set_value(["none", "exclude"]).run()
+    at.number_input(key="browse_max_learnability").set_value(0.25).run()
+    at.select_slider(key="browse_per_page").set_value(16).run()
+    at.number_input(key="browse_top_start").set_value(2).run()
+    at.number_input(key="browse_bottom_start").set_value(5).run()
+    _ok(at)
+    assert _browse_params(at) == {
+        "browse_text": "fundus photograph",
+        "browse_label": '["retina"]',
+        "browse_decision": "none,exclude",
+        "browse_max_learnability": "0.25",
+        "browse_per_page": "16",
+        "browse_top_start": "2",
+        "browse_bottom_start": "5",
+    }
+    reloaded = _open(dict(at.query_params), page="browse")  # a reload: a new session from the same URL
+    assert _browse_view(reloaded) == _browse_view(at)
+    assert reloaded.query_params == at.query_params
+
+    at.text_input(key="browse_text").input("").run()  # cleared: out of the URL, and back to the first pages
+    _ok(at)
+    assert "browse_text" not in at.query_params and "browse_top_start" not in at.query_params
+    assert at.query_params["browse_label"] == '["retina"]'
+
+
+def test_hand_edited_browse_values_are_ignored(tiny_workspace):
+    bad = {
+        "browse_decision": "maybe",
+        "browse_label": '["no such label"]',  # valid JSON, but not a label of this pool
+        "browse_planted": "mismatch",  # a demo filter: this pool has no ground truth
+        "browse_min_score": "nan",
+        "browse_max_alignment": "abc",
+        "browse_per_page": "13",
+        "browse_top_start": "0",
+        "browse_bottom_start": "-3",
+    }
+    at = _open(bad, page="browse")
+    default = _open(page="browse")
+    assert _browse_view(at) == _browse_view(default)
+    assert _view(at) == _view(default)
+    assert _browse_params(at) == {}  # the URL now shows the valid view

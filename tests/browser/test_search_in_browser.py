@@ -1,5 +1,5 @@
 """The Browse page's caption search and decision filter in the real dashboard (`streamlit run`, headless
-Debian Chromium): the grid shows only the matching pairs."""
+Debian Chromium): the grid shows only the matching pairs, and a reload keeps the search and the filter."""
 
 from __future__ import annotations
 
@@ -84,5 +84,14 @@ def test_search_a_caption_and_filter_on_the_decision(tmp_path: Path) -> None:
         page.keyboard.press("Escape")
         assert _wait_grid(page, "top", 1) == [shown[0]]
         page.screenshot(path=str(ARTIFACTS / "browse-search.png"), full_page=True)
+
+        page.wait_for_function(  # the search and the filter are in the URL (app/url_state.py) ...
+            "() => { const q = new URLSearchParams(location.search);"
+            " return q.get('browse_text') === 'Axial CHEST' && q.get('browse_decision') === 'exclude'; }"
+        )
+        page.reload()  # ... so a reload shows the same pairs
+        page.locator("h1").filter(has_text="Browse").first.wait_for()
+        assert _wait_grid(page, "top", 1) == [shown[0]]
+        assert page.locator(".st-key-browse_text input").input_value() == "Axial CHEST"
     dec = selection.current_decisions(ws, POOL).set_index("pair_id")
     assert dec.loc[shown[0], "state"] == "exclude"
