@@ -37,8 +37,11 @@ def _manifest(folder: Path, n: int, seed: int, mismatched: int = 0) -> Path:
     return path
 
 
-def build_tiny_workspace(root: Path, n_pool: int = 48, n_eval: int = 16, k_max: int = 64) -> store.Workspace:
-    """Build the workspace under root/ws (sources under root/src); returns it."""
+def build_tiny_workspace(
+    root: Path, n_pool: int = 48, n_eval: int = 16, k_max: int = 64, batch_size: int = 16
+) -> store.Workspace:
+    """Build the workspace under root/ws (sources under root/src); returns it. batch_size: prepare's
+    contrastive batch (a larger one gives the untrained model smaller matching probabilities P_ii)."""
     root = Path(root)
     shutil.rmtree(root / "ws", ignore_errors=True)
     ws = store.Workspace.init(root / "ws")
@@ -46,6 +49,7 @@ def build_tiny_workspace(root: Path, n_pool: int = 48, n_eval: int = 16, k_max: 
     ingest.ingest(ws, EVAL, _manifest(root / "src" / "eval", n_eval, seed=1), kind="eval", label_col="label")
     loaded = models.load_model(MODEL, device="cpu")
     runs = {name: features.featurize(ws, name, loaded, device="cpu", batch_size=64) for name in (POOL, EVAL)}
-    prepare_workspace(ws, POOL, EVAL, PrepareConfig(k_max=k_max, batch_size=16, curvature_pairs=n_pool))
+    config = PrepareConfig(k_max=k_max, batch_size=batch_size, curvature_pairs=n_pool)
+    prepare_workspace(ws, POOL, EVAL, config)
     maps.get_map(ws, runs[POOL], features.FeatureStore(ws, runs[POOL]))
     return ws

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+from pathlib import Path
 
 import pytest
 import skimage.data
@@ -305,3 +306,34 @@ def test_a_train_job_reports_progress_while_running_and_cancels_as_cancelled(tmp
     assert cpt.status(ws, run_id) == "cancelled"
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
+
+
+def test_a_train_job_row_moves_between_0_and_1_while_training_then_ends_at_1(tmp_path: Path) -> None:
+    """Issue 12 ("the jobs table stayed at 0% while the log was at epoch 5"): while a `chips train` job's
+    open_clip_train runs, its job row holds a fraction strictly between 0 and 1 that grows, equal to the
+    steps its message names over the run's total (64 pairs / batch 4 × 3 epochs); then done at 1."""
+    import re
+    import time
+
+    from chips_core.workspace import jobs
+
+    ws = Workspace.init(tmp_path / "ws")
+    train_csv = _make_csv(tmp_path, 64)
+    epochs, total = 3, 64 // 4 * 3
+    argv = ["train", str(ws.root), "--csv", str(train_csv), "--model", MODEL, "--epochs", str(epochs)]
+    job_id = jobs.launch(ws, "train", [*argv, "--batch-size", "4", "--workers", "0", "--lr", "1e-4"])
+    seen: list[tuple[float, str]] = []  # (progress, message) of the job row while the job was active
+    deadline = time.monotonic() + 300
+    while (info := jobs.job_status(ws, job_id)).active and time.monotonic() < deadline:
+        if info.progress is not None:
+            seen.append((info.progress, info.message))
+        time.sleep(0.1)
+    assert info.status == "done" and info.progress == 1.0, jobs.read_log(ws, job_id)
+    running = [(p, m) for p, m in seen if 0 < p < 1]
+    assert len({p for p, _ in running}) >= 2, seen  # it moved while the job ran, not only at its end
+    assert [p for p, _ in running] == sorted(p for p, _ in running)
+    for fraction, message in running:
+        done, of = map(int, re.fullmatch(r"cpt: (\d+)/(\d+)", message).groups())
+        assert of == total and fraction == pytest.approx(done / total)
+    [run_id] = {int(r) for r in re.findall(r"CPT run (\d+) finished", jobs.read_log(ws, job_id))}
+    assert cpt.status(ws, run_id) == "finished"
