@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app.details import WHY
 from chips_core.curation import gallery, selection
 from chips_core.scoring.cache import ScoringCache
 from chips_core.scoring.params import RankParams
@@ -127,8 +128,9 @@ def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     why.click().run()
     _ok(at)
     assert any(f"Pair {pid}" in s.value for s in at.subheader)
-    comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
+    comps = _components(at)
     assert list(comps.index) == ["alignment", "learnability", "relevance", "agreement", "score"]
+    assert comps["meaning"].to_dict() == WHY  # each meaning whole, in a table whose text wraps
     # plain words in the table; the formulas only in the engineers' expander
     assert not any(sym in text for text in comps["meaning"] for sym in ("Â", "w_L", "σ", "Φ", "M⁻¹"))
     formulas = next(e for e in at.expander if e.label == "For ML engineers: the formulas")
@@ -137,13 +139,18 @@ def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     at.session_state["lam_factor"] = 100.0  # the Scores page's λ reaches the detail view's solve
     at.run()
     _ok(at)
-    comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
+    comps = _components(at)
     _check_eval_contributions(at, tiny_workspace, pid, float(comps.loc["alignment", "value"]))
     at.text_area(key=f"note-{pid}").input("caption names the wrong eye")
     at.button(key="FormSubmitter:detail_note-Save note").click().run()
     _ok(at)
     dec = selection.current_decisions(store.Workspace(tiny_workspace), POOL).set_index("pair_id")
     assert dec.loc[pid, "note"] == "caption names the wrong eye"
+
+
+def _components(at: AppTest) -> pd.DataFrame:
+    """The detail view's table of a pair's components and their meaning."""
+    return next(t.value for t in at.table if "meaning" in t.value.columns)
 
 
 def _check_eval_contributions(at: AppTest, ws_root: Path, pid: int, alignment: float) -> None:
@@ -359,8 +366,17 @@ def test_scores_controls_speak_plain_words(tiny_workspace):
     for w in controls:
         text = f"{w.label} {w.help or ''}"
         assert not any(sym in text for sym in formula), text
+    for w in [*at.slider, *at.select_slider]:
+        assert w.help, w.label  # every slider says what it does
     ml = next(e for e in at.expander if "for ML engineers" in e.label)
     assert any("M = (1 − α)Φ_pos + αΦ_neg + λI" in m.value for m in ml.markdown)
+    # the figures: plain words in the tiles; λ and d(λ)/k only in the expander
+    in_ml = {m.label for m in ml.metric}
+    assert {"λ", "d(λ)/k"} <= in_ml
+    tiles = [m for m in at.metric if m.label not in in_ml]
+    assert [m.label for m in tiles] == ["Selected", "Expected to help", "Ranking stability"]
+    for m in tiles:
+        assert m.help and not any(j in f"{m.label} {m.help}" for j in JARGON + FORMULA), m.label
     method = next(w for w in at.selectbox if w.label == "Method")
     assert "recommended" in method.help and "prefer it when you only want clean captions" in method.help
 
@@ -368,6 +384,7 @@ def test_scores_controls_speak_plain_words(tiny_workspace):
 # ML jargon and formula symbols that belong only in the "For ML engineers" expanders
 JARGON = ("λ", "Φ", "Â", "w_L", "w_R", "M̃", "JL", "sketch", "logit_scale", "UMAP", "InfoNCE", "k_max")
 JARGON += ("AdamW",)
+FORMULA = ("Â", "M̃", "λ*", "g̃", "d(λ", "Spearman")  # and formula pieces
 WIDGETS = ("button", "checkbox", "multiselect", "number_input", "radio", "select_slider", "selectbox")
 WIDGETS += ("slider", "text_area", "text_input", "toggle")
 
@@ -391,6 +408,38 @@ def _plain_outside_ml(at: AppTest) -> list[str]:
 def _ml_text(at: AppTest, label: str) -> str:
     e = next(e for e in at.expander if e.label == f"For ML engineers: {label}")
     return " ".join(m.value for m in e.markdown) + " " + " ".join(_words(e))
+
+
+def _shown_outside_ml(at: AppTest) -> list[str]:
+    """Every text the page shows outside the ML engineers' expanders: widgets, captions, markdown, metric
+    tiles and table cells."""
+
+    def shown(node) -> list[str]:
+        out = _words(node) + [m.value for m in node.get("markdown")]
+        out += [f"{m.label} {m.proto.help}" for m in node.get("metric")]
+        return out + [str(v) for t in node.get("table") for v in t.value.to_numpy().ravel()]
+
+    ml = {t for e in at.expander if "For ML engineers" in e.label for t in shown(e)}
+    return [t for t in shown(at.main) if t not in ml]
+
+
+def test_browse_and_detail_view_speak_plain_words(tiny_workspace):
+    """The Browse page's cards name the components in plain short words, and the detail view shows no
+    formula outside its engineers' expander (where the per-eval-pair split's formula is)."""
+    import re
+
+    at = _app("browse")
+    cards = [c.value for c in at.caption if c.value.startswith("helps ")]
+    assert cards and all(" · learnable " in c and " · fits " in c for c in cards)
+    for text in _shown_outside_ml(at):
+        assert not re.search(r"\b(align|learn|relev|agree)\b", text), text  # no cut-off names
+    why = next(b for b in at.button if b.key and b.key.startswith("top-why-"))
+    why.click().run()
+    _ok(at)
+    for text in _shown_outside_ml(at):
+        assert not any(f in text for f in FORMULA + JARGON), text
+    assert any("of its expected help)" in m.value for m in at.markdown)  # an eval pair's share, in words
+    assert "Â = g̃·M̃⁻¹ũ" in _ml_text(at, "the formulas")
 
 
 def test_workspace_page_speaks_plain_words(tiny_workspace):
