@@ -14,12 +14,12 @@ from chips_core.team import audit, roles
 from chips_core.workspace import catalog, store
 
 COMPONENTS = ("alignment", "learnability", "relevance", "agreement", "score")
-CARD_WORDS = {  # each component in plain short words, for a card's one line
-    "alignment": "helps",
-    "learnability": "learnable",
-    "relevance": "on target",
-    "agreement": "fits",
-    "score": "score",
+SCORE_WORDS = {  # each component in plain words: (short, for a card's one line; long, for a pair shown alone)
+    "alignment": ("helps", "expected help for the target set"),
+    "learnability": ("learnable", "how much the model can still learn"),
+    "relevance": ("on target", "closeness to the target domain"),
+    "agreement": ("fits", "how well the caption fits the image"),
+    "score": ("score", "overall score"),
 }
 
 
@@ -223,9 +223,11 @@ def pair_card(
     key: str,
     planted: str = "",
     refused: str | None = None,
+    full: bool = False,
 ) -> None:
     """One pair: thumbnail, caption, rank, components, its decision and buttons to change it (`refused`:
-    why the user's role may not decide, as their help; see `decision_refusal`).
+    why the user's role may not decide, as their help; see `decision_refusal`). `full`: a pair shown alone,
+    with its whole caption and each component on a line of its own, in plain words.
 
     A fragment: a decision reruns this card only, which shows it at once; the rest of the page (counts,
     other views of the pair) catches up on the next full run."""
@@ -243,8 +245,13 @@ def pair_card(
         badge += " :violet-badge[held out: image and caption disagree]"
     if planted and planted != "none":  # the demo's ground truth, to see whether the ranking catches it
         badge += f" :orange-badge[planted: {planted}]"
-    st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
-    st.caption(" · ".join(f"{CARD_WORDS[c]} {_fmt(row[c])}" for c in COMPONENTS if c in row.index))
+    caption = meta["caption"] if full else meta["caption"][:160]
+    st.markdown(f"**#{int(row['rank'])}**{badge}  \n{caption}")
+    shown = [c for c in COMPONENTS if c in row.index]
+    if full:
+        st.markdown("\n".join(f"- {SCORE_WORDS[c][1]}: **{_fmt(row[c])}**" for c in shown))
+    else:
+        st.caption(" · ".join(f"{SCORE_WORDS[c][0]} {_fmt(row[c])}" for c in shown))
     b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
     b1.button(
         "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
@@ -265,9 +272,12 @@ def pair_card(
         st.rerun()  # the whole page: the detail view opens above the galleries
 
 
-def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4) -> None:
+def gallery_grid(
+    ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4, full: bool = False
+) -> None:
     """A grid of pair cards (rows: ranking rows with pair_id, rank and components; search results also
-    carry filepath, caption and state, so the pool's table and decisions are not read for them)."""
+    carry filepath, caption and state, so the pool's table and decisions are not read for them); `full`:
+    whole captions and components in plain words, for a pair shown alone (`pair_card`)."""
     st.session_state.pop("decided_now", None)  # a full run: the states below are read from the workspace
     if {"filepath", "caption", "state"} <= set(rows.columns):
         pairs = rows.set_index("pair_id", drop=False)[["filepath", "caption"]]
@@ -284,7 +294,7 @@ def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_co
         for col, (_, row) in zip(cols, rows.iloc[start : start + n_cols].iterrows(), strict=False):
             with col, st.container(border=True):
                 pid = int(row["pair_id"])
-                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""), refused)
+                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""), refused, full)
 
 
 DECISION_LABELS = {"include": "Included", "exclude": "Excluded", "none": "No decision"}

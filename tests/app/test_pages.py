@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from streamlit.proto.PlotlyChart_pb2 import PlotlyChart
 from streamlit.testing.v1 import AppTest
 
 from app.details import WHY
@@ -191,19 +192,76 @@ def test_map_draws_webgl_points_for_every_pair(tiny_workspace):
     spec = json.loads(chart.proto.spec)
     trace = spec["data"][0]
     assert trace["type"] == "scattergl" and len(trace["customdata"]) == 48
-    # a hover names the pair: its rank and its caption (read back from the workspace's pairs table)
-    with store.Workspace(tiny_workspace).connect(read_only=True) as con:
-        captions = dict(con.execute("SELECT pair_id, caption FROM pairs").fetchall())
+    modes = {PlotlyChart.SelectionMode.Name(m) for m in chart.proto.selection_mode}
+    assert modes == {"POINTS", "BOX", "LASSO"}  # a click, a box and a lasso all pick pairs
+    # a hover names the pair: its rank and its caption (read back from the workspace's pairs table), and
+    # says that a click shows its image
+    captions = _captions(tiny_workspace)
     for pid, text in list(zip(trace["customdata"], trace["text"], strict=True))[:5]:
-        rank_part, caption_part = text.split("<br>")
+        rank_part, caption_part, hint = text.split("<br>")
         caption = captions[int(pid)]
         want = caption if len(caption) <= 80 else caption[:79] + "…"
         assert rank_part.startswith("rank ") and caption_part == html.escape(want)
+        assert hint == "<i>click to see its image</i>"
+    assert "click a point to see its pair" in at.info[0].value
     at.selectbox(key="map_colour").set_value("decision").run()
     _ok(at)
     at.radio(key="map_space").set_value("text").run()
     _ok(at)
     assert at.info and "Nothing selected" in at.info[0].value
+
+
+def _captions(ws_root: Path) -> dict[int, str]:
+    with store.Workspace(ws_root).connect(read_only=True) as con:
+        return dict(con.execute("SELECT pair_id, caption FROM pairs").fetchall())
+
+
+def _pick(at: AppTest, points: list[int]) -> None:
+    """Pick map dots as a click (one) or a lasso (several) does: set the chart's selection state."""
+    import json
+
+    trace = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    at.session_state["map_chart"] = {
+        "selection": {
+            "points": [
+                {"curve_number": 0, "point_number": i, "point_index": i, "customdata": trace["customdata"][i]}
+                for i in points
+            ],
+            "point_indices": points,
+            "box": [],
+            "lasso": [],
+        }
+    }
+    at.run()
+    _ok(at)
+
+
+def test_a_click_on_the_map_shows_that_pair_in_full(tiny_workspace):
+    """One dot picked: its card, large, with the thumbnail, the whole caption and the scores in plain words,
+    as the library ranks the pair; several picked: the bulk decisions and a grid."""
+    import json
+
+    from chips_core.scoring.ranking import rank
+
+    at = _app("map")
+    ids = [int(p) for p in json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["customdata"]]
+    captions = _captions(tiny_workspace)
+    i = max(range(len(ids)), key=lambda j: len(captions[ids[j]]))  # the longest caption
+    pid = ids[i]
+    _pick(at, [i])
+    assert [s.value for s in at.subheader] == ["The pair you picked"]
+    assert not any(b.key in ("map_inc", "map_exc", "map_clr") for b in at.button)
+    assert at.button(key=f"map-inc-{pid}") and at.button(key=f"map-exc-{pid}")  # the card's own buttons
+    assert at.get("image") and gallery.thumbnail_path(store.Workspace(tiny_workspace), pid, 160).exists()
+    card = " ".join(m.value for m in at.markdown)
+    assert captions[pid] in card
+    row = rank(_only_cache(tiny_workspace), RankParams(k=at.session_state["k"])).frame.set_index("pair_id")
+    for column, words in [("alignment", "expected help for the target set"), ("score", "overall score")]:
+        assert f"- {words}: **{row.loc[pid, column]:.3g}**" in card
+
+    _pick(at, [i, (i + 1) % len(ids)])  # a lasso around two dots
+    assert [s.value for s in at.subheader] == ["2 selected pairs"]
+    assert at.button(key="map_inc").label == "Include all 2"
 
 
 def test_map_draws_a_fixed_sample_with_every_decided_pair(tiny_workspace, monkeypatch):
