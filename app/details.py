@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from app import context, image_view, widgets
 from chips_core.curation import gallery, selection
@@ -58,18 +59,21 @@ def pair_detail(ctx: context.ScoringContext, table: pd.DataFrame, pair_id: int) 
             if isinstance(meta.get("label"), str) and meta["label"]:
                 st.markdown(f"**Label:** {meta['label']}")
             st.markdown("**Why it ranks here**")
-            shown = [c for c in WHY if c in row.index]  # a score run stored before `agreement` lacks it
-            st.dataframe(
-                pd.DataFrame(
-                    {"value": [float(row[c]) for c in shown], "meaning": [WHY[c] for c in shown]}, index=shown
-                ),
-                key="detail_components",
-                column_config={"meaning": st.column_config.TextColumn(width="large")},
-            )
-            with st.expander("For ML engineers: the formulas"):
-                st.markdown("\n".join(f"- **{c}**: {f}" for c, f in FORMULAS.items()))
+            components_table(row)
+            ml = st.expander("For ML engineers: the formulas")
+            ml.markdown("\n".join(f"- **{c}**: {f}" for c, f in FORMULAS.items()))
             _decision_controls(ctx, pair_id)
-        _eval_pair_contributions(ctx, pair_id)
+        _eval_pair_contributions(ctx, pair_id, ml)
+
+
+def components_table(row: pd.Series) -> None:
+    """A pair's components with what each means, as a static table: its text wraps, so every meaning is
+    read in full (a data grid's cells cut long text off)."""
+    shown = [c for c in WHY if c in row.index]  # a score run stored before `agreement` lacks it
+    frame = pd.DataFrame(
+        {"value": [float(row[c]) for c in shown], "meaning": [WHY[c] for c in shown]}, index=shown
+    )
+    st.table(frame.style.format({"value": "{:.3g}"}))
 
 
 def _contribution_params(ctx: context.ScoringContext) -> Any:
@@ -78,8 +82,11 @@ def _contribution_params(ctx: context.ScoringContext) -> Any:
     return context.current_rank(ctx).params
 
 
-def _eval_pair_contributions(ctx: context.ScoringContext, pair_id: int, top: int = 5) -> None:
-    """The eval pairs this pair helps and hurts most: Â split into one term per eval pair (they sum to Â)."""
+def _eval_pair_contributions(
+    ctx: context.ScoringContext, pair_id: int, ml: DeltaGenerator, top: int = 5
+) -> None:
+    """The eval pairs this pair helps and hurts most: its expected help split into one term per eval pair
+    (they add up to it); how the split is computed goes into the engineers' expander `ml`."""
     ws = store.Workspace(ctx.ws_root)
     cache = context.load_cache(ctx.cache_dir)
     try:
@@ -93,9 +100,15 @@ def _eval_pair_contributions(ctx: context.ScoringContext, pair_id: int, top: int
     frame = frame.join(eval_pairs[["filepath", "caption"]], on="eval_pair_id")
     st.markdown("**Eval pairs this pair helps and hurts most**")
     st.caption(
-        f"Â = g̃·M̃⁻¹ũ with ũ the mean of the {cache.n_eval} eval pairs' gradients, so Â splits into one term "
-        f"per eval pair, g̃_e·M̃⁻¹g̃ / {cache.n_eval}; the terms sum to Â = {a['alignment']:.4g} "
-        f"(CHIPS solve at α = {a['alpha']:g}, λ = {a['lam']:.3g}, k = {a['k']})."
+        f"How much training on this pair is expected to help each of the {cache.n_eval} pairs of the target "
+        f"set (positive: helps, negative: hurts); together they make up its expected help, "
+        f"{a['alignment']:.4g}."
+    )
+    ml.markdown(
+        f"**Per eval pair:** Â = g̃·M̃⁻¹ũ with ũ the mean of the {cache.n_eval} eval pairs' gradients, so Â "
+        f"splits into one term per eval pair, g̃_e·M̃⁻¹g̃ / {cache.n_eval}; the terms sum to "
+        f"Â = {a['alignment']:.4g} (CHIPS solve at α = {a['alpha']:g}, λ = {a['lam']:.3g}, k = {a['k']}). "
+        "The share is a term over Â."
     )
     helps = frame[frame["contribution"] > 0].head(top)
     hurts = frame[frame["contribution"] < 0].iloc[::-1].head(top)
@@ -124,7 +137,7 @@ def _eval_pair_rows(ws: store.Workspace, rows: pd.DataFrame) -> None:
         else:
             pic.image(str(thumb), width="stretch")
         caption = r.caption if isinstance(r.caption, str) else ""
-        text.markdown(f"{r.contribution:+.3g} ({r.share:.0%} of Â) — {caption}")
+        text.markdown(f"{r.contribution:+.3g} ({r.share:.0%} of its expected help) — {caption}")
 
 
 def _decision_line(dec: pd.DataFrame, pair_id: int) -> str:

@@ -105,15 +105,7 @@ def review_queue(ctx: context.ScoringContext, table: pd.DataFrame) -> None:
         st.markdown(f"**Caption:** {meta['caption']}")
         if isinstance(meta.get("label"), str) and meta["label"]:
             st.markdown(f"**Label:** {meta['label']}")
-        shown = [c for c in details.WHY if c in row.index]  # a score run stored before `agreement` lacks it
-        st.dataframe(
-            pd.DataFrame(
-                {"value": [float(row[c]) for c in shown], "meaning": [details.WHY[c] for c in shown]},
-                index=shown,
-            ),
-            key="review_components",
-            column_config={"meaning": st.column_config.TextColumn(width="large")},
-        )
+        details.components_table(row)
         refused = widgets.decision_refusal(ctx)
         b1, b2, b3, b4 = st.columns(4)
         for col, action, icon in ((b1, "include", ":material/check:"), (b2, "exclude", ":material/block:")):

@@ -14,6 +14,13 @@ from chips_core.team import audit, roles
 from chips_core.workspace import catalog, store
 
 COMPONENTS = ("alignment", "learnability", "relevance", "agreement", "score")
+SCORE_WORDS = {  # each component in plain words: (short, for a card's one line; long, for a pair shown alone)
+    "alignment": ("helps", "expected help for the target set"),
+    "learnability": ("learnable", "how much the model can still learn"),
+    "relevance": ("on target", "closeness to the target domain"),
+    "agreement": ("fits", "how well the caption fits the image"),
+    "score": ("score", "overall score"),
+}
 
 
 def ranking_frame(result: Any) -> pd.DataFrame:
@@ -27,29 +34,30 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def rank_metrics(info: dict[str, Any], n_total: int) -> None:
-    """The headline figures of a ranking: selected share, positive alignment, λ and d(λ)/k, stability."""
-    cols = st.columns(5)
+    """The headline figures of a ranking in plain words: selected share, share expected to help, stability
+    (the technical figures: `rank_metrics_for_engineers`)."""
+    cols = st.columns(3)
     n_sel = int(info.get("n_selected", 0))
     share = f"{n_sel / max(n_total, 1):.1%} of {n_total:,}"
-    cols[0].metric("Selected", f"{n_sel:,}", share, delta_color="off", delta_arrow="off")
+    cols[0].metric(
+        "Selected",
+        f"{n_sel:,}",
+        share,
+        delta_color="off",
+        delta_arrow="off",
+        help="How many pairs the selection ratio keeps for training.",
+    )
     frac = info.get("frac_positive")
     cols[1].metric(
-        "Alignment > 0",
+        "Expected to help",
         _num(frac, ".1%"),
-        help="Share of pairs expected to help the target set (alignment > 0).",
+        help="Share of the pool's pairs expected to improve the target set when the model trains on them.",
     )
-    cols[2].metric("λ", _num(info.get("lam"), ".3g"), help=f"λ* = {_num(info.get('lam_star'), '.3g')}")
-    cols[3].metric(
-        "d(λ)/k",
-        _num(info.get("d_over_k"), ".3f"),
-        help="Effective dimension of the sketched curvature over k; λ* gives 0.25.",
-    )
-    cols[4].metric(
+    cols[2].metric(
         "Ranking stability",
         _num(info.get("stability"), ".3f"),
         help="How much the order of the pairs holds when the fast approximation is done twice independently: "
-        "1 = the same order (for ML engineers: Spearman of the scores from sketch rows [0, k) and [k, 2k); "
-        "needs 2k ≤ k_max).",
+        "1 = the same order.",
     )
     method = info.get("method")
     backwards = method in ("chips", "trak") and frac is not None and frac * n_total < n_sel
@@ -58,6 +66,20 @@ def rank_metrics(info: dict[str, Any], n_total: int) -> None:
             "Fewer pairs have positive alignment than the budget selects: the product ranks the negative "
             "ones backwards. Consider the rank-normalised alignment (Ablations)."
         )
+
+
+def rank_metrics_for_engineers(info: dict[str, Any]) -> None:
+    """The ranking's technical figures, for the engineers' expander: the damping λ (and the paper's λ*),
+    the effective dimension d(λ)/k and what the stability measures."""
+    st.metric("λ", _num(info.get("lam"), ".3g"), help=f"λ* = {_num(info.get('lam_star'), '.3g')}")
+    st.metric(
+        "d(λ)/k",
+        _num(info.get("d_over_k"), ".3f"),
+        help="Effective dimension of the sketched curvature over k; λ* gives 0.25.",
+    )
+    st.caption(
+        "Ranking stability: Spearman of the scores from sketch rows [0, k) and [k, 2k) (needs 2k ≤ k_max)."
+    )
 
 
 def decisions(ctx: context.ScoringContext) -> pd.DataFrame:
@@ -201,9 +223,11 @@ def pair_card(
     key: str,
     planted: str = "",
     refused: str | None = None,
+    full: bool = False,
 ) -> None:
     """One pair: thumbnail, caption, rank, components, its decision and buttons to change it (`refused`:
-    why the user's role may not decide, as their help; see `decision_refusal`).
+    why the user's role may not decide, as their help; see `decision_refusal`). `full`: a pair shown alone,
+    with its whole caption and each component on a line of its own, in plain words.
 
     A fragment: a decision reruns this card only, which shows it at once; the rest of the page (counts,
     other views of the pair) catches up on the next full run."""
@@ -221,8 +245,13 @@ def pair_card(
         badge += " :violet-badge[held out: image and caption disagree]"
     if planted and planted != "none":  # the demo's ground truth, to see whether the ranking catches it
         badge += f" :orange-badge[planted: {planted}]"
-    st.markdown(f"**#{int(row['rank'])}**{badge}  \n{meta['caption'][:160]}")
-    st.caption(" · ".join(f"{c[:5]} {_fmt(row[c])}" for c in COMPONENTS if c in row.index))
+    caption = meta["caption"] if full else meta["caption"][:160]
+    st.markdown(f"**#{int(row['rank'])}**{badge}  \n{caption}")
+    shown = [c for c in COMPONENTS if c in row.index]
+    if full:
+        st.markdown("\n".join(f"- {SCORE_WORDS[c][1]}: **{_fmt(row[c])}**" for c in shown))
+    else:
+        st.caption(" · ".join(f"{SCORE_WORDS[c][0]} {_fmt(row[c])}" for c in shown))
     b1, b2 = st.columns(2, gap="small")  # labelled buttons: two to a row fit a card of a 4-column grid
     b1.button(
         "Include", icon=":material/check:", key=f"{key}-inc-{pid}", disabled=state == "include",
@@ -243,9 +272,12 @@ def pair_card(
         st.rerun()  # the whole page: the detail view opens above the galleries
 
 
-def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4) -> None:
+def gallery_grid(
+    ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4, full: bool = False
+) -> None:
     """A grid of pair cards (rows: ranking rows with pair_id, rank and components; search results also
-    carry filepath, caption and state, so the pool's table and decisions are not read for them)."""
+    carry filepath, caption and state, so the pool's table and decisions are not read for them); `full`:
+    whole captions and components in plain words, for a pair shown alone (`pair_card`)."""
     st.session_state.pop("decided_now", None)  # a full run: the states below are read from the workspace
     if {"filepath", "caption", "state"} <= set(rows.columns):
         pairs = rows.set_index("pair_id", drop=False)[["filepath", "caption"]]
@@ -262,7 +294,7 @@ def gallery_grid(ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_co
         for col, (_, row) in zip(cols, rows.iloc[start : start + n_cols].iterrows(), strict=False):
             with col, st.container(border=True):
                 pid = int(row["pair_id"])
-                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""), refused)
+                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""), refused, full)
 
 
 DECISION_LABELS = {"include": "Included", "exclude": "Excluded", "none": "No decision"}

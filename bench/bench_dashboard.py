@@ -198,6 +198,16 @@ def measure(page, slider: str, metric: str, key: str, repeats: int) -> dict[str,
     return out
 
 
+# the Scores page's expander for ML engineers: it holds the λ tile (a closed expander's tiles are not drawn)
+ENGINEERS = "How a pair is compared with the target (for ML engineers)"
+
+
+def open_engineers_figures(page) -> None:
+    """Open the Scores page's expander for ML engineers, so that the λ tile a step waits for is drawn."""
+    page.locator("[data-testid='stExpander'] summary").filter(has_text=ENGINEERS).first.click()
+    page.wait_for_function(f"() => ({_METRIC})('λ') !== null", polling=50)
+
+
 _MAP_DRAWN = (
     "() => [...document.querySelectorAll(\"[data-testid='stPlotlyChart'] .js-plotly-plot\")]"
     ".some(g => g.data && g.data.length && g.data[0].type === 'scattergl')"
@@ -311,6 +321,8 @@ def main() -> None:
             ("λ — caution of the estimate (× the default)", "λ", "ArrowRight"),
             ("Selection ratio r", "Selected", "ArrowRight"),
         )
+        if not args.skip_sliders:
+            open_engineers_figures(page)
         for slider, metric, key in () if args.skip_sliders else sliders:
             times = measure(page, slider, metric, key, args.repeats)
             for stage, values in times.items():

@@ -1,4 +1,5 @@
-"""Map: UMAP of the pool's image and text embeddings (WebGL); lasso → those pairs, bulk decisions.
+"""Map: UMAP of the pool's image and text embeddings (WebGL); a click → that pair, a lasso → those pairs
+with bulk decisions.
 
 The map is cached per feature run in the workspace (chips_core.curation.maps); the prepare job computes it
 once the scoring cache is written. When it is missing, the page follows a running prepare of the pool, else
@@ -19,6 +20,7 @@ from chips_core.curation import maps
 from chips_core.features.featurize import FeatureStore
 
 GREEN, RED, GREY = ("#2e7d32", "green"), ("#c62828", "red"), ("#b0bec5", "gray")  # (plotly, st markdown)
+HOVER_HINT = "click to see its image"
 
 ws = context.workspace()
 ctx = context.scoring_context(ws)
@@ -48,10 +50,12 @@ st.caption(
         else f"({fmap.n_total:,} pairs)"
     )
     + ": pairs whose images (or captions) look alike sit close together, so a cluster is often one kind of "
-    "image. Draw a loop around dots (lasso) to see those pairs and include or exclude them together."
+    "image. Click a dot to see its pair (image, caption, scores), or draw a loop around dots (lasso) to see "
+    "those pairs and include or exclude them together."
     + (
         f" So that the map answers at once, it shows {len(drawn):,} of these {len(fmap.pair_ids):,} dots: "
-        "every pair you decided and a fixed random choice of the others; a lasso picks among the dots shown."
+        "every pair you decided and a fixed random choice of the others; a click or a lasso picks among the "
+        "dots shown."
         if len(drawn) < len(fmap.pair_ids)
         else ""
     )
@@ -79,11 +83,7 @@ colours += ["planted (demo ground truth)"] if planted is not None else []
 if st.session_state.get("map_colour") not in colours:  # e.g. a link from the demo to another workspace
     st.session_state.pop("map_colour", None)
 COLOUR_LABELS = {  # what a colour means, in plain words
-    "score": "overall score",
-    "alignment": "expected help for the target set",
-    "learnability": "how much the model can still learn",
-    "relevance": "closeness to the target domain",
-    "agreement": "how well the caption fits the image",
+    **{c: words for c, (_, words) in widgets.SCORE_WORDS.items()},
     "selected": "selected by the current ranking",
     "decision": "your include / exclude decisions",
     "planted (demo ground truth)": "planted mistakes (demo ground truth)",
@@ -126,10 +126,15 @@ else:
     st.caption(" · ".join(f":{c}[●] {legend.get(name, name)}" for name, (_, c) in palette.items()))
 captions = context.pool_pairs(ctx)["caption"].reindex(ids).fillna("").astype(str)
 short = captions.where(captions.str.len() <= 80, captions.str.slice(0, 79) + "…")
-hover = (  # what a hover shows: the rank and the caption (escaped: captions are data, not markup)
+# what a hover shows: the rank, the caption (escaped: captions are data, not markup) and that a click shows
+# the image (a hover label cannot hold one, and a thumbnail per dot would not fit in the page)
+hover = (
     rows["rank"].astype("Int64").astype(str).radd("rank ").to_numpy()
     + "<br>"
     + short.map(html.escape).to_numpy()
+    + "<br><i>"
+    + HOVER_HINT
+    + "</i>"
 )
 fig = go.Figure(
     go.Scattergl(
@@ -149,26 +154,35 @@ fig.update_layout(
     xaxis=dict(visible=False),
     yaxis=dict(visible=False),
 )
-event = st.plotly_chart(fig, key="map_chart", on_select="rerun", selection_mode=("box", "lasso"))
+event = st.plotly_chart(
+    fig, key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso")
+)  # a click picks one dot, a lasso (or box) several
 
-picked = [int(p["customdata"]) for p in (event.selection.points if event else []) if "customdata" in p]
+points = event["selection"]["points"] if event else []  # item access: the documented PlotlyState shape
+picked = [int(p["customdata"]) for p in points if "customdata" in p]
 if not picked:
     url_state.write()  # before st.stop, which drops later writes to the URL
-    st.info("Nothing selected yet: drag a lasso (or switch to box select in the chart's toolbar).")
+    st.info(
+        "Nothing selected yet: click a point to see its pair, or drag a lasso around several (box select is "
+        "in the chart's toolbar)."
+    )
     st.stop()
-
-st.subheader(f"{len(picked):,} selected pairs")
-b1, b2, b3, _ = st.columns([1, 1, 1, 3])
-if b1.button(
-    f"Include all {len(picked)}", key="map_inc", help="Always keep these pairs in a saved selection."
-):
-    widgets.decide(ctx, picked, "include")
-if b2.button(
-    f"Exclude all {len(picked)}", key="map_exc", help="Never keep these pairs in a saved selection."
-):
-    widgets.decide(ctx, picked, "exclude")
-if b3.button("Clear decisions", key="map_clr", help="Let the score decide again for these pairs."):
-    widgets.decide(ctx, picked, "clear")
-chosen = table.loc[picked].reset_index().sort_values("rank")
-st.caption("Best ranked first; the grid shows at most 24.")
-widgets.gallery_grid(ctx, chosen.head(24), key="map")
+if len(picked) == 1:  # a click: the pair itself, large, with its whole caption and its scores in plain words
+    st.subheader("The pair you picked")
+    widgets.gallery_grid(ctx, table.loc[picked].reset_index(), key="map", n_cols=2, full=True)
+else:
+    st.subheader(f"{len(picked):,} selected pairs")
+    b1, b2, b3, _ = st.columns([1, 1, 1, 3])
+    if b1.button(
+        f"Include all {len(picked)}", key="map_inc", help="Always keep these pairs in a saved selection."
+    ):
+        widgets.decide(ctx, picked, "include")
+    if b2.button(
+        f"Exclude all {len(picked)}", key="map_exc", help="Never keep these pairs in a saved selection."
+    ):
+        widgets.decide(ctx, picked, "exclude")
+    if b3.button("Clear decisions", key="map_clr", help="Let the score decide again for these pairs."):
+        widgets.decide(ctx, picked, "clear")
+    chosen = table.loc[picked].reset_index().sort_values("rank")
+    st.caption("Best ranked first; the grid shows at most 24.")
+    widgets.gallery_grid(ctx, chosen.head(24), key="map")

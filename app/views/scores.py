@@ -88,6 +88,8 @@ with left:
         step=0.25,
         key="guard_mads",
         disabled=not guard_on,
+        help="How far below the usual image–caption agreement a pair must fall to be held out: smaller holds "
+        "more pairs out, larger only the clearest mismatches.",
     )
     st.slider(
         "How much image–caption agreement counts",
@@ -103,7 +105,8 @@ with left:
         "the top "
         "(docs/SCORING.md).",
     )
-    with st.expander("How a pair is compared with the target (for ML engineers)"):
+    ml = st.expander("How a pair is compared with the target (for ML engineers)")  # the figures: below
+    with ml:
         st.markdown(
             "score = P(Â · w_L · w_R)^(1−γ) · agreement^γ with P the percentile in the pool, γ the agreement "
             "weight (γ = 0: score = Â · w_L · w_R), agreement = P(CLIPScore − its least-squares fit on the "
@@ -162,8 +165,17 @@ with left:
         *context.RANGES["beta"],
         step=0.05,
         key="beta",
+        help="Closeness to the target domain is judged on the image and the caption together: 0 looks at "
+        "the image alone, 1 at the caption alone.",
     )
-    st.slider("Selection ratio r", *context.RANGES["ratio"], step=0.01, key="ratio", format="%.2f")
+    st.slider(
+        "Selection ratio r",
+        *context.RANGES["ratio"],
+        step=0.01,
+        key="ratio",
+        format="%.2f",
+        help="The share of the pool's pairs kept for training, best ranked first (0.30: the top 30%).",
+    )
     with st.expander("Ablations"):
         st.checkbox("use learnability (how much the model can still learn)", key="use_learnability")
         st.checkbox("use relevance (closeness to the target domain)", key="use_relevance")
@@ -210,6 +222,9 @@ with left:
 
 with right:
     widgets.rank_metrics(info, n_total=len(table))
+with ml:
+    widgets.rank_metrics_for_engineers(info)
+with right:
     if (stability_message := stability_warning(info.get("stability"))) is not None:
         st.warning(stability_message[0].upper() + stability_message[1:] + ".")
     comps = {  # column → what it means, in plain words (the histogram's title)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from streamlit.proto.PlotlyChart_pb2 import PlotlyChart
 from streamlit.testing.v1 import AppTest
 
+from app.details import WHY
 from chips_core.curation import gallery, selection
 from chips_core.scoring.cache import ScoringCache
 from chips_core.scoring.params import RankParams
@@ -127,8 +129,9 @@ def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     why.click().run()
     _ok(at)
     assert any(f"Pair {pid}" in s.value for s in at.subheader)
-    comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
+    comps = _components(at)
     assert list(comps.index) == ["alignment", "learnability", "relevance", "agreement", "score"]
+    assert comps["meaning"].to_dict() == WHY  # each meaning whole, in a table whose text wraps
     # plain words in the table; the formulas only in the engineers' expander
     assert not any(sym in text for text in comps["meaning"] for sym in ("Â", "w_L", "σ", "Φ", "M⁻¹"))
     formulas = next(e for e in at.expander if e.label == "For ML engineers: the formulas")
@@ -137,13 +140,18 @@ def test_browse_detail_view_explains_and_keeps_a_note(tiny_workspace):
     at.session_state["lam_factor"] = 100.0  # the Scores page's λ reaches the detail view's solve
     at.run()
     _ok(at)
-    comps = next(df.value for df in at.dataframe if "meaning" in df.value.columns)
+    comps = _components(at)
     _check_eval_contributions(at, tiny_workspace, pid, float(comps.loc["alignment", "value"]))
     at.text_area(key=f"note-{pid}").input("caption names the wrong eye")
     at.button(key="FormSubmitter:detail_note-Save note").click().run()
     _ok(at)
     dec = selection.current_decisions(store.Workspace(tiny_workspace), POOL).set_index("pair_id")
     assert dec.loc[pid, "note"] == "caption names the wrong eye"
+
+
+def _components(at: AppTest) -> pd.DataFrame:
+    """The detail view's table of a pair's components and their meaning."""
+    return next(t.value for t in at.table if "meaning" in t.value.columns)
 
 
 def _check_eval_contributions(at: AppTest, ws_root: Path, pid: int, alignment: float) -> None:
@@ -184,19 +192,76 @@ def test_map_draws_webgl_points_for_every_pair(tiny_workspace):
     spec = json.loads(chart.proto.spec)
     trace = spec["data"][0]
     assert trace["type"] == "scattergl" and len(trace["customdata"]) == 48
-    # a hover names the pair: its rank and its caption (read back from the workspace's pairs table)
-    with store.Workspace(tiny_workspace).connect(read_only=True) as con:
-        captions = dict(con.execute("SELECT pair_id, caption FROM pairs").fetchall())
+    modes = {PlotlyChart.SelectionMode.Name(m) for m in chart.proto.selection_mode}
+    assert modes == {"POINTS", "BOX", "LASSO"}  # a click, a box and a lasso all pick pairs
+    # a hover names the pair: its rank and its caption (read back from the workspace's pairs table), and
+    # says that a click shows its image
+    captions = _captions(tiny_workspace)
     for pid, text in list(zip(trace["customdata"], trace["text"], strict=True))[:5]:
-        rank_part, caption_part = text.split("<br>")
+        rank_part, caption_part, hint = text.split("<br>")
         caption = captions[int(pid)]
         want = caption if len(caption) <= 80 else caption[:79] + "…"
         assert rank_part.startswith("rank ") and caption_part == html.escape(want)
+        assert hint == "<i>click to see its image</i>"
+    assert "click a point to see its pair" in at.info[0].value
     at.selectbox(key="map_colour").set_value("decision").run()
     _ok(at)
     at.radio(key="map_space").set_value("text").run()
     _ok(at)
     assert at.info and "Nothing selected" in at.info[0].value
+
+
+def _captions(ws_root: Path) -> dict[int, str]:
+    with store.Workspace(ws_root).connect(read_only=True) as con:
+        return dict(con.execute("SELECT pair_id, caption FROM pairs").fetchall())
+
+
+def _pick(at: AppTest, points: list[int]) -> None:
+    """Pick map dots as a click (one) or a lasso (several) does: set the chart's selection state."""
+    import json
+
+    trace = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    at.session_state["map_chart"] = {
+        "selection": {
+            "points": [
+                {"curve_number": 0, "point_number": i, "point_index": i, "customdata": trace["customdata"][i]}
+                for i in points
+            ],
+            "point_indices": points,
+            "box": [],
+            "lasso": [],
+        }
+    }
+    at.run()
+    _ok(at)
+
+
+def test_a_click_on_the_map_shows_that_pair_in_full(tiny_workspace):
+    """One dot picked: its card, large, with the thumbnail, the whole caption and the scores in plain words,
+    as the library ranks the pair; several picked: the bulk decisions and a grid."""
+    import json
+
+    from chips_core.scoring.ranking import rank
+
+    at = _app("map")
+    ids = [int(p) for p in json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["customdata"]]
+    captions = _captions(tiny_workspace)
+    i = max(range(len(ids)), key=lambda j: len(captions[ids[j]]))  # the longest caption
+    pid = ids[i]
+    _pick(at, [i])
+    assert [s.value for s in at.subheader] == ["The pair you picked"]
+    assert not any(b.key in ("map_inc", "map_exc", "map_clr") for b in at.button)
+    assert at.button(key=f"map-inc-{pid}") and at.button(key=f"map-exc-{pid}")  # the card's own buttons
+    assert at.get("image") and gallery.thumbnail_path(store.Workspace(tiny_workspace), pid, 160).exists()
+    card = " ".join(m.value for m in at.markdown)
+    assert captions[pid] in card
+    row = rank(_only_cache(tiny_workspace), RankParams(k=at.session_state["k"])).frame.set_index("pair_id")
+    for column, words in [("alignment", "expected help for the target set"), ("score", "overall score")]:
+        assert f"- {words}: **{row.loc[pid, column]:.3g}**" in card
+
+    _pick(at, [i, (i + 1) % len(ids)])  # a lasso around two dots
+    assert [s.value for s in at.subheader] == ["2 selected pairs"]
+    assert at.button(key="map_inc").label == "Include all 2"
 
 
 def test_map_draws_a_fixed_sample_with_every_decided_pair(tiny_workspace, monkeypatch):
@@ -359,8 +424,17 @@ def test_scores_controls_speak_plain_words(tiny_workspace):
     for w in controls:
         text = f"{w.label} {w.help or ''}"
         assert not any(sym in text for sym in formula), text
+    for w in [*at.slider, *at.select_slider]:
+        assert w.help, w.label  # every slider says what it does
     ml = next(e for e in at.expander if "for ML engineers" in e.label)
     assert any("M = (1 − α)Φ_pos + αΦ_neg + λI" in m.value for m in ml.markdown)
+    # the figures: plain words in the tiles; λ and d(λ)/k only in the expander
+    in_ml = {m.label for m in ml.metric}
+    assert {"λ", "d(λ)/k"} <= in_ml
+    tiles = [m for m in at.metric if m.label not in in_ml]
+    assert [m.label for m in tiles] == ["Selected", "Expected to help", "Ranking stability"]
+    for m in tiles:
+        assert m.help and not any(j in f"{m.label} {m.help}" for j in JARGON + FORMULA), m.label
     method = next(w for w in at.selectbox if w.label == "Method")
     assert "recommended" in method.help and "prefer it when you only want clean captions" in method.help
 
@@ -368,6 +442,7 @@ def test_scores_controls_speak_plain_words(tiny_workspace):
 # ML jargon and formula symbols that belong only in the "For ML engineers" expanders
 JARGON = ("λ", "Φ", "Â", "w_L", "w_R", "M̃", "JL", "sketch", "logit_scale", "UMAP", "InfoNCE", "k_max")
 JARGON += ("AdamW",)
+FORMULA = ("Â", "M̃", "λ*", "g̃", "d(λ", "Spearman")  # and formula pieces
 WIDGETS = ("button", "checkbox", "multiselect", "number_input", "radio", "select_slider", "selectbox")
 WIDGETS += ("slider", "text_area", "text_input", "toggle")
 
@@ -391,6 +466,38 @@ def _plain_outside_ml(at: AppTest) -> list[str]:
 def _ml_text(at: AppTest, label: str) -> str:
     e = next(e for e in at.expander if e.label == f"For ML engineers: {label}")
     return " ".join(m.value for m in e.markdown) + " " + " ".join(_words(e))
+
+
+def _shown_outside_ml(at: AppTest) -> list[str]:
+    """Every text the page shows outside the ML engineers' expanders: widgets, captions, markdown, metric
+    tiles and table cells."""
+
+    def shown(node) -> list[str]:
+        out = _words(node) + [m.value for m in node.get("markdown")]
+        out += [f"{m.label} {m.proto.help}" for m in node.get("metric")]
+        return out + [str(v) for t in node.get("table") for v in t.value.to_numpy().ravel()]
+
+    ml = {t for e in at.expander if "For ML engineers" in e.label for t in shown(e)}
+    return [t for t in shown(at.main) if t not in ml]
+
+
+def test_browse_and_detail_view_speak_plain_words(tiny_workspace):
+    """The Browse page's cards name the components in plain short words, and the detail view shows no
+    formula outside its engineers' expander (where the per-eval-pair split's formula is)."""
+    import re
+
+    at = _app("browse")
+    cards = [c.value for c in at.caption if c.value.startswith("helps ")]
+    assert cards and all(" · learnable " in c and " · fits " in c for c in cards)
+    for text in _shown_outside_ml(at):
+        assert not re.search(r"\b(align|learn|relev|agree)\b", text), text  # no cut-off names
+    why = next(b for b in at.button if b.key and b.key.startswith("top-why-"))
+    why.click().run()
+    _ok(at)
+    for text in _shown_outside_ml(at):
+        assert not any(f in text for f in FORMULA + JARGON), text
+    assert any("of its expected help)" in m.value for m in at.markdown)  # an eval pair's share, in words
+    assert "Â = g̃·M̃⁻¹ũ" in _ml_text(at, "the formulas")
 
 
 def test_workspace_page_speaks_plain_words(tiny_workspace):

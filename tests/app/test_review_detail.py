@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 from streamlit.testing.v1 import AppTest
 
+from app.details import WHY
 from chips_core.curation import selection
 from chips_core.workspace import store
 from tests.app.workspace_build import POOL
@@ -109,6 +110,8 @@ def test_review_queue_walks_the_cut_off_and_include_advances(tiny_workspace):
     _ok(at)
     assert any("Pair 1 of 48 in the queue — rank 15" in s.value for s in at.subheader)
     assert any("1 rank above the cut-off: selected" in m.value for m in at.markdown)
+    comps = next(t.value for t in at.table if "meaning" in t.value.columns)  # a static table: text wraps
+    assert comps["meaning"].to_dict() == WHY  # every meaning in full
     assert at.button(key="review-include").proto.shortcut.upper() == "I"  # Streamlit's own shortcut
 
     at.button(key="review-include").click().run()
