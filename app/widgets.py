@@ -214,6 +214,9 @@ def _fmt(value: Any) -> str:
     return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
 
 
+BROWSE_PAGE = "views/browse.py"  # the page that shows the detail view (relative to app/main.py)
+
+
 @st.fragment
 def pair_card(
     ctx: context.ScoringContext,
@@ -224,10 +227,12 @@ def pair_card(
     planted: str = "",
     refused: str | None = None,
     full: bool = False,
+    elsewhere: bool = False,
 ) -> None:
     """One pair: thumbnail, caption, rank, components, its decision and buttons to change it (`refused`:
     why the user's role may not decide, as their help; see `decision_refusal`). `full`: a pair shown alone,
-    with its whole caption and each component on a line of its own, in plain words.
+    with its whole caption and each component on a line of its own, in plain words. `elsewhere`: a card off
+    the Browse page, whose Details button opens the detail view there.
 
     A fragment: a decision reruns this card only, which shows it at once; the rest of the page (counts,
     other views of the pair) catches up on the next full run."""
@@ -269,15 +274,23 @@ def pair_card(
         help="Details: why this pair ranks here, the eval pairs it helps, its decision history and note",
     ):  # fmt: skip
         st.session_state["detail_pair"] = pid
+        if elsewhere:  # the detail view lives on Browse
+            st.switch_page(BROWSE_PAGE)
         st.rerun()  # the whole page: the detail view opens above the galleries
 
 
 def gallery_grid(
-    ctx: context.ScoringContext, rows: pd.DataFrame, key: str, n_cols: int = 4, full: bool = False
+    ctx: context.ScoringContext,
+    rows: pd.DataFrame,
+    key: str,
+    n_cols: int = 4,
+    full: bool = False,
+    elsewhere: bool = False,
 ) -> None:
     """A grid of pair cards (rows: ranking rows with pair_id, rank and components; search results also
     carry filepath, caption and state, so the pool's table and decisions are not read for them); `full`:
-    whole captions and components in plain words, for a pair shown alone (`pair_card`)."""
+    whole captions and components in plain words, for a pair shown alone; `elsewhere`: off the Browse page
+    (`pair_card`)."""
     st.session_state.pop("decided_now", None)  # a full run: the states below are read from the workspace
     if {"filepath", "caption", "state"} <= set(rows.columns):
         pairs = rows.set_index("pair_id", drop=False)[["filepath", "caption"]]
@@ -294,7 +307,7 @@ def gallery_grid(
         for col, (_, row) in zip(cols, rows.iloc[start : start + n_cols].iterrows(), strict=False):
             with col, st.container(border=True):
                 pid = int(row["pair_id"])
-                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""), refused, full)
+                pair_card(ctx, row, pairs, state.get(pid), key, truth.get(pid, ""), refused, full, elsewhere)
 
 
 DECISION_LABELS = {"include": "Included", "exclude": "Excluded", "none": "No decision"}

@@ -169,7 +169,7 @@ if not picked:
     st.stop()
 if len(picked) == 1:  # a click: the pair itself, large, with its whole caption and its scores in plain words
     st.subheader("The pair you picked")
-    widgets.gallery_grid(ctx, table.loc[picked].reset_index(), key="map", n_cols=2, full=True)
+    widgets.gallery_grid(ctx, table.loc[picked].reset_index(), key="map", n_cols=2, full=True, elsewhere=True)
 else:
     st.subheader(f"{len(picked):,} selected pairs")
     b1, b2, b3, _ = st.columns([1, 1, 1, 3])
@@ -185,4 +185,4 @@ else:
         widgets.decide(ctx, picked, "clear")
     chosen = table.loc[picked].reset_index().sort_values("rank")
     st.caption("Best ranked first; the grid shows at most 24.")
-    widgets.gallery_grid(ctx, chosen.head(24), key="map")
+    widgets.gallery_grid(ctx, chosen.head(24), key="map", elsewhere=True)

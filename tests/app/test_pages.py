@@ -259,6 +259,11 @@ def test_a_click_on_the_map_shows_that_pair_in_full(tiny_workspace):
     for column, words in [("alignment", "expected help for the target set"), ("score", "overall score")]:
         assert f"- {words}: **{row.loc[pid, column]:.3g}**" in card
 
+    at.button(key=f"map-why-{pid}").click().run()  # Details: the detail view, which lives on Browse
+    _ok(at)
+    assert [s.value for s in at.subheader][0].startswith(f"Pair {pid} — rank ")
+    at.button(key="detail_close").click().run()
+    at.switch_page("views/map.py").run()
     _pick(at, [i, (i + 1) % len(ids)])  # a lasso around two dots
     assert [s.value for s in at.subheader] == ["2 selected pairs"]
     assert at.button(key="map_inc").label == "Include all 2"
