@@ -63,8 +63,8 @@ def rank_metrics(info: dict[str, Any], n_total: int) -> None:
     backwards = method in ("chips", "trak") and frac is not None and frac * n_total < n_sel
     if backwards and not st.session_state.get("rank_normalized"):
         st.warning(
-            "Fewer pairs have positive alignment than the budget selects: the product ranks the negative "
-            "ones backwards. Consider the rank-normalised alignment (Ablations)."
+            "Fewer pairs are expected to help the target set than this budget selects, and the score can "
+            "order the rest backwards. Select fewer pairs, or tick “rank-normalised alignment” (Ablations)."
         )
 
 

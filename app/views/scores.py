@@ -17,8 +17,8 @@ st.title("Scores")
 widgets.changes_by_others(ctx)
 st.caption(
     f"Pool **{ctx.pool_name}** against eval set **{ctx.eval_name}** (scoring cache {ctx.cache_id}, parameter "
-    f"blocks {ctx.blocks.replace(',', ', ')}). Moving a slider re-ranks from the cached sketched gradients: "
-    "no model runs."
+    f"blocks {ctx.blocks.replace(',', ', ')}). Moving a slider re-ranks from what was computed "
+    "once when the pool was prepared: no model runs."
 )
 if ctx.blocks_missing:
     st.warning(

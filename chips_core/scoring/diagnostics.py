@@ -13,6 +13,6 @@ def stability_warning(stability: float | None) -> str | None:
         return None
     return (
         f"ranking stability {float(stability):.3f} is below {STABILITY_WARN_BELOW}: two independent "
-        "halves of the sketch rank the pool differently, so this ranking is mostly sketch noise (too few "
-        "pool or eval pairs, or k too small); do not select from it without checking"
+        "halves of the fast approximation (the sketch) rank the pool differently, so this ranking is mostly "
+        "noise (too few pool or eval pairs, or k too small); do not select from it without checking"
     )
