@@ -48,6 +48,7 @@ PERSISTENT_KEYS = (
     "guard_on",
     "guard_mads",
     "agreement",
+    "clipscore_weight",
     "map_space",
     "map_colour",
     "review_skip",
@@ -66,7 +67,7 @@ PER_PAGE_DEFAULT = 12
 # the Scores page's choices: methods (TracIn needs checkpoint caches: CLI only), slider ranges, λ multiples
 METHODS = [m for m in SCORING_METHODS if m not in NEEDS_CHECKPOINTS]
 RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0), "ratio": (0.01, 1.0), "guard_mads": (1.0, 5.0),
-          "agreement": (0.0, 1.0)}  # fmt: skip
+          "agreement": (0.0, 1.0), "clipscore_weight": (0.0, 1.0)}  # fmt: skip
 LAM_FACTORS = [float(f"{10 ** (e / 4):.3g}") for e in range(-8, 9)]  # 0.01× … 100×, quarter decades
 RANK_RATIO = RankParams().ratio  # the ratio the cached rankings are made at (a ratio change only reselects)
 # the widgets' defaults are RankParams' (chips_core/scoring/params.py; the preset's widgets are set by
@@ -89,11 +90,12 @@ def preset_state(name: str) -> dict[str, Any]:
         "normalize": p.normalize,
         "guard_on": p.guard != "none",
         "agreement": p.agreement,
+        "clipscore_weight": p.clipscore_weight,
     }
 
 
 def apply_preset() -> None:
-    """on_change of the preset box: load the preset's blocks, damping, normalisation, guard and agreement."""
+    """on_change of the preset box: load the preset's blocks, damping, normalisation, guard and weights."""
     st.session_state.update(preset_state(st.session_state["preset"]))
 
 
@@ -302,6 +304,7 @@ def rank_params() -> dict[str, Any]:
         "guard": "mad" if s["guard_on"] else "none",
         "guard_mads": float(s["guard_mads"]),
         "agreement": float(s["agreement"]),
+        "clipscore_weight": float(s["clipscore_weight"]),
         "preset": s["preset"],
     }
 
@@ -352,7 +355,8 @@ def page_params(ctx: ScoringContext, **changes: Any) -> RankParams:
         normalize=p["normalize"],
         guard=p["guard"] if chips else "none",
         guard_mads=p["guard_mads"],
-        agreement=p["agreement"] if chips else 0.0,  # the baselines ignore it: one cached ranking each
+        agreement=p["agreement"] if chips else 0.0,  # the baselines ignore both: one cached ranking each
+        clipscore_weight=p["clipscore_weight"] if chips else 0.0,
     )
 
 

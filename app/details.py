@@ -22,8 +22,8 @@ WHY = {  # what each component means, in plain words (the formulas are in FORMUL
     "relevance": "How close the image and caption are to the target domain.",
     "agreement": "How well the caption fits its image compared with pairs just as close to the target set, "
     "as the share of the pool that fits worse (low: a likely caption mistake).",
-    "score": "The expected help (with the two weights above) and the agreement, combined as the agreement "
-    "slider says: the ranking sorts pairs by it.",
+    "score": "The expected help (with the two weights above), the agreement and the plain CLIPScore, "
+    "combined as the two weight sliders say: the ranking sorts pairs by it.",
 }
 FORMULAS = {  # for ML engineers (METHOD.md)
     "alignment": "Â = g̃ᵢ·M̃⁻¹ũ, the sketched Newton direction with M = (1−α)Φ_pos + αΦ_neg + λI "
@@ -31,8 +31,8 @@ FORMULAS = {  # for ML engineers (METHOD.md)
     "learnability": "w_L = (1 − p_corr)(1 + σ(−margin))",
     "relevance": "w_R: soft closeness of image and caption embeddings to the eval set's means (0.27…0.73)",
     "agreement": "P(CLIPScore − its least-squares fit on (1, cos_x, cos_y)), the pool percentile",
-    "score": "P(Â · w_L · w_R)^(1−γ) · agreement^γ, γ = agreement weight (γ = 0: Â · w_L · w_R); the "
-    "guard holds CLIPScore outliers back",
+    "score": "P(s)^(1−δ) · P(CLIPScore)^δ, s = P(Â · w_L · w_R)^(1−γ) · agreement^γ, γ and δ the agreement "
+    "and CLIPScore weights (both 0: Â · w_L · w_R); the guard holds CLIPScore outliers back",
 }
 
 

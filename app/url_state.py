@@ -117,6 +117,7 @@ FIELDS: dict[str, Field] = {
     "guard_on": _BOOL,
     "guard_mads": Field(_in_range(float, *context.RANGES["guard_mads"]), repr),
     "agreement": Field(_in_range(float, *context.RANGES["agreement"]), repr),
+    "clipscore_weight": Field(_in_range(float, *context.RANGES["clipscore_weight"]), repr),
     "blocks": Field(_blocks, ",".join),
     "normalize": _BOOL,
     "damping": Field(_one_of(sp.DAMPINGS)),

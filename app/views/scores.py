@@ -46,6 +46,7 @@ LABELS = {
 }
 DEFAULT_ALPHA = sp.default_of(sp.RankParams, "alpha")
 DEFAULT_AGREEMENT = sp.default_of(sp.RankParams, "agreement")
+DEFAULT_CLIPSCORE_WEIGHT = sp.default_of(sp.RankParams, "clipscore_weight")
 k_max = int(cache.k_max)
 k_choices = context.k_choices(k_max)  # scoring_context has checked the session's k against them
 
@@ -105,12 +106,25 @@ with left:
         "the top "
         "(docs/SCORING.md).",
     )
+    st.slider(
+        "How much plain CLIPScore counts",
+        *context.RANGES["clipscore_weight"],
+        step=0.05,
+        key="clipscore_weight",
+        disabled=st.session_state["method"] != "chips",
+        help="How well each caption fits its image as the model sees it (CLIPScore), against the two above "
+        "together. 0: ignore it. 1: rank by CLIPScore alone. The recommended "
+        f"{DEFAULT_CLIPSCORE_WEIGHT:g} leans on it: after training on measured pools it gave models as good "
+        "as CLIPScore's own choice, better than the expected help and the agreement without it, with "
+        "fewer wrong captions (docs/SCORING.md).",
+    )
     ml = st.expander("How a pair is compared with the target (for ML engineers)")  # the figures: below
     with ml:
         st.markdown(
-            "score = P(Â · w_L · w_R)^(1−γ) · agreement^γ with P the percentile in the pool, γ the agreement "
-            "weight (γ = 0: score = Â · w_L · w_R), agreement = P(CLIPScore − its least-squares fit on the "
-            "relevance cosines), Â = g̃ᵢ · M̃⁻¹ ũ (sketched Newton direction), "
+            "score = P(s)^(1−δ) · P(CLIPScore)^δ, s = P(Â · w_L · w_R)^(1−γ) · agreement^γ with P the "
+            "percentile in the pool, γ the agreement weight, δ the CLIPScore weight (γ = δ = 0: score = Â · "
+            "w_L · w_R), agreement = P(CLIPScore − its least-squares fit on the relevance cosines), "
+            "Â = g̃ᵢ · M̃⁻¹ ũ (sketched Newton direction), "
             "M = (1 − α)Φ_pos + αΦ_neg + λI, λ = λ-factor × the default rule below, k = JL sketch rows "
             "(METHOD.md, docs/SCORING.md)."
         )

@@ -139,8 +139,9 @@ def selection_id(ws: Workspace, ref: str | int) -> int:
     return sel.get_selection(ws, sel_ref(str(ref))).selection_id
 
 
-def add_agreement_flag(p: Any) -> None:
-    """--agreement: RankParams.agreement, default None (the preset's: `score` and `experiment` share it)."""
+def add_weight_flags(p: Any) -> None:
+    """--agreement and --clipscore-weight: RankParams.agreement and .clipscore_weight, default None (the
+    preset's: `score` and `experiment` share them)."""
     p.add_argument(
         "--agreement",
         type=UNIT,
@@ -149,4 +150,13 @@ def add_agreement_flag(p: Any) -> None:
         "agreement = the pool percentile of CLIPScore minus its least-squares fit on the relevance cosines "
         "(docs/SCORING.md); 0 ranks by the CHIPS score alone (default: the preset's, "
         f"{sp.default_of(sp.RankParams, 'agreement'):g}; the paper preset's and chips-paper's 0; chips only)",
+    )
+    p.add_argument(
+        "--clipscore-weight",
+        type=UNIT,
+        default=None,
+        help="δ in [0, 1], the weight of plain CLIPScore: that score s becomes P(s)^(1−δ)·P(CLIPScore)^δ "
+        "(docs/SCORING.md); 0 keeps s (default: the preset's, "
+        f"{sp.default_of(sp.RankParams, 'clipscore_weight'):g}; the paper preset's and chips-paper's 0; "
+        "chips only)",
     )

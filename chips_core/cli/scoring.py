@@ -11,7 +11,7 @@ from chips_core.cli.common import (
     FRACTION,
     UNIT,
     CliError,
-    add_agreement_flag,
+    add_weight_flags,
     field_flag,
     note,
     open_workspace,
@@ -261,9 +261,10 @@ def _add_score(p: argparse.ArgumentParser) -> None:
         default="default",
         choices=list(sp.PRESETS),
         help="default: projections only, unit-norm gradients, λ = 0.1·tr C̃, CLIPScore guard, agreement "
-        f"{sp.default_of(sp.RankParams, 'agreement'):g}; "
+        f"{sp.default_of(sp.RankParams, 'agreement'):g}, CLIPScore weight "
+        f"{sp.default_of(sp.RankParams, 'clipscore_weight'):g}; "
         "paper: the CHIPS paper's literal score (every block, raw gradients, d(λ*) = k/4, no guard, "
-        "agreement 0)",
+        "agreement and CLIPScore weight 0)",
     )
     g.add_argument("--damping", choices=sp.DAMPINGS, default=None, help="λ rule: trace | dimension")
     g.add_argument(
@@ -282,7 +283,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     field_flag(
         g, RankParams, "guard_mads", "guard threshold in robust standard deviations", type=positive(float)
     )
-    add_agreement_flag(g)
+    add_weight_flags(g)
     p.add_argument(
         "--tracin-cache",
         action="append",
@@ -333,7 +334,7 @@ def _run_score(args: argparse.Namespace) -> int:
         f"{args.eval_name}, cache {cache_id}"
     )
     for key in ("blocks", "k", "lam", "lam_star", "d_over_k", "frac_positive", "stability", "agreement",
-                "n_guarded", "n_selected"):  # fmt: skip
+                "clipscore_weight", "n_guarded", "n_selected"):  # fmt: skip
         if info.get(key) is not None:
             value = info[key]
             say(f"  {key:<14}{value:.6g}" if isinstance(value, float) else f"  {key:<14}{value}")
@@ -371,7 +372,8 @@ def _blocks_arg(text: str) -> str:
 def rank_params(args: argparse.Namespace) -> RankParams:
     """The RankParams of `score`'s flags: --preset's values with the flags that override it (the
     baselines stay literal unless a guard is asked for). The cache's blocks are set by the caller."""
-    overrides = {name: getattr(args, name) for name in ("damping", "normalize", "guard", "agreement")}
+    names = ("damping", "normalize", "guard", "agreement", "clipscore_weight")
+    overrides = {name: getattr(args, name) for name in names}
     try:
         return RankParams.preset(
             args.preset,

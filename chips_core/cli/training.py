@@ -10,7 +10,7 @@ from chips_core.cli.common import (
     FRACTION,
     UNIT,
     CliError,
-    add_agreement_flag,
+    add_weight_flags,
     field_flag,
     open_workspace,
     ranged,
@@ -193,7 +193,7 @@ def _add_experiment(p: Any) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     field_flag(p, RankParams, "alpha", "weight of the negative curvature", type=UNIT)
     p.add_argument("--k", type=ranged(int, 1), default=RankParams().k, help="sketch rows (default k_max/2)")
-    add_agreement_flag(p)
+    add_weight_flags(p)
     p.add_argument("--tracin-eval", help="validation set name for TracIn's checkpoint caches")
     p.add_argument(
         "--tracin-epochs", type=int, default=2, help="epochs of the TracIn warm-up run (full pool)"
@@ -229,8 +229,8 @@ def _run_experiment(args: Any) -> int:
         tracin = tracin_checkpoints(ws, args.pool, args.tracin_eval, warm, sc.config, device=args.device)
     cells = run_experiment(
         ws, args.pool, args.test, args.methods, args.ratios, args.seeds, recipe, cache=args.cache,
-        rank_params=RankParams(alpha=args.alpha, k=args.k).replace(
-            **({} if args.agreement is None else {"agreement": args.agreement})  # None: RankParams' default
+        rank_params=RankParams(alpha=args.alpha, k=args.k).replace(  # a flag left None: RankParams' default
+            **{w: getattr(args, w) for w in ("agreement", "clipscore_weight") if getattr(args, w) is not None}
         ),
         tracin=tracin, include_full=not args.no_full, out_dir=args.out, primary=args.primary, progress=say,
     )  # fmt: skip

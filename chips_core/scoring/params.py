@@ -5,12 +5,13 @@ check them before anything heavy is imported (the flags' defaults are read from 
 A preset fixes the parameter blocks of the scoring cache (a prepare option) and the rank options that
 decide how a pair's gradient is compared with the target's (docs/SCORING.md says why each default):
 - `default`: the two projections without the temperature, unit-norm gradients (LESS-style), λ = 0.1·tr C̃
-  (the same at every k), the CLIPScore guard against image–caption disagreement, and the image–caption
-  agreement weighted three to one against the CHIPS score (`agreement` 0.75, the field's default; chosen
-  after CPT on three benchmarks, docs/SCORING.md);
+  (the same at every k), the CLIPScore guard against image–caption disagreement, the image–caption
+  agreement weighted three to one against the CHIPS score (`agreement` 0.75), and that combination weighted
+  one to three against plain CLIPScore (`clipscore_weight` 0.75); both weights are the fields' defaults,
+  chosen after CPT on three benchmarks (docs/SCORING.md);
 - `paper`: the CHIPS paper's literal score (METHOD.md §1–6): every endpoint block, raw gradients,
-  λ* with d(λ*) = k/4, no guard, no agreement weight. Kept so that every comparison can show it beside
-  the default.
+  λ* with d(λ*) = k/4, no guard, no agreement or CLIPScore weight. Kept so that every comparison can show
+  it beside the default.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "normalize": False,
         "guard": "none",
         "agreement": 0.0,
+        "clipscore_weight": 0.0,
     },
 }
 DEFAULT_BLOCKS = PRESETS["default"]["blocks"]
@@ -139,18 +141,22 @@ class RankParams:
     #: (P: the pool percentile; `weights.agreement`); 0: the CHIPS score alone (the paper preset's). A score
     #: run stored before this field existed ranked with 0: RankParams(**stored, agreement=0.0) repeats it
     agreement: float = 0.75
+    #: δ, the weight of plain CLIPScore in a chips ranking: score = P(s)^(1−δ)·P(CLIPScore)^δ, s the score
+    #: above; 0: s itself (the paper preset's). A score run stored before this field existed ranked with 0:
+    #: RankParams(**stored, clipscore_weight=0.0) repeats it
+    clipscore_weight: float = 0.75
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("alpha", "beta", "ratio", "guard_mads", "agreement") + (
+        for name in ("alpha", "beta", "ratio", "guard_mads", "agreement", "clipscore_weight") + (
             ("lam",) if self.lam is not None else ()
         ):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))  # plain floats: the stored JSON round-trips
-        for name in ("alpha", "beta", "agreement"):
+        for name in ("alpha", "beta", "agreement", "clipscore_weight"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 < self.ratio <= 1.0:

@@ -19,7 +19,7 @@ import pandas as pd
 from chips_core.scoring import stored as stored_alignments
 from chips_core.scoring.cache import PrepareError, ScoringCache
 from chips_core.scoring.params import DAMPING_SCALE, GUARDS, METHODS, RankParams, default_k
-from chips_core.scoring.weights import agreement, combine_agreement, learnability, percentile, relevance
+from chips_core.scoring.weights import agreement, blend, learnability, percentile, relevance
 
 if TYPE_CHECKING:
     from chips_core.scoring.prepare import FeatureSource
@@ -387,10 +387,11 @@ def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, 
     clipscore = cache.column("clipscore")
     agree = _agreement(cache)
     gamma = p.agreement if weighted else 0.0
-    score = combine_agreement(base * wl * wr, agree, gamma)
+    delta = p.clipscore_weight if weighted else 0.0
+    score = blend(blend(base * wl * wr, agree, gamma), percentile(clipscore), delta)
     guarded, guard_info = guard_mask(clipscore, p.guard_rule, p.guard_mads)
     frame, n_sel = _table(cache.pair_ids, A, wl, wr, agree, score, p.ratio, guarded)
-    info.update(guard_info, agreement=gamma)
+    info.update(guard_info, agreement=gamma, clipscore_weight=delta)
     info.update(frac_positive=float(np.mean(A > 0)), n_selected=int(frame["selected"].sum()), n=cache.n)
     return RankResult(frame, info, params.replace(blocks=cache.config.blocks))
 
@@ -461,7 +462,8 @@ def rank(
     (each switchable; rank_normalized replaces Â by its rank in (0, 1]); with agreement γ > 0 the score is
     P(Â·w_L·w_R)^(1−γ)·agreement^γ (`weights.agreement`: the percentile of CLIPScore against pairs as
     close to the target), so that a pair ranks high only when it is expected to help and its image and
-    caption agree. λ: the `damping` rule's
+    caption agree; with clipscore_weight δ > 0 that score s becomes P(s)^(1−δ)·P(CLIPScore)^δ. λ: the
+    `damping` rule's
     (`default_lambda`) unless given. normalize: unit-norm g̃ and ũ (LESS-style cosine in the Newton
     metric's numerator), so a pair's gradient size (its loss) does not decide its rank.
     guard: 'mad' holds CLIPScore outliers out of the selection before ranking (`guard_mask`), 'none'

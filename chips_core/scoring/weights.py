@@ -87,14 +87,14 @@ def agreement(clipscore: np.ndarray, cos_x: np.ndarray, cos_y: np.ndarray) -> np
     return percentile(residual)
 
 
-def combine_agreement(score: np.ndarray, agree: np.ndarray, gamma: float) -> np.ndarray:
-    """P(score)^(1−γ) · agree^γ (agree: `agreement`, in (0, 1]; γ = `RankParams.agreement`); γ = 0
-    returns `score` itself."""
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"agreement must lie in [0, 1], got {gamma}")
-    if gamma == 0.0:
+def blend(score: np.ndarray, other: np.ndarray, weight: float) -> np.ndarray:
+    """P(score)^(1−w) · other^w (other in (0, 1]: the agreement, or a percentile such as P(CLIPScore); w:
+    `RankParams.agreement` or `RankParams.clipscore_weight`); w = 0 returns `score` itself."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"a blend weight must lie in [0, 1], got {weight}")
+    if weight == 0.0:
         return score
-    return percentile(score) ** (1.0 - gamma) * np.asarray(agree, dtype=np.float64) ** gamma
+    return percentile(score) ** (1.0 - weight) * np.asarray(other, dtype=np.float64) ** weight
 
 
 def eval_means(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -320,6 +320,12 @@ def test_agreement_flag_follows_the_preset():
     assert params("--agreement", "0").agreement == 0.0
     with pytest.raises(SystemExit):
         params("--agreement", "1.5")
+    # --clipscore-weight likewise
+    assert params().clipscore_weight == 0.75 and params("--preset", "paper").clipscore_weight == 0.0
+    assert params("--preset", "paper", "--clipscore-weight", "0.4").clipscore_weight == 0.4
+    assert params("--clipscore-weight", "0").clipscore_weight == 0.0
+    with pytest.raises(SystemExit):
+        params("--clipscore-weight", "-0.2")
 
 
 def test_negative_pair_ids_parse():

@@ -150,7 +150,14 @@ def test_rank_chips_paper_preset_against_reference(built):
     res = rank(
         cache,
         RankParams(
-            alpha=alpha, k=k, ratio=0.25, damping="dimension", normalize=False, guard="none", agreement=0.0
+            alpha=alpha,
+            k=k,
+            ratio=0.25,
+            damping="dimension",
+            normalize=False,
+            guard="none",
+            agreement=0.0,
+            clipscore_weight=0.0,
         ),
     )
     C = combine(cache.phi_pos[:k, :k], cache.phi_neg[:k, :k], alpha) / k
@@ -226,12 +233,14 @@ def test_rank_chips_default_against_reference(built, k):
     kept = f.loc[~f["guarded"]].sort_values("rank")
     assert kept["score"].is_monotonic_decreasing
     assert f["selected"].sum() == min(math.ceil(0.2 * 230), (~held).sum())
-    # agreement 0.75 (the default): P(CHIPS)^¼ · agreement^¾, both pool percentiles written out by counting
+    # the default weights: s = P(CHIPS)^¼ · agreement^¾ (agreement 0.75), then P(s)^¼ · P(CLIPScore)^¾
+    # (CLIPScore weight 0.75), every pool percentile written out by counting
     chips = f["alignment"] * f["learnability"] * f["relevance"]
     agree = _agreement_reference(cache)
     assert np.allclose(f["agreement"], agree)
-    assert np.allclose(f["score"], _share_at_or_below(chips) ** 0.25 * agree**0.75)
-    off = rank(cache, RankParams(k=k, ratio=0.2, agreement=0.0)).frame
+    s = _share_at_or_below(chips) ** 0.25 * agree**0.75
+    assert np.allclose(f["score"], _share_at_or_below(s) ** 0.25 * _share_at_or_below(cs) ** 0.75)
+    off = rank(cache, RankParams(k=k, ratio=0.2, agreement=0.0, clipscore_weight=0.0)).frame
     assert np.allclose(off["score"], chips) and np.array_equal(
         off["guarded"], f["guarded"]
     )  # its own control
@@ -279,12 +288,12 @@ def test_agreement_weight_moves_between_chips_and_agreement(built):
     by counting; baselines ignore it; the agreement column is there for every method."""
     cache = built[3]
     agree = _agreement_reference(cache)
-    plain = rank(cache, RankParams(k=16, guard="none", agreement=0.0)).frame
+    plain = rank(cache, RankParams(k=16, guard="none", agreement=0.0, clipscore_weight=0.0)).frame
     product = plain["alignment"] * plain["learnability"] * plain["relevance"]
     assert np.allclose(plain["score"], product) and np.allclose(plain["agreement"], agree)
-    only = rank(cache, RankParams(k=16, guard="none", agreement=1.0)).frame
+    only = rank(cache, RankParams(k=16, guard="none", agreement=1.0, clipscore_weight=0.0)).frame
     assert np.allclose(only["score"], agree)
-    quarter = rank(cache, RankParams(k=16, guard="none", agreement=0.25))
+    quarter = rank(cache, RankParams(k=16, guard="none", agreement=0.25, clipscore_weight=0.0))
     want = _share_at_or_below(product) ** 0.75 * agree**0.25
     assert np.allclose(quarter.frame["score"], want) and quarter.info["agreement"] == 0.25
     top = quarter.frame.sort_values("rank")["pair_id"].to_numpy()
@@ -294,6 +303,29 @@ def test_agreement_weight_moves_between_chips_and_agreement(built):
     assert quarter.frame["rank"].to_numpy()[worst].mean() > plain["rank"].to_numpy()[worst].mean()
     dot = rank(cache, RankParams(method="dot", k=16, agreement=1.0))
     assert dot.info["agreement"] == 0.0 and np.allclose(dot.frame["score"], dot.frame["alignment"])
+
+
+def test_clipscore_weight_moves_between_the_score_and_clipscore(built):
+    """δ = 0: the score without it; δ = 1: CLIPScore's order; δ in between, P(s)^(1−δ)·P(CLIPScore)^δ by
+    counting; the baselines ignore it; the paper preset has none."""
+    cache = built[3]
+    cs = cache.column("clipscore").astype(np.float64)
+    without = rank(cache, RankParams(k=16, guard="none", clipscore_weight=0.0)).frame
+    s = without["score"].to_numpy()
+    only = rank(cache, RankParams(k=16, guard="none", clipscore_weight=1.0)).frame
+    assert np.allclose(only["score"], _share_at_or_below(cs))
+    assert (only.sort_values("rank")["pair_id"].to_numpy() == without["pair_id"].to_numpy()[
+        np.lexsort((np.arange(len(cs)), -_share_at_or_below(cs)))
+    ]).all()  # fmt: skip
+    third = rank(cache, RankParams(k=16, guard="none", clipscore_weight=1 / 3))
+    want = _share_at_or_below(s) ** (2 / 3) * _share_at_or_below(cs) ** (1 / 3)
+    assert np.allclose(third.frame["score"], want) and third.info["clipscore_weight"] == pytest.approx(1 / 3)
+    assert not np.allclose(
+        third.frame["score"], _share_at_or_below(s) ** (1 / 3) * _share_at_or_below(cs) ** (2 / 3)
+    )
+    dot = rank(cache, RankParams(method="dot", k=16, clipscore_weight=1.0))
+    assert dot.info["clipscore_weight"] == 0.0 and np.allclose(dot.frame["score"], dot.frame["alignment"])
+    assert RankParams.preset("paper").clipscore_weight == 0.0 and RankParams().clipscore_weight == 0.75
 
 
 def test_guard_catches_planted_outliers_and_switches_off(built):
@@ -347,10 +379,20 @@ def test_damping_rules_and_normalisation_change_the_ranking(built):
 def test_flags_and_baselines(built):
     pool, ev, params, cache = built
     off = rank(
-        cache, RankParams(use_learnability=False, use_relevance=False, k=16, guard="none", agreement=0.0)
+        cache,
+        RankParams(
+            use_learnability=False,
+            use_relevance=False,
+            k=16,
+            guard="none",
+            agreement=0.0,
+            clipscore_weight=0.0,
+        ),
     )
     assert (off.frame["learnability"] == 1).all() and np.allclose(off.frame["score"], off.frame["alignment"])
-    rn = rank(cache, RankParams(rank_normalized=True, k=16, guard="none", agreement=0.0)).frame
+    rn = rank(
+        cache, RankParams(rank_normalized=True, k=16, guard="none", agreement=0.0, clipscore_weight=0.0)
+    ).frame
     assert (rn["score"] > 0).all()
     ranks_a = rn["alignment"].rank(method="first").to_numpy() / len(rn)
     assert np.allclose(rn["score"], ranks_a * rn["learnability"] * rn["relevance"])
@@ -533,6 +575,8 @@ def test_rank_params_validate_and_presets():
         ({"guard_mads": 0.0}, "guard_mads"),
         ({"agreement": 1.5}, "agreement"),
         ({"agreement": float("nan")}, "agreement"),
+        ({"clipscore_weight": -0.1}, "clipscore_weight"),
+        ({"clipscore_weight": float("inf")}, "clipscore_weight"),
         ({"damping": "k/4"}, "damping"),
         ({"guard": "median"}, "guard"),
         ({"method": "influence"}, "method"),
