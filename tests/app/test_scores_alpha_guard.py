@@ -76,8 +76,9 @@ def test_scores_page_counts_the_pairs_alpha_swaps(tiny_workspace: Path) -> None:
     cache = _only_cache(tiny_workspace)
     at = _scores_page()
     # a setting where α moves several pairs (the untrained tiny model's defaults move one at most)
-    setting = {"agreement": 0.0, "ratio": 0.5, "lam_factor": 0.01, "k": 16}
+    setting = {"agreement": 0.0, "clipscore_weight": 0.0, "ratio": 0.5, "lam_factor": 0.01, "k": 16}
     at.slider(key="agreement").set_value(setting["agreement"]).run()
+    at.slider(key="clipscore_weight").set_value(setting["clipscore_weight"]).run()
     at.slider(key="ratio").set_value(setting["ratio"]).run()
     at.select_slider(key="lam_factor").set_value(setting["lam_factor"]).run()
     at.select_slider(key="k").set_value(setting["k"]).run()

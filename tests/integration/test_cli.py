@@ -253,6 +253,7 @@ NOT_FROM_DATACLASS = {
     "normalize",
     "guard",
     "agreement",
+    "clipscore_weight",
     "model",
 }  # the preset's
 
