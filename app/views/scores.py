@@ -50,6 +50,13 @@ DEFAULT_CLIPSCORE_WEIGHT = sp.default_of(sp.RankParams, "clipscore_weight")
 k_max = int(cache.k_max)
 k_choices = context.k_choices(k_max)  # scoring_context has checked the session's k against them
 
+
+def weight_slider(label: str, key: str, help: str) -> None:
+    """A 0–1 weight of the chips score (RankParams.agreement / .clipscore_weight); the baselines ignore it."""
+    chips = st.session_state["method"] == "chips"
+    st.slider(label, *context.RANGES[key], step=0.05, key=key, disabled=not chips, help=help)
+
+
 left, right = st.columns([1, 2.4], gap="large")
 with left:
     st.selectbox(
@@ -92,27 +99,20 @@ with left:
         help="How far below the usual image–caption agreement a pair must fall to be held out: smaller holds "
         "more pairs out, larger only the clearest mismatches.",
     )
-    st.slider(
+    weight_slider(
         "How much image–caption agreement counts",
-        *context.RANGES["agreement"],
-        step=0.05,
-        key="agreement",
-        disabled=st.session_state["method"] != "chips",
-        help="How well each caption fits its image, compared with pairs just as close to the target set. "
+        "agreement",
+        "How well each caption fits its image, compared with pairs just as close to the target set. "
         "0: rank by the expected help for the target set alone (the CHIPS paper). 1: by the agreement "
         f"alone. The recommended {DEFAULT_AGREEMENT:g} leans on the agreement and keeps the expected help "
         "in: a pair must have a caption that fits its image and be expected to help; after training on "
         "measured pools it gave better models than 0.5 and kept wrong captions and off-target pairs out of "
-        "the top "
-        "(docs/SCORING.md).",
+        "the top (docs/SCORING.md).",
     )
-    st.slider(
+    weight_slider(
         "How much plain CLIPScore counts",
-        *context.RANGES["clipscore_weight"],
-        step=0.05,
-        key="clipscore_weight",
-        disabled=st.session_state["method"] != "chips",
-        help="How well each caption fits its image as the model sees it (CLIPScore), against the two above "
+        "clipscore_weight",
+        "How well each caption fits its image as the model sees it (CLIPScore), against the two above "
         "together. 0: ignore it. 1: rank by CLIPScore alone. The recommended "
         f"{DEFAULT_CLIPSCORE_WEIGHT:g} leans on it: after training on measured pools it gave models as good "
         "as CLIPScore's own choice, better than the expected help and the agreement without it, with "
