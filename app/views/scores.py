@@ -114,9 +114,9 @@ with left:
         "clipscore_weight",
         "How well each caption fits its image as the model sees it (CLIPScore), against the two above "
         "together. 0: ignore it. 1: rank by CLIPScore alone. The recommended "
-        f"{DEFAULT_CLIPSCORE_WEIGHT:g} leans on it: after training on measured pools it gave models as good "
-        "as CLIPScore's own choice, better than the expected help and the agreement without it, with "
-        "fewer wrong captions (docs/SCORING.md).",
+        f"{DEFAULT_CLIPSCORE_WEIGHT:g} adds a little of it: after training on measured pools it gave better "
+        "models than without it and still kept off-target pairs out of the top; more of it lets pairs "
+        "outside the target domain with well-fitting captions in (docs/SCORING.md).",
     )
     ml = st.expander("How a pair is compared with the target (for ML engineers)")  # the figures: below
     with ml:

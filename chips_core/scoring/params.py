@@ -7,7 +7,7 @@ decide how a pair's gradient is compared with the target's (docs/SCORING.md says
 - `default`: the two projections without the temperature, unit-norm gradients (LESS-style), λ = 0.1·tr C̃
   (the same at every k), the CLIPScore guard against image–caption disagreement, the image–caption
   agreement weighted three to one against the CHIPS score (`agreement` 0.75), and that combination weighted
-  one to three against plain CLIPScore (`clipscore_weight` 0.75); both weights are the fields' defaults,
+  three to one against plain CLIPScore (`clipscore_weight` 0.25); both weights are the fields' defaults,
   chosen after CPT on three benchmarks (docs/SCORING.md);
 - `paper`: the CHIPS paper's literal score (METHOD.md §1–6): every endpoint block, raw gradients,
   λ* with d(λ*) = k/4, no guard, no agreement or CLIPScore weight. Kept so that every comparison can show
@@ -144,7 +144,7 @@ class RankParams:
     #: δ, the weight of plain CLIPScore in a chips ranking: score = P(s)^(1−δ)·P(CLIPScore)^δ, s the score
     #: above; 0: s itself (the paper preset's). A score run stored before this field existed ranked with 0:
     #: RankParams(**stored, clipscore_weight=0.0) repeats it
-    clipscore_weight: float = 0.75
+    clipscore_weight: float = 0.25
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -74,7 +74,7 @@ def test_scores_sliders_rerank_without_a_model(tiny_workspace):
     _ok(at)
     ranked = rank(cache, RankParams(k=k, agreement=0.0)).frame.sort_values("rank")
     assert _ranking(at)["pair_id"].tolist() == ranked["pair_id"].astype(str).tolist() != before
-    assert at.session_state["clipscore_weight"] == 0.75  # the default preset's
+    assert at.session_state["clipscore_weight"] == 0.25  # the default preset's
     at.slider(key="clipscore_weight").set_value(0.2).run()  # the CLIPScore weight re-ranks likewise
     _ok(at)
     ranked = rank(cache, RankParams(k=k, agreement=0.0, clipscore_weight=0.2)).frame.sort_values("rank")

@@ -322,7 +322,7 @@ def test_agreement_flag_follows_the_preset():
     with pytest.raises(SystemExit):
         params("--agreement", "1.5")
     # --clipscore-weight likewise
-    assert params().clipscore_weight == 0.75 and params("--preset", "paper").clipscore_weight == 0.0
+    assert params().clipscore_weight == 0.25 and params("--preset", "paper").clipscore_weight == 0.0
     assert params("--preset", "paper", "--clipscore-weight", "0.4").clipscore_weight == 0.4
     assert params("--clipscore-weight", "0").clipscore_weight == 0.0
     with pytest.raises(SystemExit):

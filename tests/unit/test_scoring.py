@@ -233,13 +233,13 @@ def test_rank_chips_default_against_reference(built, k):
     kept = f.loc[~f["guarded"]].sort_values("rank")
     assert kept["score"].is_monotonic_decreasing
     assert f["selected"].sum() == min(math.ceil(0.2 * 230), (~held).sum())
-    # the default weights: s = P(CHIPS)^¼ · agreement^¾ (agreement 0.75), then P(s)^¼ · P(CLIPScore)^¾
-    # (CLIPScore weight 0.75), every pool percentile written out by counting
+    # the default weights: s = P(CHIPS)^¼ · agreement^¾ (agreement 0.75), then P(s)^¾ · P(CLIPScore)^¼
+    # (CLIPScore weight 0.25), every pool percentile written out by counting
     chips = f["alignment"] * f["learnability"] * f["relevance"]
     agree = _agreement_reference(cache)
     assert np.allclose(f["agreement"], agree)
     s = _share_at_or_below(chips) ** 0.25 * agree**0.75
-    assert np.allclose(f["score"], _share_at_or_below(s) ** 0.25 * _share_at_or_below(cs) ** 0.75)
+    assert np.allclose(f["score"], _share_at_or_below(s) ** 0.75 * _share_at_or_below(cs) ** 0.25)
     off = rank(cache, RankParams(k=k, ratio=0.2, agreement=0.0, clipscore_weight=0.0)).frame
     assert np.allclose(off["score"], chips) and np.array_equal(
         off["guarded"], f["guarded"]
@@ -325,7 +325,7 @@ def test_clipscore_weight_moves_between_the_score_and_clipscore(built):
     )
     dot = rank(cache, RankParams(method="dot", k=16, clipscore_weight=1.0))
     assert dot.info["clipscore_weight"] == 0.0 and np.allclose(dot.frame["score"], dot.frame["alignment"])
-    assert RankParams.preset("paper").clipscore_weight == 0.0 and RankParams().clipscore_weight == 0.75
+    assert RankParams.preset("paper").clipscore_weight == 0.0 and RankParams().clipscore_weight == 0.25
 
 
 def test_guard_catches_planted_outliers_and_switches_off(built):
