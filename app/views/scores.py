@@ -84,7 +84,7 @@ with left:
         "captions to the top (docs/SCORING.md).",
     )
     guard_on = st.toggle(
-        "Hold out image–caption mismatches",
+        "Hold out caption mismatches",
         key="guard_on",
         help="Before ranking, pairs whose image and caption agree far less than is usual in this pool "
         "(CLIPScore below the median by more than the threshold, in robust standard deviations) are kept "
