@@ -241,14 +241,11 @@ with ml:
 with right:
     if (stability_message := stability_warning(info.get("stability"))) is not None:
         st.warning(stability_message[0].upper() + stability_message[1:] + ".")
-    comps = {  # column → what it means, in plain words (the histogram's title)
-        "alignment": "expected help for the target set",
-        "learnability": "how much the model can still learn",
-        "relevance": "closeness to the target domain",
-        "agreement": "how well the caption fits the image",
-        "score": "overall score (what the ranking sorts by)",
+    comps = {  # column → what it means, in plain words (the histogram's title); older score runs: 4
+        c: words + (" (what the ranking sorts by)" if c == "score" else "")
+        for c, (_, words) in widgets.SCORE_WORDS.items()
+        if c in table.columns
     }
-    comps = {c: title for c, title in comps.items() if c in table.columns}  # older score runs: 4
     # inline SVG, not plotly: a browser's first plotly chart costs about a second (app/histograms.py)
     hists = selection.histograms(result.frame, list(comps))
     st.markdown(histograms.histograms_html(hists, comps), unsafe_allow_html=True)

@@ -10,6 +10,7 @@ from the cache folder when an earlier call stored it (stored.py): then no torch 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -365,15 +366,14 @@ def _weights(cache: ScoringCache, beta: float, use_l: bool, use_r: bool) -> tupl
     return wl, wr
 
 
-def _agreement(cache: ScoringCache) -> np.ndarray:
-    """`weights.agreement` of the cache's pairs: a property of the cache alone, kept in cache.memo so that
-    a slider step does not sort and fit the pool again."""
-    if "agreement" not in cache.memo:
-        cols = (cache.column(c) for c in ("clipscore", "cos_x", "cos_y"))
-        agree = agreement(*cols)
-        agree.flags.writeable = False  # shared by every ranking of this cache
-        cache.memo["agreement"] = agree
-    return cache.memo["agreement"]
+def _per_cache(cache: ScoringCache, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """A per-pair array that depends on the cache alone (the agreement, CLIPScore's percentile), computed
+    once and kept read-only in cache.memo, so that a slider step does not sort and fit the pool again."""
+    if key not in cache.memo:
+        value = compute()
+        value.flags.writeable = False  # shared by every ranking of this cache
+        cache.memo[key] = value
+    return cache.memo[key]
 
 
 def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, weighted: bool) -> RankResult:
@@ -385,10 +385,13 @@ def _finish(cache: ScoringCache, A: np.ndarray, info: dict, params: RankParams, 
     wl, wr = _weights(cache, p.beta, use_l, use_r)
     base = percentile(A) if p.rank_normalized and weighted else A
     clipscore = cache.column("clipscore")
-    agree = _agreement(cache)
+    cols = ("clipscore", "cos_x", "cos_y")
+    agree = _per_cache(cache, "agreement", lambda: agreement(*(cache.column(c) for c in cols)))
     gamma = p.agreement if weighted else 0.0
     delta = p.clipscore_weight if weighted else 0.0
-    score = blend(blend(base * wl * wr, agree, gamma), percentile(clipscore), delta)
+    score = blend(base * wl * wr, agree, gamma)
+    if delta:
+        score = blend(score, _per_cache(cache, "clipscore_percentile", lambda: percentile(clipscore)), delta)
     guarded, guard_info = guard_mask(clipscore, p.guard_rule, p.guard_mads)
     frame, n_sel = _table(cache.pair_ids, A, wl, wr, agree, score, p.ratio, guarded)
     info.update(guard_info, agreement=gamma, clipscore_weight=delta)
